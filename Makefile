@@ -1,0 +1,39 @@
+# Moorage: the two commands a new machine needs are `make run` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DATA_DIR ?= ./moorage-data
+LISTEN ?= 127.0.0.1:5000
+PYTEST_ARGS ?=
+
+RUN_DEPS := etcd-server:etcd
+TEST_DEPS := skopeo:skopeo
+BENCH_DEPS := docker-registry:docker-registry wrk:wrk curl:curl
+
+.PHONY: install run test bench clean
+
+## install: set up everything `run` and `test` need (virtualenv, Python and Debian packages)
+install: $(VENV)/.installed
+	@scripts/system-deps.sh $(RUN_DEPS) $(TEST_DEPS)
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -e '.[test]'
+	@touch $@
+
+## run: start a registry on 127.0.0.1:5000 with its data in ./moorage-data
+run: install
+	$(BIN)/moorage serve --data-dir $(DATA_DIR) --listen $(LISTEN)
+
+## test: the whole suite against a real etcd and real clients
+test: install
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+## bench: Moorage against the reference registry (Debian docker-registry), same workload, alternating
+bench: install
+	@scripts/system-deps.sh $(BENCH_DEPS)
+	$(BIN)/python bench/bench.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info
