@@ -1,0 +1,112 @@
+"""Small OCI helpers shared by the tests: digests, blob and image pushes over HTTP.
+
+They speak the wire protocol directly (httpx), so they exercise the registry
+the way a client library would, and assert on every status they see.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+
+import httpx
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+OCI_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
+OCI_EMPTY = "application/vnd.oci.empty.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
+DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+
+
+def sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def sha512(data: bytes) -> str:
+    return "sha512:" + hashlib.sha512(data).hexdigest()
+
+
+def descriptor(media_type: str, data: bytes, **extra) -> dict:
+    return {"mediaType": media_type, "digest": sha256(data), "size": len(data), **extra}
+
+
+def push_blob(client: httpx.Client, repo: str, data: bytes) -> str:
+    """Monolithic single-POST push; returns the digest."""
+    digest = sha256(data)
+    r = client.post(
+        f"/v2/{repo}/blobs/uploads/",
+        params={"digest": digest},
+        content=data,
+        headers={"Content-Type": "application/octet-stream"},
+    )
+    assert r.status_code == 201, (r.status_code, r.text)
+    assert r.headers["Docker-Content-Digest"] == digest
+    return digest
+
+
+def push_manifest(client: httpx.Client, repo: str, ref: str, manifest: dict | bytes,
+                  media_type: str | None = None) -> str:
+    body = manifest if isinstance(manifest, bytes) else canonical(manifest)
+    if media_type is None:
+        media_type = json.loads(body)["mediaType"]
+    r = client.put(f"/v2/{repo}/manifests/{ref}", content=body, headers={"Content-Type": media_type})
+    assert r.status_code == 201, (r.status_code, r.text)
+    assert r.headers["Docker-Content-Digest"] == sha256(body)
+    return sha256(body)
+
+
+def canonical(obj: dict) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()
+
+
+@dataclass
+class Image:
+    config: bytes
+    layers: list[bytes]
+    manifest: bytes
+
+    @property
+    def digest(self) -> str:
+        return sha256(self.manifest)
+
+
+def make_image(n_layers: int = 2, layer_size: int = 1024, media_type: str = OCI_MANIFEST,
+               **manifest_extra) -> Image:
+    """An image of random layers; the config names the layers' diff ids."""
+    layers = [os.urandom(layer_size) for _ in range(n_layers)]
+    docker = media_type == DOCKER_MANIFEST
+    config = canonical({
+        "architecture": "amd64", "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": [sha256(layer) for layer in layers]},
+    })
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": media_type,
+        "config": descriptor(DOCKER_CONFIG if docker else OCI_CONFIG, config),
+        "layers": [descriptor(DOCKER_LAYER if docker else OCI_LAYER, layer) for layer in layers],
+        **manifest_extra,
+    }
+    return Image(config, layers, canonical(manifest))
+
+
+def push_image(client: httpx.Client, repo: str, ref: str, image: Image | None = None) -> Image:
+    image = image or make_image()
+    for blob in [image.config, *image.layers]:
+        push_blob(client, repo, blob)
+    push_manifest(client, repo, ref, image.manifest)
+    return image
+
+
+def error_codes(response: httpx.Response) -> list[str]:
+    """The OCI error codes of an error body; asserts the body has the spec's shape."""
+    body = response.json()
+    assert isinstance(body.get("errors"), list) and body["errors"], body
+    for err in body["errors"]:
+        assert isinstance(err.get("code"), str) and isinstance(err.get("message"), str), err
+    return [err["code"] for err in body["errors"]]
