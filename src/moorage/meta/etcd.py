@@ -1,0 +1,218 @@
+"""A small typed etcd v3 client: the one interface Moorage has to its DCS.
+
+It speaks gRPC through the stubs aetcd ships, because aetcd's own client
+hides what Moorage needs (response revisions, paged ranges at a revision,
+progress-notified watches, learners). Every call has a deadline; gRPC
+failures surface as `EtcdUnavailable` so callers can degrade instead of crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+import grpc
+from aetcd import rpc
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = 5.0
+# A gRPC message must fit etcd's request limit (1.5 MiB by default) and ours.
+MAX_MESSAGE = 16 << 20
+
+
+class EtcdUnavailable(Exception):
+    """etcd did not answer in time, or has no quorum."""
+
+
+class EtcdCompacted(Exception):
+    """A watch asked for history etcd has already compacted away."""
+
+
+@dataclass(frozen=True, slots=True)
+class KV:
+    key: bytes
+    value: bytes
+    mod_revision: int
+    create_revision: int
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    deleted: bool
+    kv: KV
+
+
+def prefix_end(prefix: bytes) -> bytes:
+    """The smallest key greater than every key that starts with `prefix`."""
+    end = bytearray(prefix)
+    while end:
+        if end[-1] < 0xFF:
+            end[-1] += 1
+            return bytes(end)
+        end.pop()
+    return b"\0"
+
+
+def _kv(kv) -> KV:
+    return KV(kv.key, kv.value, kv.mod_revision, kv.create_revision)
+
+
+# Operations and comparisons for transactions. Kept as plain request messages
+# so a transaction is built in one place and sent in one round trip.
+
+def op_put(key: bytes, value: bytes, lease: int = 0) -> rpc.RequestOp:
+    return rpc.RequestOp(request_put=rpc.PutRequest(key=key, value=value, lease=lease))
+
+
+def op_delete(key: bytes, prefix: bool = False) -> rpc.RequestOp:
+    req = rpc.DeleteRangeRequest(key=key)
+    if prefix:
+        req.range_end = prefix_end(key)
+    return rpc.RequestOp(request_delete_range=req)
+
+
+def op_get(key: bytes) -> rpc.RequestOp:
+    return rpc.RequestOp(request_range=rpc.RangeRequest(key=key))
+
+
+def op_txn(compare: Sequence, success: Sequence = (), failure: Sequence = ()) -> rpc.RequestOp:
+    """A nested transaction: its comparisons decide only its own operations."""
+    return rpc.RequestOp(request_txn=rpc.TxnRequest(
+        compare=list(compare), success=list(success), failure=list(failure)))
+
+
+def cmp_value(key: bytes, value: bytes) -> rpc.Compare:
+    return rpc.Compare(key=key, result=rpc.Compare.EQUAL, target=rpc.Compare.VALUE, value=value)
+
+
+def cmp_exists(key: bytes) -> rpc.Compare:
+    return rpc.Compare(key=key, result=rpc.Compare.GREATER, target=rpc.Compare.VERSION, version=0)
+
+
+def cmp_absent(key: bytes) -> rpc.Compare:
+    return rpc.Compare(key=key, result=rpc.Compare.EQUAL, target=rpc.Compare.VERSION, version=0)
+
+
+def cmp_mod_revision(key: bytes, revision: int) -> rpc.Compare:
+    return rpc.Compare(key=key, result=rpc.Compare.EQUAL, target=rpc.Compare.MOD,
+                       mod_revision=revision)
+
+
+@dataclass(frozen=True, slots=True)
+class TxnResult:
+    succeeded: bool
+    revision: int
+    responses: list
+
+
+class EtcdClient:
+    def __init__(self, endpoint: str, timeout: float = DEFAULT_TIMEOUT):
+        self.endpoint = endpoint
+        self.timeout = timeout
+        options = [
+            ("grpc.max_send_message_length", MAX_MESSAGE),
+            ("grpc.max_receive_message_length", MAX_MESSAGE),
+            ("grpc.keepalive_time_ms", 10_000),
+            ("grpc.keepalive_timeout_ms", 5_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+        ]
+        self._channel = grpc.aio.insecure_channel(endpoint, options=options)
+        self._kv = rpc.KVStub(self._channel)
+        self._watch = rpc.WatchStub(self._channel)
+        self._cluster = rpc.ClusterStub(self._channel)
+        self._maintenance = rpc.MaintenanceStub(self._channel)
+        self._lease = rpc.LeaseStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def _call(self, method, request, timeout: float | None = None):
+        try:
+            return await method(request, timeout=timeout or self.timeout)
+        except grpc.aio.AioRpcError as e:
+            raise EtcdUnavailable(f"etcd at {self.endpoint}: {e.code().name}: {e.details()}") from e
+        except asyncio.TimeoutError as e:  # pragma: no cover - grpc reports DEADLINE_EXCEEDED
+            raise EtcdUnavailable(f"etcd at {self.endpoint}: timed out") from e
+
+    async def get(self, key: bytes, serializable: bool = False) -> KV | None:
+        resp = await self._call(self._kv.Range, rpc.RangeRequest(key=key, serializable=serializable))
+        return _kv(resp.kvs[0]) if resp.kvs else None
+
+    async def revision(self) -> int:
+        """The cluster's current revision, read linearizably (one ReadIndex round)."""
+        resp = await self._call(self._kv.Range, rpc.RangeRequest(key=b"\0", count_only=True))
+        return resp.header.revision
+
+    async def range_prefix(self, prefix: bytes, revision: int = 0, page: int = 1000
+                           ) -> tuple[int, list[KV]]:
+        """Every key under `prefix` at one revision, fetched page by page."""
+        end = prefix_end(prefix)
+        key, out = prefix, []
+        while True:
+            resp = await self._call(self._kv.Range, rpc.RangeRequest(
+                key=key, range_end=end, limit=page, revision=revision))
+            revision = revision or resp.header.revision
+            out.extend(_kv(kv) for kv in resp.kvs)
+            if not resp.more or not resp.kvs:
+                return revision, out
+            key = resp.kvs[-1].key + b"\0"
+
+    async def put(self, key: bytes, value: bytes) -> int:
+        resp = await self._call(self._kv.Put, rpc.PutRequest(key=key, value=value))
+        return resp.header.revision
+
+    async def txn(self, compare: Sequence = (), success: Sequence = (), failure: Sequence = ()
+                  ) -> TxnResult:
+        resp = await self._call(self._kv.Txn, rpc.TxnRequest(
+            compare=list(compare), success=list(success), failure=list(failure)))
+        return TxnResult(resp.succeeded, resp.header.revision, list(resp.responses))
+
+    async def watch_prefix(self, prefix: bytes, start_revision: int
+                           ) -> AsyncIterator[tuple[int, list[Event]]]:
+        """Yield (revision, events) from `start_revision` on, forever.
+
+        With progress notification on, an empty batch says every event up to
+        its revision has been delivered; that is what lets readers prove the
+        in-memory index is current.
+        """
+        create = rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
+            key=prefix, range_end=prefix_end(prefix), start_revision=start_revision,
+            progress_notify=True))
+        requests: asyncio.Queue = asyncio.Queue()
+        await requests.put(create)
+
+        async def request_iter():
+            while True:
+                item = await requests.get()
+                if item is None:
+                    return
+                yield item
+
+        call = self._watch.Watch(request_iter())
+        try:
+            async for resp in call:
+                if resp.compact_revision:
+                    raise EtcdCompacted(f"history before {resp.compact_revision} is compacted")
+                if resp.canceled:
+                    raise EtcdUnavailable(f"watch canceled: {resp.cancel_reason}")
+                if resp.created and not resp.events:
+                    continue
+                events = [Event(ev.type == rpc.Event.DELETE, _kv(ev.kv)) for ev in resp.events]
+                if resp.fragment:
+                    continue  # never requested; fragments would need reassembly
+                yield resp.header.revision, events
+        except grpc.aio.AioRpcError as e:
+            raise EtcdUnavailable(f"watch on {self.endpoint}: {e.code().name}: {e.details()}") from e
+        finally:
+            await requests.put(None)
+            call.cancel()
+
+    async def status(self):
+        return await self._call(self._maintenance.Status, rpc.StatusRequest())
+
+    async def members(self):
+        resp = await self._call(self._cluster.MemberList, rpc.MemberListRequest())
+        return list(resp.members)

@@ -1,0 +1,235 @@
+"""The replica's in-memory copy of the registry metadata, fed by an etcd watch.
+
+Reads (manifest by tag, blob HEAD, tag lists) are served from here so the hot
+path costs no consensus round trip per request. To stay read-your-writes
+across replicas a reader calls `sync()`: it learns etcd's current revision
+linearizably and waits until the watch has applied it. One such revision read
+is shared by every request that arrived before it started, so a thousand
+concurrent GETs cost one etcd round trip, not a thousand.
+
+When etcd cannot be reached (no quorum), `sync()` gives up after a short
+deadline and readers serve what this replica knows: pulls keep working.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+from moorage.meta import keys
+from moorage.meta.etcd import EtcdClient, EtcdCompacted, EtcdUnavailable, Event
+from moorage.meta.records import BlobRecord, ManifestRecord, Referrer, decoder
+
+log = logging.getLogger(__name__)
+
+_blob = decoder(BlobRecord)
+_manifest = decoder(ManifestRecord)
+_referrer = decoder(Referrer)
+
+SYNC_TIMEOUT = 1.0
+
+
+@dataclass(slots=True)
+class Repo:
+    blobs: set[str] = field(default_factory=set)
+    manifests: dict[str, ManifestRecord] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    referrers: dict[str, dict[str, Referrer]] = field(default_factory=dict)
+    _sorted_tags: list[str] | None = None
+
+    def empty(self) -> bool:
+        return not (self.blobs or self.manifests or self.tags or self.referrers)
+
+    def sorted_tags(self) -> list[str]:
+        if self._sorted_tags is None:
+            self._sorted_tags = sorted(self.tags)
+        return self._sorted_tags
+
+
+class Index:
+    def __init__(self, client: EtcdClient):
+        self._client = client
+        self.repos: dict[str, Repo] = {}
+        self.blobs: dict[str, BlobRecord] = {}
+        self.applied = 0
+        self._sorted_repos: list[str] | None = None
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._next: asyncio.Future | None = None
+        self._fetching = False
+        self.last_sync_ok = time.monotonic()
+        self.watch_healthy = False
+
+    # -- life -------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self._load()
+        self._task = asyncio.create_task(self._watch_loop(), name="index-watch")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+
+    async def _load(self) -> None:
+        revision, kvs = await self._client.range_prefix(keys.ROOT)
+        self.repos, self.blobs, self._sorted_repos = {}, {}, None
+        for kv in kvs:
+            self._apply_one(Event(False, kv))
+        self._advance(revision)
+        log.debug("index loaded", extra={"revision": revision, "keys": len(kvs)})
+
+    async def _watch_loop(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                async for revision, events in self._client.watch_prefix(keys.ROOT, self.applied + 1):
+                    self.watch_healthy = True
+                    backoff = 0.1
+                    if events:
+                        for ev in events:
+                            self._apply_one(ev)
+                        self._advance(events[-1].kv.mod_revision)
+                    else:
+                        self._advance(revision)
+            except asyncio.CancelledError:
+                raise
+            except EtcdCompacted as e:
+                log.warning("index watch fell behind compaction, reloading", extra={"error": str(e)})
+                await self._reload_quietly()
+            except Exception as e:  # watch streams die with their connection
+                self.watch_healthy = False
+                log.warning("index watch interrupted", extra={"error": str(e)})
+            self.watch_healthy = False
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+    async def _reload_quietly(self) -> None:
+        try:
+            await self._load()
+        except EtcdUnavailable as e:
+            log.warning("index reload failed", extra={"error": str(e)})
+
+    # -- applying changes ------------------------------------------------
+
+    def _advance(self, revision: int) -> None:
+        if revision > self.applied:
+            self.applied = revision
+            self._changed.set()
+            self._changed = asyncio.Event()
+
+    def _repo(self, name: str) -> Repo:
+        repo = self.repos.get(name)
+        if repo is None:
+            repo = self.repos[name] = Repo()
+            self._sorted_repos = None
+        return repo
+
+    def _apply_one(self, ev: Event) -> None:
+        key = ev.kv.key
+        if key.startswith(keys.BLOB):
+            digest = key[len(keys.BLOB):].decode()
+            if ev.deleted:
+                self.blobs.pop(digest, None)
+            else:
+                self.blobs[digest] = _blob.decode(ev.kv.value)
+            return
+        if not key.startswith(keys.REPO):
+            return
+        rk = keys.parse_repo_key(key)
+        if rk is None:
+            return
+        if ev.deleted and rk.repo not in self.repos:
+            return
+        repo = self._repo(rk.repo)
+        if rk.kind == "blob":
+            if ev.deleted:
+                repo.blobs.discard(rk.name)
+            else:
+                repo.blobs.add(rk.name)
+        elif rk.kind == "manifest":
+            if ev.deleted:
+                repo.manifests.pop(rk.name, None)
+            else:
+                repo.manifests[rk.name] = _manifest.decode(ev.kv.value)
+        elif rk.kind == "tag":
+            repo._sorted_tags = None
+            if ev.deleted:
+                repo.tags.pop(rk.name, None)
+            else:
+                repo.tags[rk.name] = ev.kv.value.decode()
+        elif rk.kind == "referrer":
+            if ev.deleted:
+                refs = repo.referrers.get(rk.subject)
+                if refs is not None:
+                    refs.pop(rk.name, None)
+                    if not refs:
+                        del repo.referrers[rk.subject]
+            else:
+                repo.referrers.setdefault(rk.subject, {})[rk.name] = _referrer.decode(ev.kv.value)
+        if repo.empty():
+            del self.repos[rk.repo]
+            self._sorted_repos = None
+
+    # -- consistency -----------------------------------------------------
+
+    async def wait_applied(self, revision: int, timeout: float = 5.0) -> bool:
+        """Wait until the watch has applied `revision`; False on timeout."""
+        deadline = time.monotonic() + timeout
+        while self.applied < revision:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except asyncio.TimeoutError:
+                return False
+        return True
+
+    async def sync(self) -> bool:
+        """Make this replica's view at least as new as etcd's when we were called.
+
+        Returns False (and lets the caller serve what it knows) when etcd does
+        not answer within SYNC_TIMEOUT.
+        """
+        fut = self._next
+        if fut is None:
+            fut = self._next = asyncio.get_running_loop().create_future()
+            if not self._fetching:
+                asyncio.create_task(self._fetch_rounds())
+        return await asyncio.shield(fut)
+
+    async def _fetch_rounds(self) -> None:
+        # Requests that arrive while a revision read is in flight wait for the
+        # next one: a read that began before them might predate a write they
+        # have already seen acknowledged.
+        self._fetching = True
+        try:
+            while self._next is not None:
+                fut, self._next = self._next, None
+                ok = False
+                try:
+                    revision = await asyncio.wait_for(self._client.revision(), SYNC_TIMEOUT)
+                    ok = await self.wait_applied(revision, SYNC_TIMEOUT)
+                except (EtcdUnavailable, asyncio.TimeoutError):
+                    ok = False
+                if ok:
+                    self.last_sync_ok = time.monotonic()
+                else:
+                    log.debug("index sync failed; serving local view",
+                              extra={"applied": self.applied})
+                fut.set_result(ok)
+        finally:
+            self._fetching = False
+
+    # -- queries ---------------------------------------------------------
+
+    def sorted_repos(self) -> list[str]:
+        if self._sorted_repos is None:
+            self._sorted_repos = sorted(self.repos)
+        return self._sorted_repos

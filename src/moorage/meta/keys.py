@@ -1,0 +1,70 @@
+"""The key layout in etcd, in one place.
+
+    /moorage/blob/<digest>                           BlobRecord
+    /moorage/repo/<name>@blob/<digest>               link: the blob is in the repository
+    /moorage/repo/<name>@manifest/<digest>           ManifestRecord
+    /moorage/repo/<name>@tag/<tag>                   the tagged manifest's digest
+    /moorage/repo/<name>@referrer/<subject>/<digest> Referrer descriptor
+    /moorage/upload/<id>                             UploadRecord
+
+Repository names may contain "/", never "@", so "@" ends the name and a
+prefix scan of "<name>@" never strays into "<name>/other".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ROOT = b"/moorage/"
+BLOB = ROOT + b"blob/"
+REPO = ROOT + b"repo/"
+UPLOAD = ROOT + b"upload/"
+
+
+def blob(digest: str) -> bytes:
+    return BLOB + digest.encode()
+
+
+def repo_blob(repo: str, digest: str) -> bytes:
+    return REPO + f"{repo}@blob/{digest}".encode()
+
+
+def manifest(repo: str, digest: str) -> bytes:
+    return REPO + f"{repo}@manifest/{digest}".encode()
+
+
+def tag(repo: str, name: str) -> bytes:
+    return REPO + f"{repo}@tag/{name}".encode()
+
+
+def tags(repo: str) -> bytes:
+    return REPO + f"{repo}@tag/".encode()
+
+
+def referrer(repo: str, subject: str, digest: str) -> bytes:
+    return REPO + f"{repo}@referrer/{subject}/{digest}".encode()
+
+
+def upload(upload_id: str) -> bytes:
+    return UPLOAD + upload_id.encode()
+
+
+@dataclass(frozen=True, slots=True)
+class RepoKey:
+    repo: str
+    kind: str          # blob, manifest, tag, referrer
+    name: str          # digest or tag
+    subject: str = ""  # for referrers
+
+
+def parse_repo_key(key: bytes) -> RepoKey | None:
+    """Split a key under REPO; None for anything malformed."""
+    try:
+        repo, rest = key[len(REPO):].decode().split("@", 1)
+        kind, name = rest.split("/", 1)
+    except ValueError:
+        return None
+    if kind == "referrer":
+        subject, _, name = name.partition("/")
+        return RepoKey(repo, kind, name, subject)
+    return RepoKey(repo, kind, name)

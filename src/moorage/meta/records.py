@@ -1,0 +1,53 @@
+"""The records Moorage keeps in etcd, as msgspec structs (compact JSON).
+
+They are written once per change and decoded by every replica's watch, so
+they hold only what reads need; manifest bodies themselves live in blob
+storage, addressed by digest.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class BlobRecord(msgspec.Struct, frozen=True):
+    """Content that exists in blob storage, fully written and verified."""
+
+    size: int
+    created: float
+
+
+class ManifestRecord(msgspec.Struct, frozen=True):
+    media_type: str
+    size: int
+    created: float
+    blobs: list[str] = []       # config and layers it references
+    children: list[str] = []    # manifests an index references
+    subject: str | None = None
+    artifact_type: str | None = None
+    annotations: dict[str, str] | None = None
+
+
+class Referrer(msgspec.Struct, frozen=True, omit_defaults=True, rename="camel"):
+    """A descriptor in a referrers response, exactly as the spec spells it."""
+
+    media_type: str
+    digest: str
+    size: int
+    artifact_type: str | None = None
+    annotations: dict[str, str] | None = None
+
+
+class UploadRecord(msgspec.Struct, frozen=True):
+    repo: str
+    offset: int
+    created: float
+    updated: float
+
+
+_encoder = msgspec.json.Encoder()
+encode = _encoder.encode
+
+
+def decoder(kind: type) -> msgspec.json.Decoder:
+    return msgspec.json.Decoder(kind)

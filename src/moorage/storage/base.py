@@ -1,0 +1,50 @@
+"""The blob driver interface: where content-addressed bytes live.
+
+Drivers store immutable blobs by digest and the mutable data of upload
+sessions. They never see repository names: a name can't steer a path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+
+class Appender(Protocol):
+    """Appends to an upload's data, feeding a hasher on the way."""
+
+    offset: int
+
+    async def write(self, chunk: bytes) -> None: ...
+    async def finish(self) -> int: ...
+    async def abort(self) -> None: ...
+
+
+class BlobDriver(Protocol):
+    def local_path(self, digest: str) -> Path | None:
+        """A file to `sendfile` the blob from, or None for drivers without one."""
+
+    async def exists(self, digest: str) -> int | None:
+        """The blob's size, or None."""
+
+    async def read(self, digest: str) -> bytes: ...
+
+    async def write(self, digest: str, data: bytes) -> None:
+        """Store a small blob whose digest the caller has verified."""
+
+    async def delete(self, digest: str) -> None: ...
+
+    async def create_upload(self, upload_id: str) -> None: ...
+
+    async def open_upload(self, upload_id: str, offset: int, hasher=None) -> Appender:
+        """Append at `offset`, cutting off anything past it left by a crash."""
+
+    async def upload_size(self, upload_id: str) -> int | None: ...
+
+    async def hash_upload(self, upload_id: str, algorithm: str, length: int) -> str:
+        """Hex digest of the first `length` bytes of an upload."""
+
+    async def commit_upload(self, upload_id: str, digest: str) -> None:
+        """Make the verified upload data the blob `digest`, atomically."""
+
+    async def delete_upload(self, upload_id: str) -> None: ...

@@ -1,0 +1,384 @@
+"""A real client against a real registry: skopeo pushes and pulls OCI and Docker images.
+
+Images are built from random data as OCI image layouts on disk (real tar+gzip
+layers, a proper config), copied into the registry with `skopeo copy`, pulled
+back into fresh layouts and compared byte for byte.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import random
+import shutil
+import subprocess
+import tarfile
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from oci import (
+    DOCKER_CONFIG,
+    DOCKER_LAYER,
+    DOCKER_MANIFEST,
+    OCI_CONFIG,
+    OCI_INDEX,
+    OCI_LAYER,
+    OCI_MANIFEST,
+    descriptor,
+    sha256,
+)
+
+SKOPEO = shutil.which("skopeo") or "/usr/bin/skopeo"
+REF_NAME = "org.opencontainers.image.ref.name"
+
+
+# --------------------------------------------------------------------------- skopeo
+
+
+def skopeo(*args: str, timeout: float = 120.0, check: bool = True) -> subprocess.CompletedProcess:
+    """Run skopeo; with check, assert it exited 0 and show its stderr if not."""
+    cmd = [SKOPEO, "--insecure-policy", "--command-timeout", f"{int(timeout)}s", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 10)
+    if check:
+        assert proc.returncode == 0, (
+            f"{' '.join(cmd)} exited {proc.returncode}\nstdout: {proc.stdout}\nstderr: {proc.stderr}")
+    return proc
+
+
+def push(src: str, dest: str, *extra: str) -> None:
+    skopeo("copy", "--dest-tls-verify=false", *extra, src, dest)
+
+
+def pull(src: str, dest: str, *extra: str) -> None:
+    skopeo("copy", "--src-tls-verify=false", *extra, src, dest)
+
+
+def inspect_raw(ref: str) -> bytes:
+    out = subprocess.run(
+        [SKOPEO, "--insecure-policy", "--command-timeout", "60s", "inspect", "--raw",
+         "--tls-verify=false", ref],
+        capture_output=True, timeout=70)
+    assert out.returncode == 0, (ref, out.returncode, out.stderr.decode(errors="replace"))
+    return out.stdout
+
+
+def inspect(ref: str, *extra: str) -> dict:
+    return json.loads(skopeo("inspect", "--tls-verify=false", *extra, ref).stdout)
+
+
+# --------------------------------------------------------------------------- OCI layouts
+
+
+def tar_gz_layer(rng: random.Random, n_files: int, max_file: int) -> tuple[bytes, bytes]:
+    """A real gzip-compressed tar of random files; returns (compressed, uncompressed)."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        top = f"d{rng.randrange(1 << 30):x}"
+        info = tarfile.TarInfo(top)
+        info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, 1_700_000_000
+        tar.addfile(info)
+        for i in range(n_files):
+            data = rng.randbytes(rng.randrange(1, max_file))
+            info = tarfile.TarInfo(f"{top}/file-{i}.bin")
+            info.size, info.mode, info.mtime = len(data), 0o644, 1_700_000_000 + i
+            tar.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo(f"{top}/link")
+        link.type, link.linkname, link.mtime = tarfile.SYMTYPE, "file-0.bin", 1_700_000_000
+        tar.addfile(link)
+    uncompressed = raw.getvalue()
+    return gzip.compress(uncompressed, compresslevel=1, mtime=0), uncompressed
+
+
+@dataclass
+class LayoutImage:
+    manifest: bytes
+    config: bytes
+    layers: list[bytes]
+    platform: dict
+
+    @property
+    def digest(self) -> str:
+        return sha256(self.manifest)
+
+    @property
+    def blobs(self) -> list[bytes]:
+        return [self.manifest, self.config, *self.layers]
+
+
+@dataclass
+class Layout:
+    """An OCI image layout directory being written: oci-layout, index.json, blobs/sha256."""
+
+    path: Path
+    refs: list[dict] = field(default_factory=list)
+    blobs: dict[str, bytes] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        (self.path / "blobs" / "sha256").mkdir(parents=True)
+        (self.path / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
+        self._write_index()
+
+    def add_blob(self, data: bytes) -> str:
+        digest = sha256(data)
+        (self.path / "blobs" / "sha256" / digest.removeprefix("sha256:")).write_bytes(data)
+        self.blobs[digest] = data
+        return digest
+
+    def tag(self, tag: str, media_type: str, data: bytes) -> None:
+        self.refs.append(descriptor(media_type, data, annotations={REF_NAME: tag}))
+        self._write_index()
+
+    def _write_index(self) -> None:
+        index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": self.refs}
+        (self.path / "index.json").write_text(json.dumps(index, indent=2))
+
+    def image(self, rng: random.Random, n_layers: int = 3, arch: str = "amd64",
+              variant: str | None = None, max_file: int = 96 * 1024) -> LayoutImage:
+        layers, diff_ids = [], []
+        for _ in range(n_layers):
+            compressed, uncompressed = tar_gz_layer(rng, rng.randrange(2, 8), max_file)
+            layers.append(compressed)
+            diff_ids.append(sha256(uncompressed))
+        platform = {"architecture": arch, "os": "linux", **({"variant": variant} if variant else {})}
+        config = json.dumps({
+            "created": "2024-01-02T03:04:05Z",
+            **platform,
+            "config": {"Env": ["PATH=/usr/bin:/bin", f"NONCE={rng.randrange(1 << 62)}"],
+                       "Cmd": ["/bin/sh"], "WorkingDir": "/"},
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+            "history": [{"created": "2024-01-02T03:04:05Z", "created_by": f"layer {i}"}
+                        for i in range(n_layers)],
+        }, indent=2).encode()
+        manifest = json.dumps({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": descriptor(OCI_CONFIG, config),
+            "layers": [descriptor(OCI_LAYER, layer) for layer in layers],
+            "annotations": {"org.opencontainers.image.title": f"moorage-test-{arch}"},
+        }, indent=3).encode()
+        for blob in (config, *layers, manifest):
+            self.add_blob(blob)
+        return LayoutImage(manifest, config, layers, platform)
+
+    def index(self, images: list[LayoutImage]) -> bytes:
+        index = json.dumps({
+            "schemaVersion": 2,
+            "mediaType": OCI_INDEX,
+            "manifests": [descriptor(OCI_MANIFEST, img.manifest, platform=img.platform)
+                          for img in images],
+        }, indent=2).encode()
+        self.add_blob(index)
+        return index
+
+
+def read_layout(path: Path) -> tuple[dict[str, dict], dict[str, bytes]]:
+    """A layout on disk: ({tag: top-level descriptor}, {digest: bytes}), checking every blob."""
+    assert json.loads((path / "oci-layout").read_text())["imageLayoutVersion"]
+    index = json.loads((path / "index.json").read_text())
+    refs = {d["annotations"][REF_NAME]: d for d in index["manifests"]
+            if REF_NAME in d.get("annotations", {})}
+    blobs = {}
+    for f in (path / "blobs" / "sha256").iterdir():
+        data = f.read_bytes()
+        assert sha256(data) == "sha256:" + f.name, f"{f} does not hash to its name"
+        blobs["sha256:" + f.name] = data
+    return refs, blobs
+
+
+def assert_image_pulled(blobs: dict[str, bytes], image: LayoutImage) -> None:
+    for blob in image.blobs:
+        d = sha256(blob)
+        assert d in blobs, f"{d} ({len(blob)} bytes) missing from pulled layout"
+        assert blobs[d] == blob, f"{d} differs after the round trip"
+
+
+@pytest.fixture
+def rng() -> random.Random:
+    seed = int.from_bytes(os.urandom(4), "big")
+    print(f"random seed {seed}")
+    return random.Random(seed)
+
+
+@pytest.fixture
+def repo() -> str:
+    return f"skopeo/{uuid.uuid4().hex[:10]}"
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_layout_builder_is_valid_for_skopeo(tmp_path, rng):
+    """The layouts built here are real OCI layouts: skopeo copies one locally, digests intact."""
+    src = Layout(tmp_path / "src")
+    img = src.image(rng, n_layers=2)
+    src.tag("v1", OCI_MANIFEST, img.manifest)
+    skopeo("copy", "--preserve-digests", "oci:" + str(src.path) + ":v1", f"oci:{tmp_path / 'dst'}:v1")
+    refs, blobs = read_layout(tmp_path / "dst")
+    assert refs["v1"]["digest"] == img.digest
+    assert_image_pulled(blobs, img)
+
+
+def test_oci_image_round_trip(registry, tmp_path, rng, repo):
+    src = Layout(tmp_path / "src")
+    img = src.image(rng, n_layers=4, max_file=256 * 1024)
+    src.tag("v1", OCI_MANIFEST, img.manifest)
+    ref = f"docker://{registry.host}/{repo}:v1"
+
+    push(f"oci:{src.path}:v1", ref, "--preserve-digests")
+
+    raw = inspect_raw(ref)
+    assert raw == img.manifest, "the registry serves other manifest bytes than were pushed"
+    info = inspect(ref)
+    assert info["Digest"] == img.digest
+    assert info["Layers"] == [sha256(layer) for layer in img.layers]
+    assert info["Architecture"] == "amd64" and info["Os"] == "linux"
+    assert inspect_raw(f"docker://{registry.host}/{repo}@{img.digest}") == img.manifest
+
+    out = tmp_path / "out"
+    pull(ref, f"oci:{out}:v1", "--preserve-digests")
+    refs, blobs = read_layout(out)
+    assert refs["v1"]["digest"] == img.digest
+    assert refs["v1"]["mediaType"] == OCI_MANIFEST
+    assert_image_pulled(blobs, img)
+
+    # Pushing the same image again under another tag reuses the blobs and gives the same digest.
+    push(f"oci:{src.path}:v1", f"docker://{registry.host}/{repo}:again", "--preserve-digests")
+    assert inspect(f"docker://{registry.host}/{repo}:again")["Digest"] == img.digest
+
+
+def test_multi_platform_index_round_trip(registry, tmp_path, rng, repo):
+    src = Layout(tmp_path / "src")
+    amd64 = src.image(rng, n_layers=3, arch="amd64")
+    arm64 = src.image(rng, n_layers=2, arch="arm64", variant="v8")
+    index = src.index([amd64, arm64])
+    src.tag("multi", OCI_INDEX, index)
+    ref = f"docker://{registry.host}/{repo}:multi"
+
+    push(f"oci:{src.path}:multi", ref, "--all", "--preserve-digests")
+
+    assert inspect_raw(ref) == index
+    for img in (amd64, arm64):
+        assert inspect_raw(f"docker://{registry.host}/{repo}@{img.digest}") == img.manifest
+    # skopeo inspect reports the index's digest and the chosen platform's image.
+    picked = inspect(ref, "--override-arch", "arm64", "--override-variant", "v8")
+    assert picked["Digest"] == sha256(index)
+    assert picked["Architecture"] == "arm64"
+    assert picked["Layers"] == [sha256(layer) for layer in arm64.layers]
+    picked = inspect(ref, "--override-arch", "amd64")
+    assert picked["Digest"] == sha256(index)
+    assert picked["Architecture"] == "amd64"
+    assert picked["Layers"] == [sha256(layer) for layer in amd64.layers]
+    assert inspect(f"docker://{registry.host}/{repo}@{arm64.digest}")["Digest"] == arm64.digest
+
+    out = tmp_path / "out"
+    pull(ref, f"oci:{out}:multi", "--all", "--preserve-digests")
+    refs, blobs = read_layout(out)
+    assert refs["multi"]["digest"] == sha256(index)
+    assert refs["multi"]["mediaType"] == OCI_INDEX
+    assert blobs[sha256(index)] == index
+    assert_image_pulled(blobs, amd64)
+    assert_image_pulled(blobs, arm64)
+
+    # Without --all skopeo picks one platform from the index: only that image comes down.
+    one = tmp_path / "one"
+    pull(ref, f"oci:{one}:arm", "--override-arch", "arm64", "--override-variant", "v8")
+    refs, blobs = read_layout(one)
+    assert refs["arm"]["digest"] == arm64.digest
+    assert_image_pulled(blobs, arm64)
+    assert not set(map(sha256, amd64.layers)) & set(blobs)
+
+
+def test_docker_v2s2_round_trip(registry, tmp_path, rng, repo):
+    src = Layout(tmp_path / "src")
+    img = src.image(rng, n_layers=3)
+    src.tag("v1", OCI_MANIFEST, img.manifest)
+    ref = f"docker://{registry.host}/{repo}:docker"
+
+    push(f"oci:{src.path}:v1", ref, "--format", "v2s2")
+
+    raw = inspect_raw(ref)
+    manifest = json.loads(raw)
+    assert manifest["mediaType"] == DOCKER_MANIFEST
+    assert manifest["config"]["mediaType"] == DOCKER_CONFIG
+    assert [layer["mediaType"] for layer in manifest["layers"]] == [DOCKER_LAYER] * 3
+    assert [layer["digest"] for layer in manifest["layers"]] == [sha256(x) for x in img.layers]
+    info = inspect(ref)
+    assert info["Digest"] == sha256(raw)
+    assert info["Layers"] == [sha256(x) for x in img.layers]
+
+    # dir: keeps the manifest exactly as served; every blob must match what was pushed.
+    out = tmp_path / "dir"
+    pull(ref, f"dir:{out}", "--preserve-digests")
+    assert (out / "manifest.json").read_bytes() == raw
+    config_digest = manifest["config"]["digest"]
+    config = (out / config_digest.removeprefix("sha256:")).read_bytes()
+    assert sha256(config) == config_digest
+    assert json.loads(config)["rootfs"] == json.loads(img.config)["rootfs"]
+    for layer in img.layers:
+        assert (out / sha256(layer).removeprefix("sha256:")).read_bytes() == layer
+
+    # Pulling the Docker image by digest into an OCI layout converts the manifest, not the layers.
+    oci_out = tmp_path / "oci"
+    pull(f"docker://{registry.host}/{repo}@{sha256(raw)}", f"oci:{oci_out}:conv")
+    refs, blobs = read_layout(oci_out)
+    converted = json.loads(blobs[refs["conv"]["digest"]])
+    assert converted["mediaType"] == OCI_MANIFEST
+    for layer in img.layers:
+        assert blobs[sha256(layer)] == layer
+
+
+def test_list_tags(registry, tmp_path, rng, repo):
+    src = Layout(tmp_path / "src")
+    one, two = src.image(rng, n_layers=1), src.image(rng, n_layers=1)
+    src.tag("one", OCI_MANIFEST, one.manifest)
+    src.tag("two", OCI_MANIFEST, two.manifest)
+    tags = ["latest", "v1.0", "v1.0.1-rc_1", "two"]
+    for tag in tags[:3]:
+        push(f"oci:{src.path}:one", f"docker://{registry.host}/{repo}:{tag}", "--preserve-digests")
+    push(f"oci:{src.path}:two", f"docker://{registry.host}/{repo}:two", "--preserve-digests")
+
+    listed = json.loads(skopeo("list-tags", "--tls-verify=false",
+                               f"docker://{registry.host}/{repo}").stdout)
+    assert listed["Repository"] == f"{registry.host}/{repo}"
+    assert sorted(listed["Tags"]) == sorted(tags)
+    assert inspect(f"docker://{registry.host}/{repo}:v1.0.1-rc_1")["Digest"] == one.digest
+    assert inspect(f"docker://{registry.host}/{repo}:two")["Digest"] == two.digest
+
+
+def test_delete_by_digest_and_by_tag(registry, tmp_path, rng, repo):
+    src = Layout(tmp_path / "src")
+    images = {name: src.image(rng, n_layers=1) for name in ("a", "b", "c")}
+    for name, img in images.items():
+        src.tag(name, OCI_MANIFEST, img.manifest)
+        push(f"oci:{src.path}:{name}", f"docker://{registry.host}/{repo}:{name}", "--preserve-digests")
+    base = f"docker://{registry.host}/{repo}"
+
+    skopeo("delete", "--tls-verify=false", f"{base}@{images['a'].digest}")
+    for ref in (f"{base}@{images['a'].digest}", f"{base}:a"):
+        gone = skopeo("copy", "--src-tls-verify=false", ref, f"oci:{tmp_path / 'gone-a'}:x", check=False)
+        assert gone.returncode != 0, f"pulling {ref} after its deletion succeeded"
+        assert "manifest unknown" in gone.stderr.lower(), gone.stderr
+
+    skopeo("delete", "--tls-verify=false", f"{base}:b")
+    for ref in (f"{base}:b", f"{base}@{images['b'].digest}"):
+        gone = skopeo("inspect", "--raw", "--tls-verify=false", ref, check=False)
+        assert gone.returncode != 0, f"inspecting {ref} after its deletion succeeded"
+        assert "manifest unknown" in gone.stderr.lower(), gone.stderr
+
+    # The untouched image is intact, and the listing only shows what is left.
+    out = tmp_path / "c"
+    pull(f"{base}:c", f"oci:{out}:c", "--preserve-digests")
+    refs, blobs = read_layout(out)
+    assert refs["c"]["digest"] == images["c"].digest
+    assert_image_pulled(blobs, images["c"])
+    listed = json.loads(skopeo("list-tags", "--tls-verify=false", base).stdout)
+    assert listed["Tags"] == ["c"]
+
+    # A deleted manifest can be pushed again.
+    push(f"oci:{src.path}:a", f"{base}:a", "--preserve-digests")
+    assert inspect_raw(f"{base}:a") == images["a"].manifest
