@@ -110,3 +110,74 @@ def error_codes(response: httpx.Response) -> list[str]:
     for err in body["errors"]:
         assert isinstance(err.get("code"), str) and isinstance(err.get("message"), str), err
     return [err["code"] for err in body["errors"]]
+
+
+# --- chunked (resumable) uploads -------------------------------------------------------
+# Each helper follows the spec: always continue at the Location of the latest response.
+
+
+def start_upload(client: httpx.Client, repo: str) -> str:
+    """POST an empty upload session; returns its Location."""
+    r = client.post(f"/v2/{repo}/blobs/uploads/")
+    assert r.status_code == 202, (r.status_code, r.text)
+    assert r.headers.get("Location"), r.headers
+    return r.headers["Location"]
+
+
+def range_end(response: httpx.Response) -> int:
+    """The offset (bytes received) an upload response reports in its `Range: 0-<last>`."""
+    rng = response.headers.get("Range")
+    assert rng is not None, (response.status_code, dict(response.headers))
+    start, _, last = rng.removeprefix("bytes=").partition("-")
+    assert start == "0", rng
+    return int(last) + 1
+
+
+def patch_chunk(client: httpx.Client, location: str, data: bytes, offset: int) -> str:
+    """PATCH one chunk at `offset`; asserts the new offset; returns the next Location."""
+    r = client.patch(location, content=data, headers={
+        "Content-Type": "application/octet-stream",
+        "Content-Range": f"{offset}-{offset + len(data) - 1}",
+    })
+    assert r.status_code == 202, (r.status_code, r.text)
+    assert range_end(r) == offset + len(data), r.headers.get("Range")
+    return r.headers.get("Location") or location
+
+
+def with_digest(location: str, digest: str) -> httpx.URL:
+    """The Location plus `digest=`, keeping its own query (httpx's params= would replace it)."""
+    return httpx.URL(location).copy_merge_params({"digest": digest})
+
+
+def finish_upload(client: httpx.Client, location: str, digest: str, data: bytes = b"") -> str:
+    """PUT ?digest= (with an optional last chunk); asserts 201 and the digest."""
+    r = client.put(with_digest(location, digest), content=data,
+                   headers={"Content-Type": "application/octet-stream"})
+    assert r.status_code == 201, (r.status_code, r.text)
+    assert r.headers["Docker-Content-Digest"] == digest
+    return digest
+
+
+def push_blob_chunked(client: httpx.Client, repo: str, data: bytes, chunk: int = 64 * 1024) -> str:
+    location, offset = start_upload(client, repo), 0
+    while offset < len(data):
+        location = patch_chunk(client, location, data[offset:offset + chunk], offset)
+        offset += len(data[offset:offset + chunk])
+    return finish_upload(client, location, sha256(data))
+
+
+def pull_blob(client: httpx.Client, repo: str, digest: str) -> bytes:
+    r = client.get(f"/v2/{repo}/blobs/{digest}", follow_redirects=True)
+    assert r.status_code == 200, (repo, digest, r.status_code, r.text[:300])
+    assert sha256(r.content) == digest, (repo, digest, len(r.content))
+    return r.content
+
+
+MANIFEST_ACCEPT = ", ".join([OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST])
+
+
+def pull_manifest(client: httpx.Client, repo: str, ref: str) -> bytes:
+    r = client.get(f"/v2/{repo}/manifests/{ref}", headers={"Accept": MANIFEST_ACCEPT})
+    assert r.status_code == 200, (repo, ref, r.status_code, r.text[:300])
+    assert r.headers["Docker-Content-Digest"] == sha256(r.content), (repo, ref)
+    return r.content

@@ -1,0 +1,107 @@
+"""Handlers for blobs and blob uploads."""
+
+from __future__ import annotations
+
+import os
+
+from aiohttp import web
+
+from moorage.api.errors import from_error
+from moorage.api.http import body_chunks, content_range, has_body, upload_range
+from moorage.registry import digest as digests
+from moorage.registry.errors import BlobUnknown, BlobUploadUnknown, DigestInvalid, RangeInvalid
+from moorage.registry.names import check_name
+from moorage.registry.service import Registry
+from moorage.registry.uploads import Upload, Uploads
+
+
+def _upload_headers(name: str, upload: Upload) -> dict[str, str]:
+    return {
+        "Location": f"/v2/{name}/blobs/uploads/{upload.id}",
+        "Range": upload_range(upload.offset),
+        "Docker-Upload-UUID": upload.id,
+    }
+
+
+def _created(name: str, digest: str) -> web.Response:
+    return web.Response(status=201, headers={
+        "Location": f"/v2/{name}/blobs/{digest}", "Docker-Content-Digest": digest})
+
+
+def _check_upload_id(upload_id: str) -> None:
+    if not (len(upload_id) == 32 and all(c in "0123456789abcdef" for c in upload_id)):
+        raise BlobUploadUnknown(f"upload {upload_id[:40]!r} not known")
+
+
+class BlobHandlers:
+    def __init__(self, registry: Registry, uploads: Uploads):
+        self.registry = registry
+        self.uploads = uploads
+
+    async def get(self, request: web.Request, name: str, digest: str) -> web.StreamResponse:
+        record = await self.registry.blob(name, digest)
+        headers = {"Docker-Content-Digest": digest, "Accept-Ranges": "bytes",
+                   "Content-Type": "application/octet-stream", "ETag": f'"{digest}"'}
+        if request.method == "HEAD":
+            headers["Content-Length"] = str(record.size)
+            return web.Response(headers=headers)
+        path = self.registry.blob_path(digest)
+        if not os.path.exists(path):
+            raise BlobUnknown(f"blob {digest} is recorded but its data is missing", {"digest": digest})
+        # FileResponse sends with sendfile and answers Range with 206 / 416.
+        return web.FileResponse(path, headers=headers)
+
+    async def delete(self, request: web.Request, name: str, digest: str) -> web.Response:
+        await self.registry.delete_blob(name, digest)
+        return web.Response(status=202)
+
+    async def start_upload(self, request: web.Request, name: str) -> web.Response:
+        mount, source = request.query.get("mount"), request.query.get("from")
+        if mount is not None:
+            digests.parse(mount)
+            if source and check_name(source) and await self.registry.mount(name, mount, source):
+                return _created(name, mount)
+            # Not mountable: the spec says fall back to a new upload session.
+        digest = request.query.get("digest")
+        if digest is not None:
+            await self.uploads.monolithic(name, digest, body_chunks(request), request.content_length)
+            return _created(name, digest)
+        upload = await self.uploads.start(name)
+        return web.Response(status=202, headers=_upload_headers(name, upload))
+
+    async def status(self, request: web.Request, name: str, upload_id: str) -> web.Response:
+        _check_upload_id(upload_id)
+        upload = await self.uploads.status(name, upload_id)
+        return web.Response(status=204, headers=_upload_headers(name, upload))
+
+    async def patch(self, request: web.Request, name: str, upload_id: str) -> web.Response:
+        _check_upload_id(upload_id)
+        start, length = content_range(request)
+        try:
+            upload = await self.uploads.append(name, upload_id, body_chunks(request), start, length)
+        except RangeInvalid as e:
+            return await self._range_error(e, name, upload_id)
+        return web.Response(status=202, headers=_upload_headers(name, upload))
+
+    async def put(self, request: web.Request, name: str, upload_id: str) -> web.Response:
+        _check_upload_id(upload_id)
+        digest = request.query.get("digest")
+        if not digest:
+            raise DigestInvalid("closing an upload needs ?digest=")
+        start, length = content_range(request)
+        body = body_chunks(request) if has_body(request) else None
+        try:
+            await self.uploads.finish(name, upload_id, digest, body, start, length)
+        except RangeInvalid as e:
+            return await self._range_error(e, name, upload_id)
+        return _created(name, digest)
+
+    async def cancel(self, request: web.Request, name: str, upload_id: str) -> web.Response:
+        _check_upload_id(upload_id)
+        await self.uploads.cancel(name, upload_id)
+        return web.Response(status=204)
+
+    async def _range_error(self, error: RangeInvalid, name: str, upload_id: str) -> web.Response:
+        # A client that sent a chunk out of order learns where to resume.
+        upload = await self.uploads.status(name, upload_id)
+        return from_error(error, _upload_headers(name, upload))

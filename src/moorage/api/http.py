@@ -1,0 +1,67 @@
+"""Small request helpers shared by the handlers."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from moorage.registry.errors import BlobUploadInvalid, TooLarge, Unsupported
+
+_CONTENT_RANGE = re.compile(r"^(?:bytes[ =])?(\d+)-(\d+)(?:/(?:\d+|\*))?$")
+
+
+async def body_chunks(request: web.Request) -> AsyncIterator[bytes]:
+    """The request body as it arrives, never buffered whole."""
+    async for chunk in request.content.iter_any():
+        yield chunk
+
+
+def has_body(request: web.Request) -> bool:
+    return bool(request.content_length) or request.headers.get("Transfer-Encoding", "").lower() == "chunked"
+
+
+async def read_bounded(request: web.Request, limit: int) -> bytes:
+    """The whole body, refused past `limit` bytes (checked before reading when declared)."""
+    if request.content_length is not None and request.content_length > limit:
+        raise TooLarge(f"body over {limit} bytes", {"size": request.content_length, "limit": limit})
+    data = bytearray()
+    async for chunk in request.content.iter_any():
+        data += chunk
+        if len(data) > limit:
+            raise TooLarge(f"body over {limit} bytes", {"limit": limit})
+    return bytes(data)
+
+
+def content_range(request: web.Request) -> tuple[int | None, int | None]:
+    """(start, length) from a chunk's Content-Range, checked against Content-Length."""
+    value = request.headers.get("Content-Range")
+    if value is None:
+        return None, None
+    m = _CONTENT_RANGE.match(value.strip())
+    if m is None:
+        raise BlobUploadInvalid(f"malformed Content-Range {value[:60]!r}; expected <start>-<end>")
+    start, end = int(m.group(1)), int(m.group(2))
+    if end < start:
+        raise BlobUploadInvalid(f"Content-Range {value!r} ends before it starts")
+    length = end - start + 1
+    if request.content_length is not None and request.content_length != length:
+        raise BlobUploadInvalid(f"Content-Range covers {length} bytes, Content-Length says "
+                                f"{request.content_length}")
+    return start, length
+
+
+def page_args(request: web.Request) -> tuple[int | None, str | None]:
+    n = request.query.get("n")
+    last = request.query.get("last") or None
+    if n is None or n == "":
+        return None, last
+    if not n.isdigit():
+        raise Unsupported(f"n must be a non-negative integer, not {n[:20]!r}")
+    return int(n), last
+
+
+def upload_range(offset: int) -> str:
+    """The Range header of an upload: the bytes received, inclusive."""
+    return f"0-{max(offset - 1, 0)}"

@@ -1,0 +1,84 @@
+"""Handlers for manifests, tags, referrers and the catalog."""
+
+from __future__ import annotations
+
+from urllib.parse import quote
+
+import msgspec
+from aiohttp import web
+
+from moorage.api.http import page_args, read_bounded
+from moorage.registry.errors import ManifestUnknown
+from moorage.registry.manifests import MANIFEST_TYPES, OCI_INDEX
+from moorage.registry.service import Registry
+
+
+def _accepts(request: web.Request, media_type: str) -> bool:
+    """Accept negotiation: a client that names manifest types gets only those."""
+    accept = request.headers.getall("Accept", ())
+    if not accept:
+        return True
+    types = {part.split(";")[0].strip() for value in accept for part in value.split(",")}
+    if "*/*" in types or media_type in types:
+        return True
+    return not (types & MANIFEST_TYPES)
+
+
+def _next_link(path: str, n: int, last: str) -> str:
+    return f'<{path}?n={n}&last={quote(last, safe="")}>; rel="next"'
+
+
+class ManifestHandlers:
+    def __init__(self, registry: Registry):
+        self.registry = registry
+
+    async def get(self, request: web.Request, name: str, reference: str) -> web.Response:
+        digest, record = await self.registry.manifest(name, reference)
+        if not _accepts(request, record.media_type):
+            raise ManifestUnknown(f"manifest {reference} is a {record.media_type}, "
+                                  "which the Accept header does not allow",
+                                  {"mediaType": record.media_type})
+        headers = {"Docker-Content-Digest": digest, "ETag": f'"{digest}"'}
+        if request.method == "HEAD":
+            headers["Content-Length"] = str(record.size)
+            return web.Response(headers=headers, content_type=record.media_type)
+        body = await self.registry.manifest_body(digest)
+        return web.Response(body=body, headers=headers, content_type=record.media_type)
+
+    async def put(self, request: web.Request, name: str, reference: str) -> web.Response:
+        body = await read_bounded(request, self.registry.limits.max_manifest_bytes)
+        digest, subject = await self.registry.put_manifest(
+            name, reference, request.headers.get("Content-Type"), body)
+        headers = {"Location": f"/v2/{name}/manifests/{digest}", "Docker-Content-Digest": digest}
+        if subject:
+            headers["OCI-Subject"] = subject
+        return web.Response(status=201, headers=headers)
+
+    async def delete(self, request: web.Request, name: str, reference: str) -> web.Response:
+        await self.registry.delete_manifest(name, reference)
+        return web.Response(status=202)
+
+    async def tags(self, request: web.Request, name: str) -> web.Response:
+        n, last = page_args(request)
+        tags, more = await self.registry.tags(name, n, last)
+        headers = {}
+        if more and tags and n != 0:
+            headers["Link"] = _next_link(f"/v2/{name}/tags/list", len(tags), tags[-1])
+        return web.Response(body=msgspec.json.encode({"name": name, "tags": tags}),
+                            content_type="application/json", headers=headers)
+
+    async def catalog(self, request: web.Request) -> web.Response:
+        n, last = page_args(request)
+        repos, more = await self.registry.catalog(n, last)
+        headers = {}
+        if more and repos and n != 0:
+            headers["Link"] = _next_link("/v2/_catalog", len(repos), repos[-1])
+        return web.Response(body=msgspec.json.encode({"repositories": repos}),
+                            content_type="application/json", headers=headers)
+
+    async def referrers(self, request: web.Request, name: str, digest: str) -> web.Response:
+        artifact_type = request.query.get("artifactType") or None
+        found = await self.registry.referrers(name, digest, artifact_type)
+        headers = {"OCI-Filters-Applied": "artifactType"} if artifact_type else {}
+        body = msgspec.json.encode({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": found})
+        return web.Response(body=body, content_type=OCI_INDEX, headers=headers)

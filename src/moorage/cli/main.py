@@ -1,0 +1,37 @@
+"""The `moorage` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from moorage import __version__
+
+
+class CliError(Exception):
+    """A problem the user can fix; printed as one sentence, exit code 1."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from moorage.cli import serve
+
+    parser = argparse.ArgumentParser(
+        prog="moorage", description="Moorage: a private OCI container registry that scales with replicas.")
+    parser.add_argument("--version", action="version", version=f"moorage {__version__}")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                        help="how much to log (default: info)")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    serve.register(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except CliError as e:
+        print(f"moorage: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,155 @@
+"""The replica's own etcd member: started, supervised and stopped by the replica.
+
+etcd runs as a child process that dies with its parent (PR_SET_PDEATHSIG), so
+a `kill -9` of the replica never leaves an orphan member holding the ports.
+If etcd exits on its own, it is restarted with backoff, as Patroni does for
+PostgreSQL: the replica keeps serving reads from its index meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from moorage.meta.etcd import EtcdClient, EtcdUnavailable
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class EtcdError(Exception):
+    """etcd could not be started; the message says why in one sentence."""
+
+
+@dataclass
+class EtcdMember:
+    name: str
+    data_dir: Path
+    client_port: int
+    peer_port: int
+    host: str = "127.0.0.1"
+    cluster_token: str = "moorage"
+    initial_cluster: str | None = None      # None: this member alone
+    log_path: Path | None = None
+    proc: asyncio.subprocess.Process | None = field(default=None, init=False)
+    _stopping: bool = field(default=False, init=False)
+    _supervisor: asyncio.Task | None = field(default=None, init=False)
+
+    @property
+    def client_url(self) -> str:
+        return f"http://{self.host}:{self.client_port}"
+
+    @property
+    def peer_url(self) -> str:
+        return f"http://{self.host}:{self.peer_port}"
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.host}:{self.client_port}"
+
+    def command(self) -> list[str]:
+        binary = shutil.which("etcd")
+        if binary is None:
+            raise EtcdError("the etcd binary is not installed (Debian package etcd-server); "
+                            "`make install` installs it")
+        cmd = [
+            binary,
+            "--name", self.name,
+            "--data-dir", str(self.data_dir),
+            "--listen-client-urls", self.client_url,
+            "--advertise-client-urls", self.client_url,
+            "--listen-peer-urls", self.peer_url,
+            "--initial-advertise-peer-urls", self.peer_url,
+            "--initial-cluster-token", self.cluster_token,
+            # A manifest transaction compares every blob it references.
+            "--max-txn-ops", "10000",
+            "--max-request-bytes", str(10 << 20),
+            "--quota-backend-bytes", str(8 << 30),
+            "--auto-compaction-mode", "periodic",
+            "--auto-compaction-retention", "1h",
+            "--logger", "zap",
+            "--log-level", "warn",
+        ]
+        if self.log_path is not None:
+            cmd += ["--log-outputs", str(self.log_path)]
+        if not (self.data_dir / "member").exists():
+            cmd += ["--initial-cluster", self.initial_cluster or f"{self.name}={self.peer_url}",
+                    "--initial-cluster-state", "existing" if self.initial_cluster else "new"]
+        return cmd
+
+    async def start(self, timeout: float = 30.0) -> None:
+        self._stopping = False
+        await self._spawn()
+        await self.wait_ready(timeout)
+        self._supervisor = asyncio.create_task(self._supervise(), name="etcd-supervisor")
+
+    async def _spawn(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.data_dir, 0o700)
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.command(), stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE if self.log_path is None
+            else asyncio.subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        log.debug("etcd started", extra={"pid": self.proc.pid, "client": self.client_url})
+
+    async def wait_ready(self, timeout: float) -> None:
+        client = EtcdClient(self.endpoint, timeout=1.0)
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                if self.proc is not None and self.proc.returncode is not None:
+                    raise EtcdError(f"etcd exited with code {self.proc.returncode} at start-up; "
+                                    f"see {self.log_path or 'its output'} (is port {self.client_port} "
+                                    f"or {self.peer_port} in use?)")
+                try:
+                    await client.status()
+                    return
+                except EtcdUnavailable:
+                    if time.monotonic() > deadline:
+                        raise EtcdError(f"etcd did not become ready within {timeout:.0f}s; "
+                                        f"see {self.log_path}") from None
+                    await asyncio.sleep(0.1)
+        finally:
+            await client.close()
+
+    async def _supervise(self) -> None:
+        backoff = 1.0
+        while not self._stopping:
+            assert self.proc is not None
+            code = await self.proc.wait()
+            if self._stopping:
+                return
+            log.error("etcd exited unexpectedly; restarting", extra={"code": code, "backoff": backoff})
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 30.0)
+            try:
+                await self._spawn()
+            except Exception as e:
+                log.error("etcd restart failed", extra={"error": str(e)})
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        self._stopping = True
+        if self._supervisor:
+            self._supervisor.cancel()
+        if self.proc is None or self.proc.returncode is not None:
+            return
+        self.proc.terminate()
+        try:
+            await asyncio.wait_for(self.proc.wait(), timeout)
+        except asyncio.TimeoutError:
+            log.warning("etcd did not stop in time; killing it")
+            self.proc.kill()
+            await self.proc.wait()

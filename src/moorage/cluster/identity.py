@@ -1,0 +1,65 @@
+"""This replica's identity and settings that must survive restarts.
+
+Kept in DATA_DIR/replica.json: the first start writes it, later starts read
+it, so `moorage serve --data-dir DIR` alone brings the same replica back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+FILE = "replica.json"
+
+
+@dataclass
+class Identity:
+    replica_id: str
+    cluster_token: str
+    created: float
+    storage_dir: str
+    etcd_client_port: int
+    etcd_peer_port: int
+
+    @staticmethod
+    def new_id() -> str:
+        return secrets.token_hex(6)  # 12 hex digits
+
+    @classmethod
+    def load(cls, data_dir: Path) -> "Identity | None":
+        path = data_dir / FILE
+        if not path.exists():
+            return None
+        return cls(**json.loads(path.read_text()))
+
+    def save(self, data_dir: Path) -> None:
+        tmp = data_dir / (FILE + ".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        os.replace(tmp, data_dir / FILE)
+
+
+def load_or_create(data_dir: Path, storage_dir: Path | None, client_port: int | None,
+                   peer_port: int | None) -> tuple[Identity, bool]:
+    """The replica's identity; flags given on this start override what was saved."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    found = Identity.load(data_dir)
+    created = found is None
+    if found is None:
+        replica_id = Identity.new_id()
+        found = Identity(
+            replica_id=replica_id, cluster_token=f"moorage-{replica_id}", created=time.time(),
+            storage_dir=str((storage_dir or data_dir / "blobs").resolve()),
+            etcd_client_port=client_port or 2379, etcd_peer_port=peer_port or 2380)
+    else:
+        if storage_dir is not None:
+            found.storage_dir = str(storage_dir.resolve())
+        if client_port is not None:
+            found.etcd_client_port = client_port
+        if peer_port is not None:
+            found.etcd_peer_port = peer_port
+    found.save(data_dir)
+    return found, created

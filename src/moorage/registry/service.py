@@ -1,0 +1,210 @@
+"""The registry domain: manifests, tags, blobs, referrers, catalog.
+
+Reads come from the replica's index after one shared `sync()`; writes are
+metadata transactions whose preconditions etcd checks. Nothing here knows
+HTTP: the api layer turns results and RegistryErrors into responses.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from moorage.meta.etcd import EtcdUnavailable
+from moorage.meta.index import Repo
+from moorage.meta.records import BlobRecord, ManifestRecord, Referrer
+from moorage.meta.store import MetaStore
+from moorage.registry import digest as digests
+from moorage.registry import manifests
+from moorage.registry.errors import (
+    BlobUnknown, DigestInvalid, ManifestBlobUnknown, ManifestUnknown, MetadataUnavailable,
+    NameUnknown, TooLarge,
+)
+from moorage.registry.names import check_tag
+from moorage.storage.filesystem import FilesystemDriver
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_manifest_bytes: int = 4 << 20
+    max_blob_bytes: int = 1 << 40
+    max_page: int = 10_000
+
+
+class BodyCache:
+    """Manifest bodies by digest, bounded in bytes, least recently used out.
+
+    Manifests are immutable, so a cached body never goes stale.
+    """
+
+    def __init__(self, max_bytes: int = 64 << 20):
+        self._items: OrderedDict[str, bytes] = OrderedDict()
+        self._bytes = 0
+        self._max = max_bytes
+
+    def get(self, digest: str) -> bytes | None:
+        body = self._items.get(digest)
+        if body is not None:
+            self._items.move_to_end(digest)
+        return body
+
+    def put(self, digest: str, body: bytes) -> None:
+        if len(body) > self._max // 8 or digest in self._items:
+            return
+        self._items[digest] = body
+        self._bytes += len(body)
+        while self._bytes > self._max:
+            _, old = self._items.popitem(last=False)
+            self._bytes -= len(old)
+
+
+def page(items: list[str], n: int | None, last: str | None, max_page: int) -> tuple[list[str], bool]:
+    """Lexically sorted `items` after `last`, at most `n`; and whether more remain."""
+    start = bisect.bisect_right(items, last) if last else 0
+    limit = max_page if n is None else min(n, max_page)
+    chosen = items[start:start + limit]
+    return chosen, start + len(chosen) < len(items)
+
+
+class Registry:
+    def __init__(self, meta: MetaStore, storage: FilesystemDriver, limits: Limits = Limits()):
+        self.meta = meta
+        self.index = meta.index
+        self.storage = storage
+        self.limits = limits
+        self.bodies = BodyCache()
+
+    # -- reads ---------------------------------------------------------------
+
+    async def _repo(self, name: str) -> Repo | None:
+        await self.index.sync()
+        return self.index.repos.get(name)
+
+    async def manifest(self, repo_name: str, reference: str) -> tuple[str, ManifestRecord]:
+        repo = await self._repo(repo_name)
+        if digests.is_digest(reference):
+            digests.parse(reference)
+            digest = reference
+        else:
+            check_tag(reference)
+            digest = repo.tags.get(reference) if repo else None
+        record = repo.manifests.get(digest) if repo and digest else None
+        if record is None:
+            raise ManifestUnknown(f"manifest {reference} not found in {repo_name}",
+                                  {"name": repo_name, "reference": reference})
+        return digest, record
+
+    async def manifest_body(self, digest: str) -> bytes:
+        body = self.bodies.get(digest)
+        if body is None:
+            body = await self.storage.read(digest)
+            self.bodies.put(digest, body)
+        return body
+
+    async def blob(self, repo_name: str, digest: str) -> BlobRecord:
+        digests.parse(digest)
+        repo = await self._repo(repo_name)
+        record = self.index.blobs.get(digest) if repo and digest in repo.blobs else None
+        if record is None:
+            raise BlobUnknown(f"blob {digest} not found in {repo_name}", {"digest": digest})
+        return record
+
+    def blob_path(self, digest: str) -> Path:
+        return self.storage.local_path(digest)
+
+    async def tags(self, repo_name: str, n: int | None, last: str | None) -> tuple[list[str], bool]:
+        repo = await self._repo(repo_name)
+        if repo is None:
+            raise NameUnknown(f"repository {repo_name} not known", {"name": repo_name})
+        return page(repo.sorted_tags(), n, last, self.limits.max_page)
+
+    async def catalog(self, n: int | None, last: str | None) -> tuple[list[str], bool]:
+        await self.index.sync()
+        return page(self.index.sorted_repos(), n, last, self.limits.max_page)
+
+    async def referrers(self, repo_name: str, digest: str, artifact_type: str | None
+                        ) -> list[Referrer]:
+        digests.parse(digest)
+        repo = await self._repo(repo_name)
+        found = list(repo.referrers.get(digest, {}).values()) if repo else []
+        if artifact_type is not None:
+            found = [r for r in found if r.artifact_type == artifact_type]
+        return sorted(found, key=lambda r: r.digest)
+
+    # -- writes --------------------------------------------------------------
+
+    async def put_manifest(self, repo_name: str, reference: str, content_type: str | None,
+                           body: bytes) -> tuple[str, str | None]:
+        """Validate and store a manifest; returns its digest and subject."""
+        if len(body) > self.limits.max_manifest_bytes:
+            raise TooLarge(f"manifest over {self.limits.max_manifest_bytes} bytes",
+                           {"size": len(body), "limit": self.limits.max_manifest_bytes})
+        tag = None
+        if digests.is_digest(reference):
+            algorithm, _ = digests.parse(reference)
+            digest = digests.of(body, algorithm)
+            if digest != reference:
+                raise DigestInvalid("manifest body does not match its digest",
+                                    {"expected": reference, "actual": digest})
+        else:
+            tag = check_tag(reference)
+            digest = digests.of(body)
+        parsed = manifests.parse(body, content_type)
+        record = ManifestRecord(
+            media_type=parsed.media_type, size=len(body), created=time.time(),
+            blobs=parsed.blobs, children=parsed.children, subject=parsed.subject,
+            artifact_type=parsed.artifact_type, annotations=parsed.annotations)
+        await self._check_references(repo_name, record)
+        await self.storage.write(digest, body)
+        self.bodies.put(digest, body)
+        if not await self._write(self.meta.put_manifest(
+                repo_name, digest, record, tag, parsed.referrer(digest, len(body)))):
+            # A reference vanished between our check and etcd's: say which.
+            await self._check_references(repo_name, record)
+            raise ManifestBlobUnknown("a referenced blob was deleted while the manifest was pushed")
+        return digest, parsed.subject
+
+    async def _check_references(self, repo_name: str, record: ManifestRecord) -> None:
+        repo = await self._repo(repo_name)
+        linked = repo.blobs if repo else set()
+        known = repo.manifests if repo else {}
+        missing = [d for d in record.blobs if d not in linked]
+        missing += [d for d in record.children if d not in known]
+        if missing:
+            raise ManifestBlobUnknown(f"manifest references {len(missing)} unknown blob(s) or manifest(s)",
+                                      {"digests": missing[:20]})
+
+    async def delete_manifest(self, repo_name: str, reference: str) -> None:
+        if not digests.is_digest(reference):
+            check_tag(reference)
+            if not await self._write(self.meta.delete_tag(repo_name, reference)):
+                raise ManifestUnknown(f"tag {reference} not found in {repo_name}",
+                                      {"name": repo_name, "reference": reference})
+            return
+        digest, record = await self.manifest(repo_name, reference)
+        repo = self.index.repos.get(repo_name)
+        tags = [t for t, d in repo.tags.items() if d == digest] if repo else []
+        if not await self._write(self.meta.delete_manifest(repo_name, digest, record, tags)):
+            raise ManifestUnknown(f"manifest {reference} not found in {repo_name}")
+
+    async def delete_blob(self, repo_name: str, digest: str) -> None:
+        digests.parse(digest)
+        if not await self._write(self.meta.unlink_blob(repo_name, digest)):
+            raise BlobUnknown(f"blob {digest} not found in {repo_name}", {"digest": digest})
+
+    async def mount(self, repo_name: str, digest: str, source: str) -> bool:
+        """Link a blob from another repository; False when it is not there."""
+        repo = await self._repo(source)
+        if repo is None or digest not in repo.blobs:
+            return False
+        return await self._write(self.meta.mount_blob(repo_name, source, digest))
+
+    @staticmethod
+    async def _write(operation):
+        try:
+            return await operation
+        except EtcdUnavailable as e:
+            raise MetadataUnavailable(f"metadata store unavailable, writes are refused: {e}") from None

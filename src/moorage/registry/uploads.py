@@ -1,0 +1,190 @@
+"""Blob uploads: monolithic, chunked and streamed, resumable on any replica.
+
+An upload session is a record in etcd (repository, acknowledged offset) and a
+file in shared storage. The offset in etcd is the truth: bytes past it in the
+file were never acknowledged and are cut off before the next append, so a
+crash mid-chunk leaves a session that resumes cleanly. A blob becomes visible
+only after its digest is verified against the bytes on disk.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from moorage.meta.etcd import EtcdUnavailable
+from moorage.meta.records import UploadRecord
+from moorage.registry import digest as digests
+from moorage.registry.errors import (
+    BlobUploadInvalid, BlobUploadUnknown, DigestInvalid, MetadataUnavailable, RangeInvalid, TooLarge,
+)
+from moorage.registry.service import Registry
+
+Body = AsyncIterator[bytes]
+
+# Hash state of uploads this replica is receiving, so closing an upload
+# doesn't re-read it. Bounded; a miss (restart, another replica) re-hashes.
+MAX_HASHERS = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Upload:
+    id: str
+    repo: str
+    offset: int
+
+
+class Uploads:
+    def __init__(self, registry: Registry):
+        self.registry = registry
+        self.meta = registry.meta
+        self.storage = registry.storage
+        self.limits = registry.limits
+        self._hashers: OrderedDict[str, object] = OrderedDict()
+
+    async def start(self, repo: str) -> Upload:
+        upload_id = self.storage.new_upload_id()
+        await self.storage.create_upload(upload_id)
+        try:
+            await self.meta.create_upload(upload_id, repo)
+        except EtcdUnavailable as e:
+            await self.storage.delete_upload(upload_id)
+            raise MetadataUnavailable(f"metadata store unavailable, uploads are refused: {e}") from None
+        return Upload(upload_id, repo, 0)
+
+    async def _session(self, repo: str, upload_id: str) -> tuple[UploadRecord, int]:
+        try:
+            found = await self.meta.get_upload(upload_id)
+        except EtcdUnavailable as e:
+            raise MetadataUnavailable(f"metadata store unavailable: {e}") from None
+        if found is None or found[0].repo != repo:
+            raise BlobUploadUnknown(f"upload {upload_id} not known in {repo}", {"upload": upload_id})
+        return found
+
+    async def status(self, repo: str, upload_id: str) -> Upload:
+        record, _ = await self._session(repo, upload_id)
+        return Upload(upload_id, repo, record.offset)
+
+    async def append(self, repo: str, upload_id: str, body: Body,
+                     start: int | None = None, length: int | None = None) -> Upload:
+        """Append a chunk. `start` (from Content-Range) must be the current offset."""
+        record, revision = await self._session(repo, upload_id)
+        offset = await self._write(upload_id, record.offset, body, start, length)
+        if offset != record.offset:
+            updated = UploadRecord(repo=repo, offset=offset, created=record.created, updated=time.time())
+            try:
+                advanced = await self.meta.advance_upload(upload_id, revision, updated)
+            except EtcdUnavailable as e:
+                self._hashers.pop(upload_id, None)
+                raise MetadataUnavailable(f"metadata store unavailable: {e}") from None
+            if not advanced:
+                self._hashers.pop(upload_id, None)
+                raise RangeInvalid("the upload was changed concurrently; resume from its current offset",
+                                   {"offset": record.offset})
+        return Upload(upload_id, repo, offset)
+
+    async def _write(self, upload_id: str, offset: int, body: Body,
+                     start: int | None, length: int | None) -> int:
+        if start is not None and start != offset:
+            raise RangeInvalid(f"chunk starts at {start}, the upload is at {offset}",
+                               {"offset": offset, "start": start})
+        if length is not None and offset + length > self.limits.max_blob_bytes:
+            raise TooLarge(f"blob over {self.limits.max_blob_bytes} bytes")
+        hasher = self._hasher(upload_id, offset)
+        appender = await self.storage.open_upload(upload_id, offset, hasher)
+        try:
+            async for chunk in body:
+                await appender.write(chunk)
+                if appender.offset > self.limits.max_blob_bytes:
+                    raise TooLarge(f"blob over {self.limits.max_blob_bytes} bytes")
+            written = appender.offset - offset
+            if length is not None and written != length:
+                raise BlobUploadInvalid(f"chunk has {written} bytes, its range says {length}")
+            new_offset = await appender.finish()
+        except BaseException:
+            await appender.abort()
+            self._hashers.pop(upload_id, None)
+            raise
+        if hasher is not None:
+            self._hashers[upload_id] = (hasher, new_offset)
+        return new_offset
+
+    def _hasher(self, upload_id: str, offset: int):
+        """A sha256 hasher positioned at `offset`, or None if we don't hold one."""
+        held = self._hashers.pop(upload_id, None)
+        if held is not None and held[1] == offset:
+            return held[0]
+        if offset == 0:
+            while len(self._hashers) >= MAX_HASHERS:
+                self._hashers.popitem(last=False)
+            return digests.new_hasher("sha256")
+        return None
+
+    async def finish(self, repo: str, upload_id: str, digest: str, body: Body | None,
+                     start: int | None = None, length: int | None = None) -> str:
+        """Close an upload with an optional last chunk; verify; commit the blob."""
+        algorithm, hexdigest = digests.parse(digest)
+        record, revision = await self._session(repo, upload_id)
+        offset = record.offset
+        if body is not None:
+            offset = await self._write(upload_id, offset, body, start, length)
+        held = self._hashers.pop(upload_id, None)
+        if algorithm == "sha256" and held is not None and held[1] == offset:
+            actual = held[0].hexdigest()
+        else:
+            actual = await self.storage.hash_upload(upload_id, algorithm, offset)
+        if actual != hexdigest:
+            # Nothing was committed; the session is closed and its data dropped.
+            await self._close(upload_id)
+            raise DigestInvalid("uploaded content does not match the digest",
+                                {"expected": digest, "actual": f"{algorithm}:{actual}"})
+        await self.storage.commit_upload(upload_id, digest)
+        try:
+            committed = await self.meta.commit_blob(repo, digest, offset, (upload_id, revision))
+        except EtcdUnavailable as e:
+            raise MetadataUnavailable(f"metadata store unavailable: {e}") from None
+        if not committed:
+            raise BlobUploadUnknown(f"upload {upload_id} was closed concurrently")
+        return digest
+
+    async def monolithic(self, repo: str, digest: str, body: Body, length: int | None) -> str:
+        """A whole blob in one request: no session is recorded at all."""
+        algorithm, hexdigest = digests.parse(digest)
+        upload_id = self.storage.new_upload_id()
+        hasher = digests.new_hasher(algorithm)
+        if length is not None and length > self.limits.max_blob_bytes:
+            raise TooLarge(f"blob over {self.limits.max_blob_bytes} bytes")
+        appender = await self.storage.open_upload(upload_id, 0, hasher)
+        try:
+            async for chunk in body:
+                await appender.write(chunk)
+                if appender.offset > self.limits.max_blob_bytes:
+                    raise TooLarge(f"blob over {self.limits.max_blob_bytes} bytes")
+            size = await appender.finish()
+            if hasher.hexdigest() != hexdigest:
+                raise DigestInvalid("uploaded content does not match the digest",
+                                    {"expected": digest, "actual": f"{algorithm}:{hasher.hexdigest()}"})
+            await self.storage.commit_upload(upload_id, digest)
+        except BaseException:
+            await appender.abort()
+            await self.storage.delete_upload(upload_id)
+            raise
+        try:
+            await self.meta.commit_blob(repo, digest, size)
+        except EtcdUnavailable as e:
+            raise MetadataUnavailable(f"metadata store unavailable: {e}") from None
+        return digest
+
+    async def cancel(self, repo: str, upload_id: str) -> None:
+        await self._session(repo, upload_id)
+        await self._close(upload_id)
+
+    async def _close(self, upload_id: str) -> None:
+        self._hashers.pop(upload_id, None)
+        try:
+            await self.meta.delete_upload(upload_id)
+        except EtcdUnavailable as e:
+            raise MetadataUnavailable(f"metadata store unavailable: {e}") from None
+        await self.storage.delete_upload(upload_id)
