@@ -82,18 +82,23 @@ def assert_storage_content_addressed(blob_dir: Path) -> dict[str, list[Path]]:
     return found
 
 
-def assert_manifest_complete(client: httpx.Client, repo: str, body: bytes) -> None:
-    """Every blob and child manifest a manifest names is there, with the named size."""
+def assert_manifest_complete(client: httpx.Client, repo: str, body: bytes,
+                             seen: set | None = None) -> None:
+    """Every blob and child manifest a manifest names is there, whole (`seen`: checked already)."""
+    seen = set() if seen is None else seen
     manifest = json.loads(body)
     for child in manifest.get("manifests", []):
         got = pull_manifest(client, repo, child["digest"])
         assert len(got) == child["size"]
-        assert_manifest_complete(client, repo, got)
+        assert_manifest_complete(client, repo, got, seen)
     for desc in [manifest["config"], *manifest["layers"]] if "config" in manifest else []:
+        if (repo, desc["digest"]) in seen:
+            continue
         r = client.head(f"/v2/{repo}/blobs/{desc['digest']}")
         assert r.status_code == 200, f"{repo} manifest {sha256(body)} names missing blob {desc}"
         assert int(r.headers["Content-Length"]) == desc["size"], desc
-        pull_blob(client, repo, desc["digest"])
+        assert len(pull_blob(client, repo, desc["digest"])) == desc["size"]
+        seen.add((repo, desc["digest"]))
 
 
 # --------------------------------------------------------------------------- clean restart
@@ -230,14 +235,16 @@ def pusher(reg, ledger: Ledger, worker: int, round_: int, seed: int) -> None:
 
 
 def verify_after_crash(reg, ledger: Ledger) -> None:
+    seen: set[tuple[str, str]] = set()
     with reg.client() as c:
         # Everything acknowledged is there, byte for byte.
         for (repo, digest), data in ledger.blobs_acked.items():
             assert pull_blob(c, repo, digest) == data, (repo, digest)
+            seen.add((repo, digest))
         for (repo, tag), body in ledger.manifests_acked.items():
             assert pull_manifest(c, repo, tag) == body, (repo, tag)
             assert pull_manifest(c, repo, sha256(body)) == body, (repo, tag)
-            assert_manifest_complete(c, repo, body)
+            assert_manifest_complete(c, repo, body, seen)
         # Nothing half there: what was attempted is either whole or absent.
         for (repo, digest), data in ledger.blobs_tried.items():
             if (repo, digest) in ledger.blobs_acked:
@@ -252,7 +259,7 @@ def verify_after_crash(reg, ledger: Ledger) -> None:
             assert r.status_code in (200, 404), (repo, tag, r.status_code, r.text)
             if r.status_code == 200:
                 assert r.content == body, (repo, tag)
-                assert_manifest_complete(c, repo, body)
+                assert_manifest_complete(c, repo, body, seen)
         # Every tag the registry lists resolves to a manifest whose blobs are all there.
         for repo in sorted({repo for repo, _ in ledger.manifests_tried}):
             r = c.get(f"/v2/{repo}/tags/list")
@@ -261,7 +268,7 @@ def verify_after_crash(reg, ledger: Ledger) -> None:
             acked = {tag for (rp, tag) in ledger.manifests_acked if rp == repo}
             assert acked <= set(tags), (repo, sorted(acked - set(tags)))
             for tag in tags:
-                assert_manifest_complete(c, repo, pull_manifest(c, repo, tag))
+                assert_manifest_complete(c, repo, pull_manifest(c, repo, tag), seen)
     found = assert_storage_content_addressed(reg.blob_dir)
     for _, digest in ledger.blobs_acked:
         assert digest.removeprefix("sha256:") in found, f"acknowledged {digest} has no file"

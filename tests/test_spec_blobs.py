@@ -329,6 +329,7 @@ INVALID_DIGESTS = [
     "notadigest",
     ":" + "a" * 64,                          # empty algorithm
     "sha512:" + "a" * 64,                    # sha512 is 128 hex digits
+    "SHA256:" + "a" * 64,                    # image-spec: algorithm components are [a-z0-9]+
 ]
 
 

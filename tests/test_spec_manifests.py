@@ -217,21 +217,31 @@ def test_get_with_wildcard_and_client_accept_lists(client, kind):
 
 
 @KINDS
-def test_accept_listing_only_other_types_is_not_answered_with_stored_type(client, kind):
-    """A client that says it understands only other manifest types must not be handed this one."""
+def test_accept_listing_only_other_types_never_gets_a_different_type(client, kind):
+    """A client that accepts only other manifest types must not be handed another (converted) type.
+
+    spec.md defers to RFC 7231 for Accept; RFC 7231 5.3.2: "the origin server can either honor the
+    header field by sending a 406 (Not Acceptable) response or disregard the header field by
+    treating the response as if it is not subject to content negotiation". So: 404 (what
+    distribution answers: MANIFEST_UNKNOWN) or 406, or the stored manifest unchanged - never a
+    different manifest or a converted one (the stored bytes are the only representation)."""
     repo = new_repo()
     body, mt = build(client, repo, kind)
     push_manifest(client, repo, "t", body, mt)
     others = [t for t in ALL_MANIFEST_TYPES if t != mt] + [DOCKER_SCHEMA1_SIGNED]
     for ref in ["t", sha256(body)]:
         url = f"/v2/{repo}/manifests/{ref}"
-        for accept in [", ".join(others), others[0]]:
+        for accept in [", ".join(others), others[0], DOCKER_SCHEMA1_SIGNED]:
             r = client.get(url, headers={"Accept": accept})
-            assert r.status_code in (404, 406), (accept, r.status_code, r.headers, r.text)
-            if r.status_code == 404:
+            assert r.status_code in (200, 404, 406), (accept, r.status_code, r.headers, r.text)
+            if r.status_code == 200:
+                assert_manifest_response(r, body, mt)
+            elif r.status_code == 404:
                 assert_oci_error(r, 404, "MANIFEST_UNKNOWN")
             h = client.head(url, headers={"Accept": accept})
             assert h.status_code == r.status_code, (h.status_code, r.status_code)
+            if h.status_code == 200:
+                assert_manifest_response(h, body, mt, head=True)
         # And the stored type alone still works.
         assert_manifest_response(client.get(url, headers={"Accept": mt}), body, mt)
 
@@ -502,7 +512,10 @@ def test_invalid_manifest_rejected_manifest_invalid(client, case):
     repo = new_repo()
     body, content_type = INVALID_BODIES[case](_valid_parts(client, repo))
     r = put_raw(client, repo, "bad", body, content_type)
-    assert_oci_error(r, 400, "MANIFEST_INVALID")
+    # A descriptor digest that breaks the digest grammar may also be reported as DIGEST_INVALID
+    # (what distribution answers); everything else is plainly "manifest invalid".
+    codes = ("MANIFEST_INVALID", "DIGEST_INVALID") if case == "config-digest-malformed" else ("MANIFEST_INVALID",)
+    assert_oci_error(r, 400, *codes)
     assert client.head(f"/v2/{repo}/manifests/bad").status_code == 404
 
 

@@ -397,7 +397,8 @@ def test_chunk_not_starting_at_the_offset_is_416_and_upload_survives(client, sta
 @pytest.mark.parametrize("content_range", [
     "22-99",          # claims more bytes than the body has
     "22-30",          # claims fewer bytes than the body has
-    "bytes 22-41",    # not ^[0-9]+-[0-9]+$
+    "22-",            # no end
+    "-41",            # no start
     "30-22",          # end before start
     "abc",
 ])
@@ -407,8 +408,10 @@ def test_malformed_content_range_is_rejected_and_upload_survives(client, content
     location = start_upload(client, repo)
     location = assert_chunk_accepted(patch_chunk(client, location, c1, 0), 21)
     r = client.patch(location, content=c2, headers={**OCTET, "Content-Range": content_range})
-    # The range "MUST match the following regular expression: ^[0-9]+-[0-9]+$";
-    # end-5 fails with 404/416; a malformed request may also be a plain 400.
+    # The range "MUST match the following regular expression: ^[0-9]+-[0-9]+$"
+    # and is "the byte range of the chunk"; a range that is unusable or that
+    # disagrees with the body cannot be accepted (end-5 fails with 404/416; a
+    # malformed request may also be a plain 400).
     assert r.status_code in (400, 416), (r.status_code, r.text)
     s = upload_status(client, location)
     assert s.status_code == 204
@@ -429,6 +432,85 @@ def test_many_small_chunks(client):
                                          offset + len(part) - 1)
         offset += len(part)
     assert_created(client, close_upload(client, location, sha256(blob)), repo, blob, sha256(blob))
+
+
+def _pieces(data: bytes, size: int):
+    for i in range(0, len(data), size):
+        yield data[i:i + size]
+
+
+def test_streamed_patch_with_chunked_transfer_encoding(client):
+    # A streaming client does not know the length up front and sends the PATCH
+    # body with Transfer-Encoding: chunked (no Content-Length).
+    repo = repo_name()
+    data = os.urandom(700_001)
+    location = start_upload(client, repo)
+    r = client.patch(location, content=_pieces(data, 65_536), headers=OCTET)
+    assert r.request.headers.get("Transfer-Encoding") == "chunked"
+    location = assert_chunk_accepted(r, len(data) - 1)
+    assert_created(client, close_upload(client, location, sha256(data)), repo, data, sha256(data))
+
+
+def test_single_post_and_closing_put_with_chunked_transfer_encoding(client):
+    repo = repo_name()
+    data = os.urandom(300_000)
+    digest = sha256(data)
+    r = client.post(f"/v2/{repo}/blobs/uploads/", params={"digest": digest},
+                    content=_pieces(data, 50_000), headers=OCTET)
+    assert r.status_code == 201, (r.status_code, r.text)
+    assert_created(client, r, repo, data, digest)
+    repo2 = repo_name()
+    location = start_upload(client, repo2)
+    r = client.put(location, params={"digest": digest}, content=_pieces(data, 40_000), headers=OCTET)
+    assert_created(client, r, repo2, data, digest)
+
+
+def test_racing_first_chunks_on_one_session_accept_exactly_one(registry, client):
+    # Chunks "MUST be uploaded in order, with the first byte of a chunk being
+    # the last chunk's <end-of-range> plus one": of N racing "0-1023" chunks,
+    # one is the first chunk and every other one is out of order (416). The
+    # 202 acknowledges that chunk's bytes; a 416 chunk must leave no trace.
+    # Several rounds, since a lost race is a matter of timing.
+    n = 8
+    with ThreadPoolExecutor(n) as pool:
+        for _ in range(4):
+            repo = repo_name("concurrent")
+            location = start_upload(client, repo)
+            candidates = [os.urandom(1024) for _ in range(n)]
+            barrier = threading.Barrier(n)
+
+            def work(i):
+                with registry.client() as c:
+                    barrier.wait(timeout=30)
+                    return patch_chunk(c, location, candidates[i], 0).status_code
+
+            statuses = list(pool.map(work, range(n)))
+            assert sorted(statuses) == [202] + [416] * (n - 1), statuses
+            winner = candidates[statuses.index(202)]
+            s = upload_status(client, location)
+            assert s.status_code == 204
+            assert s.headers["Range"] == "0-1023"
+            r = close_upload(client, s.headers["Location"], sha256(winner))
+            assert_created(client, r, repo, winner, sha256(winner))
+
+
+def test_upload_resumes_after_registry_restart(fresh_registry):
+    # Use case "Resumable Push": after connectivity returns "The registry
+    # notifies the build server that the upload has already been partially
+    # attempted. The build server responds by only sending the remaining data".
+    repo = repo_name()
+    data = os.urandom(200_000)
+    with fresh_registry.client() as c:
+        location = start_upload(c, repo)
+        location = assert_chunk_accepted(patch_chunk(c, location, data[:120_000], 0), 119_999)
+    fresh_registry.restart()
+    with fresh_registry.client() as c:
+        s = upload_status(c, location)
+        assert s.status_code == 204, (s.status_code, s.text)
+        assert s.headers["Range"] == "0-119999"
+        location = assert_chunk_accepted(patch_chunk(c, s.headers["Location"], data[120_000:], 120_000),
+                                         len(data) - 1)
+        assert_created(c, close_upload(c, location, sha256(data)), repo, data, sha256(data))
 
 
 # --------------------------------------------------------------------------- status, cancel

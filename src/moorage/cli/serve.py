@@ -15,10 +15,11 @@ import msgspec
 from aiohttp import web
 
 from moorage import __version__, logs
-from moorage.api.app import create_app
+from moorage.api.app import create_server
 from moorage.cli.main import CliError
 from moorage.cluster.etcd_member import EtcdError, EtcdMember
 from moorage.cluster.identity import Identity, load_or_create
+from moorage.cluster.membership import track_solo
 from moorage.meta.etcd import EtcdClient, EtcdUnavailable
 from moorage.meta.index import Index
 from moorage.meta.store import MetaStore
@@ -101,15 +102,16 @@ class Replica:
             cluster_token=identity.cluster_token, log_path=self.data_dir / "etcd.log")
         await member.start()
         client = EtcdClient(member.endpoint)
-        runner = None
+        runner = membership = None
         try:
             self.index = Index(client)
             await self.index.start()
             registry = Registry(MetaStore(client, self.index), storage)
-            app = create_app(registry, self.health, self.ping)
+            membership = asyncio.create_task(track_solo(client, self.index, identity.replica_id))
             debug = logging.getLogger().isEnabledFor(logging.DEBUG)
-            runner = web.AppRunner(app, access_log=logging.getLogger("aiohttp.access") if debug else None,
-                                   handle_signals=False, shutdown_timeout=DRAIN_SECONDS)
+            server = create_server(registry, self.health, self.ping,
+                                   logging.getLogger("aiohttp.access") if debug else None)
+            runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=DRAIN_SECONDS)
             await runner.setup()
             site = web.TCPSite(runner, self.host, self.port, backlog=1024, reuse_address=True)
             try:
@@ -127,6 +129,8 @@ class Replica:
         finally:
             if runner is not None:
                 await runner.cleanup()
+            if membership is not None:
+                membership.cancel()
             if self.index is not None:
                 await self.index.stop()
             await client.close()

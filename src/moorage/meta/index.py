@@ -7,6 +7,11 @@ linearizably and waits until the watch has applied it. One such revision read
 is shared by every request that arrived before it started, so a thousand
 concurrent GETs cost one etcd round trip, not a thousand.
 
+When this replica's etcd member is the only one (`solo`), every write goes
+through this process and is applied here before it is acknowledged, so the
+index is already current and `sync()` costs nothing. The cluster layer clears
+`solo` before a second member is added and whenever it sees more than one.
+
 When etcd cannot be reached (no quorum), `sync()` gives up after a short
 deadline and readers serve what this replica knows: pulls keep working.
 """
@@ -61,6 +66,7 @@ class Index:
         self._fetching = False
         self.last_sync_ok = time.monotonic()
         self.watch_healthy = False
+        self.solo = False
 
     # -- life -------------------------------------------------------------
 
@@ -197,6 +203,8 @@ class Index:
         Returns False (and lets the caller serve what it knows) when etcd does
         not answer within SYNC_TIMEOUT.
         """
+        if self.solo:
+            return True
         fut = self._next
         if fut is None:
             fut = self._next = asyncio.get_running_loop().create_future()
