@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 
 API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
 
+READ_BUFFER = 2 << 20
+MAX_HEADER_FIELD = 16 << 10
+KEEPALIVE_SECONDS = 75.0
+
 Handler = Callable[..., Awaitable[web.StreamResponse]]
 
 
@@ -113,5 +117,8 @@ def _method_not_allowed(methods) -> web.Response:
 
 def create_server(registry: Registry, health: Callable[[], dict],
                   ping: Callable[[], tuple[bool, str]], access_log: logging.Logger | None) -> web.Server:
-    kwargs = {"access_log": access_log} if access_log else {"access_log": None}
-    return web.Server(Dispatcher(registry, health, ping), **kwargs)
+    # A larger read buffer lets the socket keep filling while a writer thread
+    # hashes and stores the previous megabyte of an upload.
+    return web.Server(Dispatcher(registry, health, ping), access_log=access_log,
+                      read_bufsize=READ_BUFFER, max_field_size=MAX_HEADER_FIELD,
+                      keepalive_timeout=KEEPALIVE_SECONDS)

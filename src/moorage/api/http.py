@@ -12,20 +12,32 @@ from moorage.registry.errors import BlobUploadInvalid, TooLarge, Unsupported
 _CONTENT_RANGE = re.compile(r"^(?:bytes[ =])?(\d+)-(\d+)(?:/(?:\d+|\*))?$")
 
 
-async def body_chunks(request: web.Request) -> AsyncIterator[bytes]:
+async def _continue(request: web.BaseRequest) -> None:
+    """Answer `Expect: 100-continue` once we decide to read the body.
+
+    curl and others wait up to a second for this before sending; a request
+    refused before its body is read never asks the client to send it.
+    """
+    if request.headers.get("Expect", "").lower() == "100-continue" and request.version >= (1, 1):
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+
+async def body_chunks(request: web.BaseRequest) -> AsyncIterator[bytes]:
     """The request body as it arrives, never buffered whole."""
+    await _continue(request)
     async for chunk in request.content.iter_any():
         yield chunk
 
 
-def has_body(request: web.Request) -> bool:
+def has_body(request: web.BaseRequest) -> bool:
     return bool(request.content_length) or request.headers.get("Transfer-Encoding", "").lower() == "chunked"
 
 
-async def read_bounded(request: web.Request, limit: int) -> bytes:
+async def read_bounded(request: web.BaseRequest, limit: int) -> bytes:
     """The whole body, refused past `limit` bytes (checked before reading when declared)."""
     if request.content_length is not None and request.content_length > limit:
         raise TooLarge(f"body over {limit} bytes", {"size": request.content_length, "limit": limit})
+    await _continue(request)
     data = bytearray()
     async for chunk in request.content.iter_any():
         data += chunk
@@ -34,7 +46,7 @@ async def read_bounded(request: web.Request, limit: int) -> bytes:
     return bytes(data)
 
 
-def content_range(request: web.Request) -> tuple[int | None, int | None]:
+def content_range(request: web.BaseRequest) -> tuple[int | None, int | None]:
     """(start, length) from a chunk's Content-Range, checked against Content-Length."""
     value = request.headers.get("Content-Range")
     if value is None:
@@ -52,7 +64,7 @@ def content_range(request: web.Request) -> tuple[int | None, int | None]:
     return start, length
 
 
-def page_args(request: web.Request) -> tuple[int | None, str | None]:
+def page_args(request: web.BaseRequest) -> tuple[int | None, str | None]:
     n = request.query.get("n")
     last = request.query.get("last") or None
     if n is None or n == "":

@@ -5,12 +5,19 @@ file in shared storage. The offset in etcd is the truth: bytes past it in the
 file were never acknowledged and are cut off before the next append, so a
 crash mid-chunk leaves a session that resumes cleanly. A blob becomes visible
 only after its digest is verified against the bytes on disk.
+
+Only one request at a time may write to an upload on a replica: a second
+one is refused with 416 before it touches the file, so a rejected chunk can
+never overwrite an acknowledged one. (Two replicas writing one upload at the
+same instant is a client bug that etcd still orders: the loser gets 416 and
+the digest check refuses the blob if its bytes were disturbed.)
 """
 
 from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from contextlib import contextmanager
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -43,6 +50,17 @@ class Uploads:
         self.storage = registry.storage
         self.limits = registry.limits
         self._hashers: OrderedDict[str, object] = OrderedDict()
+        self._writing: set[str] = set()
+
+    @contextmanager
+    def _exclusive(self, upload_id: str):
+        if upload_id in self._writing:
+            raise RangeInvalid("another request is writing to this upload; resume from its offset")
+        self._writing.add(upload_id)
+        try:
+            yield
+        finally:
+            self._writing.discard(upload_id)
 
     async def start(self, repo: str) -> Upload:
         upload_id = self.storage.new_upload_id()
@@ -70,6 +88,11 @@ class Uploads:
     async def append(self, repo: str, upload_id: str, body: Body,
                      start: int | None = None, length: int | None = None) -> Upload:
         """Append a chunk. `start` (from Content-Range) must be the current offset."""
+        with self._exclusive(upload_id):
+            return await self._append(repo, upload_id, body, start, length)
+
+    async def _append(self, repo: str, upload_id: str, body: Body,
+                      start: int | None, length: int | None) -> Upload:
         record, revision = await self._session(repo, upload_id)
         offset = await self._write(upload_id, record.offset, body, start, length)
         if offset != record.offset:
@@ -125,6 +148,11 @@ class Uploads:
     async def finish(self, repo: str, upload_id: str, digest: str, body: Body | None,
                      start: int | None = None, length: int | None = None) -> str:
         """Close an upload with an optional last chunk; verify; commit the blob."""
+        with self._exclusive(upload_id):
+            return await self._finish(repo, upload_id, digest, body, start, length)
+
+    async def _finish(self, repo: str, upload_id: str, digest: str, body: Body | None,
+                      start: int | None, length: int | None) -> str:
         algorithm, hexdigest = digests.parse(digest)
         record, revision = await self._session(repo, upload_id)
         offset = record.offset
