@@ -6,6 +6,7 @@ BIN := $(VENV)/bin
 DATA_DIR ?= ./moorage-data
 LISTEN ?= 127.0.0.1:5000
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 RUN_DEPS := etcd-server:etcd
 TEST_DEPS := skopeo:skopeo
@@ -33,7 +34,7 @@ test: install
 ## bench: Moorage against the reference registry (Debian docker-registry), same workload, alternating
 bench: install
 	@scripts/system-deps.sh $(BENCH_DEPS)
-	$(BIN)/python bench/bench.py
+	$(BIN)/python bench/bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

@@ -331,6 +331,39 @@ def test_deleting_a_referrer_removes_it_from_the_list(client):
     assert found == []
 
 
+def test_referrer_listing_follows_the_manifest_not_its_tags(client):
+    repo = new_repo("refs")
+    img = push_image(client, repo, "s")
+    ref = push_layer_artifact(client, repo, _subject(img.manifest), TYPE_A, {ANNOTATION: "tagged"}, ref="sig")
+    # Deleting the referrer's only tag leaves the manifest, so it is still a referrer.
+    assert client.delete(f"/v2/{repo}/manifests/sig").status_code == 202
+    _, found = referrers(client, repo, img.digest)
+    assert_referrer_descriptors(found, [ref])
+    # Deleting the manifest removes it; pushing it again brings it back.
+    assert client.delete(f"/v2/{repo}/manifests/{ref.digest}").status_code == 202
+    _, found = referrers(client, repo, img.digest)
+    assert found == []
+    r = client.put(f"/v2/{repo}/manifests/{ref.digest}", content=ref.body, headers={"Content-Type": OCI_MANIFEST})
+    assert r.status_code == 201 and r.headers.get("oci-subject") == img.digest
+    _, found = referrers(client, repo, img.digest)
+    assert_referrer_descriptors(found, [ref])
+
+
+def test_referrers_filter_with_structured_suffix_type(client):
+    # A `+` in the artifactType must survive the query string (sent percent-encoded as %2B).
+    repo = new_repo("refs")
+    img = push_image(client, repo, "s")
+    sig = push_layer_artifact(client, repo, _subject(img.manifest), "application/vnd.example.sig+json",
+                              {ANNOTATION: "sig"})
+    other = push_layer_artifact(client, repo, _subject(img.manifest), "application/vnd.example.sig",
+                                {ANNOTATION: "not sig+json"})
+    r, found = referrers(client, repo, img.digest, artifactType="application/vnd.example.sig+json")
+    assert r.headers.get("oci-filters-applied") == "artifactType"
+    assert_referrer_descriptors(found, [sig])
+    r, found = referrers(client, repo, img.digest, artifactType="application/vnd.example.sig")
+    assert_referrer_descriptors(found, [other])
+
+
 def test_deleting_the_subject_keeps_its_referrers(client):
     # The referrers list is "a list of manifests with a subject relationship to a specified digest";
     # the referrer manifests still exist after their subject is deleted, and they may be pushed
@@ -408,6 +441,23 @@ def test_tags_list_in_lexical_order(client, tagged):
     assert expected[:4] == ["0z", "a", "a1", "a10"]  # lexical, not natural, order
 
 
+def test_tags_list_mixed_case_order_is_consistent_across_pages(client):
+    # "the tags MUST be in lexical order (i.e. case-insensitive alphanumeric order)"; the conformance
+    # suite also accepts plain byte order ("Historically, registries have not been lexical, so allow
+    # `sort.Strings` to be valid too"). Either way, pages must follow the same order.
+    repo = new_repo("tags")
+    mixed = ["B", "a", "C", "b1", "A2", "c0", "_x", "Z"]
+    img = push_image(client, repo, mixed[0])
+    for tag in mixed[1:]:
+        push_manifest(client, repo, tag, img.manifest)
+    _, full = tags_page(client, repo)
+    assert full in (sorted(mixed, key=str.lower), sorted(mixed)), full
+    paged, _ = walk_tags(client, repo, n=3)
+    assert paged == full
+    _, tail = tags_page(client, repo, last=full[3])
+    assert tail == full[4:]
+
+
 def test_tags_list_n_limits_and_link_points_to_the_rest(client, tagged):
     # "The response to such a request MAY return fewer than `<int>` results, but only when the total
     #  number of tags attached to the repository is less than `<int>` or a `Link` header is provided.
@@ -463,6 +513,19 @@ def test_tags_list_last_page_has_no_link(client, tagged):
     r, tags = tags_page(client, repo, n=5, last=expected[-3])
     assert tags == expected[-2:]
     assert "link" not in r.headers
+
+
+@pytest.mark.parametrize("path", ["tags", "catalog"])
+@pytest.mark.parametrize("n", ["-1", "abc", "1.5"])
+def test_malformed_n_is_a_bad_request(client, tagged, path, n):
+    # The spec defines `n` only as "an integer specifying the number of tags requested"; anything else
+    # is a malformed request: 400 Bad Request. (405 would claim GET is not allowed on the resource -
+    # RFC 9110 15.5.6: "the method received in the request-line is known by the origin server but
+    # not supported by the target resource" - which is false here.)
+    repo, _ = tagged
+    url = f"/v2/{repo}/tags/list" if path == "tags" else "/v2/_catalog"
+    r = client.get(url, params={"n": n})
+    assert_oci_error(r, 400)
 
 
 def test_tags_list_unknown_repository_404(client):
@@ -707,6 +770,37 @@ def test_delete_blob(client):
     g = client.get(f"/v2/{repo}/blobs/{sha256(img.config)}")
     if r.status_code == 202:
         assert g.status_code == 404
+        # "If the blob is not found, a `404 Not Found` code MUST be returned."
         assert_oci_error(client.delete(f"/v2/{repo}/blobs/{sha256(img.config)}"), 404, "BLOB_UNKNOWN")
+        # The deleted config no longer satisfies a manifest that references it.
+        r = client.put(f"/v2/{repo}/manifests/again", content=img.manifest, headers={"Content-Type": OCI_MANIFEST})
+        assert_oci_error(r, 400, "MANIFEST_BLOB_UNKNOWN")
     else:
         assert g.status_code == 200 and g.content == img.config
+
+
+# ==================================================================================================
+# Everything above is metadata in etcd: it must survive a restart of the replica.
+# ==================================================================================================
+
+
+def test_manifests_tags_and_referrers_survive_restart(fresh_registry):
+    repo = "keep/after-restart"
+    with fresh_registry.client() as c:
+        img = push_image(c, repo, "v1")
+        push_manifest(c, repo, "v2", img.manifest)
+        ref = push_layer_artifact(c, repo, _subject(img.manifest), TYPE_A, {ANNOTATION: "persisted"})
+        gone = push_image(c, repo, "gone")
+        assert c.delete(f"/v2/{repo}/manifests/{gone.digest}").status_code == 202
+    fresh_registry.restart()
+    with fresh_registry.client() as c:
+        for ref_ in ["v1", "v2", img.digest]:
+            g = get_manifest(c, repo, ref_)
+            assert g.status_code == 200 and g.content == img.manifest
+        assert get_manifest(c, repo, gone.digest).status_code == 404
+        assert get_manifest(c, repo, "gone").status_code == 404
+        assert tag_list(c, repo) == ["v1", "v2"]
+        _, found = referrers(c, repo, img.digest)
+        assert_referrer_descriptors(found, [ref])
+        _, repos = catalog_page(c)
+        assert repos == [repo]

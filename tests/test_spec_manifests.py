@@ -489,6 +489,8 @@ def _valid_parts(client, repo):
 
 INVALID_BODIES = {
     "not-json": lambda m: (b"blablabla", OCI_MANIFEST),
+    "empty-body": lambda m: (b"", OCI_MANIFEST),
+    "json-null": lambda m: (b"null", OCI_MANIFEST),
     "json-array": lambda m: (b"[]", OCI_MANIFEST),
     "truncated": lambda m: (canonical(m)[:-5], OCI_MANIFEST),
     "schema-version-1": lambda m: (canonical({**m, "schemaVersion": 1}), OCI_MANIFEST),
@@ -498,6 +500,8 @@ INVALID_BODIES = {
     "layers-not-a-list": lambda m: (canonical({**m, "layers": m["layers"][0]}), OCI_MANIFEST),
     "config-digest-malformed": lambda m: (canonical({**m, "config": {**m["config"], "digest": "sha256:xyz"}}),
                                           OCI_MANIFEST),
+    "layer-digest-missing": lambda m: (canonical({**m, "layers": [{k: v for k, v in m["layers"][0].items()
+                                                                   if k != "digest"}]}), OCI_MANIFEST),
     "config-size-not-int": lambda m: (canonical({**m, "config": {**m["config"], "size": "12"}}),
                                       OCI_MANIFEST),
     "index-manifests-missing": lambda m: (canonical({"schemaVersion": 2, "mediaType": OCI_INDEX}), OCI_INDEX),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 from aiohttp import web
 
-from moorage.registry.errors import MetadataUnavailable, RangeInvalid, RegistryError, TooLarge
+from moorage.registry.errors import BadParameter, MetadataUnavailable, RangeInvalid, RegistryError, TooLarge
 
 STATUS = {
     "BLOB_UNKNOWN": 404,
@@ -32,6 +32,8 @@ def status_of(error: RegistryError) -> int:
         return 413
     if isinstance(error, MetadataUnavailable):
         return 503
+    if isinstance(error, BadParameter):
+        return 400
     return STATUS.get(error.code, 400)
 
 

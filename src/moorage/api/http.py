@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from moorage.registry.errors import BlobUploadInvalid, TooLarge, Unsupported
+from moorage.registry.errors import BadParameter, BlobUploadInvalid, TooLarge
 
 _CONTENT_RANGE = re.compile(r"^(?:bytes[ =])?(\d+)-(\d+)(?:/(?:\d+|\*))?$")
 
@@ -70,7 +70,7 @@ def page_args(request: web.BaseRequest) -> tuple[int | None, str | None]:
     if n is None or n == "":
         return None, last
     if not n.isdigit():
-        raise Unsupported(f"n must be a non-negative integer, not {n[:20]!r}")
+        raise BadParameter(f"n must be a non-negative integer, not {n[:20]!r}")
     return int(n), last
 
 

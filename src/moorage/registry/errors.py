@@ -43,6 +43,14 @@ Unsupported = _error("Unsupported", "UNSUPPORTED")
 Denied = _error("Denied", "DENIED")
 
 
+class BadParameter(Unsupported):
+    """A query parameter the request cannot be served with (a malformed `n`).
+
+    The spec's list has no code for it; UNSUPPORTED is the nearest, sent
+    with 400 because the method itself is fine.
+    """
+
+
 class RangeInvalid(BlobUploadInvalid):
     """A chunk that does not start where the upload ends (out of order, repeated)."""
 

@@ -23,7 +23,7 @@ from moorage.registry.errors import (
     BlobUnknown, DigestInvalid, ManifestBlobUnknown, ManifestUnknown, MetadataUnavailable,
     NameUnknown, TooLarge,
 )
-from moorage.registry.names import check_tag
+from moorage.registry.names import check_tag, is_valid_tag
 from moorage.storage.filesystem import FilesystemDriver
 
 
@@ -89,8 +89,9 @@ class Registry:
             digests.parse(reference)
             digest = reference
         else:
-            check_tag(reference)
-            digest = repo.tags.get(reference) if repo else None
+            # A tag that could never exist is simply not found (the spec and
+            # its conformance suite want 404 here; only a PUT is malformed).
+            digest = repo.tags.get(reference) if repo and is_valid_tag(reference) else None
         record = repo.manifests.get(digest) if repo and digest else None
         if record is None:
             raise ManifestUnknown(f"manifest {reference} not found in {repo_name}",
@@ -179,8 +180,7 @@ class Registry:
 
     async def delete_manifest(self, repo_name: str, reference: str) -> None:
         if not digests.is_digest(reference):
-            check_tag(reference)
-            if not await self._write(self.meta.delete_tag(repo_name, reference)):
+            if not is_valid_tag(reference) or not await self._write(self.meta.delete_tag(repo_name, reference)):
                 raise ManifestUnknown(f"tag {reference} not found in {repo_name}",
                                       {"name": repo_name, "reference": reference})
             return
