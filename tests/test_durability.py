@@ -390,16 +390,23 @@ def test_sigterm_drains_inflight_upload(fresh_registry, how):
 
     with reg.client(timeout=60.0) as c:
         headers = {"Content-Type": "application/octet-stream", "Content-Length": str(len(data))}
+        location = start_upload(c, repo) if how == "patch" else ""
+        began = time.monotonic()
+        try:
+            if how == "patch":
+                r = c.patch(location, content=body(),
+                            headers={**headers, "Content-Range": f"0-{len(data) - 1}"})
+            else:
+                r = c.post(f"/v2/{repo}/blobs/uploads/", params={"digest": digest},
+                           content=body(), headers=headers)
+        except httpx.HTTPError as e:
+            pytest.fail(f"the upload in flight at SIGTERM got no response ({e!r}) after "
+                        f"{time.monotonic() - began:.1f}s; exit code {reg.proc.wait(60)}\n{reg.log()}")
         if how == "patch":
-            location = start_upload(c, repo)
-            r = c.patch(location, content=body(),
-                        headers={**headers, "Content-Range": f"0-{len(data) - 1}"})
             assert r.status_code == 202, (r.status_code, r.text)
             assert range_end(r) == len(data)
             location = r.headers.get("Location") or location
         else:
-            r = c.post(f"/v2/{repo}/blobs/uploads/", params={"digest": digest}, content=body(),
-                       headers=headers)
             assert r.status_code == 201, (r.status_code, r.text)
             assert r.headers["Docker-Content-Digest"] == digest
     assert signalled.is_set()

@@ -111,7 +111,7 @@ class Replica:
             debug = logging.getLogger().isEnabledFor(logging.DEBUG)
             server = create_server(registry, self.health, self.ping,
                                    logging.getLogger("aiohttp.access") if debug else None)
-            runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=DRAIN_SECONDS)
+            runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=5.0)
             await runner.setup()
             site = web.TCPSite(runner, self.host, self.port, backlog=1024, reuse_address=True)
             try:
@@ -126,6 +126,7 @@ class Replica:
                 "data_dir": str(self.data_dir), "pid": os.getpid()})
             await self._wait_for_signal()
             log.info("draining requests in flight", extra={"timeout_seconds": DRAIN_SECONDS})
+            await self._drain(runner, server)
         finally:
             if runner is not None:
                 await runner.cleanup()
@@ -137,6 +138,22 @@ class Replica:
             await member.stop()
         log.info("moorage stopped")
         return 0
+
+    @staticmethod
+    async def _drain(runner: web.ServerRunner, server: web.Server) -> None:
+        """Stop accepting connections, then let requests in flight finish.
+
+        aiohttp's own shutdown first marks every connection closing, after
+        which it drops the rest of a request body: an upload in flight could
+        never complete. So we wait for in-flight requests ourselves first.
+        """
+        for site in list(runner.sites):
+            await site.stop()
+        deadline = time.monotonic() + DRAIN_SECONDS
+        # `_request_in_progress` spans a whole exchange, response body included.
+        while time.monotonic() < deadline and any(
+                getattr(conn, "_request_in_progress", False) for conn in server.connections):
+            await asyncio.sleep(0.05)
 
     async def _announce(self, client: EtcdClient) -> None:
         """Record this replica in etcd, for `status` and the load balancer tooling."""
