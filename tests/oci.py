@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import uuid
 from dataclasses import dataclass
 
 import httpx
@@ -110,6 +111,38 @@ def error_codes(response: httpx.Response) -> list[str]:
     for err in body["errors"]:
         assert isinstance(err.get("code"), str) and isinstance(err.get("message"), str), err
     return [err["code"] for err in body["errors"]]
+
+# The spec's error code table ("The `code` field MUST be one of the following").
+SPEC_ERROR_CODES = {
+    "BLOB_UNKNOWN", "BLOB_UPLOAD_INVALID", "BLOB_UPLOAD_UNKNOWN", "DIGEST_INVALID",
+    "MANIFEST_BLOB_UNKNOWN", "MANIFEST_INVALID", "MANIFEST_UNKNOWN", "NAME_INVALID",
+    "NAME_UNKNOWN", "SIZE_INVALID", "UNAUTHORIZED", "DENIED", "UNSUPPORTED", "TOOMANYREQUESTS",
+}
+
+# conformance/setup.go: dummyDigest = godigest.FromString("hello world")
+DUMMY_DIGEST = "sha256:b94d27b9934d3e08a52e52d7da7dabfac484efe37a5380ee9088f7ace2efcde9"
+
+
+def new_repo(prefix: str = "test") -> str:
+    """A repository name of a test's own, so tests never see each other's data."""
+    return f"{prefix}/{uuid.uuid4().hex[:10]}"
+
+
+def assert_oci_error(r: httpx.Response, status: int, *codes: str) -> list[str]:
+    """`status` with exactly the spec's error body; its first code is one of `codes`."""
+    assert r.status_code == status, (r.status_code, dict(r.headers), r.text)
+    assert r.headers.get("content-type", "").split(";")[0].strip() == "application/json", r.headers
+    body = r.json()
+    assert isinstance(body, dict) and set(body) == {"errors"}, body
+    found = error_codes(r)
+    for err in body["errors"]:
+        assert set(err) <= {"code", "message", "detail"}, err
+        assert err["code"] in SPEC_ERROR_CODES, err
+    if codes:
+        # conformance: Expect(errorResponses[0].Code).To(Equal(...))
+        assert found[0] in codes, (found, codes)
+    return found
+
 
 
 # --- chunked (resumable) uploads -------------------------------------------------------

@@ -12,38 +12,17 @@ import hashlib
 import http.client
 import json
 import os
-import re
-from uuid import uuid4
 
 import httpx
 import pytest
 
-from oci import error_codes, push_blob, sha256, sha512
-
-# The spec's error code table ("The `code` field MUST be one of the following").
-SPEC_CODES = {
-    "BLOB_UNKNOWN", "BLOB_UPLOAD_INVALID", "BLOB_UPLOAD_UNKNOWN", "DIGEST_INVALID",
-    "MANIFEST_BLOB_UNKNOWN", "MANIFEST_INVALID", "MANIFEST_UNKNOWN", "NAME_INVALID",
-    "NAME_UNKNOWN", "SIZE_INVALID", "UNAUTHORIZED", "DENIED", "UNSUPPORTED", "TOOMANYREQUESTS",
-}
-
-# conformance/setup.go: dummyDigest = godigest.FromString("hello world")
-DUMMY_DIGEST = sha256(b"hello world")
+from oci import DUMMY_DIGEST, assert_oci_error, new_repo, push_blob, sha256, sha512
 
 
-def repo_name(prefix: str = "blobs") -> str:
-    return f"{prefix}/{uuid4().hex[:10]}"
 
 
-def assert_error(resp: httpx.Response, status: int, *codes: str) -> list[str]:
-    """Status, then the spec's JSON error shape, then one of the expected codes."""
-    assert resp.status_code == status, (resp.status_code, resp.headers, resp.text)
-    got = error_codes(resp)
-    for code in got:
-        assert re.fullmatch(r"[A-Z_]+", code), got
-        assert code in SPEC_CODES, got
-    assert set(got) & set(codes), (got, codes)
-    return got
+
+
 
 
 def digest_matches(header: str, body: bytes) -> bool:
@@ -82,7 +61,7 @@ def raw_request(registry, method: str, path: str, body: bytes = b"",
 
 
 def test_get_existing_blob_returns_exact_bytes_and_headers(client):
-    repo = repo_name()
+    repo = new_repo()
     data = os.urandom(4096)
     digest = push_blob(client, repo, data)
     r = client.get(f"/v2/{repo}/blobs/{digest}")
@@ -95,7 +74,7 @@ def test_get_existing_blob_returns_exact_bytes_and_headers(client):
 
 
 def test_head_existing_blob_has_digest_and_length_and_no_body(client):
-    repo = repo_name()
+    repo = new_repo()
     data = os.urandom(3000)
     digest = push_blob(client, repo, data)
     r = client.head(f"/v2/{repo}/blobs/{digest}")
@@ -109,7 +88,7 @@ def test_head_existing_blob_has_digest_and_length_and_no_body(client):
 
 
 def test_head_blob_sends_no_body_on_the_wire(registry, client):
-    repo = repo_name()
+    repo = new_repo()
     data = b"x" * 777
     digest = push_blob(client, repo, data)
     # Two requests on one connection: if HEAD leaked a body, the second
@@ -130,15 +109,15 @@ def test_head_blob_sends_no_body_on_the_wire(registry, client):
 
 
 def test_get_unknown_blob_is_404_blob_unknown(client):
-    repo = repo_name()
+    repo = new_repo()
     push_blob(client, repo, os.urandom(64))  # the repository exists
     # conformance: "GET nonexistent blob should result in 404 response"
     r = client.get(f"/v2/{repo}/blobs/{DUMMY_DIGEST}")
-    assert_error(r, 404, "BLOB_UNKNOWN")
+    assert_oci_error(r, 404, "BLOB_UNKNOWN")
 
 
 def test_head_unknown_blob_is_404_without_body(client):
-    repo = repo_name()
+    repo = new_repo()
     push_blob(client, repo, os.urandom(64))
     # conformance: "HEAD request to nonexistent blob should result in 404 response"
     r = client.head(f"/v2/{repo}/blobs/{DUMMY_DIGEST}")
@@ -147,26 +126,26 @@ def test_head_unknown_blob_is_404_without_body(client):
 
 
 def test_get_blob_of_unknown_repository_is_404(client):
-    r = client.get(f"/v2/{repo_name('nosuchrepo')}/blobs/{DUMMY_DIGEST}")
-    assert_error(r, 404, "BLOB_UNKNOWN", "NAME_UNKNOWN")
-    r = client.head(f"/v2/{repo_name('nosuchrepo')}/blobs/{DUMMY_DIGEST}")
+    r = client.get(f"/v2/{new_repo('nosuchrepo')}/blobs/{DUMMY_DIGEST}")
+    assert_oci_error(r, 404, "BLOB_UNKNOWN", "NAME_UNKNOWN")
+    r = client.head(f"/v2/{new_repo('nosuchrepo')}/blobs/{DUMMY_DIGEST}")
     assert r.status_code == 404
 
 
 def test_blob_of_one_repository_is_not_served_from_another(client):
-    a, b = repo_name(), repo_name()
+    a, b = new_repo(), new_repo()
     data = os.urandom(512)
     digest = push_blob(client, a, data)
     push_blob(client, b, os.urandom(512))  # b exists, but without this blob
     # "If the blob does not exist in the repository, the registry must return 404"
     r = client.get(f"/v2/{b}/blobs/{digest}")
-    assert_error(r, 404, "BLOB_UNKNOWN")
+    assert_oci_error(r, 404, "BLOB_UNKNOWN")
     assert client.head(f"/v2/{b}/blobs/{digest}").status_code == 404
     assert client.get(f"/v2/{a}/blobs/{digest}").content == data
 
 
 def test_zero_length_blob(client):
-    repo = repo_name()
+    repo = new_repo()
     digest = push_blob(client, repo, b"")
     r = client.get(f"/v2/{repo}/blobs/{digest}")
     assert r.status_code == 200
@@ -178,7 +157,7 @@ def test_zero_length_blob(client):
 
 
 def test_blob_location_from_push_is_pullable(client):
-    repo = repo_name()
+    repo = new_repo()
     data = os.urandom(100)
     r = client.post(f"/v2/{repo}/blobs/uploads/", params={"digest": sha256(data)}, content=data,
                     headers={"Content-Type": "application/octet-stream"})
@@ -197,7 +176,7 @@ RANGE_BLOB_SIZE = 1000
 
 @pytest.fixture
 def range_blob(client):
-    repo = repo_name("ranges")
+    repo = new_repo("ranges")
     data = os.urandom(RANGE_BLOB_SIZE)
     digest = push_blob(client, repo, data)
     return repo, digest, data
@@ -247,13 +226,13 @@ def test_syntactically_invalid_range_is_ignored_or_rejected(client, range_blob):
 def test_range_on_unknown_blob_is_404(client, range_blob):
     repo, _, _ = range_blob
     r = client.get(f"/v2/{repo}/blobs/{DUMMY_DIGEST}", headers={"Range": "bytes=0-10"})
-    assert_error(r, 404, "BLOB_UNKNOWN")
+    assert_oci_error(r, 404, "BLOB_UNKNOWN")
 
 
 def test_resumable_pull_reassembles_blob_from_ranges(client):
     # Use case "Resumable Pull": "The client keeps the partial data and uses
     # http Range requests to avoid downloading repeated data."
-    repo = repo_name("ranges")
+    repo = new_repo("ranges")
     data = os.urandom(1024 * 1024 + 17)
     digest = push_blob(client, repo, data)
     first = client.get(f"/v2/{repo}/blobs/{digest}", headers={"Range": "bytes=0-333332"})
@@ -272,7 +251,7 @@ def test_resumable_pull_reassembles_blob_from_ranges(client):
 
 
 def test_delete_blob_is_202_then_404(client):
-    repo = repo_name()
+    repo = new_repo()
     keep = push_blob(client, repo, os.urandom(64))
     data = os.urandom(256)
     digest = push_blob(client, repo, data)
@@ -280,21 +259,21 @@ def test_delete_blob_is_202_then_404(client):
     r = client.delete(f"/v2/{repo}/blobs/{digest}")
     assert r.status_code == 202, (r.status_code, r.text)
     assert client.head(f"/v2/{repo}/blobs/{digest}").status_code == 404
-    assert_error(client.get(f"/v2/{repo}/blobs/{digest}"), 404, "BLOB_UNKNOWN")
+    assert_oci_error(client.get(f"/v2/{repo}/blobs/{digest}"), 404, "BLOB_UNKNOWN")
     # "If the blob is not found, a 404 Not Found code MUST be returned."
-    assert_error(client.delete(f"/v2/{repo}/blobs/{digest}"), 404, "BLOB_UNKNOWN")
+    assert_oci_error(client.delete(f"/v2/{repo}/blobs/{digest}"), 404, "BLOB_UNKNOWN")
     # The other blob of the repository is untouched.
     assert client.head(f"/v2/{repo}/blobs/{keep}").status_code == 200
 
 
 def test_delete_unknown_blob_is_404(client):
-    repo = repo_name()
+    repo = new_repo()
     push_blob(client, repo, os.urandom(64))
-    assert_error(client.delete(f"/v2/{repo}/blobs/{DUMMY_DIGEST}"), 404, "BLOB_UNKNOWN")
+    assert_oci_error(client.delete(f"/v2/{repo}/blobs/{DUMMY_DIGEST}"), 404, "BLOB_UNKNOWN")
 
 
 def test_delete_in_one_repository_keeps_the_blob_in_another(client):
-    a, b = repo_name(), repo_name()
+    a, b = new_repo(), new_repo()
     data = os.urandom(2048)
     digest = push_blob(client, a, data)
     assert push_blob(client, b, data) == digest
@@ -306,7 +285,7 @@ def test_delete_in_one_repository_keeps_the_blob_in_another(client):
 
 
 def test_blob_can_be_pushed_again_after_delete(client):
-    repo = repo_name()
+    repo = new_repo()
     data = os.urandom(1500)
     digest = push_blob(client, repo, data)
     assert client.delete(f"/v2/{repo}/blobs/{digest}").status_code == 202
@@ -335,14 +314,14 @@ INVALID_DIGESTS = [
 
 @pytest.mark.parametrize("bad", INVALID_DIGESTS)
 def test_get_blob_with_invalid_digest_is_400_digest_invalid(client, bad):
-    repo = repo_name()
+    repo = new_repo()
     push_blob(client, repo, os.urandom(32))
-    assert_error(client.get(f"/v2/{repo}/blobs/{bad}"), 400, "DIGEST_INVALID")
+    assert_oci_error(client.get(f"/v2/{repo}/blobs/{bad}"), 400, "DIGEST_INVALID")
 
 
 @pytest.mark.parametrize("bad", ["sha256:abc", "sha256:" + "A" * 64, "notadigest"])
 def test_head_blob_with_invalid_digest_is_400(client, bad):
-    repo = repo_name()
+    repo = new_repo()
     push_blob(client, repo, os.urandom(32))
     r = client.head(f"/v2/{repo}/blobs/{bad}")
     assert r.status_code == 400
@@ -351,9 +330,9 @@ def test_head_blob_with_invalid_digest_is_400(client, bad):
 
 @pytest.mark.parametrize("bad", ["sha256:abc", "notadigest", "sha512:" + "b" * 64])
 def test_delete_blob_with_invalid_digest_is_400_digest_invalid(client, bad):
-    repo = repo_name()
+    repo = new_repo()
     push_blob(client, repo, os.urandom(32))
-    assert_error(client.delete(f"/v2/{repo}/blobs/{bad}"), 400, "DIGEST_INVALID")
+    assert_oci_error(client.delete(f"/v2/{repo}/blobs/{bad}"), 400, "DIGEST_INVALID")
 
 
 @pytest.mark.parametrize("path_digest", [
@@ -362,7 +341,7 @@ def test_delete_blob_with_invalid_digest_is_400_digest_invalid(client, bad):
     "sha256:%2e%2e%2f%2e%2e%2f%2e%2e%2f%2e%2e%2fetc%2fpasswd",
 ])
 def test_digest_path_traversal_reads_nothing(registry, client, path_digest):
-    repo = repo_name()
+    repo = new_repo()
     push_blob(client, repo, os.urandom(32))
     status, _, body = raw_request(registry, "GET", f"/v2/{repo}/blobs/{path_digest}")
     assert status in (400, 404), (status, body[:200])
@@ -376,7 +355,7 @@ def test_digest_path_traversal_reads_nothing(registry, client, path_digest):
 
 
 def test_sha512_blob_get_and_head(client):
-    repo = repo_name("sha512")
+    repo = new_repo("sha512")
     data = os.urandom(5000)
     digest = push_sha512(client, repo, data)
     r = client.get(f"/v2/{repo}/blobs/{digest}")
@@ -392,7 +371,7 @@ def test_sha512_blob_get_and_head(client):
 
 
 def test_sha512_blob_range_and_delete(client):
-    repo = repo_name("sha512")
+    repo = new_repo("sha512")
     data = os.urandom(3000)
     digest = push_sha512(client, repo, data)
     r = client.get(f"/v2/{repo}/blobs/{digest}", headers={"Range": "bytes=1000-1999"})
@@ -400,10 +379,10 @@ def test_sha512_blob_range_and_delete(client):
     assert r.content == data[1000:2000]
     assert r.headers["Content-Range"] == f"bytes 1000-1999/{len(data)}"
     assert client.delete(f"/v2/{repo}/blobs/{digest}").status_code == 202
-    assert_error(client.get(f"/v2/{repo}/blobs/{digest}"), 404, "BLOB_UNKNOWN")
+    assert_oci_error(client.get(f"/v2/{repo}/blobs/{digest}"), 404, "BLOB_UNKNOWN")
 
 
 def test_unknown_sha512_blob_is_404_blob_unknown(client):
-    repo = repo_name("sha512")
+    repo = new_repo("sha512")
     push_blob(client, repo, os.urandom(32))
-    assert_error(client.get(f"/v2/{repo}/blobs/{sha512(b'never pushed')}"), 404, "BLOB_UNKNOWN")
+    assert_oci_error(client.get(f"/v2/{repo}/blobs/{sha512(b'never pushed')}"), 404, "BLOB_UNKNOWN")

@@ -18,11 +18,12 @@ import httpx
 import pytest
 
 from oci import (
+    assert_oci_error,
+    new_repo,
     OCI_EMPTY,
     OCI_INDEX,
     OCI_MANIFEST,
     descriptor,
-    error_codes,
     make_image,
     push_blob,
     push_image,
@@ -30,11 +31,6 @@ from oci import (
     sha256,
 )
 
-SPEC_ERROR_CODES = {
-    "BLOB_UNKNOWN", "BLOB_UPLOAD_INVALID", "BLOB_UPLOAD_UNKNOWN", "DIGEST_INVALID",
-    "MANIFEST_BLOB_UNKNOWN", "MANIFEST_INVALID", "MANIFEST_UNKNOWN", "NAME_INVALID",
-    "NAME_UNKNOWN", "SIZE_INVALID", "UNAUTHORIZED", "DENIED", "UNSUPPORTED", "TOOMANYREQUESTS",
-}
 EMPTY_JSON = b"{}"
 ANNOTATION = "org.opencontainers.conformance.test"
 TYPE_A = "application/vnd.nhl.peanut.butter.bagel"
@@ -42,23 +38,8 @@ TYPE_B = "application/vnd.nba.strawberry.jam.croissant"
 TYPE_INDEX = "application/vnd.food.stand"
 
 
-def new_repo(prefix: str = "disc") -> str:
-    return f"{prefix}/{uuid4().hex[:8]}"
 
 
-def assert_oci_error(r: httpx.Response, status: int, *codes: str) -> list[str]:
-    """The response is `status` with exactly the spec's error body; its first code is one of `codes`."""
-    assert r.status_code == status, (r.status_code, dict(r.headers), r.text)
-    assert r.headers.get("content-type", "").split(";")[0].strip() == "application/json", r.headers
-    body = r.json()
-    assert isinstance(body, dict) and set(body) == {"errors"}, body
-    found = error_codes(r)
-    for err in body["errors"]:
-        assert set(err) <= {"code", "message", "detail"}, err
-        assert err["code"] in SPEC_ERROR_CODES, err
-    if codes:
-        assert found[0] in codes, (found, codes)
-    return found
 
 
 def next_link(r: httpx.Response) -> str | None:

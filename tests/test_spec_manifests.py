@@ -23,6 +23,8 @@ import httpx
 import pytest
 
 from oci import (
+    assert_oci_error,
+    new_repo,
     DOCKER_LIST,
     DOCKER_MANIFEST,
     OCI_CONFIG,
@@ -32,7 +34,6 @@ from oci import (
     OCI_MANIFEST,
     canonical,
     descriptor,
-    error_codes,
     make_image,
     push_blob,
     push_image,
@@ -42,11 +43,6 @@ from oci import (
 )
 
 # spec.md, "Error Codes": "The `code` field MUST be one of the following:"
-SPEC_ERROR_CODES = {
-    "BLOB_UNKNOWN", "BLOB_UPLOAD_INVALID", "BLOB_UPLOAD_UNKNOWN", "DIGEST_INVALID",
-    "MANIFEST_BLOB_UNKNOWN", "MANIFEST_INVALID", "MANIFEST_UNKNOWN", "NAME_INVALID",
-    "NAME_UNKNOWN", "SIZE_INVALID", "UNAUTHORIZED", "DENIED", "UNSUPPORTED", "TOOMANYREQUESTS",
-}
 ALL_MANIFEST_TYPES = [OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST]
 DOCKER_SCHEMA1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyjws"
 # What `docker pull` sends.
@@ -55,24 +51,8 @@ EMPTY_JSON = b"{}"
 FOUR_MIB = 4 * 1024 * 1024
 
 
-def new_repo(prefix: str = "mani") -> str:
-    return f"{prefix}/{uuid4().hex[:8]}"
 
 
-def assert_oci_error(r: httpx.Response, status: int, *codes: str) -> list[str]:
-    """The response is `status` with exactly the spec's error body; its first code is one of `codes`."""
-    assert r.status_code == status, (r.status_code, dict(r.headers), r.text)
-    assert r.headers.get("content-type", "").split(";")[0].strip() == "application/json", r.headers
-    body = r.json()
-    assert isinstance(body, dict) and set(body) == {"errors"}, body
-    found = error_codes(r)
-    for err in body["errors"]:
-        assert set(err) <= {"code", "message", "detail"}, err
-        assert err["code"] in SPEC_ERROR_CODES, err
-    if codes:
-        # conformance: Expect(errorResponses[0].Code).To(Equal(...))
-        assert found[0] in codes, (found, codes)
-    return found
 
 
 def without_accept(client: httpx.Client, method: str, url: str) -> httpx.Response:

@@ -13,7 +13,6 @@ import hashlib
 import http.client
 import json
 import os
-import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,29 +22,13 @@ from uuid import uuid4
 import httpx
 import pytest
 
-from oci import OCI_MANIFEST, error_codes, push_blob, sha256, sha512
+from oci import DUMMY_DIGEST, SPEC_ERROR_CODES, assert_oci_error, new_repo, OCI_MANIFEST, error_codes, push_blob, sha256, sha512
 
-SPEC_CODES = {
-    "BLOB_UNKNOWN", "BLOB_UPLOAD_INVALID", "BLOB_UPLOAD_UNKNOWN", "DIGEST_INVALID",
-    "MANIFEST_BLOB_UNKNOWN", "MANIFEST_INVALID", "MANIFEST_UNKNOWN", "NAME_INVALID",
-    "NAME_UNKNOWN", "SIZE_INVALID", "UNAUTHORIZED", "DENIED", "UNSUPPORTED", "TOOMANYREQUESTS",
-}
 OCTET = {"Content-Type": "application/octet-stream"}
-DUMMY_DIGEST = sha256(b"hello world")  # conformance/setup.go dummyDigest
 
 
-def repo_name(prefix: str = "uploads") -> str:
-    return f"{prefix}/{uuid4().hex[:10]}"
 
 
-def assert_error(resp: httpx.Response, status: int, *codes: str) -> list[str]:
-    assert resp.status_code == status, (resp.status_code, resp.headers, resp.text)
-    got = error_codes(resp)
-    for code in got:
-        assert re.fullmatch(r"[A-Z_]+", code), got
-        assert code in SPEC_CODES, got
-    assert set(got) & set(codes), (got, codes)
-    return got
 
 
 def loc_path(location: str) -> str:
@@ -147,7 +130,7 @@ def test_api_version_check(client):
 
 
 def test_post_starts_session_in_the_repository(client):
-    repo = repo_name()
+    repo = new_repo()
     location = start_upload(client, repo)
     # conformance: the session Location HavePrefix "/v2/<name>/blobs/uploads/"
     assert loc_path(location).startswith(f"/v2/{repo}/blobs/uploads/")
@@ -157,7 +140,7 @@ def test_post_starts_session_in_the_repository(client):
 
 
 def test_monolithic_post_then_put(client):
-    repo = repo_name()
+    repo = new_repo()
     data = os.urandom(2000)
     digest = sha256(data)
     location = start_upload(client, repo)
@@ -168,7 +151,7 @@ def test_monolithic_post_then_put(client):
 
 def test_monolithic_put_of_empty_json_blob(client):
     # conformance Setup: "Upload empty JSON blob needed for further tests"
-    repo = repo_name()
+    repo = new_repo()
     data = b"{}"
     digest = sha256(data)
     assert digest == "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
@@ -177,14 +160,14 @@ def test_monolithic_put_of_empty_json_blob(client):
 
 
 def test_monolithic_put_of_zero_length_blob(client):
-    repo = repo_name()
+    repo = new_repo()
     digest = sha256(b"")
     r = close_upload(client, start_upload(client, repo), digest, b"")
     assert_created(client, r, repo, b"", digest)
 
 
 def test_single_post_with_digest(client):
-    repo = repo_name()
+    repo = new_repo()
     data = os.urandom(3000)
     digest = sha256(data)
     r = client.post(f"/v2/{repo}/blobs/uploads/", params={"digest": digest}, content=data,
@@ -197,62 +180,62 @@ def test_single_post_with_digest(client):
 
 
 def test_single_post_with_wrong_digest_is_400_and_leaves_nothing(client):
-    repo = repo_name()
+    repo = new_repo()
     data = os.urandom(1000)
     claimed = sha256(b"something else")
     r = client.post(f"/v2/{repo}/blobs/uploads/", params={"digest": claimed}, content=data,
                     headers=OCTET)
     # DIGEST_INVALID: "provided digest did not match uploaded content"
-    assert_error(r, 400, "DIGEST_INVALID")
+    assert_oci_error(r, 400, "DIGEST_INVALID")
     assert client.head(f"/v2/{repo}/blobs/{claimed}").status_code == 404
     assert client.head(f"/v2/{repo}/blobs/{sha256(data)}").status_code == 404
 
 
 @pytest.mark.parametrize("bad", ["sha256:abc", "notadigest", "sha256:" + "Z" * 64])
 def test_single_post_with_invalid_digest_is_400(client, bad):
-    repo = repo_name()
+    repo = new_repo()
     r = client.post(f"/v2/{repo}/blobs/uploads/", params={"digest": bad}, content=b"data",
                     headers=OCTET)
-    assert_error(r, 400, "DIGEST_INVALID")
+    assert_oci_error(r, 400, "DIGEST_INVALID")
     assert client.head(f"/v2/{repo}/blobs/{sha256(b'data')}").status_code == 404
 
 
 def test_put_with_wrong_digest_is_400_and_leaves_nothing(client):
-    repo = repo_name()
+    repo = new_repo()
     data = os.urandom(1000)
     claimed = sha256(data + b"!")
     location = start_upload(client, repo)
     r = close_upload(client, location, claimed, data)
-    assert_error(r, 400, "DIGEST_INVALID")
+    assert_oci_error(r, 400, "DIGEST_INVALID")
     assert client.head(f"/v2/{repo}/blobs/{claimed}").status_code == 404
     assert client.head(f"/v2/{repo}/blobs/{sha256(data)}").status_code == 404
 
 
 def test_chunked_put_with_wrong_digest_is_400_and_leaves_nothing(client):
-    repo = repo_name()
+    repo = new_repo()
     data = os.urandom(600)
     location = start_upload(client, repo)
     location = assert_chunk_accepted(patch_chunk(client, location, data[:300], 0), 299)
     location = assert_chunk_accepted(patch_chunk(client, location, data[300:], 300), 599)
     claimed = sha256(data[:300])
-    assert_error(close_upload(client, location, claimed), 400, "DIGEST_INVALID")
+    assert_oci_error(close_upload(client, location, claimed), 400, "DIGEST_INVALID")
     assert client.head(f"/v2/{repo}/blobs/{claimed}").status_code == 404
     assert client.head(f"/v2/{repo}/blobs/{sha256(data)}").status_code == 404
 
 
 @pytest.mark.parametrize("bad", ["sha256:abc", "md5", "sha256:" + "A" * 64])
 def test_put_with_invalid_digest_string_is_400(client, bad):
-    repo = repo_name()
+    repo = new_repo()
     r = close_upload(client, start_upload(client, repo), bad, b"payload")
-    assert_error(r, 400, "DIGEST_INVALID")
+    assert_oci_error(r, 400, "DIGEST_INVALID")
 
 
 def test_put_without_digest_is_400(client):
-    repo = repo_name()
+    repo = new_repo()
     location = start_upload(client, repo)
     # "The closing PUT request MUST include the <digest> of the whole blob"
     r = client.put(location, content=b"payload", headers=OCTET)
-    assert_error(r, 400, "DIGEST_INVALID", "BLOB_UPLOAD_INVALID")
+    assert_oci_error(r, 400, "DIGEST_INVALID", "BLOB_UPLOAD_INVALID")
     assert client.head(f"/v2/{repo}/blobs/{sha256(b'payload')}").status_code == 404
 
 
@@ -262,7 +245,7 @@ def test_put_without_digest_is_400(client):
 def test_streamed_patch_then_put(client):
     # conformance "Blob Upload Streamed": PATCH with the blob in the body and
     # no Content-Range -> 202; PUT <location>?digest= (no body) -> 201 + Location
-    repo = repo_name()
+    repo = new_repo()
     data = os.urandom(42)
     digest = sha256(data)
     location = start_upload(client, repo)
@@ -273,7 +256,7 @@ def test_streamed_patch_then_put(client):
 
 
 def test_streamed_patches_append(client):
-    repo = repo_name()
+    repo = new_repo()
     parts = [os.urandom(n) for n in (100, 1, 4096, 7)]
     data = b"".join(parts)
     location = start_upload(client, repo)
@@ -288,7 +271,7 @@ def test_streamed_patches_append(client):
 
 
 def test_streamed_patch_of_a_few_mib(client):
-    repo = repo_name()
+    repo = new_repo()
     data = os.urandom(3 * 1024 * 1024 + 5)
     location = start_upload(client, repo)
     location = assert_chunk_accepted(patch_chunk(client, location, data, None), len(data) - 1)
@@ -307,7 +290,7 @@ def chunks_42() -> tuple[bytes, bytes, bytes]:
 
 
 def test_chunked_upload_patch_patch_put(client):
-    repo = repo_name()
+    repo = new_repo()
     blob, c1, c2 = chunks_42()
     location = start_upload(client, repo)
     location = assert_chunk_accepted(patch_chunk(client, location, c1, 0), 21)
@@ -320,7 +303,7 @@ def test_chunked_upload_patch_patch_put(client):
 def test_chunked_upload_final_chunk_in_closing_put(client):
     # "The final chunk MAY be uploaded using a PATCH request or it MAY be
     #  uploaded in the closing PUT request."
-    repo = repo_name()
+    repo = new_repo()
     blob, c1, c2 = chunks_42()
     location = start_upload(client, repo)
     location = assert_chunk_accepted(patch_chunk(client, location, c1, 0), 21)
@@ -329,7 +312,7 @@ def test_chunked_upload_final_chunk_in_closing_put(client):
 
 
 def test_chunked_upload_final_chunk_in_put_without_content_range(client):
-    repo = repo_name()
+    repo = new_repo()
     blob, c1, c2 = chunks_42()
     location = start_upload(client, repo)
     location = assert_chunk_accepted(patch_chunk(client, location, c1, 0), 21)
@@ -339,7 +322,7 @@ def test_chunked_upload_final_chunk_in_put_without_content_range(client):
 
 def test_first_chunk_out_of_order_is_416(client):
     # conformance: "Out-of-order blob upload should return 416"
-    repo = repo_name()
+    repo = new_repo()
     _, _, c2 = chunks_42()
     location = start_upload(client, repo)
     r = patch_chunk(client, location, c2, 22)
@@ -350,7 +333,7 @@ def test_first_chunk_out_of_order_is_416(client):
 
 def test_conformance_chunked_sequence_with_retry_and_stale_status(client):
     """The exact sequence of the suite's "Blob Upload Chunked" context."""
-    repo = repo_name()
+    repo = new_repo()
     blob, c1, c2 = chunks_42()
     post_location = start_upload(client, repo)
     # "PATCH request with first chunk should return 202" and Range == "0-21"
@@ -380,7 +363,7 @@ def test_conformance_chunked_sequence_with_retry_and_stale_status(client):
     (100, 5),   # far past the end
 ])
 def test_chunk_not_starting_at_the_offset_is_416_and_upload_survives(client, start, size):
-    repo = repo_name()
+    repo = new_repo()
     blob = os.urandom(60)
     location = start_upload(client, repo)
     location = assert_chunk_accepted(patch_chunk(client, location, blob[:22], 0), 21)
@@ -403,7 +386,7 @@ def test_chunk_not_starting_at_the_offset_is_416_and_upload_survives(client, sta
     "abc",
 ])
 def test_malformed_content_range_is_rejected_and_upload_survives(client, content_range):
-    repo = repo_name()
+    repo = new_repo()
     blob, c1, c2 = chunks_42()
     location = start_upload(client, repo)
     location = assert_chunk_accepted(patch_chunk(client, location, c1, 0), 21)
@@ -421,7 +404,7 @@ def test_malformed_content_range_is_rejected_and_upload_survives(client, content
 
 
 def test_many_small_chunks(client):
-    repo = repo_name()
+    repo = new_repo()
     blob = os.urandom(64 * 1024 + 3)
     location = start_upload(client, repo)
     offset = 0
@@ -442,7 +425,7 @@ def _pieces(data: bytes, size: int):
 def test_streamed_patch_with_chunked_transfer_encoding(client):
     # A streaming client does not know the length up front and sends the PATCH
     # body with Transfer-Encoding: chunked (no Content-Length).
-    repo = repo_name()
+    repo = new_repo()
     data = os.urandom(700_001)
     location = start_upload(client, repo)
     r = client.patch(location, content=_pieces(data, 65_536), headers=OCTET)
@@ -452,14 +435,14 @@ def test_streamed_patch_with_chunked_transfer_encoding(client):
 
 
 def test_single_post_and_closing_put_with_chunked_transfer_encoding(client):
-    repo = repo_name()
+    repo = new_repo()
     data = os.urandom(300_000)
     digest = sha256(data)
     r = client.post(f"/v2/{repo}/blobs/uploads/", params={"digest": digest},
                     content=_pieces(data, 50_000), headers=OCTET)
     assert r.status_code == 201, (r.status_code, r.text)
     assert_created(client, r, repo, data, digest)
-    repo2 = repo_name()
+    repo2 = new_repo()
     location = start_upload(client, repo2)
     r = client.put(location, params={"digest": digest}, content=_pieces(data, 40_000), headers=OCTET)
     assert_created(client, r, repo2, data, digest)
@@ -474,7 +457,7 @@ def test_racing_first_chunks_on_one_session_accept_exactly_one(registry, client)
     n = 8
     with ThreadPoolExecutor(n) as pool:
         for _ in range(4):
-            repo = repo_name("concurrent")
+            repo = new_repo("concurrent")
             location = start_upload(client, repo)
             candidates = [os.urandom(1024) for _ in range(n)]
             barrier = threading.Barrier(n)
@@ -498,7 +481,7 @@ def test_upload_resumes_after_registry_restart(fresh_registry):
     # Use case "Resumable Push": after connectivity returns "The registry
     # notifies the build server that the upload has already been partially
     # attempted. The build server responds by only sending the remaining data".
-    repo = repo_name()
+    repo = new_repo()
     data = os.urandom(200_000)
     with fresh_registry.client() as c:
         location = start_upload(c, repo)
@@ -517,7 +500,7 @@ def test_upload_resumes_after_registry_restart(fresh_registry):
 
 
 def test_status_of_fresh_session_is_204_with_location(client):
-    repo = repo_name()
+    repo = new_repo()
     location = start_upload(client, repo)
     r = upload_status(client, location)
     # end-13: GET /v2/<name>/blobs/uploads/<reference> -> 204
@@ -527,7 +510,7 @@ def test_status_of_fresh_session_is_204_with_location(client):
 
 
 def test_status_tracks_progress(client):
-    repo = repo_name()
+    repo = new_repo()
     blob = os.urandom(300)
     location = start_upload(client, repo)
     for start, end in ((0, 99), (100, 249), (250, 299)):
@@ -543,49 +526,49 @@ def test_status_tracks_progress(client):
 
 
 def test_cancel_upload(client):
-    repo = repo_name()
+    repo = new_repo()
     location = start_upload(client, repo)
     location = assert_chunk_accepted(patch_chunk(client, location, b"abc", 0), 2)
     # "If successful, the response SHOULD be a 204 No Content response code." (end-14: 204)
     r = client.delete(location)
     assert r.status_code == 204, (r.status_code, r.text)
-    assert_error(upload_status(client, location), 404, "BLOB_UPLOAD_UNKNOWN")
-    assert_error(patch_chunk(client, location, b"def", 3), 404, "BLOB_UPLOAD_UNKNOWN")
-    assert_error(close_upload(client, location, sha256(b"abc")), 404, "BLOB_UPLOAD_UNKNOWN")
-    assert_error(client.delete(location), 404, "BLOB_UPLOAD_UNKNOWN")
+    assert_oci_error(upload_status(client, location), 404, "BLOB_UPLOAD_UNKNOWN")
+    assert_oci_error(patch_chunk(client, location, b"def", 3), 404, "BLOB_UPLOAD_UNKNOWN")
+    assert_oci_error(close_upload(client, location, sha256(b"abc")), 404, "BLOB_UPLOAD_UNKNOWN")
+    assert_oci_error(client.delete(location), 404, "BLOB_UPLOAD_UNKNOWN")
     assert client.head(f"/v2/{repo}/blobs/{sha256(b'abc')}").status_code == 404
 
 
 def test_completed_upload_session_is_closed(client):
-    repo = repo_name()
+    repo = new_repo()
     data = b"closing time"
     location = start_upload(client, repo)
     location = assert_chunk_accepted(patch_chunk(client, location, data, 0), len(data) - 1)
     assert close_upload(client, location, sha256(data)).status_code == 201
-    assert_error(upload_status(client, location), 404, "BLOB_UPLOAD_UNKNOWN")
-    assert_error(patch_chunk(client, location, b"more", len(data)), 404, "BLOB_UPLOAD_UNKNOWN")
+    assert_oci_error(upload_status(client, location), 404, "BLOB_UPLOAD_UNKNOWN")
+    assert_oci_error(patch_chunk(client, location, b"more", len(data)), 404, "BLOB_UPLOAD_UNKNOWN")
 
 
 @pytest.mark.parametrize("method", ["GET", "PATCH", "PUT", "DELETE"])
 def test_unknown_upload_id_is_404_blob_upload_unknown(client, method):
-    repo = repo_name()
+    repo = new_repo()
     start_upload(client, repo)  # the repository has an upload, just not this one
     url = f"/v2/{repo}/blobs/uploads/{uuid4()}"
     params = {"digest": sha256(b"x")} if method == "PUT" else None
     r = client.request(method, url, params=params, content=b"x" if method in ("PATCH", "PUT") else None,
                        headers=OCTET)
-    assert_error(r, 404, "BLOB_UPLOAD_UNKNOWN")
+    assert_oci_error(r, 404, "BLOB_UPLOAD_UNKNOWN")
 
 
 def test_upload_session_belongs_to_its_repository(client):
-    a, b = repo_name(), repo_name()
+    a, b = new_repo(), new_repo()
     location = start_upload(client, a)
     session = loc_path(location).rsplit("/", 1)[-1]
     assert session
     other = f"/v2/{b}/blobs/uploads/{session}"
-    assert_error(client.get(other), 404, "BLOB_UPLOAD_UNKNOWN")
+    assert_oci_error(client.get(other), 404, "BLOB_UPLOAD_UNKNOWN")
     data = b"not yours"
-    assert_error(close_upload(client, other, sha256(data), data), 404, "BLOB_UPLOAD_UNKNOWN")
+    assert_oci_error(close_upload(client, other, sha256(data), data), 404, "BLOB_UPLOAD_UNKNOWN")
     assert client.head(f"/v2/{b}/blobs/{sha256(data)}").status_code == 404
     # the session itself is untouched
     assert upload_status(client, location).status_code == 204
@@ -597,7 +580,7 @@ def test_upload_session_belongs_to_its_repository(client):
     "..",
 ])
 def test_upload_id_traversal_writes_nothing(registry, client, session):
-    repo = repo_name()
+    repo = new_repo()
     start_upload(client, repo)
     marker = f"mrk{uuid4().hex}"
     path = f"/v2/{repo}/blobs/uploads/{session.replace('MARKER', marker)}"
@@ -612,7 +595,7 @@ def test_upload_id_traversal_writes_nothing(registry, client, session):
 
 
 def test_cross_repository_mount(client):
-    src, dst = repo_name("mount"), repo_name("mount")
+    src, dst = new_repo("mount"), new_repo("mount")
     data = os.urandom(1234)
     digest = push_blob(client, src, data)
     r = client.post(f"/v2/{dst}/blobs/uploads/", params={"mount": digest, "from": src})
@@ -633,7 +616,7 @@ def test_cross_repository_mount(client):
 def test_mount_without_from_of_unknown_blob_starts_a_session(client):
     # conformance: "Cross-mounting of a blob without the from argument should
     # yield session id" (mount=dummyDigest, no from) -> 202 + Location
-    dst = repo_name("mount")
+    dst = new_repo("mount")
     r = client.post(f"/v2/{dst}/blobs/uploads/", params={"mount": DUMMY_DIGEST})
     assert r.status_code == 202, (r.status_code, r.text)
     assert r.headers.get("Location")
@@ -645,7 +628,7 @@ def test_mount_without_from_of_unknown_blob_starts_a_session(client):
 def test_mount_without_from_of_known_blob_is_201_or_202(client):
     # "The registry MAY treat the from parameter as optional, and it MAY
     #  cross-mount the blob if it can be found."
-    src, dst = repo_name("mount"), repo_name("mount")
+    src, dst = new_repo("mount"), new_repo("mount")
     data = os.urandom(300)
     digest = push_blob(client, src, data)
     r = client.post(f"/v2/{dst}/blobs/uploads/", params={"mount": digest})
@@ -659,7 +642,7 @@ def test_mount_without_from_of_known_blob_is_201_or_202(client):
 
 
 def test_failed_mount_blob_not_in_source_starts_a_working_session(client):
-    src, dst = repo_name("mount"), repo_name("mount")
+    src, dst = new_repo("mount"), new_repo("mount")
     push_blob(client, src, os.urandom(64))  # src exists, without our blob
     data = os.urandom(500)
     digest = sha256(data)
@@ -674,11 +657,11 @@ def test_failed_mount_blob_not_in_source_starts_a_working_session(client):
 
 
 def test_failed_mount_source_repository_missing_starts_a_working_session(client):
-    dst = repo_name("mount")
+    dst = new_repo("mount")
     data = os.urandom(500)
     digest = sha256(data)
     r = client.post(f"/v2/{dst}/blobs/uploads/",
-                    params={"mount": digest, "from": repo_name("nosuchrepo")})
+                    params={"mount": digest, "from": new_repo("nosuchrepo")})
     assert r.status_code == 202, (r.status_code, r.text)
     location = r.headers["Location"]
     assert loc_path(location).startswith(f"/v2/{dst}/blobs/uploads/")
@@ -689,7 +672,7 @@ def test_failed_mount_source_repository_missing_starts_a_working_session(client)
 def test_mount_does_not_leak_blob_pushed_only_elsewhere(client):
     # A blob in repository X must not be mountable "from" a repository Y that
     # never had it.
-    x, y, dst = repo_name("mount"), repo_name("mount"), repo_name("mount")
+    x, y, dst = new_repo("mount"), new_repo("mount"), new_repo("mount")
     data = os.urandom(256)
     digest = push_blob(client, x, data)
     push_blob(client, y, os.urandom(16))
@@ -699,7 +682,7 @@ def test_mount_does_not_leak_blob_pushed_only_elsewhere(client):
 
 
 def test_mounted_blob_survives_delete_in_source(client):
-    src, dst = repo_name("mount"), repo_name("mount")
+    src, dst = new_repo("mount"), new_repo("mount")
     data = os.urandom(700)
     digest = push_blob(client, src, data)
     r = client.post(f"/v2/{dst}/blobs/uploads/", params={"mount": digest, "from": src})
@@ -712,7 +695,7 @@ def test_mounted_blob_survives_delete_in_source(client):
 
 
 def test_mount_of_sha512_blob(client):
-    src, dst = repo_name("mount"), repo_name("mount")
+    src, dst = new_repo("mount"), new_repo("mount")
     data = os.urandom(900)
     digest = sha512(data)
     r = client.post(f"/v2/{src}/blobs/uploads/", params={"digest": digest}, content=data, headers=OCTET)
@@ -727,7 +710,7 @@ def test_mount_of_sha512_blob(client):
 
 
 def test_sha512_single_post(client):
-    repo = repo_name("sha512")
+    repo = new_repo("sha512")
     data = os.urandom(4000)
     digest = sha512(data)
     r = client.post(f"/v2/{repo}/blobs/uploads/", params={"digest": digest}, content=data, headers=OCTET)
@@ -736,7 +719,7 @@ def test_sha512_single_post(client):
 
 
 def test_sha512_post_then_put(client):
-    repo = repo_name("sha512")
+    repo = new_repo("sha512")
     data = os.urandom(4000)
     digest = sha512(data)
     assert_created(client, close_upload(client, start_upload(client, repo), digest, data),
@@ -744,7 +727,7 @@ def test_sha512_post_then_put(client):
 
 
 def test_sha512_chunked(client):
-    repo = repo_name("sha512")
+    repo = new_repo("sha512")
     data = os.urandom(10_000)
     digest = sha512(data)
     location = start_upload(client, repo)
@@ -755,11 +738,11 @@ def test_sha512_chunked(client):
 
 
 def test_sha512_wrong_digest_is_400(client):
-    repo = repo_name("sha512")
+    repo = new_repo("sha512")
     data = os.urandom(100)
     claimed = sha512(data + b"?")
     r = client.post(f"/v2/{repo}/blobs/uploads/", params={"digest": claimed}, content=data, headers=OCTET)
-    assert_error(r, 400, "DIGEST_INVALID")
+    assert_oci_error(r, 400, "DIGEST_INVALID")
     assert client.head(f"/v2/{repo}/blobs/{claimed}").status_code == 404
     assert client.head(f"/v2/{repo}/blobs/{sha512(data)}").status_code == 404
 
@@ -794,7 +777,7 @@ def _push_one_way(registry, repo: str, data: bytes, way: int) -> tuple[int, str]
 def test_concurrent_pushes_of_the_same_blob(registry, client):
     # "If process A and B upload the same layer at the same time, both
     #  operations will proceed and the first to complete will be stored"
-    repo = repo_name("concurrent")
+    repo = new_repo("concurrent")
     data = os.urandom(512 * 1024 + 11)
     n = 16
     barrier = threading.Barrier(n)
@@ -814,7 +797,7 @@ def test_concurrent_pushes_of_the_same_blob(registry, client):
 
 
 def test_concurrent_pushes_of_the_same_blob_to_many_repositories(registry, client):
-    repos = [repo_name("concurrent") for _ in range(8)]
+    repos = [new_repo("concurrent") for _ in range(8)]
     data = os.urandom(256 * 1024)
     barrier = threading.Barrier(len(repos))
 
@@ -832,7 +815,7 @@ def test_concurrent_pushes_of_the_same_blob_to_many_repositories(registry, clien
 
 
 def test_concurrent_chunked_uploads_do_not_mix(registry, client):
-    repo = repo_name("concurrent")
+    repo = new_repo("concurrent")
     blobs = [os.urandom(100_000 + i) for i in range(8)]
     barrier = threading.Barrier(len(blobs))
 
@@ -856,7 +839,7 @@ def test_concurrent_chunked_uploads_do_not_mix(registry, client):
     "blob_unknown", "upload_unknown", "digest_invalid", "name_invalid", "manifest_unknown",
 ])
 def test_error_bodies_have_the_spec_shape(client, case):
-    repo = repo_name()
+    repo = new_repo()
     push_blob(client, repo, b"exists")
     r, status = {
         "blob_unknown": lambda: (client.get(f"/v2/{repo}/blobs/{DUMMY_DIGEST}"), 404),
@@ -874,7 +857,7 @@ def test_error_bodies_have_the_spec_shape(client, case):
     assert isinstance(body["errors"], list) and body["errors"], body
     for err in body["errors"]:
         assert set(err) <= {"code", "message", "detail"}, err
-        assert err["code"] in SPEC_CODES, err
+        assert err["code"] in SPEC_ERROR_CODES, err
         assert isinstance(err.get("message", ""), str), err
         # "detail" is OPTIONAL and MAY be arbitrary JSON: anything parsed is fine.
 
@@ -882,13 +865,13 @@ def test_error_bodies_have_the_spec_shape(client, case):
 def test_bad_manifest_reference_error_is_oci_json(client):
     # conformance Pull "Error codes": "400 response body should contain
     # OCI-conforming JSON message" (GET manifests/sha256:totallywrong -> 400 or 404)
-    repo = repo_name()
+    repo = new_repo()
     push_blob(client, repo, b"exists")
     r = client.get(f"/v2/{repo}/manifests/sha256:totallywrong",
                    headers={"Content-Type": OCI_MANIFEST})
     assert r.status_code in (400, 404), (r.status_code, r.text)
     if r.status_code == 400:
-        assert error_codes(r)[0] in SPEC_CODES
+        assert error_codes(r)[0] in SPEC_ERROR_CODES
 
 
 # --------------------------------------------------------------------------- names
@@ -968,7 +951,7 @@ def test_rejected_names_leave_the_registry_working(registry, client):
         raw_request(registry, "POST", f"/v2/{INVALID_NAMES[kind]}/blobs/uploads/?digest={sha256(b'x')}",
                     b"x", OCTET)
     assert client.get("/v2/").status_code == 200
-    repo = repo_name()
+    repo = new_repo()
     assert push_blob(client, repo, b"still fine") == sha256(b"still fine")
 
 
