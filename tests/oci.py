@@ -7,6 +7,7 @@ the way a client library would, and assert on every status they see.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import uuid
@@ -214,3 +215,18 @@ def pull_manifest(client: httpx.Client, repo: str, ref: str) -> bytes:
     assert r.status_code == 200, (repo, ref, r.status_code, r.text[:300])
     assert r.headers["Docker-Content-Digest"] == sha256(r.content), (repo, ref)
     return r.content
+
+
+def raw_request(registry, method: str, path: str, body: bytes = b"",
+                headers: dict | None = None) -> tuple[int, dict, bytes]:
+    """A request whose path goes out byte for byte (httpx would resolve `..`)."""
+    conn = http.client.HTTPConnection("127.0.0.1", registry.port, timeout=30)
+    try:
+        hdrs = {"Content-Length": str(len(body))}
+        hdrs.update(headers or {})
+        conn.request(method, path, body=body, headers=hdrs)
+        resp = conn.getresponse()
+        data = resp.read()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
+    finally:
+        conn.close()

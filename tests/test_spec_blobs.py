@@ -16,7 +16,7 @@ import os
 import httpx
 import pytest
 
-from oci import DUMMY_DIGEST, assert_oci_error, new_repo, push_blob, sha256, sha512
+from oci import raw_request, DUMMY_DIGEST, assert_oci_error, new_repo, push_blob, sha256, sha512
 
 
 
@@ -41,20 +41,6 @@ def push_sha512(client: httpx.Client, repo: str, data: bytes) -> str:
     assert r.headers.get("Location")
     return digest
 
-
-def raw_request(registry, method: str, path: str, body: bytes = b"",
-                headers: dict | None = None) -> tuple[int, dict, bytes]:
-    """A request whose path goes out byte for byte (httpx would resolve `..`)."""
-    conn = http.client.HTTPConnection("127.0.0.1", registry.port, timeout=30)
-    try:
-        hdrs = {"Content-Length": str(len(body))}
-        hdrs.update(headers or {})
-        conn.request(method, path, body=body, headers=hdrs)
-        resp = conn.getresponse()
-        data = resp.read()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
-    finally:
-        conn.close()
 
 
 # --------------------------------------------------------------------------- GET / HEAD

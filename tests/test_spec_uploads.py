@@ -10,7 +10,6 @@ Real HTTP against a real `moorage serve`.
 from __future__ import annotations
 
 import hashlib
-import http.client
 import json
 import os
 import threading
@@ -22,7 +21,7 @@ from uuid import uuid4
 import httpx
 import pytest
 
-from oci import DUMMY_DIGEST, SPEC_ERROR_CODES, assert_oci_error, new_repo, OCI_MANIFEST, error_codes, push_blob, sha256, sha512
+from oci import raw_request, DUMMY_DIGEST, SPEC_ERROR_CODES, assert_oci_error, new_repo, OCI_MANIFEST, error_codes, push_blob, sha256, sha512
 
 OCTET = {"Content-Type": "application/octet-stream"}
 
@@ -92,20 +91,6 @@ def assert_created(client: httpx.Client, r: httpx.Response, repo: str, data: byt
 def upload_status(client: httpx.Client, location: str) -> httpx.Response:
     return client.get(location)
 
-
-def raw_request(registry, method: str, path: str, body: bytes = b"",
-                headers: dict | None = None) -> tuple[int, dict, bytes]:
-    """A request whose path goes out byte for byte (httpx would resolve `..`)."""
-    conn = http.client.HTTPConnection("127.0.0.1", registry.port, timeout=30)
-    try:
-        hdrs = {"Content-Length": str(len(body))}
-        hdrs.update(headers or {})
-        conn.request(method, path, body=body, headers=hdrs)
-        resp = conn.getresponse()
-        data = resp.read()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
-    finally:
-        conn.close()
 
 
 def raw_error_codes(body: bytes) -> list[str]:
