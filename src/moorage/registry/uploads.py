@@ -28,6 +28,7 @@ from moorage.registry.errors import (
     BlobUploadInvalid, BlobUploadUnknown, DigestInvalid, MetadataUnavailable, RangeInvalid, TooLarge,
 )
 from moorage.registry.service import Registry
+from moorage.storage.filesystem import UploadDataLost
 
 Body = AsyncIterator[bytes]
 
@@ -116,7 +117,10 @@ class Uploads:
         if length is not None and offset + length > self.limits.max_blob_bytes:
             raise TooLarge(f"blob over {self.limits.max_blob_bytes} bytes")
         hasher = self._hasher(upload_id, offset)
-        appender = await self.storage.open_upload(upload_id, offset, hasher)
+        try:
+            appender = await self.storage.open_upload(upload_id, offset, hasher)
+        except UploadDataLost as e:
+            raise BlobUploadInvalid(f"{e}; start the upload again") from None
         try:
             async for chunk in body:
                 await appender.write(chunk)
