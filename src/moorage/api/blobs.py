@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 from aiohttp import web
 
 from moorage.api.errors import from_error
@@ -45,11 +43,10 @@ class BlobHandlers:
         if request.method == "HEAD":
             headers["Content-Length"] = str(record.size)
             return web.Response(headers=headers)
-        path = self.registry.blob_path(digest)
-        if not os.path.exists(path):
+        if await self.registry.storage.exists(digest) is None:
             raise BlobUnknown(f"blob {digest} is recorded but its data is missing", {"digest": digest})
         # FileResponse sends with sendfile and answers Range with 206 / 416.
-        return web.FileResponse(path, headers=headers)
+        return web.FileResponse(self.registry.blob_path(digest), headers=headers)
 
     async def delete(self, request: web.Request, name: str, digest: str) -> web.Response:
         await self.registry.delete_blob(name, digest)

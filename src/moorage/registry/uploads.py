@@ -65,11 +65,9 @@ class Uploads:
 
     async def start(self, repo: str) -> Upload:
         upload_id = self.storage.new_upload_id()
-        await self.storage.create_upload(upload_id)
         try:
             await self.meta.create_upload(upload_id, repo)
         except EtcdUnavailable as e:
-            await self.storage.delete_upload(upload_id)
             raise MetadataUnavailable(f"metadata store unavailable, uploads are refused: {e}") from None
         return Upload(upload_id, repo, 0)
 

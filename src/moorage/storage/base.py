@@ -34,12 +34,9 @@ class BlobDriver(Protocol):
 
     async def delete(self, digest: str) -> None: ...
 
-    async def create_upload(self, upload_id: str) -> None: ...
-
     async def open_upload(self, upload_id: str, offset: int, hasher=None) -> Appender:
-        """Append at `offset`, cutting off anything past it left by a crash."""
-
-    async def upload_size(self, upload_id: str) -> int | None: ...
+        """Append at `offset` (creating the upload's data on first use),
+        cutting off anything past it left by a crash."""
 
     async def hash_upload(self, upload_id: str, algorithm: str, length: int) -> str:
         """Hex digest of the first `length` bytes of an upload."""

@@ -144,17 +144,20 @@ class FilesystemDriver:
         return self.uploads / upload_id
 
     async def exists(self, digest: str) -> int | None:
+        path = self.local_path(digest)
         try:
-            return self.local_path(digest).stat().st_size
+            st = await asyncio.get_running_loop().run_in_executor(None, path.stat)
         except FileNotFoundError:
             return None
+        return st.st_size
 
     async def read(self, digest: str) -> bytes:
         path = self.local_path(digest)
         return await asyncio.get_running_loop().run_in_executor(None, path.read_bytes)
 
     def _sync_and_place(self, src: Path, digest: str) -> None:
-        fd = os.open(src, os.O_RDONLY)
+        # O_CREAT: an empty upload never wrote a byte, so it has no file yet.
+        fd = os.open(src, os.O_RDONLY | os.O_CREAT, 0o644)
         try:
             os.fsync(fd)
         finally:
@@ -189,12 +192,13 @@ class FilesystemDriver:
         await asyncio.get_running_loop().run_in_executor(None, self._write_small, digest, data)
 
     async def delete(self, digest: str) -> None:
-        self.local_path(digest).unlink(missing_ok=True)
+        await asyncio.get_running_loop().run_in_executor(None, self._unlink, self.local_path(digest))
 
-    async def create_upload(self, upload_id: str) -> None:
-        self.upload_path(upload_id).touch(exist_ok=True)
+    @staticmethod
+    def _unlink(path: Path) -> None:
+        path.unlink(missing_ok=True)
 
-    async def open_upload(self, upload_id: str, offset: int, hasher=None) -> FileAppender:
+    def _open_at(self, upload_id: str, offset: int) -> int:
         path = self.upload_path(upload_id)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
         try:
@@ -209,17 +213,22 @@ class FilesystemDriver:
         except BaseException:
             os.close(fd)
             raise
-        return FileAppender(fd, offset, hasher)
+        return fd
 
-    async def upload_size(self, upload_id: str) -> int | None:
-        try:
-            return self.upload_path(upload_id).stat().st_size
-        except FileNotFoundError:
-            return None
+    async def open_upload(self, upload_id: str, offset: int, hasher=None) -> FileAppender:
+        """Append at `offset`; the file is created on first write.
+
+        Like every file operation here it runs off the event loop: creating a
+        file can wait behind a journal commit, and the loop must not.
+        """
+        fd = await asyncio.get_running_loop().run_in_executor(None, self._open_at, upload_id, offset)
+        return FileAppender(fd, offset, hasher)
 
     def _hash_file(self, path: Path, algorithm: str, length: int) -> str:
         h = hashlib.new(algorithm)
         remaining = length
+        if length == 0:
+            return h.hexdigest()
         with open(path, "rb") as f:
             while remaining > 0:
                 chunk = f.read(min(READ_BYTES, remaining))
@@ -239,9 +248,10 @@ class FilesystemDriver:
 
     async def delete_upload(self, upload_id: str) -> None:
         try:
-            self.upload_path(upload_id).unlink(missing_ok=True)
+            path = self.upload_path(upload_id)
         except ValueError:
-            pass
+            return
+        await asyncio.get_running_loop().run_in_executor(None, self._unlink, path)
 
     def new_upload_id(self) -> str:
         return uuid.uuid4().hex
