@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import http.client
 import json
@@ -32,7 +33,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
@@ -46,15 +47,15 @@ STOP_TIMEOUT = 20.0         # graceful SIGTERM before SIGKILL of the group
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
-# What docker 24 sends on a pull: without it distribution may fall back to
-# schema1 conversion, and a server could skip content negotiation entirely.
+# What containerd's resolver (docker, nerdctl) sends on a pull. Without an Accept
+# naming OCI, distribution answers 404 for an OCI manifest, and a server could
+# skip content negotiation entirely: the manifest scenario must pay for it.
 ACCEPT = ", ".join([
     "application/vnd.docker.distribution.manifest.v2+json",
     "application/vnd.docker.distribution.manifest.list.v2+json",
-    "application/vnd.oci.image.index.v1+json",
     OCI_MANIFEST,
-    "application/vnd.docker.distribution.manifest.v1+prettyjws",
-    "application/json",
+    "application/vnd.oci.image.index.v1+json",
+    "*/*",
 ])
 
 
@@ -201,6 +202,22 @@ def machine_busy_seconds() -> float:
     return (user + nice + system + irq + softirq + steal) / CLK_TCK
 
 
+def wait_for_quiet(max_wait: float, threshold: float = 0.25, window: float = 0.5) -> float:
+    """Wait until the machine is nearly idle, up to max_wait seconds; returns the seconds waited.
+
+    On 2 cores a test suite running beside the bench halves every figure; a run
+    that starts in a quiet moment is worth the wait. Ends early, never hangs.
+    """
+    start = time.monotonic()
+    while True:
+        before = machine_busy_seconds()
+        time.sleep(window)
+        if (machine_busy_seconds() - before) / window < threshold:
+            return time.monotonic() - start
+        if time.monotonic() - start >= max_wait:
+            return time.monotonic() - start
+
+
 def own_cpu_seconds() -> float:
     """CPU of this process and of its reaped children (curl, wrk): the load generators."""
     t = os.times()
@@ -282,7 +299,6 @@ class Server:
     def cpu_snapshot(self) -> dict[int, float]:
         return {pid: cpu_seconds(pid) for pid in self.tree()}
 
-
     def observe_memory(self) -> None:
         """Keep the largest VmHWM seen per process: a child may not live to the end."""
         for pid in self.tree():
@@ -316,7 +332,6 @@ class Server:
             pass
 
 
-@dataclass
 class CpuMeter:
     """Cores kept busy during a run: by the server, its children, the bench, and everyone else.
 
@@ -324,14 +339,9 @@ class CpuMeter:
     running beside the bench on a 2-core machine. It is reported, not hidden.
     """
 
-    server: Server
-    start: float = field(default_factory=time.perf_counter)
-    tree: dict[int, float] = field(default_factory=dict)
-    machine: float = 0.0
-    own: float = 0.0
-
-    def __post_init__(self) -> None:
-        self.tree = self.server.cpu_snapshot()
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.tree = server.cpu_snapshot()
         self.machine, self.own = machine_busy_seconds(), own_cpu_seconds()
         self.start = time.perf_counter()
 
@@ -448,7 +458,7 @@ def start_upload(server: Server, conn: http.client.HTTPConnection, repo: str) ->
 
 
 def push_monolithic(server: Server, repo: str, src: SourceFile) -> None:
-    """POST, then one PUT ?digest= carrying the whole blob: what `docker push` does for a layer."""
+    """POST, then one PUT ?digest= carrying the whole blob (the spec's monolithic upload)."""
     conn = connect(server)
     try:
         target = start_upload(server, conn, repo)
@@ -527,7 +537,10 @@ async def put_manifest_async(session: aiohttp.ClientSession, base: str, repo: st
     return 1
 
 
-async def run_clients(jobs: list[Callable[[aiohttp.ClientSession], Any]], clients: int,
+Job = Callable[[aiohttp.ClientSession], Awaitable[int]]  # one client's unit of work; returns ops done
+
+
+async def run_clients(jobs: list[Job], clients: int,
                       timeout: float) -> int:
     """Run jobs from `clients` concurrent workers, each one request at a time; returns the ops."""
     pending = iter(jobs)  # shared by the workers: each takes the next job when it is free
@@ -547,25 +560,31 @@ async def run_clients(jobs: list[Callable[[aiohttp.ClientSession], Any]], client
 # External load generators
 
 def curl_pull(server: Server, target: str, streams: int, size: int) -> float:
-    """MiB/s over all streams: total bytes over the wall time from the first start to the last end."""
+    """MiB/s over all streams: total bytes over the slowest stream's time, as curl measures it.
+
+    curl's own clock leaves out its process start (~5 ms, 4% of a 256 MiB pull);
+    the streams start within a few milliseconds of each other.
+    """
     cmd = ["curl", "-sS", "--max-time", "60", "-o", "/dev/null",
-           "-w", "%{http_code} %{size_download}", server.url + target]
-    start = time.perf_counter()
+           "-w", "%{http_code} %{size_download} %{time_total}", server.url + target]
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(streams)]
-    outputs = []
-    for proc in procs:
-        try:
-            outputs.append(proc.communicate(timeout=90))
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            raise BenchError("curl timed out")
-    elapsed = time.perf_counter() - start
+    try:
+        outputs = [proc.communicate(timeout=90) for proc in procs]
+    except subprocess.TimeoutExpired:
+        raise BenchError("curl timed out") from None
+    finally:
+        for proc in procs:  # none outlives its run, even on Ctrl-C
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    times = []
     for out, err in outputs:
-        if out.split() != ["200", str(size)]:
+        fields = out.split()
+        if fields[:2] != ["200", str(size)]:
             raise BenchError(f"curl pull: {out!r} {err.strip()!r}")
-    return streams * size / MiB / elapsed
+        times.append(float(fields[2]))
+    return streams * size / MiB / max(times)
 
 
 @dataclass
@@ -710,7 +729,7 @@ def fresh_source(src: SourceFile) -> Callable[[Server, int], Any]:
     return prepare
 
 
-def small_jobs(server: Server, rnd: int, cfg: Config) -> list[Callable]:
+def small_jobs(server: Server, rnd: int, cfg: Config) -> list[Job]:
     per_image = cfg.small_blobs // cfg.small_manifests
     images = [Image.random(n_layers=per_image - 1) for _ in range(cfg.small_manifests)]
     return [lambda s, i=i, img=img: push_image_async(
@@ -718,7 +737,7 @@ def small_jobs(server: Server, rnd: int, cfg: Config) -> list[Callable]:
             for i, img in enumerate(images)]
 
 
-def run_small(jobs: list[Callable], cfg: Config) -> Measurement:
+def run_small(jobs: list[Job], cfg: Config) -> Measurement:
     start = time.perf_counter()
     ops = asyncio.run(run_clients(jobs, cfg.small_clients, timeout=600))
     return Measurement(ops / (time.perf_counter() - start))
@@ -773,13 +792,14 @@ class Run:
     cpu_other: float | None = None      # cores busy in anything else on the machine
 
 
-def measure(sc: Scenario, server: Server, rnd: int) -> Run:
+def measure(sc: Scenario, server: Server, rnd: int, quiet_wait: float) -> Run:
     """One run of one scenario on one server; any failure becomes the run's error."""
     try:
         server.check_alive()
         if sc.needs_seed and server.seed_error:
             raise BenchError(f"seeding failed: {server.seed_error}")
         ctx = sc.prepare(server, rnd)
+        wait_for_quiet(quiet_wait)
         meter = CpuMeter(server)
         m = sc.run(server, ctx)
         return Run(m.value, m.p99_ms, None, m.note, **meter.stop())
@@ -894,7 +914,8 @@ def print_memory(servers: list[Server]) -> dict[str, Any]:
     return report
 
 
-def run_bench(cfg: Config, servers: list[Server], src: SourceFile, workdir: Path) -> list[dict]:
+def run_bench(cfg: Config, servers: list[Server], src: SourceFile, workdir: Path,
+              quiet_wait: float) -> list[dict]:
     seed = make_seed(cfg, src)
     for s in servers:
         print(f"seeding {s.name} ...", flush=True)
@@ -911,7 +932,7 @@ def run_bench(cfg: Config, servers: list[Server], src: SourceFile, workdir: Path
         runs: dict[str, list[Run]] = {s.name: [] for s in servers}
         for rnd in range(cfg.rounds):
             for s in servers:
-                r = measure(sc, s, rnd)
+                r = measure(sc, s, rnd, quiet_wait)
                 runs[s.name].append(r)
                 shown = f"{r.value:,.1f} {sc.unit}" if r.error is None else f"ERROR {r.error}"
                 print(f"  {sc.title} | round {rnd + 1} | {s.name}: {shown}", flush=True)
@@ -925,9 +946,35 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--only", choices=["moorage", "distribution"], help="bench one registry alone")
     p.add_argument("--rounds", type=int, help="override the number of rounds")
     p.add_argument("--json", type=Path, metavar="FILE", help="write all results as JSON")
+    p.add_argument("--quiet-wait", type=float, default=20.0, metavar="S",
+                   help="before each run, wait up to S seconds for the machine to be idle (default 20)")
     p.add_argument("--tmp", type=Path, default=None,
                    help="parent of the temp dir (default: system temp dir; keep it on the same disk)")
     return p.parse_args(argv)
+
+
+def tool_output(cmd: list[str]) -> str:
+    """First line a tool prints about itself, or '?' (wrk prints its version on stderr)."""
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    return ((out.stdout or out.stderr).strip().splitlines() or ["?"])[0]
+
+
+def environment() -> dict[str, str]:
+    """What was measured, so that two result files can be told apart."""
+    repo = Path(__file__).resolve().parent.parent
+    dirty = tool_output(["git", "-C", str(repo), "status", "--porcelain", "--", "src"]) not in ("?", "")
+    return {
+        "moorage": tool_output(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"])
+                   + (" + uncommitted changes in src/" if dirty else ""),
+        "distribution": tool_output(["docker-registry", "--version"]),
+        "wrk": tool_output(["wrk", "-v"]),
+        "python": sys.version.split()[0],
+        "cores": str(os.cpu_count()),
+        "loadavg": Path("/proc/loadavg").read_text().strip(),
+    }
 
 
 def check_tools() -> None:
@@ -948,6 +995,8 @@ def main(argv: list[str]) -> int:
     check_tools()
     signal.signal(signal.SIGTERM, raise_interrupt)
     started = time.monotonic()
+    env = environment()
+    print("; ".join(f"{k}: {v}" for k, v in env.items()), flush=True)
     workdir = Path(tempfile.mkdtemp(prefix="moorage-bench-", dir=args.tmp))
     servers: list[Server] = []
     try:
@@ -961,14 +1010,14 @@ def main(argv: list[str]) -> int:
         for s in servers:
             print(f"starting {s.name} on {s.url} ...", flush=True)
             s.start()
-        rows = run_bench(cfg, servers, src, workdir)
+        rows = run_bench(cfg, servers, src, workdir, args.quiet_wait)
         print_table(rows, names)
         memory = print_memory(servers)
         took = time.monotonic() - started
         print(f"\n{cfg.rounds} round(s), medians; bench took {took:.0f} s")
         if args.json:
-            args.json.write_text(json.dumps({"config": asdict(cfg), "rows": rows, "memory": memory,
-                                             "seconds": took}, indent=2))
+            args.json.write_text(json.dumps({"environment": env, "config": asdict(cfg), "rows": rows,
+                                             "memory": memory, "seconds": took}, indent=2))
         return 0
     except BenchError as exc:
         print(f"bench failed: {exc}", file=sys.stderr)
@@ -977,9 +1026,20 @@ def main(argv: list[str]) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     finally:
-        for s in servers:
+        cleanup(servers, workdir)
+
+
+def cleanup(servers: list[Server], workdir: Path) -> None:
+    """Stop every server and remove the temp dir, whatever fails on the way (even a second Ctrl-C)."""
+    for s in servers:
+        try:
             s.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+        except BaseException as exc:  # noqa: BLE001 - the next server must still be stopped
+            print(f"stopping {s.name}: {exc!r}", file=sys.stderr)
+            if s.proc is not None:
+                with contextlib.suppress(OSError):
+                    os.killpg(s.proc.pid, signal.SIGKILL)
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":
