@@ -88,7 +88,8 @@ class BlobHandlers:
         start, length = content_range(request)
         body = body_chunks(request) if has_body(request) else None
         try:
-            await self.uploads.finish(name, upload_id, digest, body, start, length)
+            await self.uploads.finish(name, upload_id, digest, body, start, length,
+                                      request.content_length)
         except RangeInvalid as e:
             return await self._range_error(e, name, upload_id)
         return _created(name, digest)

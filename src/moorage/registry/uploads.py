@@ -32,6 +32,11 @@ from moorage.storage.filesystem import UploadDataLost
 
 Body = AsyncIterator[bytes]
 
+# A body up to this size, declared by Content-Length, is verified in memory
+# and written straight to its blob file: one trip to the disk thread instead
+# of five, which is most of the cost of a small push.
+SMALL_BLOB = 1 << 20
+
 # Hash state of uploads this replica is receiving, so closing an upload
 # doesn't re-read it. Bounded; a miss (restart, another replica) re-hashes.
 MAX_HASHERS = 4096
@@ -148,16 +153,30 @@ class Uploads:
         return None
 
     async def finish(self, repo: str, upload_id: str, digest: str, body: Body | None,
-                     start: int | None = None, length: int | None = None) -> str:
-        """Close an upload with an optional last chunk; verify; commit the blob."""
+                     start: int | None = None, length: int | None = None,
+                     size: int | None = None) -> str:
+        """Close an upload with an optional last chunk; verify; commit the blob.
+
+        `size` is the body's declared length, when the request declared one.
+        """
         with self._exclusive(upload_id):
-            return await self._finish(repo, upload_id, digest, body, start, length)
+            return await self._finish(repo, upload_id, digest, body, start, length, size)
 
     async def _finish(self, repo: str, upload_id: str, digest: str, body: Body | None,
-                      start: int | None, length: int | None) -> str:
+                      start: int | None, length: int | None, size: int | None) -> str:
         algorithm, hexdigest = digests.parse(digest)
         record, revision = await self._session(repo, upload_id)
         offset = record.offset
+        if body is not None and offset == 0 and start in (None, 0) and size is not None \
+                and size <= SMALL_BLOB:
+            data = await _read_all(body)
+            if length is not None and len(data) != length:
+                raise BlobUploadInvalid(f"chunk has {len(data)} bytes, its range says {length}")
+            try:
+                return await self._store_small(repo, digest, data, (upload_id, revision))
+            except DigestInvalid:
+                await self._close(upload_id)
+                raise
         if body is not None:
             offset = await self._write(upload_id, offset, body, start, length)
         held = self._hashers.pop(upload_id, None)
@@ -179,9 +198,28 @@ class Uploads:
             raise BlobUploadUnknown(f"upload {upload_id} was closed concurrently")
         return digest
 
+    async def _store_small(self, repo: str, digest: str, data: bytes,
+                           upload: tuple[str, int] | None) -> str:
+        algorithm, hexdigest = digests.parse(digest)
+        actual = digests.new_hasher(algorithm)
+        actual.update(data)
+        if actual.hexdigest() != hexdigest:
+            raise DigestInvalid("uploaded content does not match the digest",
+                                {"expected": digest, "actual": f"{algorithm}:{actual.hexdigest()}"})
+        await self.storage.write(digest, data)
+        try:
+            committed = await self.meta.commit_blob(repo, digest, len(data), upload)
+        except EtcdUnavailable as e:
+            raise MetadataUnavailable(f"metadata store unavailable: {e}") from None
+        if not committed:
+            raise BlobUploadUnknown(f"upload {upload[0] if upload else ''} was closed concurrently")
+        return digest
+
     async def monolithic(self, repo: str, digest: str, body: Body, length: int | None) -> str:
         """A whole blob in one request: no session is recorded at all."""
         algorithm, hexdigest = digests.parse(digest)
+        if length is not None and length <= SMALL_BLOB:
+            return await self._store_small(repo, digest, await _read_all(body), None)
         upload_id = self.storage.new_upload_id()
         hasher = digests.new_hasher(algorithm)
         if length is not None and length > self.limits.max_blob_bytes:
@@ -218,3 +256,11 @@ class Uploads:
         except EtcdUnavailable as e:
             raise MetadataUnavailable(f"metadata store unavailable: {e}") from None
         await self.storage.delete_upload(upload_id)
+
+
+async def _read_all(body: Body) -> bytes:
+    """A body already known to be small (Content-Length checked by the caller)."""
+    data = bytearray()
+    async for chunk in body:
+        data += chunk
+    return bytes(data)
