@@ -915,7 +915,7 @@ def print_memory(servers: list[Server]) -> dict[str, Any]:
 
 
 def run_bench(cfg: Config, servers: list[Server], src: SourceFile, workdir: Path,
-              quiet_wait: float) -> list[dict]:
+              quiet_wait: float, wanted: set[str] = frozenset()) -> list[dict]:
     seed = make_seed(cfg, src)
     for s in servers:
         print(f"seeding {s.name} ...", flush=True)
@@ -929,6 +929,8 @@ def run_bench(cfg: Config, servers: list[Server], src: SourceFile, workdir: Path
     head_lua.write_text('wrk.method = "HEAD"\n')
     rows = []
     for sc in scenarios(cfg, src, seed, head_lua):
+        if wanted and sc.key not in wanted:
+            continue
         runs: dict[str, list[Run]] = {s.name: [] for s in servers}
         for rnd in range(cfg.rounds):
             for s in servers:
@@ -945,6 +947,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="1 round, smaller sizes: a smoke run")
     p.add_argument("--only", choices=["moorage", "distribution"], help="bench one registry alone")
     p.add_argument("--rounds", type=int, help="override the number of rounds")
+    p.add_argument("--scenarios", metavar="KEYS",
+                   help="comma-separated scenario keys to run (default: all)")
     p.add_argument("--json", type=Path, metavar="FILE", help="write all results as JSON")
     p.add_argument("--quiet-wait", type=float, default=20.0, metavar="S",
                    help="before each run, wait up to S seconds for the machine to be idle (default 20)")
@@ -1010,7 +1014,8 @@ def main(argv: list[str]) -> int:
         for s in servers:
             print(f"starting {s.name} on {s.url} ...", flush=True)
             s.start()
-        rows = run_bench(cfg, servers, src, workdir, args.quiet_wait)
+        wanted = set(args.scenarios.split(",")) if args.scenarios else set()
+        rows = run_bench(cfg, servers, src, workdir, args.quiet_wait, wanted)
         print_table(rows, names)
         memory = print_memory(servers)
         took = time.monotonic() - started

@@ -21,7 +21,10 @@ from uuid import uuid4
 import httpx
 import pytest
 
-from oci import raw_request, DUMMY_DIGEST, SPEC_ERROR_CODES, assert_oci_error, new_repo, OCI_MANIFEST, error_codes, push_blob, sha256, sha512
+from oci import (
+    DUMMY_DIGEST, OCI_MANIFEST, SPEC_ERROR_CODES, assert_oci_error, error_codes, new_repo, push_blob,
+    raw_request, sha256, sha512, with_digest,
+)
 
 OCTET = {"Content-Type": "application/octet-stream"}
 
@@ -69,7 +72,7 @@ def close_upload(client: httpx.Client, location: str, digest: str, data: bytes =
                  headers: dict | None = None) -> httpx.Response:
     hdrs = dict(OCTET)
     hdrs.update(headers or {})
-    return client.put(location, params={"digest": digest}, content=data, headers=hdrs)
+    return client.put(with_digest(location, digest), content=data, headers=hdrs)
 
 
 def assert_created(client: httpx.Client, r: httpx.Response, repo: str, data: bytes,
@@ -429,7 +432,7 @@ def test_single_post_and_closing_put_with_chunked_transfer_encoding(client):
     assert_created(client, r, repo, data, digest)
     repo2 = new_repo()
     location = start_upload(client, repo2)
-    r = client.put(location, params={"digest": digest}, content=_pieces(data, 40_000), headers=OCTET)
+    r = client.put(with_digest(location, digest), content=_pieces(data, 40_000), headers=OCTET)
     assert_created(client, r, repo2, data, digest)
 
 

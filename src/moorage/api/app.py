@@ -42,10 +42,10 @@ class Dispatcher:
     worth a fifth of the CPU of a manifest GET, the hottest request there is.
     """
 
-    def __init__(self, registry: Registry, health: Callable[[], dict],
+    def __init__(self, registry: Registry, uploads: Uploads, health: Callable[[], dict],
                  ping: Callable[[], tuple[bool, str]]):
         m = ManifestHandlers(registry)
-        b = BlobHandlers(registry, Uploads(registry))
+        b = BlobHandlers(registry, uploads)
         self.table: list[tuple[re.Pattern, dict[str, Handler]]] = [
             (re.compile(r"^/v2/(.+)/manifests/([^/]+)$"),
              {"GET": m.get, "HEAD": m.get, "PUT": m.put, "DELETE": m.delete}),
@@ -115,10 +115,10 @@ def _method_not_allowed(methods) -> web.Response:
                           headers={"Allow": allow})
 
 
-def create_server(registry: Registry, health: Callable[[], dict],
+def create_server(registry: Registry, uploads: Uploads, health: Callable[[], dict],
                   ping: Callable[[], tuple[bool, str]], access_log: logging.Logger | None) -> web.Server:
     # A larger read buffer lets the socket keep filling while a writer thread
     # hashes and stores the previous megabyte of an upload.
-    return web.Server(Dispatcher(registry, health, ping), access_log=access_log,
+    return web.Server(Dispatcher(registry, uploads, health, ping), access_log=access_log,
                       read_bufsize=READ_BUFFER, max_field_size=MAX_HEADER_FIELD,
                       keepalive_timeout=KEEPALIVE_SECONDS)

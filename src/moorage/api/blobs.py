@@ -10,15 +10,20 @@ from moorage.registry import digest as digests
 from moorage.registry.errors import BlobUnknown, BlobUploadUnknown, DigestInvalid, RangeInvalid
 from moorage.registry.names import check_name
 from moorage.registry.service import Registry
-from moorage.registry.uploads import Upload, Uploads
+from moorage.registry.sessions import Session
+from moorage.registry.uploads import Uploads
 
 
-def _upload_headers(name: str, upload: Upload) -> dict[str, str]:
+def _upload_headers(session: Session) -> dict[str, str]:
     return {
-        "Location": f"/v2/{name}/blobs/uploads/{upload.id}",
-        "Range": upload_range(upload.offset),
-        "Docker-Upload-UUID": upload.id,
+        "Location": session.location,
+        "Range": upload_range(session.offset),
+        "Docker-Upload-UUID": session.id,
     }
+
+
+def _state(request: web.BaseRequest) -> str | None:
+    return request.query.get("_state")
 
 
 def _created(name: str, digest: str) -> web.Response:
@@ -63,22 +68,22 @@ class BlobHandlers:
         if digest is not None:
             await self.uploads.monolithic(name, digest, body_chunks(request), request.content_length)
             return _created(name, digest)
-        upload = await self.uploads.start(name)
-        return web.Response(status=202, headers=_upload_headers(name, upload))
+        return web.Response(status=202, headers=_upload_headers(self.uploads.start(name)))
 
     async def status(self, request: web.Request, name: str, upload_id: str) -> web.Response:
         _check_upload_id(upload_id)
-        upload = await self.uploads.status(name, upload_id)
-        return web.Response(status=204, headers=_upload_headers(name, upload))
+        session = await self.uploads.status(name, upload_id, _state(request))
+        return web.Response(status=204, headers=_upload_headers(session))
 
     async def patch(self, request: web.Request, name: str, upload_id: str) -> web.Response:
         _check_upload_id(upload_id)
         start, length = content_range(request)
         try:
-            upload = await self.uploads.append(name, upload_id, body_chunks(request), start, length)
+            session = await self.uploads.append(name, upload_id, _state(request), body_chunks(request),
+                                                start, length)
         except RangeInvalid as e:
-            return await self._range_error(e, name, upload_id)
-        return web.Response(status=202, headers=_upload_headers(name, upload))
+            return await self._range_error(e, request, name, upload_id)
+        return web.Response(status=202, headers=_upload_headers(session))
 
     async def put(self, request: web.Request, name: str, upload_id: str) -> web.Response:
         _check_upload_id(upload_id)
@@ -88,18 +93,19 @@ class BlobHandlers:
         start, length = content_range(request)
         body = body_chunks(request) if has_body(request) else None
         try:
-            await self.uploads.finish(name, upload_id, digest, body, start, length,
+            await self.uploads.finish(name, upload_id, _state(request), digest, body, start, length,
                                       request.content_length)
         except RangeInvalid as e:
-            return await self._range_error(e, name, upload_id)
+            return await self._range_error(e, request, name, upload_id)
         return _created(name, digest)
 
     async def cancel(self, request: web.Request, name: str, upload_id: str) -> web.Response:
         _check_upload_id(upload_id)
-        await self.uploads.cancel(name, upload_id)
+        await self.uploads.cancel(name, upload_id, _state(request))
         return web.Response(status=204)
 
-    async def _range_error(self, error: RangeInvalid, name: str, upload_id: str) -> web.Response:
+    async def _range_error(self, error: RangeInvalid, request: web.BaseRequest, name: str,
+                           upload_id: str) -> web.Response:
         # A client that sent a chunk out of order learns where to resume.
-        upload = await self.uploads.status(name, upload_id)
-        return from_error(error, _upload_headers(name, upload))
+        session = await self.uploads.status(name, upload_id, _state(request))
+        return from_error(error, _upload_headers(session))

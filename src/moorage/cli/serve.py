@@ -24,6 +24,8 @@ from moorage.meta.etcd import EtcdClient, EtcdUnavailable
 from moorage.meta.index import Index
 from moorage.meta.store import MetaStore
 from moorage.registry.service import Registry
+from moorage.registry.sessions import STATE_SECONDS, Sessions
+from moorage.registry.uploads import Uploads
 from moorage.storage.filesystem import FilesystemDriver
 
 log = logging.getLogger("moorage.serve")
@@ -106,10 +108,12 @@ class Replica:
         try:
             self.index = Index(client)
             await self.index.start()
-            registry = Registry(MetaStore(client, self.index), storage)
+            store = MetaStore(client, self.index, tombstone_seconds=2 * STATE_SECONDS)
+            registry = Registry(store, storage)
+            uploads = Uploads(registry, Sessions(store, await store.secret("upload-state")))
             membership = asyncio.create_task(track_solo(client, self.index, identity.replica_id))
             debug = logging.getLogger().isEnabledFor(logging.DEBUG)
-            server = create_server(registry, self.health, self.ping,
+            server = create_server(registry, uploads, self.health, self.ping,
                                    logging.getLogger("aiohttp.access") if debug else None)
             runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=5.0)
             await runner.setup()

@@ -210,6 +210,12 @@ class EtcdClient:
             await requests.put(None)
             call.cancel()
 
+    async def grant_lease(self, ttl: int) -> int:
+        resp = await self._call(self._lease.LeaseGrant, rpc.LeaseGrantRequest(TTL=ttl))
+        if resp.error:
+            raise EtcdUnavailable(f"lease grant refused: {resp.error}")
+        return resp.ID
+
     async def status(self):
         return await self._call(self._maintenance.Status, rpc.StatusRequest())
 

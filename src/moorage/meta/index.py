@@ -66,7 +66,20 @@ class Index:
         self._fetching = False
         self.last_sync_ok = time.monotonic()
         self.watch_healthy = False
-        self.solo = False
+        self._solo = False
+        self.solo_epoch = 0
+
+    @property
+    def solo(self) -> bool:
+        return self._solo
+
+    @solo.setter
+    def solo(self, value: bool) -> None:
+        # A new epoch each time solo begins: what was cached in an earlier solo
+        # period may have been changed by another member in between.
+        if value and not self._solo:
+            self.solo_epoch += 1
+        self._solo = value
 
     # -- life -------------------------------------------------------------
 

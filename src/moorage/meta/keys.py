@@ -5,7 +5,8 @@
     /moorage/repo/<name>@manifest/<digest>           ManifestRecord
     /moorage/repo/<name>@tag/<tag>                   the tagged manifest's digest
     /moorage/repo/<name>@referrer/<subject>/<digest> Referrer descriptor
-    /moorage/upload/<id>                             UploadRecord
+    /moorage/upload/<id>                             UploadRecord, or a tombstone
+    /moorage/secret/<name>                           a cluster-wide random secret
 
 Repository names may contain "/", never "@", so "@" ends the name and a
 prefix scan of "<name>@" never strays into "<name>/other".
@@ -19,6 +20,7 @@ ROOT = b"/moorage/"
 BLOB = ROOT + b"blob/"
 REPO = ROOT + b"repo/"
 UPLOAD = ROOT + b"upload/"
+SECRET = ROOT + b"secret/"
 
 
 def blob(digest: str) -> bytes:
@@ -47,6 +49,10 @@ def referrer(repo: str, subject: str, digest: str) -> bytes:
 
 def upload(upload_id: str) -> bytes:
     return UPLOAD + upload_id.encode()
+
+
+def secret(name: str) -> bytes:
+    return SECRET + name.encode()
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,12 +9,14 @@ applied it, so the writer's next read sees it.
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from moorage.meta import keys
 from moorage.meta.etcd import (
-    EtcdClient, TxnResult, cmp_absent, cmp_exists, cmp_mod_revision, cmp_value, op_delete, op_put,
+    EtcdClient, EtcdUnavailable, TxnResult, cmp_absent, cmp_exists, cmp_mod_revision, cmp_value, op_delete, op_put,
     op_txn,
 )
 from moorage.meta.index import Index
@@ -23,10 +25,22 @@ from moorage.meta.records import BlobRecord, ManifestRecord, Referrer, UploadRec
 _upload = decoder(UploadRecord)
 
 
+TOMBSTONE = b"closed"
+
+
+@dataclass(frozen=True, slots=True)
+class UploadState:
+    record: UploadRecord | None   # None: no record (not started, or closed)
+    revision: int                 # the key's mod_revision, 0 when absent
+    closed: bool
+
+
 class MetaStore:
-    def __init__(self, client: EtcdClient, index: Index):
+    def __init__(self, client: EtcdClient, index: Index, tombstone_seconds: float = 7200):
         self.client = client
         self.index = index
+        self.tombstone_seconds = tombstone_seconds
+        self._lease: tuple[int, float] | None = None
 
     async def _txn(self, compare=(), success=(), failure=()) -> TxnResult:
         result = await self.client.txn(compare, success, failure)
@@ -34,28 +48,58 @@ class MetaStore:
         return result
 
     # -- uploads -----------------------------------------------------------
+    #
+    # An upload's key is absent until its first chunk (the session lives in a
+    # signed token until then), holds an UploadRecord while data arrives, and
+    # ends as a leased tombstone so a closed session's URL stays dead until
+    # every token that could name it has expired. A compare on the key's
+    # mod_revision (0 when absent) orders every change.
 
-    async def create_upload(self, upload_id: str, repo: str) -> None:
-        now = time.time()
-        record = UploadRecord(repo=repo, offset=0, created=now, updated=now)
-        await self.client.txn([cmp_absent(keys.upload(upload_id))],
-                              [op_put(keys.upload(upload_id), encode(record))])
-
-    async def get_upload(self, upload_id: str) -> tuple[UploadRecord, int] | None:
+    async def get_upload(self, upload_id: str) -> UploadState:
         kv = await self.client.get(keys.upload(upload_id))
-        return (_upload.decode(kv.value), kv.mod_revision) if kv else None
+        if kv is None:
+            return UploadState(None, 0, False)
+        if kv.value == TOMBSTONE:
+            return UploadState(None, kv.mod_revision, True)
+        return UploadState(_upload.decode(kv.value), kv.mod_revision, False)
 
-    async def advance_upload(self, upload_id: str, seen_revision: int, record: UploadRecord) -> bool:
-        """Record a new offset, unless someone else moved the upload since we read it."""
+    async def advance_upload(self, upload_id: str, seen_revision: int, record: UploadRecord
+                             ) -> int | None:
+        """Record a new offset unless the upload changed since `seen_revision`;
+        returns the record's new revision, or None when it had changed."""
         key = keys.upload(upload_id)
+        # Upload records are not read from the index, so no need to wait for it.
         result = await self.client.txn([cmp_mod_revision(key, seen_revision)],
                                        [op_put(key, encode(record))])
-        return result.succeeded
+        return result.revision if result.succeeded else None
 
-    async def delete_upload(self, upload_id: str) -> bool:
+    async def close_upload(self, upload_id: str, seen_revision: int) -> bool:
         key = keys.upload(upload_id)
-        result = await self.client.txn([cmp_exists(key)], [op_delete(key)])
-        return result.succeeded
+        return (await self._with_tombstone(
+            lambda lease: self.client.txn([cmp_mod_revision(key, seen_revision)],
+                                          [op_put(key, TOMBSTONE, lease)]))).succeeded
+
+    async def _tombstone_lease(self) -> int:
+        now = time.monotonic()
+        if self._lease is None or now - self._lease[1] > self.tombstone_seconds / 2:
+            self._lease = (await self.client.grant_lease(int(self.tombstone_seconds)), now)
+        return self._lease[0]
+
+    async def _with_tombstone(self, txn):
+        """Run a transaction that writes a tombstone under the current lease."""
+        try:
+            return await txn(await self._tombstone_lease())
+        except EtcdUnavailable:
+            self._lease = None  # a lease etcd no longer knows fails every put under it
+            raise
+
+    async def secret(self, name: str) -> bytes:
+        """A cluster-wide random secret, created by whichever replica asks first."""
+        key = keys.secret(name)
+        await self.client.txn([cmp_absent(key)], [op_put(key, secrets.token_bytes(32))])
+        kv = await self.client.get(key)
+        assert kv is not None
+        return kv.value
 
     # -- blobs -------------------------------------------------------------
 
@@ -66,14 +110,15 @@ class MetaStore:
         With `upload` (id, revision seen), nothing happens unless the upload
         is still exactly as we last saw it: a blob is committed once.
         """
-        compare, ops = [], [
+        ops = [
             op_put(keys.blob(digest), encode(BlobRecord(size=size, created=time.time()))),
             op_put(keys.repo_blob(repo, digest), b""),
         ]
-        if upload is not None:
-            compare.append(cmp_mod_revision(keys.upload(upload[0]), upload[1]))
-            ops.append(op_delete(keys.upload(upload[0])))
-        return (await self._txn(compare, ops)).succeeded
+        if upload is None:
+            return (await self._txn([], ops)).succeeded
+        key = keys.upload(upload[0])
+        return (await self._with_tombstone(lambda lease: self._txn(
+            [cmp_mod_revision(key, upload[1])], ops + [op_put(key, TOMBSTONE, lease)]))).succeeded
 
     async def mount_blob(self, repo: str, source: str, digest: str) -> bool:
         result = await self._txn(

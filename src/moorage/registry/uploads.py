@@ -1,10 +1,10 @@
 """Blob uploads: monolithic, chunked and streamed, resumable on any replica.
 
-An upload session is a record in etcd (repository, acknowledged offset) and a
-file in shared storage. The offset in etcd is the truth: bytes past it in the
+An upload's data is a file in shared storage; where it stands is its session
+(`sessions.py`). The acknowledged offset is the truth: bytes past it in the
 file were never acknowledged and are cut off before the next append, so a
-crash mid-chunk leaves a session that resumes cleanly. A blob becomes visible
-only after its digest is verified against the bytes on disk.
+crash mid-chunk leaves a session that resumes cleanly. A blob becomes
+visible only after its digest is verified against the bytes received.
 
 Only one request at a time may write to an upload on a replica: a second
 one is refused with 416 before it touches the file, so a rejected chunk can
@@ -15,19 +15,17 @@ the digest check refuses the blob if its bytes were disturbed.)
 
 from __future__ import annotations
 
-import time
 from collections import OrderedDict
-from contextlib import contextmanager
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from contextlib import contextmanager
 
 from moorage.meta.etcd import EtcdUnavailable
-from moorage.meta.records import UploadRecord
 from moorage.registry import digest as digests
 from moorage.registry.errors import (
-    BlobUploadInvalid, BlobUploadUnknown, DigestInvalid, MetadataUnavailable, RangeInvalid, TooLarge,
+    BlobUploadInvalid, DigestInvalid, MetadataUnavailable, RangeInvalid, TooLarge,
 )
 from moorage.registry.service import Registry
+from moorage.registry.sessions import Session, Sessions
 from moorage.storage.filesystem import UploadDataLost
 
 Body = AsyncIterator[bytes]
@@ -42,20 +40,13 @@ SMALL_BLOB = 1 << 20
 MAX_HASHERS = 4096
 
 
-@dataclass(frozen=True, slots=True)
-class Upload:
-    id: str
-    repo: str
-    offset: int
-
-
 class Uploads:
-    def __init__(self, registry: Registry):
+    def __init__(self, registry: Registry, sessions: Sessions):
         self.registry = registry
-        self.meta = registry.meta
+        self.sessions = sessions
         self.storage = registry.storage
         self.limits = registry.limits
-        self._hashers: OrderedDict[str, object] = OrderedDict()
+        self._hashers: OrderedDict[str, tuple[object, int]] = OrderedDict()
         self._writing: set[str] = set()
 
     @contextmanager
@@ -68,58 +59,127 @@ class Uploads:
         finally:
             self._writing.discard(upload_id)
 
-    async def start(self, repo: str) -> Upload:
-        upload_id = self.storage.new_upload_id()
-        try:
-            await self.meta.create_upload(upload_id, repo)
-        except EtcdUnavailable as e:
-            raise MetadataUnavailable(f"metadata store unavailable, uploads are refused: {e}") from None
-        return Upload(upload_id, repo, 0)
+    def start(self, repo: str) -> Session:
+        return self.sessions.new(repo, self.storage.new_upload_id())
 
-    async def _session(self, repo: str, upload_id: str) -> tuple[UploadRecord, int]:
-        try:
-            found = await self.meta.get_upload(upload_id)
-        except EtcdUnavailable as e:
-            raise MetadataUnavailable(f"metadata store unavailable: {e}") from None
-        if found is None or found[0].repo != repo:
-            raise BlobUploadUnknown(f"upload {upload_id} not known in {repo}", {"upload": upload_id})
-        return found
+    async def status(self, repo: str, upload_id: str, state: str | None) -> Session:
+        return await self.sessions.get(repo, upload_id, state)
 
-    async def status(self, repo: str, upload_id: str) -> Upload:
-        record, _ = await self._session(repo, upload_id)
-        return Upload(upload_id, repo, record.offset)
-
-    async def append(self, repo: str, upload_id: str, body: Body,
-                     start: int | None = None, length: int | None = None) -> Upload:
+    async def append(self, repo: str, upload_id: str, state: str | None, body: Body,
+                     start: int | None = None, length: int | None = None) -> Session:
         """Append a chunk. `start` (from Content-Range) must be the current offset."""
         with self._exclusive(upload_id):
-            return await self._append(repo, upload_id, body, start, length)
-
-    async def _append(self, repo: str, upload_id: str, body: Body,
-                      start: int | None, length: int | None) -> Upload:
-        record, revision = await self._session(repo, upload_id)
-        offset = await self._write(upload_id, record.offset, body, start, length)
-        if offset != record.offset:
-            updated = UploadRecord(repo=repo, offset=offset, created=record.created, updated=time.time())
+            session = await self.sessions.get(repo, upload_id, state)
+            offset = await self._write(session, body, start, length)
+            if offset == session.offset:
+                return session
             try:
-                advanced = await self.meta.advance_upload(upload_id, revision, updated)
-            except EtcdUnavailable as e:
+                return await self.sessions.advance(session, offset)
+            except (RangeInvalid, MetadataUnavailable):
                 self._hashers.pop(upload_id, None)
-                raise MetadataUnavailable(f"metadata store unavailable: {e}") from None
-            if not advanced:
-                self._hashers.pop(upload_id, None)
-                raise RangeInvalid("the upload was changed concurrently; resume from its current offset",
-                                   {"offset": record.offset})
-        return Upload(upload_id, repo, offset)
+                raise
 
-    async def _write(self, upload_id: str, offset: int, body: Body,
-                     start: int | None, length: int | None) -> int:
+    async def finish(self, repo: str, upload_id: str, state: str | None, digest: str,
+                     body: Body | None, start: int | None = None, length: int | None = None,
+                     size: int | None = None) -> str:
+        """Close an upload with an optional last chunk; verify; commit the blob.
+
+        `size` is the body's declared length, when the request declared one.
+        """
+        algorithm, hexdigest = digests.parse(digest)
+        with self._exclusive(upload_id):
+            session = await self.sessions.get(repo, upload_id, state)
+            if (body is not None and session.offset == 0 and start in (None, 0)
+                    and size is not None and size <= SMALL_BLOB):
+                data = await _read_all(body)
+                if length is not None and len(data) != length:
+                    raise BlobUploadInvalid(f"chunk has {len(data)} bytes, its range says {length}")
+                try:
+                    _verify(digest, data)
+                except DigestInvalid:
+                    await self._close(session)
+                    raise
+                await self.storage.write(digest, data)
+                await self.sessions.commit(session, digest, len(data))
+                return digest
+            offset = session.offset
+            if body is not None:
+                offset = await self._write(session, body, start, length)
+            held = self._hashers.pop(upload_id, None)
+            if algorithm == "sha256" and held is not None and held[1] == offset:
+                actual = held[0].hexdigest()
+            else:
+                actual = await self.storage.hash_upload(upload_id, algorithm, offset)
+            if actual != hexdigest:
+                # Nothing was committed; the session is closed and its data dropped.
+                await self._close(session)
+                raise DigestInvalid("uploaded content does not match the digest",
+                                    {"expected": digest, "actual": f"{algorithm}:{actual}"})
+            await self.storage.commit_upload(upload_id, digest)
+            await self.sessions.commit(session, digest, offset)
+            return digest
+
+    async def monolithic(self, repo: str, digest: str, body: Body, size: int | None) -> str:
+        """A whole blob in one request (POST ?digest=): no session at all."""
+        algorithm, hexdigest = digests.parse(digest)
+        if size is not None and size > self.limits.max_blob_bytes:
+            raise TooLarge(f"blob over {self.limits.max_blob_bytes} bytes")
+        if size is not None and size <= SMALL_BLOB:
+            data = await _read_all(body)
+            _verify(digest, data)
+            await self.storage.write(digest, data)
+        else:
+            upload_id = self.storage.new_upload_id()
+            hasher = digests.new_hasher(algorithm)
+            try:
+                size = await self._receive(upload_id, 0, body, None, hasher)
+                if hasher.hexdigest() != hexdigest:
+                    raise DigestInvalid("uploaded content does not match the digest",
+                                        {"expected": digest, "actual": f"{algorithm}:{hasher.hexdigest()}"})
+                await self.storage.commit_upload(upload_id, digest)
+            except BaseException:
+                await self.storage.delete_upload(upload_id)
+                raise
+        try:
+            await self.registry.meta.commit_blob(repo, digest, size)
+        except EtcdUnavailable as e:
+            raise MetadataUnavailable(f"metadata store unavailable: {e}") from None
+        return digest
+
+    async def cancel(self, repo: str, upload_id: str, state: str | None) -> None:
+        with self._exclusive(upload_id):
+            await self._close(await self.sessions.get(repo, upload_id, state))
+
+    async def _close(self, session: Session) -> None:
+        self._hashers.pop(session.id, None)
+        await self.sessions.close(session)
+        await self.storage.delete_upload(session.id)
+
+    # -- receiving bytes -------------------------------------------------
+
+    async def _write(self, session: Session, body: Body, start: int | None,
+                     length: int | None) -> int:
+        """Append a request body at the session's offset; returns the new offset."""
+        offset = session.offset
         if start is not None and start != offset:
             raise RangeInvalid(f"chunk starts at {start}, the upload is at {offset}",
                                {"offset": offset, "start": start})
-        if length is not None and offset + length > self.limits.max_blob_bytes:
-            raise TooLarge(f"blob over {self.limits.max_blob_bytes} bytes")
-        hasher = self._hasher(upload_id, offset)
+        hasher = self._hasher(session.id, offset)
+        try:
+            new_offset = await self._receive(session.id, offset, body, length, hasher)
+        except BaseException:
+            self._hashers.pop(session.id, None)
+            raise
+        if hasher is not None:
+            self._hashers[session.id] = (hasher, new_offset)
+        return new_offset
+
+    async def _receive(self, upload_id: str, offset: int, body: Body, length: int | None,
+                       hasher) -> int:
+        """Stream `body` into the upload's file at `offset`, within the blob size limit."""
+        limit = self.limits.max_blob_bytes
+        if length is not None and offset + length > limit:
+            raise TooLarge(f"blob over {limit} bytes")
         try:
             appender = await self.storage.open_upload(upload_id, offset, hasher)
         except UploadDataLost as e:
@@ -127,19 +187,15 @@ class Uploads:
         try:
             async for chunk in body:
                 await appender.write(chunk)
-                if appender.offset > self.limits.max_blob_bytes:
-                    raise TooLarge(f"blob over {self.limits.max_blob_bytes} bytes")
-            written = appender.offset - offset
-            if length is not None and written != length:
-                raise BlobUploadInvalid(f"chunk has {written} bytes, its range says {length}")
-            new_offset = await appender.finish()
+                if appender.offset > limit:
+                    raise TooLarge(f"blob over {limit} bytes")
+            if length is not None and appender.offset - offset != length:
+                raise BlobUploadInvalid(f"chunk has {appender.offset - offset} bytes, "
+                                        f"its range says {length}")
+            return await appender.finish()
         except BaseException:
             await appender.abort()
-            self._hashers.pop(upload_id, None)
             raise
-        if hasher is not None:
-            self._hashers[upload_id] = (hasher, new_offset)
-        return new_offset
 
     def _hasher(self, upload_id: str, offset: int):
         """A sha256 hasher positioned at `offset`, or None if we don't hold one."""
@@ -152,110 +208,14 @@ class Uploads:
             return digests.new_hasher("sha256")
         return None
 
-    async def finish(self, repo: str, upload_id: str, digest: str, body: Body | None,
-                     start: int | None = None, length: int | None = None,
-                     size: int | None = None) -> str:
-        """Close an upload with an optional last chunk; verify; commit the blob.
 
-        `size` is the body's declared length, when the request declared one.
-        """
-        with self._exclusive(upload_id):
-            return await self._finish(repo, upload_id, digest, body, start, length, size)
-
-    async def _finish(self, repo: str, upload_id: str, digest: str, body: Body | None,
-                      start: int | None, length: int | None, size: int | None) -> str:
-        algorithm, hexdigest = digests.parse(digest)
-        record, revision = await self._session(repo, upload_id)
-        offset = record.offset
-        if body is not None and offset == 0 and start in (None, 0) and size is not None \
-                and size <= SMALL_BLOB:
-            data = await _read_all(body)
-            if length is not None and len(data) != length:
-                raise BlobUploadInvalid(f"chunk has {len(data)} bytes, its range says {length}")
-            try:
-                return await self._store_small(repo, digest, data, (upload_id, revision))
-            except DigestInvalid:
-                await self._close(upload_id)
-                raise
-        if body is not None:
-            offset = await self._write(upload_id, offset, body, start, length)
-        held = self._hashers.pop(upload_id, None)
-        if algorithm == "sha256" and held is not None and held[1] == offset:
-            actual = held[0].hexdigest()
-        else:
-            actual = await self.storage.hash_upload(upload_id, algorithm, offset)
-        if actual != hexdigest:
-            # Nothing was committed; the session is closed and its data dropped.
-            await self._close(upload_id)
-            raise DigestInvalid("uploaded content does not match the digest",
-                                {"expected": digest, "actual": f"{algorithm}:{actual}"})
-        await self.storage.commit_upload(upload_id, digest)
-        try:
-            committed = await self.meta.commit_blob(repo, digest, offset, (upload_id, revision))
-        except EtcdUnavailable as e:
-            raise MetadataUnavailable(f"metadata store unavailable: {e}") from None
-        if not committed:
-            raise BlobUploadUnknown(f"upload {upload_id} was closed concurrently")
-        return digest
-
-    async def _store_small(self, repo: str, digest: str, data: bytes,
-                           upload: tuple[str, int] | None) -> str:
-        algorithm, hexdigest = digests.parse(digest)
-        actual = digests.new_hasher(algorithm)
-        actual.update(data)
-        if actual.hexdigest() != hexdigest:
-            raise DigestInvalid("uploaded content does not match the digest",
-                                {"expected": digest, "actual": f"{algorithm}:{actual.hexdigest()}"})
-        await self.storage.write(digest, data)
-        try:
-            committed = await self.meta.commit_blob(repo, digest, len(data), upload)
-        except EtcdUnavailable as e:
-            raise MetadataUnavailable(f"metadata store unavailable: {e}") from None
-        if not committed:
-            raise BlobUploadUnknown(f"upload {upload[0] if upload else ''} was closed concurrently")
-        return digest
-
-    async def monolithic(self, repo: str, digest: str, body: Body, length: int | None) -> str:
-        """A whole blob in one request: no session is recorded at all."""
-        algorithm, hexdigest = digests.parse(digest)
-        if length is not None and length <= SMALL_BLOB:
-            return await self._store_small(repo, digest, await _read_all(body), None)
-        upload_id = self.storage.new_upload_id()
-        hasher = digests.new_hasher(algorithm)
-        if length is not None and length > self.limits.max_blob_bytes:
-            raise TooLarge(f"blob over {self.limits.max_blob_bytes} bytes")
-        appender = await self.storage.open_upload(upload_id, 0, hasher)
-        try:
-            async for chunk in body:
-                await appender.write(chunk)
-                if appender.offset > self.limits.max_blob_bytes:
-                    raise TooLarge(f"blob over {self.limits.max_blob_bytes} bytes")
-            size = await appender.finish()
-            if hasher.hexdigest() != hexdigest:
-                raise DigestInvalid("uploaded content does not match the digest",
-                                    {"expected": digest, "actual": f"{algorithm}:{hasher.hexdigest()}"})
-            await self.storage.commit_upload(upload_id, digest)
-        except BaseException:
-            await appender.abort()
-            await self.storage.delete_upload(upload_id)
-            raise
-        try:
-            await self.meta.commit_blob(repo, digest, size)
-        except EtcdUnavailable as e:
-            raise MetadataUnavailable(f"metadata store unavailable: {e}") from None
-        return digest
-
-    async def cancel(self, repo: str, upload_id: str) -> None:
-        await self._session(repo, upload_id)
-        await self._close(upload_id)
-
-    async def _close(self, upload_id: str) -> None:
-        self._hashers.pop(upload_id, None)
-        try:
-            await self.meta.delete_upload(upload_id)
-        except EtcdUnavailable as e:
-            raise MetadataUnavailable(f"metadata store unavailable: {e}") from None
-        await self.storage.delete_upload(upload_id)
+def _verify(digest: str, data: bytes) -> None:
+    algorithm, hexdigest = digests.parse(digest)
+    actual = digests.new_hasher(algorithm)
+    actual.update(data)
+    if actual.hexdigest() != hexdigest:
+        raise DigestInvalid("uploaded content does not match the digest",
+                            {"expected": digest, "actual": f"{algorithm}:{actual.hexdigest()}"})
 
 
 async def _read_all(body: Body) -> bytes:

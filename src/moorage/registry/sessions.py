@@ -1,0 +1,164 @@
+"""Upload sessions: where an upload stands, and who may continue it.
+
+Starting an upload writes nothing: the session is an id and a signed token
+(`_state`, in the Location the client follows, as the reference registry
+does) naming the repository and the time. Its first chunk creates its record
+in etcd; closing it (blob committed, or cancelled) leaves a tombstone that
+outlives every token, so a closed session's URL never comes back to life. A
+small push therefore costs one etcd transaction, not three.
+
+While this replica's etcd member is alone, no one else can change a session,
+so the sessions it touched are answered from memory (the same reasoning as
+the index's `solo`), saving the etcd read before each chunk.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+
+from moorage.meta.etcd import EtcdUnavailable
+from moorage.meta.records import UploadRecord
+from moorage.meta.store import MetaStore, UploadState
+from moorage.registry.errors import BlobUploadUnknown, MetadataUnavailable, RangeInvalid
+
+# How long a session that never received a chunk stays valid. Tombstones live
+# at least this long (the store's lease is twice it, renewed at half-life).
+STATE_SECONDS = 3600
+MAX_CACHED = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    id: str
+    repo: str
+    offset: int
+    created: float
+    revision: int   # of its etcd record; 0 while it has none
+    state: str      # the token for its Location
+
+    @property
+    def location(self) -> str:
+        return f"/v2/{self.repo}/blobs/uploads/{self.id}?_state={self.state}"
+
+
+class Sessions:
+    def __init__(self, meta: MetaStore, secret: bytes, state_seconds: float = STATE_SECONDS):
+        self.meta = meta
+        self.index = meta.index
+        self._secret = secret
+        self._state_seconds = state_seconds
+        self._cache: OrderedDict[str, tuple[int, UploadState]] = OrderedDict()
+
+    # -- tokens ------------------------------------------------------------
+
+    def _mac(self, repo: str, upload_id: str, created: int) -> str:
+        msg = f"{repo}\0{upload_id}\0{created}".encode()
+        return hmac.new(self._secret, msg, "sha256").hexdigest()[:32]
+
+    def _token(self, repo: str, upload_id: str, created: int) -> str:
+        return f"{created:x}.{self._mac(repo, upload_id, created)}"
+
+    def _token_time(self, repo: str, upload_id: str, state: str | None) -> int | None:
+        """The creation time a valid, unexpired token vouches for, else None."""
+        try:
+            created_hex, mac = (state or "").split(".", 1)
+            created = int(created_hex, 16)
+        except ValueError:
+            return None
+        if not hmac.compare_digest(mac, self._mac(repo, upload_id, created)):
+            return None
+        if time.time() - created > self._state_seconds:
+            return None
+        return created
+
+    # -- the local cache -----------------------------------------------------
+
+    def _cached(self, upload_id: str) -> UploadState | None:
+        entry = self._cache.get(upload_id)
+        if entry is None or not self.index.solo or entry[0] != self.index.solo_epoch:
+            return None
+        return entry[1]
+
+    def _remember(self, upload_id: str, state: UploadState) -> None:
+        if not self.index.solo:
+            self._cache.pop(upload_id, None)
+            return
+        self._cache[upload_id] = (self.index.solo_epoch, state)
+        self._cache.move_to_end(upload_id)
+        while len(self._cache) > MAX_CACHED:
+            self._cache.popitem(last=False)
+
+    def forget(self, upload_id: str) -> None:
+        self._cache.pop(upload_id, None)
+
+    # -- sessions ------------------------------------------------------------
+
+    def new(self, repo: str, upload_id: str) -> Session:
+        created = int(time.time())
+        self._remember(upload_id, UploadState(None, 0, False))
+        return Session(upload_id, repo, 0, created, 0, self._token(repo, upload_id, created))
+
+    async def get(self, repo: str, upload_id: str, state: str | None) -> Session:
+        found = self._cached(upload_id)
+        if found is None:
+            try:
+                found = await self.meta.get_upload(upload_id)
+            except EtcdUnavailable as e:
+                raise MetadataUnavailable(f"metadata store unavailable: {e}") from None
+            self._remember(upload_id, found)
+        unknown = BlobUploadUnknown(f"upload {upload_id} not known in {repo}", {"upload": upload_id})
+        if found.closed:
+            raise unknown
+        if found.record is not None:
+            if found.record.repo != repo:
+                raise unknown
+            token = self._token(repo, upload_id, int(found.record.created))
+            return Session(upload_id, repo, found.record.offset, found.record.created,
+                           found.revision, token)
+        created = self._token_time(repo, upload_id, state)
+        if created is None:
+            raise unknown
+        return Session(upload_id, repo, 0, created, 0, state or "")
+
+    async def advance(self, session: Session, offset: int) -> Session:
+        """Record that the upload now holds `offset` bytes."""
+        record = UploadRecord(repo=session.repo, offset=offset, created=session.created,
+                              updated=time.time())
+        try:
+            revision = await self.meta.advance_upload(session.id, session.revision, record)
+        except EtcdUnavailable as e:
+            self.forget(session.id)
+            raise MetadataUnavailable(f"metadata store unavailable: {e}") from None
+        if revision is None:
+            self.forget(session.id)
+            raise RangeInvalid("the upload was changed concurrently; resume from its current offset",
+                               {"offset": session.offset})
+        self._remember(session.id, UploadState(record, revision, False))
+        return replace(session, offset=offset, revision=revision)
+
+    async def commit(self, session: Session, digest: str, size: int) -> None:
+        """Record the verified blob and close the session, atomically."""
+        try:
+            committed = await self.meta.commit_blob(session.repo, digest, size,
+                                                    (session.id, session.revision))
+        except EtcdUnavailable as e:
+            self.forget(session.id)
+            raise MetadataUnavailable(f"metadata store unavailable: {e}") from None
+        if not committed:
+            self.forget(session.id)
+            raise BlobUploadUnknown(f"upload {session.id} was closed concurrently")
+        self._remember(session.id, UploadState(None, 0, True))
+
+    async def close(self, session: Session) -> None:
+        try:
+            closed = await self.meta.close_upload(session.id, session.revision)
+        except EtcdUnavailable as e:
+            self.forget(session.id)
+            raise MetadataUnavailable(f"metadata store unavailable: {e}") from None
+        if not closed:
+            self.forget(session.id)
+            raise BlobUploadUnknown(f"upload {session.id} was changed concurrently")
+        self._remember(session.id, UploadState(None, 0, True))
