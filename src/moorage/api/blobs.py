@@ -23,7 +23,19 @@ def _upload_headers(session: Session) -> dict[str, str]:
 
 
 def _state(request: web.BaseRequest) -> str | None:
-    return request.query.get("_state")
+    return _upload_query(request)[0]
+
+
+def _upload_query(request: web.BaseRequest) -> tuple[str | None, str | None]:
+    """(_state, digest) of an upload URL.
+
+    Scripts often append "?digest=..." to a Location that already has a query;
+    the result, "?_state=S?digest=D", is read the way its author meant it.
+    """
+    state, digest = request.query.get("_state"), request.query.get("digest")
+    if state and digest is None and "?digest=" in state:
+        state, digest = state.split("?digest=", 1)
+    return state, digest
 
 
 def _created(name: str, digest: str) -> web.Response:
@@ -87,13 +99,13 @@ class BlobHandlers:
 
     async def put(self, request: web.Request, name: str, upload_id: str) -> web.Response:
         _check_upload_id(upload_id)
-        digest = request.query.get("digest")
+        state, digest = _upload_query(request)
         if not digest:
             raise DigestInvalid("closing an upload needs ?digest=")
         start, length = content_range(request)
         body = body_chunks(request) if has_body(request) else None
         try:
-            await self.uploads.finish(name, upload_id, _state(request), digest, body, start, length,
+            await self.uploads.finish(name, upload_id, state, digest, body, start, length,
                                       request.content_length)
         except RangeInvalid as e:
             return await self._range_error(e, request, name, upload_id)
