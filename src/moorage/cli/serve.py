@@ -8,6 +8,7 @@ import errno
 import logging
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -54,6 +55,18 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+def check_ports_free(ports: list[tuple[str, int, str]]) -> None:
+    """Fail before starting anything if a port we need is taken."""
+    for host, port, what in ports:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, port))
+            except OSError as e:
+                reason = "is already in use" if e.errno == errno.EADDRINUSE else f"cannot be used: {e.strerror}"
+                raise CliError(f"{what} {host}:{port} {reason}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     logs.setup(args.log_level)
     host, port = parse_listen(args.listen)
@@ -97,6 +110,9 @@ class Replica:
         identity, created = load_or_create(self.data_dir, self.args.storage_dir,
                                            self.args.etcd_client_port, self.args.etcd_peer_port)
         self.identity = identity
+        check_ports_free([(self.host, self.port, "the listen address"),
+                          ("127.0.0.1", identity.etcd_client_port, "the etcd client port"),
+                          ("127.0.0.1", identity.etcd_peer_port, "the etcd peer port")])
         storage = FilesystemDriver(Path(identity.storage_dir))
         member = EtcdMember(
             name=identity.replica_id, data_dir=self.data_dir / "etcd",

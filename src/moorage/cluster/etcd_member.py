@@ -115,7 +115,13 @@ class EtcdMember:
                                     f"see {self.log_path or 'its output'} (is port {self.client_port} "
                                     f"or {self.peer_port} in use?)")
                 try:
-                    await client.status()
+                    status = await client.status()
+                    # Whoever answers must be our own member, not another
+                    # replica's etcd that happens to hold the port.
+                    members = {m.ID: m.name for m in await client.members()}
+                    if members.get(status.header.member_id) != self.name:
+                        raise EtcdError(f"the etcd answering on port {self.client_port} belongs to "
+                                        "another replica; choose other --etcd-client-port/--etcd-peer-port")
                     return
                 except EtcdUnavailable:
                     if time.monotonic() > deadline:

@@ -34,6 +34,9 @@ _manifest = decoder(ManifestRecord)
 _referrer = decoder(Referrer)
 
 SYNC_TIMEOUT = 1.0
+# After a failed sync, readers serve the local view at once for this long
+# instead of each waiting out SYNC_TIMEOUT against an etcd that is down.
+SYNC_BACKOFF = 2.0
 
 
 @dataclass(slots=True)
@@ -65,6 +68,7 @@ class Index:
         self._next: asyncio.Future | None = None
         self._fetching = False
         self.last_sync_ok = time.monotonic()
+        self._sync_failed_at = -SYNC_BACKOFF
         self.watch_healthy = False
         self._solo = False
         self.solo_epoch = 0
@@ -218,6 +222,8 @@ class Index:
         """
         if self.solo:
             return True
+        if time.monotonic() - self._sync_failed_at < SYNC_BACKOFF:
+            return False
         fut = self._next
         if fut is None:
             fut = self._next = asyncio.get_running_loop().create_future()
@@ -242,6 +248,7 @@ class Index:
                 if ok:
                     self.last_sync_ok = time.monotonic()
                 else:
+                    self._sync_failed_at = time.monotonic()
                     log.debug("index sync failed; serving local view",
                               extra={"applied": self.applied})
                 fut.set_result(ok)
