@@ -141,24 +141,22 @@ class Sessions:
 
     async def commit(self, session: Session, digest: str, size: int) -> None:
         """Record the verified blob and close the session, atomically."""
-        try:
-            committed = await self.meta.commit_blob(session.repo, digest, size,
-                                                    (session.id, session.revision))
-        except EtcdUnavailable as e:
-            self.forget(session.id)
-            raise MetadataUnavailable(f"metadata store unavailable: {e}") from None
-        if not committed:
-            self.forget(session.id)
-            raise BlobUploadUnknown(f"upload {session.id} was closed concurrently")
-        self._remember(session.id, UploadState(None, 0, True))
+        await self._end(session, self.meta.commit_blob(session.repo, digest, size,
+                                                       (session.id, session.revision)),
+                        "was closed concurrently")
 
     async def close(self, session: Session) -> None:
+        await self._end(session, self.meta.close_upload(session.id, session.revision),
+                        "was changed concurrently")
+
+    async def _end(self, session: Session, transaction, conflict: str) -> None:
+        """Run a transaction that leaves the session's tombstone behind."""
         try:
-            closed = await self.meta.close_upload(session.id, session.revision)
+            done = await transaction
         except EtcdUnavailable as e:
             self.forget(session.id)
             raise MetadataUnavailable(f"metadata store unavailable: {e}") from None
-        if not closed:
+        if not done:
             self.forget(session.id)
-            raise BlobUploadUnknown(f"upload {session.id} was changed concurrently")
+            raise BlobUploadUnknown(f"upload {session.id} {conflict}")
         self._remember(session.id, UploadState(None, 0, True))
