@@ -799,6 +799,10 @@ def measure(sc: Scenario, server: Server, rnd: int, quiet_wait: float) -> Run:
         if sc.needs_seed and server.seed_error:
             raise BenchError(f"seeding failed: {server.seed_error}")
         ctx = sc.prepare(server, rnd)
+        # Each run starts with no dirty pages: a registry that does not sync
+        # (distribution) would otherwise have its writes flushed by the kernel
+        # during the other registry's run, which alternates with it.
+        os.sync()
         wait_for_quiet(quiet_wait)
         meter = CpuMeter(server)
         m = sc.run(server, ctx)

@@ -75,7 +75,10 @@ class FileAppender:
         self._writing: asyncio.Future | None = None
         self._hashing: asyncio.Future | None = None
         self._written = offset
-        self._synced = offset
+        # From 0, not `offset`: the previous chunk's pages start going to disk
+        # while this one arrives, rather than just before its offset is
+        # committed, where they would delay etcd's own fsync on the same disk.
+        self._synced = 0
 
     def _write(self, batch: list[bytes]) -> None:
         # One writev a batch: each system call gives the GIL away and must win
@@ -127,19 +130,9 @@ class FileAppender:
         """
         await self._flush()
         await self._wait()
-        fd, self._fd = self._fd, -1
-        # Start writing this request's tail too (chunks are often smaller than
-        # SYNC_EVERY), so the fsync at commit finds little left to do.
-        await asyncio.get_running_loop().run_in_executor(None, self._close, fd)
+        os.close(self._fd)
+        self._fd = -1
         return self.offset
-
-    def _close(self, fd: int) -> None:
-        try:
-            if self._written > self._synced:
-                _start_writeback(fd, self._synced, self._written - self._synced)
-                self._synced = self._written
-        finally:
-            os.close(fd)
 
     async def abort(self) -> None:
         try:
