@@ -1,0 +1,274 @@
+"""HTTP load: the requests the scenarios time, and the tools that send them.
+
+Synchronous pushes (http.client, sendfile for big bodies), the concurrent
+aiohttp small-push clients, and the curl and wrk runners with their parsers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import re
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Awaitable, Callable
+from urllib.parse import urljoin, urlsplit
+
+import aiohttp
+import yarl
+
+from content import MiB, OCI_MANIFEST, Image, SourceFile, sha256
+
+if TYPE_CHECKING:  # annotations only: both modules import this one
+    from scenarios import Config
+    from servers import Server
+
+
+NET_TIMEOUT = 60.0          # one HTTP request, including a 256 MiB body
+
+
+class BenchError(Exception):
+    """A failed run: reported in its row, the bench goes on."""
+
+
+# --------------------------------------------------------------------------
+# HTTP, synchronous: http.client, with sendfile for big bodies
+
+Response = tuple[int, http.client.HTTPMessage, bytes]
+
+
+def connect(server: Server, timeout: float = NET_TIMEOUT) -> http.client.HTTPConnection:
+    return http.client.HTTPConnection("127.0.0.1", server.port, timeout=timeout)
+
+
+def call(conn: http.client.HTTPConnection, method: str, target: str,
+         headers: dict[str, str] | None = None, body: bytes = b"") -> Response:
+    conn.request(method, target, body=body, headers=headers or {})
+    resp = conn.getresponse()
+    return resp.status, resp.headers, resp.read()
+
+
+def call_file(conn: http.client.HTTPConnection, method: str, target: str, path: Path,
+              offset: int, length: int, headers: dict[str, str]) -> Response:
+    """A request whose body is a slice of a file, sent with sendfile(2)."""
+    conn.putrequest(method, target, skip_accept_encoding=True)
+    for name, value in {**headers, "Content-Length": str(length)}.items():
+        conn.putheader(name, value)
+    conn.endheaders()
+    with open(path, "rb") as f:
+        sent = conn.sock.sendfile(f, offset, length)
+    if sent != length:
+        raise BenchError(f"sent {sent} of {length} bytes")
+    resp = conn.getresponse()
+    return resp.status, resp.headers, resp.read()
+
+
+def request(server: Server, method: str, target: str, headers: dict[str, str] | None = None,
+            body: bytes = b"", timeout: float = NET_TIMEOUT) -> Response:
+    conn = connect(server, timeout)
+    try:
+        return call(conn, method, target, headers, body)
+    finally:
+        conn.close()
+
+
+def expect(resp: Response, status: int, what: str) -> Response:
+    if resp[0] != status:
+        raise BenchError(f"{what}: HTTP {resp[0]} (wanted {status}): {resp[2][:200]!r}")
+    return resp
+
+
+def location(server: Server, base: str, resp: Response) -> str:
+    """The Location of an upload as a request target (path and query)."""
+    loc = resp[1].get("Location")
+    if not loc:
+        raise BenchError("upload response without Location")
+    parts = urlsplit(urljoin(server.url + base, loc))
+    return parts.path + (f"?{parts.query}" if parts.query else "")
+
+
+def with_digest(target: str, digest: str) -> str:
+    return target + ("&" if "?" in target else "?") + "digest=" + digest
+
+
+def start_upload(server: Server, conn: http.client.HTTPConnection, repo: str) -> str:
+    base = f"/v2/{repo}/blobs/uploads/"
+    return location(server, base, expect(call(conn, "POST", base), 202, "POST upload"))
+
+
+def push_monolithic(server: Server, repo: str, src: SourceFile) -> None:
+    """POST, then one PUT ?digest= carrying the whole blob (the spec's monolithic upload)."""
+    conn = connect(server)
+    try:
+        target = start_upload(server, conn, repo)
+        resp = call_file(conn, "PUT", with_digest(target, src.digest), src.path, 0, src.size,
+                         {"Content-Type": "application/octet-stream"})
+        expect(resp, 201, "PUT blob")
+    finally:
+        conn.close()
+
+
+def push_chunked(server: Server, repo: str, src: SourceFile, chunk: int) -> None:
+    """POST, PATCH chunk by chunk (following each new Location), then PUT ?digest=."""
+    conn = connect(server)
+    try:
+        target = start_upload(server, conn, repo)
+        for offset in range(0, src.size, chunk):
+            length = min(chunk, src.size - offset)
+            resp = call_file(conn, "PATCH", target, src.path, offset, length, {
+                "Content-Type": "application/octet-stream",
+                "Content-Range": f"{offset}-{offset + length - 1}",
+            })
+            target = location(server, target, expect(resp, 202, f"PATCH at {offset}"))
+        expect(call(conn, "PUT", with_digest(target, src.digest), {"Content-Length": "0"}),
+               201, "PUT close")
+    finally:
+        conn.close()
+
+
+def push_small_blob(server: Server, repo: str, data: bytes) -> str:
+    conn = connect(server)
+    try:
+        target = start_upload(server, conn, repo)
+        digest = sha256(data)
+        expect(call(conn, "PUT", with_digest(target, digest),
+                    {"Content-Type": "application/octet-stream"}, data), 201, "PUT blob")
+        return digest
+    finally:
+        conn.close()
+
+
+def push_manifest(server: Server, repo: str, ref: str, body: bytes) -> None:
+    expect(request(server, "PUT", f"/v2/{repo}/manifests/{ref}", {"Content-Type": OCI_MANIFEST},
+                   body), 201, "PUT manifest")
+
+
+# --------------------------------------------------------------------------
+# HTTP, asynchronous: the concurrent small-push clients
+
+async def push_image_async(session: aiohttp.ClientSession, base: str, repo: str, tag: str,
+                           image: Image) -> int:
+    """Every blob with POST + PUT ?digest=, then the manifest; returns the operations done."""
+    post_url = f"{base}/v2/{repo}/blobs/uploads/"
+    for blob in image.blobs:
+        async with session.post(post_url) as r:
+            await r.read()
+            if r.status != 202:
+                raise BenchError(f"POST upload: HTTP {r.status}")
+            loc = r.headers.get("Location", "")
+        put_url = yarl.URL(with_digest(urljoin(post_url, loc), sha256(blob)), encoded=True)
+        async with session.put(put_url, data=blob,
+                               headers={"Content-Type": "application/octet-stream"}) as r:
+            text = await r.read()
+            if r.status != 201:
+                raise BenchError(f"PUT blob: HTTP {r.status} {text[:200]!r}")
+    await put_manifest_async(session, base, repo, tag, image.manifest)
+    return len(image.blobs) + 1
+
+
+async def put_manifest_async(session: aiohttp.ClientSession, base: str, repo: str, tag: str,
+                             body: bytes) -> int:
+    async with session.put(f"{base}/v2/{repo}/manifests/{tag}", data=body,
+                           headers={"Content-Type": OCI_MANIFEST}) as r:
+        text = await r.read()
+        if r.status != 201:
+            raise BenchError(f"PUT manifest {repo}:{tag}: HTTP {r.status} {text[:200]!r}")
+    return 1
+
+
+Job = Callable[[aiohttp.ClientSession], Awaitable[int]]  # one client's unit of work; returns ops done
+
+
+async def run_clients(jobs: list[Job], clients: int,
+                      timeout: float) -> int:
+    """Run jobs from `clients` concurrent workers, each one request at a time; returns the ops."""
+    pending = iter(jobs)  # shared by the workers: each takes the next job when it is free
+    per_request = aiohttp.ClientTimeout(total=NET_TIMEOUT)
+    connector = aiohttp.TCPConnector(limit=clients)
+    async with aiohttp.ClientSession(connector=connector, timeout=per_request) as session:
+        async def worker() -> int:
+            done = 0
+            for job in pending:
+                done += await job(session)
+            return done
+        counts = await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(clients))), timeout)
+    return sum(counts)
+
+
+
+# --------------------------------------------------------------------------
+# External load generators
+
+def curl_pull(server: Server, target: str, streams: int, size: int) -> float:
+    """MiB/s over all streams: total bytes over the slowest stream's time, as curl measures it.
+
+    curl's own clock leaves out its process start (~5 ms, 4% of a 256 MiB pull);
+    the streams start within a few milliseconds of each other.
+    """
+    cmd = ["curl", "-sS", "--max-time", "60", "-o", "/dev/null",
+           "-w", "%{http_code} %{size_download} %{time_total}", server.url + target]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(streams)]
+    try:
+        outputs = [proc.communicate(timeout=90) for proc in procs]
+    except subprocess.TimeoutExpired:
+        raise BenchError("curl timed out") from None
+    finally:
+        for proc in procs:  # none outlives its run, even on Ctrl-C
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    times = []
+    for out, err in outputs:
+        fields = out.split()
+        if fields[:2] != ["200", str(size)]:
+            raise BenchError(f"curl pull: {out!r} {err.strip()!r}")
+        times.append(float(fields[2]))
+    return streams * size / MiB / max(times)
+
+
+@dataclass
+class Measurement:
+    value: float
+    p99_ms: float | None = None
+    note: str = ""
+
+
+def parse_wrk(output: str) -> Measurement:
+    """Requests/s and the 99th percentile; a run with more than 1% errors is no figure at all."""
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", output)
+    total = re.search(r"(\d+) requests in", output)
+    if not rps or not total:
+        raise BenchError(f"unreadable wrk output: {output[-300:]!r}")
+    p99 = None
+    if m := re.search(r"^\s*99%\s+([\d.]+)(us|ms|s)\s*$", output, re.M):
+        p99 = float(m.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[m.group(2)]
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    sock = re.search(r"Socket errors: (.*)", output)
+    errors = int(bad.group(1)) if bad else 0
+    if sock:
+        errors += sum(int(n) for n in re.findall(r"\d+", sock.group(1)))
+    if int(total.group(1)) == 0:
+        raise BenchError("wrk: no request completed")
+    if errors > 0.01 * int(total.group(1)):
+        raise BenchError(f"wrk: {errors} errors of {total.group(1)} requests")
+    return Measurement(float(rps.group(1)), p99, f"{errors} errors" if errors else "")
+
+
+def wrk(server: Server, target: str, cfg: Config, headers: dict[str, str] | None = None,
+        script: Path | None = None) -> Measurement:
+    cmd = ["wrk", f"-t{cfg.wrk_threads}", f"-c{cfg.wrk_conns}", f"-d{cfg.wrk_seconds}s",
+           "--timeout", "5s", "--latency"]
+    for name, value in (headers or {}).items():
+        cmd += ["-H", f"{name}: {value}"]
+    if script:
+        cmd += ["-s", str(script)]
+    try:
+        out = subprocess.run(cmd + [server.url + target], capture_output=True, text=True,
+                             timeout=cfg.wrk_seconds + 30)
+    except subprocess.TimeoutExpired:
+        raise BenchError("wrk timed out") from None
+    if out.returncode != 0:
+        raise BenchError(f"wrk exit {out.returncode}: {out.stderr.strip()[:300]}")
+    return parse_wrk(out.stdout)

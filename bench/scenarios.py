@@ -1,0 +1,184 @@
+"""The rows of the table: workload sizes, the content seeded before the runs, each scenario."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from content import ACCEPT, MiB, OCI_MANIFEST, Image, SourceFile, sha256
+from load import (BenchError, Job, Measurement, curl_pull, push_chunked, push_image_async,
+                  push_manifest, push_monolithic, push_small_blob, put_manifest_async, request,
+                  run_clients, wrk)
+from servers import Server
+
+
+# --------------------------------------------------------------------------
+# Workload size
+
+@dataclass(frozen=True)
+class Config:
+    """Sizes of one bench run; `--quick` shrinks them for a smoke run."""
+
+    rounds: int = 3
+    blob_size: int = 256 * MiB
+    chunk_size: int = 8 * MiB
+    pull_streams: int = 8
+    wrk_seconds: int = 5
+    wrk_threads: int = 2
+    wrk_conns: int = 64
+    tags: int = 1000
+    small_blobs: int = 2000
+    small_manifests: int = 200
+    small_clients: int = 8
+
+
+QUICK = Config(rounds=1, blob_size=64 * MiB, wrk_seconds=2, tags=200,
+               small_blobs=400, small_manifests=40)
+
+
+# --------------------------------------------------------------------------
+# Seeding: what the read scenarios read, pushed once per registry, untimed
+
+# wrk 4.1 waits for the body a HEAD response announces (its parser is never told
+# the request was HEAD), so the HEAD scenario asks for the empty blob: same code
+# path in both registries (link lookup, stat, headers), Content-Length: 0.
+EMPTY_DIGEST = sha256(b"")
+
+PULL_REPO, IMAGE_REPO, TAGS_REPO, PUSH_REPO = "bench/pull", "bench/app", "bench/tags", "bench/push"
+
+
+@dataclass
+class Seed:
+    """What every registry holds before the timed runs start."""
+
+    pull_digest: str
+    pull_size: int
+    image: Image
+    tag_count: int
+
+
+def make_seed(cfg: Config, src: SourceFile) -> Seed:
+    """The same content for every registry: the source file as it is now, before any push refreshes it."""
+    return Seed(src.digest, src.size, Image.random(n_layers=2), cfg.tags)
+
+
+def seed_server(server: Server, seed: Seed, src: SourceFile, cfg: Config) -> None:
+    """Push the pull blob, one image tagged latest, and a repository with cfg.tags tags."""
+    if src.digest != seed.pull_digest:
+        raise BenchError("the source file changed before seeding")
+    push_monolithic(server, PULL_REPO, src)
+    for blob in seed.image.blobs:
+        push_small_blob(server, IMAGE_REPO, blob)
+        push_small_blob(server, TAGS_REPO, blob)
+    push_small_blob(server, IMAGE_REPO, b"")
+    push_manifest(server, IMAGE_REPO, "latest", seed.image.manifest)
+    jobs = [lambda s, t=f"t{i:04d}": put_manifest_async(s, server.url, TAGS_REPO, t,
+                                                        seed.image.manifest)
+            for i in range(cfg.tags)]
+    asyncio.run(run_clients(jobs, cfg.small_clients, timeout=300))
+    verify_seed(server, seed)
+
+
+def verify_seed(server: Server, seed: Seed) -> None:
+    """The read scenarios must read what a client would: check it once before wrk hammers it."""
+    status, headers, body = request(server, "GET", f"/v2/{IMAGE_REPO}/manifests/latest",
+                                    {"Accept": ACCEPT})
+    if status != 200 or body != seed.image.manifest:
+        raise BenchError(f"manifest GET: HTTP {status}, body {'differs' if status == 200 else body[:200]!r}")
+    if headers.get("Content-Type") != OCI_MANIFEST:
+        raise BenchError(f"manifest GET: Content-Type {headers.get('Content-Type')!r}")
+    status, headers, _ = request(server, "HEAD", f"/v2/{IMAGE_REPO}/blobs/{EMPTY_DIGEST}")
+    if status != 200 or headers.get("Content-Length") != "0":
+        raise BenchError(f"blob HEAD: HTTP {status}, Content-Length {headers.get('Content-Length')}")
+    status, _, body = request(server, "GET", f"/v2/{TAGS_REPO}/tags/list")
+    tags = json.loads(body).get("tags") or [] if status == 200 else []
+    if len(tags) != seed.tag_count:
+        raise BenchError(f"tags/list: HTTP {status}, {len(tags)} tags, wanted {seed.tag_count}")
+    # A warm pull, so the timed pulls of both registries start from the page cache.
+    curl_pull(server, f"/v2/{PULL_REPO}/blobs/{seed.pull_digest}", 1, seed.pull_size)
+
+
+# --------------------------------------------------------------------------
+# Scenarios
+
+@dataclass
+class Scenario:
+    """One row of the table.
+
+    `prepare` runs untimed before each run (fresh content, digests); `run` is
+    the measured part, around which the servers' CPU time is sampled.
+    """
+
+    key: str
+    title: str
+    unit: str
+    target: float
+    run: Callable[[Server, Any], Measurement]
+    prepare: Callable[[Server, int], Any] = lambda server, rnd: None
+    needs_seed: bool = True
+
+
+def timed_mib_s(size: int, action: Callable[[], None]) -> Measurement:
+    start = time.perf_counter()
+    action()
+    return Measurement(size / MiB / (time.perf_counter() - start))
+
+
+def fresh_source(src: SourceFile) -> Callable[[Server, int], Any]:
+    """A new blob per push, and no dirty pages of the previous push to flush meanwhile."""
+    def prepare(server: Server, rnd: int) -> None:
+        src.refresh()
+        os.sync()
+    return prepare
+
+
+def small_jobs(server: Server, rnd: int, cfg: Config) -> list[Job]:
+    per_image = cfg.small_blobs // cfg.small_manifests
+    images = [Image.random(n_layers=per_image - 1) for _ in range(cfg.small_manifests)]
+    return [lambda s, i=i, img=img: push_image_async(
+                s, server.url, f"small/r{rnd}-c{i % cfg.small_clients}", f"v{i}", img)
+            for i, img in enumerate(images)]
+
+
+def run_small(jobs: list[Job], cfg: Config) -> Measurement:
+    start = time.perf_counter()
+    ops = asyncio.run(run_clients(jobs, cfg.small_clients, timeout=600))
+    return Measurement(ops / (time.perf_counter() - start))
+
+
+def scenarios(cfg: Config, src: SourceFile, seed: Seed, head_lua: Path) -> list[Scenario]:
+    size_label = f"{cfg.blob_size // MiB} MiB"
+    return [
+        Scenario("push_monolithic", f"blob push monolithic {size_label}", "MiB/s", 2.0,
+                 lambda s, _: timed_mib_s(src.size, lambda: push_monolithic(s, PUSH_REPO, src)),
+                 prepare=fresh_source(src), needs_seed=False),
+        Scenario("push_chunked", f"blob push chunked {size_label}, {cfg.chunk_size // MiB} MiB PATCHes",
+                 "MiB/s", 2.0,
+                 lambda s, _: timed_mib_s(src.size,
+                                          lambda: push_chunked(s, PUSH_REPO, src, cfg.chunk_size)),
+                 prepare=fresh_source(src), needs_seed=False),
+        Scenario("pull_1", f"blob pull {size_label}, 1 stream", "MiB/s", 0.95,
+                 lambda s, _: Measurement(curl_pull(
+                     s, f"/v2/{PULL_REPO}/blobs/{seed.pull_digest}", 1, src.size))),
+        Scenario("pull_n", f"blob pull {size_label}, {cfg.pull_streams} streams", "MiB/s", 0.95,
+                 lambda s, _: Measurement(curl_pull(
+                     s, f"/v2/{PULL_REPO}/blobs/{seed.pull_digest}", cfg.pull_streams, src.size))),
+        Scenario("manifest_get", f"manifest GET by tag, {cfg.wrk_conns} conns", "req/s", 5.0,
+                 lambda s, _: wrk(s, f"/v2/{IMAGE_REPO}/manifests/latest", cfg,
+                                  headers={"Accept": ACCEPT})),
+        Scenario("blob_head", f"blob HEAD (empty blob), {cfg.wrk_conns} conns", "req/s", 5.0,
+                 lambda s, _: wrk(s, f"/v2/{IMAGE_REPO}/blobs/{EMPTY_DIGEST}", cfg,
+                                  script=head_lua)),
+        Scenario("tags_list", f"tags list, {cfg.tags} tags, {cfg.wrk_conns} conns", "req/s", 3.0,
+                 lambda s, _: wrk(s, f"/v2/{TAGS_REPO}/tags/list", cfg)),
+        Scenario("small_pushes",
+                 f"{cfg.small_blobs} small blob pushes + {cfg.small_manifests} manifests, "
+                 f"{cfg.small_clients} clients", "ops/s", 1.5,
+                 lambda s, jobs: run_small(jobs, cfg),
+                 prepare=lambda s, rnd: small_jobs(s, rnd, cfg), needs_seed=False),
+    ]

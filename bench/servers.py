@@ -1,0 +1,260 @@
+"""The two registries as child processes: start, stop, and what they cost in CPU and memory."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from load import BenchError, request
+
+
+START_TIMEOUT = 60.0        # a registry (and etcd) becoming ready
+STOP_TIMEOUT = 20.0         # graceful SIGTERM before SIGKILL of the group
+
+
+# --------------------------------------------------------------------------
+# Processes: /proc only, so the bench needs no extra package
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def proc_stat(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat from `state` on (comm may hold spaces)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text.rpartition(")")[2].split()
+
+
+def descendants(root: int) -> list[int]:
+    """All live descendants of root, found through the ppid of every process."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (fields := proc_stat(int(entry))):
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = proc_stat(pid)
+    if not fields:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def machine_busy_seconds() -> float:
+    """Non-idle CPU time of the whole machine, all cores together (first line of /proc/stat)."""
+    user, nice, system, idle, iowait, irq, softirq, steal = map(
+        int, Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK
+
+
+def wait_for_quiet(max_wait: float, threshold: float = 0.25, window: float = 0.5) -> float:
+    """Wait until the machine is nearly idle, up to max_wait seconds; returns the seconds waited.
+
+    On 2 cores a test suite running beside the bench halves every figure; a run
+    that starts in a quiet moment is worth the wait. Ends early, never hangs.
+    """
+    start = time.monotonic()
+    while True:
+        before = machine_busy_seconds()
+        time.sleep(window)
+        if (machine_busy_seconds() - before) / window < threshold:
+            return time.monotonic() - start
+        if time.monotonic() - start >= max_wait:
+            return time.monotonic() - start
+
+
+def own_cpu_seconds() -> float:
+    """CPU of this process and of its reaped children (curl, wrk): the load generators."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def vm_hwm_kib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return "?"
+
+
+
+# --------------------------------------------------------------------------
+# Servers
+
+@dataclass
+class Server:
+    """A registry child process in its own session, so that its whole group can be killed."""
+
+    name: str
+    command: list[str]
+    port: int
+    workdir: Path
+    proc: subprocess.Popen | None = None
+    peak_kib: dict[int, int] = field(default_factory=dict)
+    names: dict[int, str] = field(default_factory=dict)
+    seed_error: str | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "server.log"
+
+    def start(self) -> None:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            self.check_alive()
+            try:
+                if request(self, "GET", "/v2/", timeout=2.0)[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise BenchError(f"{self.name} not ready after {START_TIMEOUT:.0f}s\n{self.log_tail()}")
+
+    def check_alive(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            code = None if self.proc is None else self.proc.returncode
+            raise BenchError(f"{self.name} is not running (exit {code})\n{self.log_tail()}")
+
+    def log_tail(self, chars: int = 2000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def tree(self) -> list[int]:
+        if self.proc is None or self.proc.poll() is not None:
+            return []
+        return [self.proc.pid, *descendants(self.proc.pid)]
+
+    def cpu_snapshot(self) -> dict[int, float]:
+        return {pid: cpu_seconds(pid) for pid in self.tree()}
+
+    def observe_memory(self) -> None:
+        """Keep the largest VmHWM seen per process: a child may not live to the end."""
+        for pid in self.tree():
+            self.peak_kib[pid] = max(self.peak_kib.get(pid, 0), vm_hwm_kib(pid))
+            self.names.setdefault(pid, comm(pid))
+
+    def memory_report(self) -> dict[str, Any]:
+        root = self.proc.pid if self.proc else -1
+        children = {f"{self.names[p]}[{p}]": kib for p, kib in self.peak_kib.items() if p != root}
+        server = self.peak_kib.get(root, 0)
+        return {"server_kib": server, "children_kib": children,
+                "total_kib": server + sum(children.values())}
+
+    def stop(self) -> None:
+        """SIGTERM and wait (Moorage stops its etcd), then SIGKILL whatever is left of the group."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                print(f"  {self.name} did not stop in {STOP_TIMEOUT:.0f}s: SIGKILL", file=sys.stderr)
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+class CpuMeter:
+    """Cores kept busy during a run: by the server, its children, the bench, and everyone else.
+
+    "Everyone else" is what makes absolute figures meaningless: a test suite
+    running beside the bench on a 2-core machine. It is reported, not hidden.
+    """
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.tree = server.cpu_snapshot()
+        self.machine, self.own = machine_busy_seconds(), own_cpu_seconds()
+        self.start = time.perf_counter()
+
+    def stop(self) -> dict[str, float]:
+        elapsed = time.perf_counter() - self.start
+        after = self.server.cpu_snapshot()
+        used = {pid: cpu - self.tree.get(pid, 0.0) for pid, cpu in after.items()}
+        root = self.server.proc.pid if self.server.proc else -1
+        server, children = used.get(root, 0.0), sum(v for p, v in used.items() if p != root)
+        bench = own_cpu_seconds() - self.own
+        other = machine_busy_seconds() - self.machine - server - children - bench
+        return {"seconds": elapsed, "cpu_server": server / elapsed,
+                "cpu_children": children / elapsed, "cpu_bench": bench / elapsed,
+                "cpu_other": max(other, 0.0) / elapsed}
+
+
+def moorage_server(workdir: Path) -> Server:
+    port = free_port()
+    cmd = [sys.executable, "-m", "moorage", "serve",
+           "--data-dir", str(workdir / "data"),
+           "--listen", f"127.0.0.1:{port}",
+           "--etcd-client-port", str(free_port()),
+           "--etcd-peer-port", str(free_port())]
+    return Server("moorage", cmd, port, workdir)
+
+
+def distribution_server(workdir: Path) -> Server:
+    """docker-registry with the Debian package's own defaults, minus auth, plus a loopback port."""
+    port = free_port()
+    config = workdir / "config.yml"
+    config.write_text(f"""\
+version: 0.1
+log:
+  level: warn
+storage:
+  cache:
+    blobdescriptor: inmemory
+  filesystem:
+    rootdirectory: {workdir / "data"}
+  delete:
+    enabled: true
+http:
+  addr: 127.0.0.1:{port}
+  headers:
+    X-Content-Type-Options: [nosniff]
+""")
+    binary = shutil.which("docker-registry") or "/usr/bin/docker-registry"
+    return Server("distribution", [binary, "serve", str(config)], port, workdir)
