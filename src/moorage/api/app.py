@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from moorage.api.admin import AdminApi
 from moorage.api.blobs import BlobHandlers
 from moorage.api.errors import error_response, from_error
 from moorage.api.manifests import ManifestHandlers
@@ -43,7 +44,9 @@ class Dispatcher:
     """
 
     def __init__(self, registry: Registry, uploads: Uploads, health: Callable[[], dict],
-                 ping: Callable[[], tuple[bool, str]]):
+                 ping: Callable[[], tuple[bool, str]], admin: AdminApi | None = None,
+                 writable: Callable[[], tuple[bool, str]] | None = None,
+                 readonly: Callable[[], bool] | None = None):
         m = ManifestHandlers(registry)
         b = BlobHandlers(registry, uploads)
         self.table: list[tuple[re.Pattern, dict[str, Handler]]] = [
@@ -60,6 +63,9 @@ class Dispatcher:
         self.catalog = m.catalog
         self.health = health
         self.ping = ping
+        self.admin = admin
+        self.writable = writable
+        self.readonly = readonly
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         path = request.rel_url.raw_path
@@ -83,6 +89,15 @@ class Dispatcher:
     async def _v2(self, request: web.BaseRequest, path: str) -> web.StreamResponse:
         if path in ("/v2/", "/v2"):
             return web.Response(body=b"{}", content_type="application/json")
+        if request.method not in ("GET", "HEAD"):
+            if self.readonly is not None and self.readonly():
+                # As the reference registry's maintenance mode answers.
+                return error_response(405, "UNSUPPORTED", "the registry is read-only (maintenance); "
+                                      "writes are refused until the readonly setting is cleared")
+            if self.writable is not None:
+                ok, reason = self.writable()
+                if not ok:
+                    return error_response(503, "UNAVAILABLE", f"writes are refused: {reason}")
         if path == "/v2/_catalog":
             if request.method != "GET":
                 return _method_not_allowed(("GET",))
@@ -106,6 +121,8 @@ class Dispatcher:
             return web.json_response({"ok": ok, "reason": reason}, status=200 if ok else 503)
         if path == "/health" and request.method == "GET":
             return web.json_response({**self.health(), "time": time.time()})
+        if path.startswith("/_admin/") and self.admin is not None:
+            return await self.admin(request, path)
         return web.json_response({"error": "not found"}, status=404)
 
 
@@ -116,9 +133,12 @@ def _method_not_allowed(methods) -> web.Response:
 
 
 def create_server(registry: Registry, uploads: Uploads, health: Callable[[], dict],
-                  ping: Callable[[], tuple[bool, str]], access_log: logging.Logger | None) -> web.Server:
+                  ping: Callable[[], tuple[bool, str]], access_log: logging.Logger | None,
+                  admin: AdminApi | None = None, writable: Callable[[], tuple[bool, str]] | None = None,
+                  readonly: Callable[[], bool] | None = None) -> web.Server:
     # A larger read buffer lets the socket keep filling while a writer thread
     # hashes and stores the previous megabyte of an upload.
-    return web.Server(Dispatcher(registry, uploads, health, ping), access_log=access_log,
+    return web.Server(Dispatcher(registry, uploads, health, ping, admin, writable, readonly),
+                      access_log=access_log,
                       read_bufsize=READ_BUFFER, max_field_size=MAX_HEADER_FIELD,
                       keepalive_timeout=KEEPALIVE_SECONDS)

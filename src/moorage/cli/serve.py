@@ -1,4 +1,4 @@
-"""`moorage serve`: run one replica in the foreground until SIGTERM."""
+"""`moorage serve`: run one replica in the foreground until SIGTERM (or removal)."""
 
 from __future__ import annotations
 
@@ -9,42 +9,64 @@ import logging
 import os
 import signal
 import socket
+import sys
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 
-import msgspec
 from aiohttp import web
 
 from moorage import __version__, logs
+from moorage.api.admin import AdminApi
 from moorage.api.app import create_server
 from moorage.cli.main import CliError
+from moorage.cluster import replicas
 from moorage.cluster.etcd_member import EtcdError, EtcdMember
 from moorage.cluster.identity import Identity, load_or_create
 from moorage.cluster.membership import track_solo
-from moorage.meta.etcd import EtcdClient, EtcdUnavailable
+from moorage.cluster.service import ClusterService
+from moorage.cluster.settings import SETTINGS, ClusterSettings
+from moorage.meta import keys
+from moorage.meta.etcd import EtcdClient, EtcdUnavailable, Event
 from moorage.meta.index import Index
 from moorage.meta.store import MetaStore
 from moorage.registry.service import Registry
 from moorage.registry.sessions import STATE_SECONDS, Sessions
 from moorage.registry.uploads import Uploads
+from moorage.registry.users import Users
 from moorage.storage.filesystem import FilesystemDriver
 
 log = logging.getLogger("moorage.serve")
 
 DRAIN_SECONDS = 30.0
+QUORUM_PROBE_SECONDS = 1.0
+# Without a successful linearizable read for this long, the replica reports
+# itself unhealthy and refuses writes at once instead of letting them time out.
+QUORUM_GRACE_SECONDS = 3.0
+PROMOTE_SECONDS = 120.0
+
+
+def add_replica_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", type=Path, default=Path("./moorage-data"),
+                   help="where this replica keeps its identity and etcd data (default: ./moorage-data)")
+    p.add_argument("--listen", default="127.0.0.1:5000", help="HOST:PORT to serve on (default: 127.0.0.1:5000)")
+    p.add_argument("--advertise", default=None,
+                   help="host other replicas and clients reach this one at (default: the listen host)")
+    p.add_argument("--etcd-client-port", type=int, default=None, help="etcd client port (default: 2379)")
+    p.add_argument("--etcd-peer-port", type=int, default=None, help="etcd peer port (default: 2380)")
+    p.add_argument("--storage-dir", type=Path, default=None,
+                   help="blob storage directory, shared by all replicas (default: DATA_DIR/blobs)")
 
 
 def register(commands) -> None:
     p = commands.add_parser("serve", help="run a replica in the foreground",
                             description="Run a Moorage replica in the foreground. The first start creates "
                                         "a cluster of one; later starts reuse DATA_DIR.")
-    p.add_argument("--data-dir", type=Path, default=Path("./moorage-data"),
-                   help="where this replica keeps its identity and etcd data (default: ./moorage-data)")
-    p.add_argument("--listen", default="127.0.0.1:5000", help="HOST:PORT to serve on (default: 127.0.0.1:5000)")
-    p.add_argument("--etcd-client-port", type=int, default=None, help="etcd client port (default: 2379)")
-    p.add_argument("--etcd-peer-port", type=int, default=None, help="etcd peer port (default: 2380)")
-    p.add_argument("--storage-dir", type=Path, default=None,
-                   help="blob storage directory, shared by all replicas (default: DATA_DIR/blobs)")
+    add_replica_options(p)
+    p.add_argument("--admin-password-file", type=Path, default=None,
+                   help="the admin's password on the first start (else $MOORAGE_ADMIN_PASSWORD, "
+                        "else one is generated and printed once)")
     p.set_defaults(run=run)
 
 
@@ -67,30 +89,62 @@ def check_ports_free(ports: list[tuple[str, int, str]]) -> None:
                 raise CliError(f"{what} {host}:{port} {reason}") from None
 
 
+def admin_password(args: argparse.Namespace) -> str | None:
+    path = getattr(args, "admin_password_file", None)
+    if path is not None:
+        try:
+            return path.read_text().strip() or None
+        except OSError as e:
+            raise CliError(f"cannot read --admin-password-file {path}: {e.strerror}") from None
+    return os.environ.get("MOORAGE_ADMIN_PASSWORD") or None
+
+
 def run(args: argparse.Namespace) -> int:
     logs.setup(args.log_level)
-    host, port = parse_listen(args.listen)
+    return run_replica(Replica(args))
+
+
+def run_replica(replica: "Replica") -> int:
     try:
-        return asyncio.run(Replica(args.data_dir, host, port, args).run())
+        return asyncio.run(replica.run())
     except EtcdError as e:
         raise CliError(str(e)) from None
 
 
 class Replica:
-    """One replica's process: etcd member, index, registry, HTTP server."""
+    """One replica's process: etcd member, index, registry, HTTP server.
 
-    def __init__(self, data_dir: Path, host: str, port: int, args: argparse.Namespace):
-        self.data_dir = data_dir.resolve()
-        self.host, self.port = host, port
+    `promote` is set by `join`: the first start waits, as a learner, until
+    the cluster has promoted this replica's member before serving.
+    """
+
+    def __init__(self, args: argparse.Namespace, promote: Callable[[int], Awaitable[bool]] | None = None,
+                 on_serving: Callable[[Identity], Awaitable[None]] | None = None):
         self.args = args
+        self.data_dir = args.data_dir.resolve()
+        self.host, self.port = parse_listen(args.listen)
+        self.promote = promote
+        self.on_serving = on_serving
         self.identity: Identity | None = None
         self.index: Index | None = None
+        self.settings = ClusterSettings()
         self.started = time.time()
+        self.quorum_ok_at = 0.0
+        self.stop = asyncio.Event()
+        self.removed = False
+
+    # -- health ----------------------------------------------------------------
+
+    def writable(self) -> tuple[bool, str]:
+        if time.monotonic() - self.quorum_ok_at > QUORUM_GRACE_SECONDS:
+            return False, "no etcd quorum: this replica cannot reach a majority of the cluster"
+        return True, ""
 
     def ping(self) -> tuple[bool, str]:
         if self.index is None or not self.index.watch_healthy:
             return False, "metadata watch is down: etcd unreachable"
-        return True, "serving"
+        ok, reason = self.writable()
+        return (ok, reason) if not ok else (True, "serving")
 
     def health(self) -> dict:
         assert self.identity is not None and self.index is not None
@@ -101,36 +155,98 @@ class Replica:
             "healthy": ok,
             "reason": reason,
             "metadata_revision": self.index.applied,
+            "config_revision": self.settings.revision,
+            "settings": self.settings.values,
             "repositories": len(self.index.repos),
             "blobs": len(self.index.blobs),
             "uptime_seconds": round(time.time() - self.started, 1),
         }
 
+    async def _probe_quorum(self, client: EtcdClient) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(client.revision(), QUORUM_PROBE_SECONDS)
+                self.quorum_ok_at = time.monotonic()
+            except (EtcdUnavailable, asyncio.TimeoutError):
+                pass
+            await asyncio.sleep(QUORUM_PROBE_SECONDS)
+
+    # -- settings and removal ----------------------------------------------------
+
+    def _apply_setting(self, registry: Registry, key: str, value) -> None:
+        if key == "log.level":
+            logging.getLogger().setLevel(value.upper())
+        elif key == "upload.max_blob_bytes":
+            registry.limits = replace(registry.limits, max_blob_bytes=value)
+        elif key == "upload.max_manifest_bytes":
+            registry.limits = replace(registry.limits, max_manifest_bytes=value)
+        log.info("cluster setting applied", extra={"key": key, "value": value})
+
+    def _replica_event(self, event: Event) -> None:
+        assert self.identity is not None
+        if event.deleted and event.kv.key == keys.replica(self.identity.replica_id):
+            self._removed()
+
+    def _removed(self) -> None:
+        if not self.removed:
+            self.removed = True
+            log.warning("this replica was removed from the cluster; shutting down")
+            self.stop.set()
+
+    # -- life ------------------------------------------------------------------
+
     async def run(self) -> int:
-        identity, created = load_or_create(self.data_dir, self.args.storage_dir,
-                                           self.args.etcd_client_port, self.args.etcd_peer_port)
+        args = self.args
+        identity, created = load_or_create(self.data_dir, args.storage_dir, args.etcd_client_port,
+                                           args.etcd_peer_port, args.advertise)
         self.identity = identity
         check_ports_free([(self.host, self.port, "the listen address"),
-                          ("127.0.0.1", identity.etcd_client_port, "the etcd client port"),
-                          ("127.0.0.1", identity.etcd_peer_port, "the etcd peer port")])
+                          (identity.advertise, identity.etcd_client_port, "the etcd client port"),
+                          (identity.advertise, identity.etcd_peer_port, "the etcd peer port")])
         storage = FilesystemDriver(Path(identity.storage_dir))
         member = EtcdMember(
-            name=identity.replica_id, data_dir=self.data_dir / "etcd",
+            name=identity.replica_id, data_dir=self.data_dir / "etcd", host=identity.advertise,
             client_port=identity.etcd_client_port, peer_port=identity.etcd_peer_port,
-            cluster_token=identity.cluster_token, log_path=self.data_dir / "etcd.log")
+            cluster_token=identity.cluster_token, log_path=self.data_dir / "etcd.log",
+            initial_cluster=identity.initial_cluster, member_id=identity.member_id)
         await member.start()
         client = EtcdClient(member.endpoint)
-        runner = membership = None
+        runner = None
+        tasks: list[asyncio.Task] = []
         try:
+            if self.promote is not None and identity.member_id is not None:
+                await self._await_promotion(identity.member_id)
             self.index = Index(client)
+            self.index.subscribe(keys.CONFIG, self.settings.apply)
+            self.index.subscribe(keys.REPLICA, self._replica_event)
             await self.index.start()
+            self.quorum_ok_at = time.monotonic()  # the index just read from etcd
             store = MetaStore(client, self.index, tombstone_seconds=2 * STATE_SECONDS)
             registry = Registry(store, storage)
+            for key, value in self.settings.values.items():  # what the index loaded
+                if value != SETTINGS[key].default:
+                    self._apply_setting(registry, key, value)
+            self.settings.on_change(lambda k, v: self._apply_setting(registry, k, v))
+            users = Users(client)
+            generated = await users.ensure_admin(admin_password(args))
+            if generated:
+                print(f"moorage: created the user admin with the password {generated} "
+                      "(shown once; keep it safe)", file=sys.stderr, flush=True)
             uploads = Uploads(registry, Sessions(store, await store.secret("upload-state")))
-            membership = asyncio.create_task(track_solo(client, self.index, identity.replica_id))
+            cluster = ClusterService(client, self.index, self.settings, Path(identity.storage_dir),
+                                     identity.replica_id, identity.cluster_token)
+            url = f"http://{self._advertised_host()}:{self.port}"
+            record = replicas.new_record(identity.replica_id, url, member.peer_url, member.client_url)
+            tasks = [
+                asyncio.create_task(track_solo(client, self.index, identity.replica_id)),
+                asyncio.create_task(self._probe_quorum(client)),
+                asyncio.create_task(self._heartbeat(client, record)),
+            ]
             debug = logging.getLogger().isEnabledFor(logging.DEBUG)
             server = create_server(registry, uploads, self.health, self.ping,
-                                   logging.getLogger("aiohttp.access") if debug else None)
+                                   logging.getLogger("aiohttp.access") if debug else None,
+                                   admin=AdminApi(cluster, users), writable=self.writable,
+                                   readonly=lambda: self.settings["readonly"])
             runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=5.0)
             await runner.setup()
             site = web.TCPSite(runner, self.host, self.port, backlog=1024, reuse_address=True)
@@ -139,25 +255,56 @@ class Replica:
             except OSError as e:
                 reason = "is already in use" if e.errno == errno.EADDRINUSE else f"cannot be used: {e.strerror}"
                 raise CliError(f"the listen address {self.host}:{self.port} {reason}") from None
-            await self._announce(client)
+            if identity.initial_cluster is not None:
+                identity.initial_cluster = identity.member_id = None  # joined: plain restarts from now on
+                identity.save(self.data_dir)
             log.info("moorage serving", extra={
-                "url": f"http://{self.host}:{self.port}", "replica_id": identity.replica_id,
-                "new_cluster": created, "storage_dir": identity.storage_dir,
-                "data_dir": str(self.data_dir), "pid": os.getpid()})
-            await self._wait_for_signal()
+                "url": url, "replica_id": identity.replica_id, "new_cluster": created,
+                "storage_dir": identity.storage_dir, "data_dir": str(self.data_dir), "pid": os.getpid()})
+            if self.on_serving is not None:
+                asyncio.create_task(self.on_serving(identity))
+            await self._wait_for_stop()
             log.info("draining requests in flight", extra={"timeout_seconds": DRAIN_SECONDS})
             await self._drain(runner, server)
         finally:
+            for task in tasks:
+                task.cancel()
             if runner is not None:
                 await runner.cleanup()
-            if membership is not None:
-                membership.cancel()
             if self.index is not None:
                 await self.index.stop()
             await client.close()
             await member.stop()
-        log.info("moorage stopped")
+        log.info("moorage stopped", extra={"removed": self.removed})
         return 0
+
+    def _advertised_host(self) -> str:
+        assert self.identity is not None
+        if self.args.advertise:
+            return self.args.advertise
+        return self.host if self.host not in ("0.0.0.0", "::") else self.identity.advertise
+
+    async def _await_promotion(self, member_id: int) -> None:
+        """As a new learner: ask the cluster to promote us until it has caught us up."""
+        assert self.promote is not None
+        deadline = time.monotonic() + PROMOTE_SECONDS
+        delay = 0.2
+        while not await self.promote(member_id):
+            if time.monotonic() > deadline:
+                raise CliError(f"this replica's etcd member did not catch up within {PROMOTE_SECONDS:.0f}s; "
+                               "see DATA_DIR/etcd.log")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    async def _heartbeat(self, client: EtcdClient, record: replicas.ReplicaRecord) -> None:
+        await replicas.heartbeat(client, record)
+        self._removed()  # the heartbeat ends only when our record was deleted
+
+    async def _wait_for_stop(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop.set)
+        await self.stop.wait()
 
     @staticmethod
     async def _drain(runner: web.ServerRunner, server: web.Server) -> None:
@@ -174,22 +321,3 @@ class Replica:
         while time.monotonic() < deadline and any(
                 getattr(conn, "_request_in_progress", False) for conn in server.connections):
             await asyncio.sleep(0.05)
-
-    async def _announce(self, client: EtcdClient) -> None:
-        """Record this replica in etcd, for `status` and the load balancer tooling."""
-        assert self.identity is not None
-        record = {"id": self.identity.replica_id, "url": f"http://{self.host}:{self.port}",
-                  "version": __version__, "started": self.started, "pid": os.getpid()}
-        try:
-            await client.put(f"/moorage/replica/{self.identity.replica_id}".encode(),
-                             msgspec.json.encode(record))
-        except EtcdUnavailable as e:
-            log.warning("could not record this replica in etcd", extra={"error": str(e)})
-
-    @staticmethod
-    async def _wait_for_signal() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()

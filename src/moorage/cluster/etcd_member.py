@@ -44,6 +44,7 @@ class EtcdMember:
     cluster_token: str = "moorage"
     initial_cluster: str | None = None      # None: this member alone
     log_path: Path | None = None
+    member_id: int | None = None            # known when joining as a learner
     proc: asyncio.subprocess.Process | None = field(default=None, init=False)
     _stopping: bool = field(default=False, init=False)
     _supervisor: asyncio.Task | None = field(default=None, init=False)
@@ -117,9 +118,14 @@ class EtcdMember:
                 try:
                     status = await client.status()
                     # Whoever answers must be our own member, not another
-                    # replica's etcd that happens to hold the port.
-                    members = {m.ID: m.name for m in await client.members()}
-                    if members.get(status.header.member_id) != self.name:
+                    # replica's etcd that happens to hold the port. A learner
+                    # cannot list members; it is ours if it has our member id.
+                    if status.isLearner:
+                        ours = status.header.member_id == self.member_id
+                    else:
+                        members = {m.ID: m.name for m in await client.members()}
+                        ours = members.get(status.header.member_id) == self.name
+                    if not ours:
                         raise EtcdError(f"the etcd answering on port {self.client_port} belongs to "
                                         "another replica; choose other --etcd-client-port/--etcd-peer-port")
                     return

@@ -24,6 +24,10 @@ class Identity:
     storage_dir: str
     etcd_client_port: int
     etcd_peer_port: int
+    advertise: str = "127.0.0.1"
+    # Set by `join` for the first start only: how to reach the existing members.
+    initial_cluster: str | None = None
+    member_id: int | None = None
 
     @staticmethod
     def new_id() -> str:
@@ -43,7 +47,7 @@ class Identity:
 
 
 def load_or_create(data_dir: Path, storage_dir: Path | None, client_port: int | None,
-                   peer_port: int | None) -> tuple[Identity, bool]:
+                   peer_port: int | None, advertise: str | None = None) -> tuple[Identity, bool]:
     """The replica's identity; flags given on this start override what was saved."""
     data_dir.mkdir(parents=True, exist_ok=True)
     found = Identity.load(data_dir)
@@ -53,8 +57,11 @@ def load_or_create(data_dir: Path, storage_dir: Path | None, client_port: int | 
         found = Identity(
             replica_id=replica_id, cluster_token=f"moorage-{replica_id}", created=time.time(),
             storage_dir=str((storage_dir or data_dir / "blobs").resolve()),
-            etcd_client_port=client_port or 2379, etcd_peer_port=peer_port or 2380)
+            etcd_client_port=client_port or 2379, etcd_peer_port=peer_port or 2380,
+            advertise=advertise or "127.0.0.1")
     else:
+        if advertise is not None:
+            found.advertise = advertise
         if storage_dir is not None:
             found.storage_dir = str(storage_dir.resolve())
         if client_port is not None:

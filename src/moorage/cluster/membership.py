@@ -1,9 +1,17 @@
-"""Watching the etcd membership: who else may write to the metadata."""
+"""The etcd membership behind the replicas: adding, promoting, removing, judging.
+
+N voting members tolerate floor((N-1)/2) failures. New members join as
+learners (non-voting) and are promoted once caught up, so a slow join never
+costs quorum.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
+
+from aetcd import rpc
 
 from moorage.meta.etcd import EtcdClient, EtcdUnavailable
 from moorage.meta.index import Index
@@ -11,6 +19,74 @@ from moorage.meta.index import Index
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 2.0
+
+
+def quorum(voters: int) -> int:
+    return voters // 2 + 1
+
+
+def tolerates(voters: int, healthy: int | None = None) -> int:
+    """Failures the cluster can still take: with all voters healthy, or with `healthy` of them."""
+    up = voters if healthy is None else healthy
+    return max(up - quorum(voters), 0)
+
+
+@dataclass
+class MemberState:
+    id: int
+    name: str
+    peer_url: str
+    client_url: str
+    learner: bool
+    reachable: bool = False
+    leader: bool = False
+    raft_index: int = 0
+    version: str = ""
+
+
+async def add_learner(client: EtcdClient, peer_url: str) -> tuple[int, list]:
+    resp = await client.call_cluster("MemberAdd", rpc.MemberAddRequest(peerURLs=[peer_url], isLearner=True))
+    return resp.member.ID, list(resp.members)
+
+
+async def promote(client: EtcdClient, member_id: int) -> bool:
+    """Promote a learner; False while it has not caught up with the leader."""
+    try:
+        await client.call_cluster("MemberPromote", rpc.MemberPromoteRequest(ID=member_id))
+        return True
+    except EtcdUnavailable as e:
+        if "in sync" in str(e) or "not ready" in str(e):
+            return False
+        raise
+
+
+async def remove(client: EtcdClient, member_id: int) -> None:
+    await client.call_cluster("MemberRemove", rpc.MemberRemoveRequest(ID=member_id))
+
+
+async def states(client: EtcdClient) -> list[MemberState]:
+    """Every member with what its own endpoint says (role, raft index), probed in parallel."""
+    members = await client.members()
+    found = [MemberState(m.ID, m.name, (list(m.peerURLs) or [""])[0], (list(m.clientURLs) or [""])[0],
+                         m.isLearner) for m in members]
+
+    async def probe(state: MemberState) -> None:
+        if not state.client_url:
+            return
+        other = EtcdClient(state.client_url.removeprefix("http://"), timeout=1.0)
+        try:
+            status = await other.status()
+            state.reachable = True
+            state.leader = status.leader == state.id
+            state.raft_index = status.raftIndex
+            state.version = status.version
+        except EtcdUnavailable:
+            pass
+        finally:
+            await other.close()
+
+    await asyncio.gather(*(probe(s) for s in found))
+    return found
 
 
 async def track_solo(client: EtcdClient, index: Index, member_name: str) -> None:

@@ -219,6 +219,10 @@ class EtcdClient:
     async def status(self):
         return await self._call(self._maintenance.Status, rpc.StatusRequest())
 
+    async def call_cluster(self, method: str, request):
+        """A Cluster service call (MemberAdd, MemberPromote, MemberRemove)."""
+        return await self._call(getattr(self._cluster, method), request)
+
     async def members(self):
         resp = await self._call(self._cluster.MemberList, rpc.MemberListRequest())
         return list(resp.members)

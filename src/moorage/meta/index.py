@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from moorage.meta import keys
@@ -72,6 +73,12 @@ class Index:
         self.watch_healthy = False
         self._solo = False
         self.solo_epoch = 0
+        self._subscribers: list[tuple[bytes, Callable[[Event], None]]] = []
+
+    def subscribe(self, prefix: bytes, callback: Callable[[Event], None]) -> None:
+        """Call `callback` for every change under `prefix` (keys the index itself ignores),
+        in revision order, including those already present when the index loads."""
+        self._subscribers.append((prefix, callback))
 
     @property
     def solo(self) -> bool:
@@ -163,6 +170,12 @@ class Index:
                 self.blobs[digest] = _blob.decode(ev.kv.value)
             return
         if not key.startswith(keys.REPO):
+            for prefix, callback in self._subscribers:
+                if key.startswith(prefix):
+                    try:
+                        callback(ev)
+                    except Exception:  # a subscriber's bug must not stop the index
+                        log.exception("index subscriber failed", extra={"key": key[:200]})
             return
         rk = keys.parse_repo_key(key)
         if rk is None:

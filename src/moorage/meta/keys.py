@@ -7,6 +7,9 @@
     /moorage/repo/<name>@referrer/<subject>/<digest> Referrer descriptor
     /moorage/upload/<id>                             UploadRecord, or a tombstone
     /moorage/secret/<name>                           a cluster-wide random secret
+    /moorage/user/<name>                             a user (argon2id hash)
+    /moorage/replica/<id>                            a replica's record and heartbeat
+    /moorage/config/<key>                            a cluster setting (JSON value)
 
 Repository names may contain "/", never "@", so "@" ends the name and a
 prefix scan of "<name>@" never strays into "<name>/other".
@@ -21,6 +24,9 @@ BLOB = ROOT + b"blob/"
 REPO = ROOT + b"repo/"
 UPLOAD = ROOT + b"upload/"
 SECRET = ROOT + b"secret/"
+USER = ROOT + b"user/"
+REPLICA = ROOT + b"replica/"
+CONFIG = ROOT + b"config/"
 
 
 def blob(digest: str) -> bytes:
@@ -53,6 +59,18 @@ def upload(upload_id: str) -> bytes:
 
 def secret(name: str) -> bytes:
     return SECRET + name.encode()
+
+
+def user(name: str) -> bytes:
+    return USER + name.encode()
+
+
+def replica(replica_id: str) -> bytes:
+    return REPLICA + replica_id.encode()
+
+
+def config(key: str) -> bytes:
+    return CONFIG + key.encode()
 
 
 @dataclass(frozen=True, slots=True)

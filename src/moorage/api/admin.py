@@ -1,0 +1,125 @@
+"""The admin API under /_admin/: cluster membership, status and settings.
+
+Every call needs the admin's credentials (HTTP Basic). Errors are JSON
+objects with one sentence in `error`, which the CLI prints as is.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+
+import msgspec
+from aiohttp import web
+
+from moorage.api.http import read_bounded
+from moorage.cluster.service import ClusterError, ClusterService
+from moorage.registry.errors import TooLarge
+from moorage.registry.users import Users
+
+MAX_BODY = 64 << 10
+STATUS = {"invalid": 400, "unknown": 404, "refused": 409, "unavailable": 503}
+
+
+def _json(body, status: int = 200) -> web.Response:
+    return web.Response(body=msgspec.json.encode(body), status=status, content_type="application/json")
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    response = _json({"error": message}, status)
+    if headers:
+        response.headers.update(headers)
+    return response
+
+
+class AdminApi:
+    def __init__(self, cluster: ClusterService, users: Users):
+        self.cluster = cluster
+        self.users = users
+        c = cluster
+        self.routes: list[tuple[str, re.Pattern, object]] = [
+            ("GET", re.compile(r"^/_admin/cluster/status$"), lambda r, b: c.status()),
+            ("POST", re.compile(r"^/_admin/cluster/join$"),
+             lambda r, b: c.join(_str(b, "replica_id"), _str(b, "peer_url"))),
+            ("POST", re.compile(r"^/_admin/cluster/promote$"),
+             lambda r, b: self._promoted(c.promote(_int(b, "member_id")))),
+            ("POST", re.compile(r"^/_admin/cluster/abandon$"),
+             lambda r, b: self._done(c.abandon_join(_int(b, "member_id")))),
+            ("DELETE", re.compile(r"^/_admin/cluster/replicas/([0-9a-f]{1,64})$"),
+             lambda r, b, rid: c.remove(rid, r.query.get("force", "") in ("1", "true", "yes"))),
+            ("GET", re.compile(r"^/_admin/config$"), lambda r, b: _now(c.settings_view())),
+            ("PUT", re.compile(r"^/_admin/config/([a-z0-9_.]{1,64})$"),
+             lambda r, b, key: c.set_setting(key, b.get("value") if isinstance(b, dict) else None)),
+            ("DELETE", re.compile(r"^/_admin/config/([a-z0-9_.]{1,64})$"),
+             lambda r, b, key: c.unset_setting(key)),
+        ]
+
+    @staticmethod
+    async def _promoted(operation) -> dict:
+        return {"promoted": await operation}
+
+    @staticmethod
+    async def _done(operation) -> dict:
+        await operation
+        return {"ok": True}
+
+    async def __call__(self, request: web.BaseRequest, path: str) -> web.Response:
+        if not await self._is_admin(request):
+            return _error(401, "admin credentials are required",
+                          {"WWW-Authenticate": 'Basic realm="moorage admin"'})
+        for method, pattern, handler in self.routes:
+            m = pattern.match(path)
+            if m is None:
+                continue
+            if request.method != method:
+                continue
+            try:
+                body = msgspec.json.decode(await read_bounded(request, MAX_BODY)) if request.can_read_body else {}
+            except (msgspec.DecodeError, TooLarge):
+                return _error(400, "the request body must be a JSON object of at most 64 KiB")
+            try:
+                return _json(await handler(request, body, *m.groups()))
+            except ClusterError as e:
+                return _error(STATUS.get(e.kind, 500), e.message)
+            except _BadField as e:
+                return _error(400, str(e))
+        if any(p.match(path) for _, p, _ in self.routes):
+            return _error(405, f"{request.method} is not allowed on {path}")
+        return _error(404, f"no admin endpoint {path}")
+
+    async def _is_admin(self, request: web.BaseRequest) -> bool:
+        header = request.headers.get("Authorization", "")
+        if not header.startswith("Basic "):
+            return False
+        try:
+            name, _, password = base64.b64decode(header[6:], validate=True).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            return False
+        try:
+            user = await self.users.verify(name, password)
+        except Exception:  # etcd down: nobody can be verified
+            return False
+        return user is not None and user.admin
+
+
+class _BadField(ValueError):
+    pass
+
+
+async def _now(value):
+    return value
+
+
+def _str(body, field: str) -> str:
+    value = body.get(field) if isinstance(body, dict) else None
+    if not isinstance(value, str) or not value or len(value) > 512:
+        raise _BadField(f"{field} is required (a string)")
+    return value
+
+
+def _int(body, field: str) -> int:
+    value = body.get(field) if isinstance(body, dict) else None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _BadField(f"{field} is required (an integer)")
+    return value

@@ -1,0 +1,183 @@
+"""Cluster operations a replica performs for an admin: join, promote, remove, status, settings.
+
+The HTTP side (authentication, JSON) is the api layer's; this module decides
+what is allowed and does it through etcd.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgspec
+
+from moorage.cluster import membership, replicas, settings
+from moorage.cluster.settings import ClusterSettings, SettingError
+from moorage.meta.etcd import EtcdClient, EtcdUnavailable
+from moorage.meta.index import Index
+
+PING_TIMEOUT = 1.5
+
+
+class ClusterError(Exception):
+    """A refused or failed cluster operation; `kind` is refused, unknown, unavailable or invalid."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+def proof_name(replica_id: str) -> str:
+    return f"join-{replica_id}"
+
+
+class ClusterService:
+    def __init__(self, client: EtcdClient, index: Index, cluster_settings: ClusterSettings,
+                 storage_root: Path, replica_id: str, cluster_token: str):
+        self.client = client
+        self.index = index
+        self.settings = cluster_settings
+        self.storage_root = storage_root
+        self.replica_id = replica_id
+        self.cluster_token = cluster_token
+
+    async def _etcd(self, operation):
+        try:
+            return await operation
+        except EtcdUnavailable as e:
+            raise ClusterError("unavailable", f"the cluster's metadata store cannot be reached: {e}") from None
+
+    # -- join ----------------------------------------------------------------
+
+    async def join(self, replica_id: str, peer_url: str) -> dict[str, Any]:
+        """Add a learner member for a new replica and tell it how to start."""
+        members = await self._etcd(self.client.members())
+        if any(m.name == replica_id for m in members):
+            raise ClusterError("refused", f"replica {replica_id} is already a member")
+        if any(peer_url in m.peerURLs for m in members):
+            raise ClusterError("refused", f"peer address {peer_url} is already used by a member")
+        # From now on other processes will write metadata: reads must check.
+        self.index.solo = False
+        nonce = secrets.token_hex(16)
+        proof = self.storage_root / "cluster" / proof_name(replica_id)
+        proof.parent.mkdir(parents=True, exist_ok=True)
+        await asyncio.get_running_loop().run_in_executor(None, proof.write_text, nonce)
+        member_id, members = await self._etcd(membership.add_learner(self.client, peer_url))
+        initial = ",".join(f"{m.name or replica_id}={m.peerURLs[0]}" for m in members if m.peerURLs)
+        return {"member_id": member_id, "initial_cluster": initial, "cluster_token": self.cluster_token,
+                "storage_proof": {"file": f"cluster/{proof_name(replica_id)}", "nonce": nonce}}
+
+    async def promote(self, member_id: int) -> bool:
+        return await self._etcd(membership.promote(self.client, member_id))
+
+    async def abandon_join(self, member_id: int) -> None:
+        """Undo a join that could not complete (the new replica refused to serve)."""
+        members = await self._etcd(self.client.members())
+        if any(m.ID == member_id and m.isLearner for m in members):
+            await self._etcd(membership.remove(self.client, member_id))
+
+    # -- remove --------------------------------------------------------------
+
+    async def remove(self, replica_id: str, force: bool) -> dict[str, Any]:
+        states = await self._etcd(membership.states(self.client))
+        target = next((s for s in states if s.name == replica_id), None)
+        records = await self._etcd(replicas.all_records(self.client))
+        if target is None and replica_id not in records:
+            raise ClusterError("unknown", f"no replica {replica_id} in this cluster")
+        voters = [s for s in states if not s.learner]
+        if target is not None and len(states) == 1:
+            raise ClusterError("refused", "this is the last replica; removing it would end the cluster")
+        if target is not None and not target.learner:
+            remaining = [s for s in voters if s.id != target.id]
+            healthy = sum(1 for s in remaining if s.reachable)
+            if healthy < membership.quorum(len(remaining)) and not force:
+                raise ClusterError(
+                    "refused", f"after removing {replica_id}, {healthy} of {len(remaining)} remaining "
+                    f"replicas are healthy and {membership.quorum(len(remaining))} are needed for quorum; "
+                    "bring replicas back first, or use --force")
+        if target is not None:
+            await self._etcd(membership.remove(self.client, target.id))
+        await self._etcd(replicas.forget(self.client, replica_id))
+        left = len(voters) - (1 if target is not None and not target.learner else 0)
+        return {"removed": replica_id, "replicas": left, "tolerates": membership.tolerates(left)}
+
+    # -- status --------------------------------------------------------------
+
+    async def status(self) -> dict[str, Any]:
+        states = await self._etcd(membership.states(self.client))
+        records = await self._etcd(replicas.all_records(self.client))
+        pings = await _ping_all([r.url for r in records.values()])
+        leader_index = max((s.raft_index for s in states if s.leader), default=0)
+        rows = []
+        names = {s.name for s in states}
+        for s in states:
+            record = records.get(s.name)
+            api = pings.get(record.url) if record else None
+            rows.append({
+                "id": s.name or "(joining)", "url": record.url if record else None,
+                "healthy": bool(api and api[0] and s.reachable), "api": api[1] if api else "unknown",
+                "role": "learner" if s.learner else "leader" if s.leader else "follower",
+                "etcd_reachable": s.reachable, "lag": max(leader_index - s.raft_index, 0) if s.reachable else None,
+                "version": record.version if record else None,
+                "last_seen": record.seen if record else None,
+                "member_id": f"{s.id:x}",
+            })
+        for rid, record in records.items():  # a record without a member: being removed or joining
+            if rid not in names:
+                api = pings.get(record.url)
+                rows.append({"id": rid, "url": record.url, "healthy": False,
+                             "api": api[1] if api else "unknown", "role": "none", "etcd_reachable": False,
+                             "lag": None, "version": record.version, "last_seen": record.seen,
+                             "member_id": None})
+        voters = [s for s in states if not s.learner]
+        healthy_voters = sum(1 for r, s in zip(rows, states) if not s.learner and r["healthy"])
+        return {"replicas": rows, "voters": len(voters),
+                "healthy": sum(1 for r in rows if r["healthy"]),
+                "tolerates": membership.tolerates(len(voters), healthy_voters),
+                "tolerates_when_healthy": membership.tolerates(len(voters)),
+                "quorum": healthy_voters >= membership.quorum(len(voters)),
+                "time": time.time()}
+
+    # -- settings ------------------------------------------------------------
+
+    def settings_view(self) -> dict[str, Any]:
+        return {"settings": {k: {"value": self.settings[k], "help": s.help}
+                             for k, s in settings.SETTINGS.items()},
+                "revision": self.settings.revision}
+
+    async def set_setting(self, key: str, raw: Any) -> dict[str, Any]:
+        try:
+            value, revision = await self._etcd(settings.set_value(self.client, key, raw))
+        except SettingError as e:
+            raise ClusterError("invalid", str(e)) from None
+        await self.index.wait_applied(revision)
+        return {"key": key, "value": value, "revision": revision}
+
+    async def unset_setting(self, key: str) -> dict[str, Any]:
+        try:
+            revision = await self._etcd(settings.unset_value(self.client, key))
+        except SettingError as e:
+            raise ClusterError("invalid", str(e)) from None
+        await self.index.wait_applied(revision)
+        return {"key": key, "value": settings.SETTINGS[key].default, "revision": revision}
+
+
+async def _ping_all(urls: list[str]) -> dict[str, tuple[bool, str]]:
+    """GET /_ping on each replica: (ok, reason)."""
+    timeout = aiohttp.ClientTimeout(total=PING_TIMEOUT)
+
+    async def ping(session: aiohttp.ClientSession, url: str) -> tuple[str, tuple[bool, str]]:
+        try:
+            async with session.get(url + "/_ping") as r:
+                body = msgspec.json.decode(await r.read())
+                return url, (r.status == 200, body.get("reason", ""))
+        except (aiohttp.ClientError, asyncio.TimeoutError, msgspec.DecodeError, OSError) as e:
+            return url, (False, f"unreachable: {type(e).__name__}")
+
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        return dict(await asyncio.gather(*(ping(session, u) for u in urls)))

@@ -1,0 +1,118 @@
+"""Cluster-wide settings: set once through any replica, applied by every replica.
+
+Each setting is a key in etcd. Replicas learn of changes through the same
+watch that feeds their index, so a change is applied everywhere within the
+watch's latency (milliseconds), without a restart. Each replica reports the
+revision it has applied in /health.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from moorage.meta import keys
+from moorage.meta.etcd import EtcdClient, Event, op_delete
+
+log = logging.getLogger(__name__)
+
+
+class SettingError(ValueError):
+    """A setting name or value the cluster does not accept; says why in one sentence."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    kind: type
+    default: Any
+    help: str
+    choices: tuple = ()
+    minimum: int | None = None
+
+    def parse(self, key: str, raw: Any) -> Any:
+        """A value from the CLI (a string) or from JSON, checked and typed."""
+        value = raw
+        if isinstance(raw, str) and self.kind is not str:
+            text = raw.strip().lower()
+            if self.kind is bool:
+                if text not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+                    raise SettingError(f"{key} takes true or false, not {raw!r}")
+                value = text in ("true", "1", "yes", "on")
+            else:
+                try:
+                    value = self.kind(text)
+                except ValueError:
+                    raise SettingError(f"{key} takes a whole number, not {raw!r}") from None
+        if not isinstance(value, self.kind) or (self.kind is int and isinstance(value, bool)):
+            raise SettingError(f"{key} takes a {self.kind.__name__}, not {raw!r}")
+        if self.choices and value not in self.choices:
+            raise SettingError(f"{key} takes one of {', '.join(self.choices)}, not {raw!r}")
+        if self.minimum is not None and value < self.minimum:
+            raise SettingError(f"{key} must be at least {self.minimum}, not {value}")
+        return value
+
+
+SETTINGS: dict[str, Setting] = {
+    "log.level": Setting(str, "info", "how much every replica logs",
+                         choices=("debug", "info", "warning", "error")),
+    "readonly": Setting(bool, False, "refuse every write with 405 UNSUPPORTED (maintenance)"),
+    "upload.max_blob_bytes": Setting(int, 1 << 40, "largest blob a push may upload", minimum=1),
+    "upload.max_manifest_bytes": Setting(int, 4 << 20, "largest manifest a push may store",
+                                         minimum=1024),
+    "token.lifetime_seconds": Setting(int, 300, "lifetime of issued bearer tokens", minimum=30),
+}
+
+
+def setting(key: str) -> Setting:
+    found = SETTINGS.get(key)
+    if found is None:
+        raise SettingError(f"unknown setting {key!r}; known: {', '.join(sorted(SETTINGS))}")
+    return found
+
+
+class ClusterSettings:
+    """This replica's view of the settings, kept current by the index's watch."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, Any] = {k: s.default for k, s in SETTINGS.items()}
+        self.revision = 0
+        self._listeners: list[Callable[[str, Any], None]] = []
+
+    def on_change(self, listener: Callable[[str, Any], None]) -> None:
+        self._listeners.append(listener)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.values[key]
+
+    def apply(self, event: Event) -> None:
+        key = event.kv.key[len(keys.CONFIG):].decode()
+        spec = SETTINGS.get(key)
+        if spec is None:
+            return  # written by a newer version; not ours to apply
+        if event.deleted:
+            value = spec.default
+        else:
+            try:
+                value = spec.parse(key, msgspec.json.decode(event.kv.value))
+            except (SettingError, msgspec.DecodeError) as e:
+                log.warning("ignoring an invalid cluster setting", extra={"key": key, "error": str(e)})
+                return
+        self.values[key] = value
+        self.revision = max(self.revision, event.kv.mod_revision)
+        for listener in self._listeners:
+            listener(key, value)
+
+
+async def set_value(client: EtcdClient, key: str, raw: Any) -> tuple[Any, int]:
+    """Validate and store a setting; returns the value and the revision it was written at."""
+    value = setting(key).parse(key, raw)
+    return value, await client.put(keys.config(key), msgspec.json.encode(value))
+
+
+async def unset_value(client: EtcdClient, key: str) -> int:
+    setting(key)
+    return (await client.txn([], [op_delete(keys.config(key))])).revision
