@@ -20,6 +20,10 @@ import httpx
 import pytest
 
 MOORAGE = [sys.executable, "-m", "moorage"]
+ADMIN_PASSWORD = "test-admin-password"
+# Every child replica and command gets the admin's credentials this way.
+ENV = {**os.environ, "MOORAGE_ADMIN_PASSWORD": ADMIN_PASSWORD,
+       "MOORAGE_USERNAME": "admin", "MOORAGE_PASSWORD": ADMIN_PASSWORD}
 
 
 def free_port() -> int:
@@ -38,6 +42,7 @@ class Registry:
     etcd_client_port: int = field(default_factory=free_port)
     etcd_peer_port: int = field(default_factory=free_port)
     extra_args: list[str] = field(default_factory=list)
+    join: str | None = None  # URL of a replica of the cluster to join on the first start
     proc: subprocess.Popen | None = None
     log_path: Path | None = None
 
@@ -54,8 +59,8 @@ class Registry:
         return self.storage_dir or (self.data_dir / "blobs")
 
     def command(self) -> list[str]:
-        cmd = MOORAGE + [
-            "serve",
+        joining = self.join is not None and not (self.data_dir / "replica.json").exists()
+        cmd = MOORAGE + (["join", "--existing", self.join] if joining else ["serve"]) + [
             "--data-dir", str(self.data_dir),
             "--listen", self.host,
             "--etcd-client-port", str(self.etcd_client_port),
@@ -70,7 +75,8 @@ class Registry:
         self.log_path = self.data_dir.parent / f"{self.data_dir.name}.log"
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            self.command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            self.command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=ENV,
+            stdin=subprocess.DEVNULL,
         )
         self.wait_ready(timeout)
         return self
@@ -114,12 +120,26 @@ class Registry:
             pass
         self.proc.wait()
 
+    @property
+    def replica_id(self) -> str:
+        import json
+        return json.loads((self.data_dir / "replica.json").read_text())["replica_id"]
+
     def restart(self) -> "Registry":
         self.stop()
         return self.start()
 
     def client(self, **kw) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=kw.pop("timeout", 30.0), **kw)
+
+
+def moorage(*args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a `moorage` command as a user would, with the admin's credentials in the environment."""
+    out = subprocess.run(MOORAGE + list(args), capture_output=True, text=True, timeout=timeout, env=ENV,
+                         stdin=subprocess.DEVNULL)
+    if check:
+        assert out.returncode == 0, f"moorage {' '.join(args)} exited {out.returncode}:\n{out.stderr}"
+    return out
 
 
 @pytest.fixture(scope="session")

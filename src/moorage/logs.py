@@ -33,5 +33,5 @@ def setup(level: str) -> None:
     root.setLevel(level.upper())
     # Libraries speak only when something is wrong, unless asked to tell all.
     if level.lower() != "debug":
-        for noisy in ("aiohttp.access", "grpc", "asyncio"):
+        for noisy in ("aiohttp.access", "grpc", "asyncio", "httpx", "httpcore"):
             logging.getLogger(noisy).setLevel(logging.WARNING)

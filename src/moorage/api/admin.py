@@ -15,6 +15,7 @@ from aiohttp import web
 
 from moorage.api.http import read_bounded
 from moorage.cluster.service import ClusterError, ClusterService
+from moorage.meta.etcd import EtcdUnavailable
 from moorage.registry.errors import TooLarge
 from moorage.registry.users import Users
 
@@ -65,7 +66,11 @@ class AdminApi:
         return {"ok": True}
 
     async def __call__(self, request: web.BaseRequest, path: str) -> web.Response:
-        if not await self._is_admin(request):
+        try:
+            admin = await self._is_admin(request)
+        except EtcdUnavailable as e:
+            return _error(503, f"cannot check credentials: this replica's etcd does not answer ({e})")
+        if not admin:
             return _error(401, "admin credentials are required",
                           {"WWW-Authenticate": 'Basic realm="moorage admin"'})
         for method, pattern, handler in self.routes:
@@ -96,10 +101,7 @@ class AdminApi:
             name, _, password = base64.b64decode(header[6:], validate=True).decode().partition(":")
         except (binascii.Error, UnicodeDecodeError):
             return False
-        try:
-            user = await self.users.verify(name, password)
-        except Exception:  # etcd down: nobody can be verified
-            return False
+        user = await self.users.verify(name, password)
         return user is not None and user.admin
 
 

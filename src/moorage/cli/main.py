@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from moorage import __version__
@@ -13,7 +14,7 @@ class CliError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from moorage.cli import serve
+    from moorage.cli import cluster, serve
 
     parser = argparse.ArgumentParser(
         prog="moorage", description="Moorage: a private OCI container registry that scales with replicas.")
@@ -22,10 +23,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how much to log (default: info)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     serve.register(commands)
+    cluster.register(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    # gRPC warns on every fork (starting etcd) unless told we don't fork with it.
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

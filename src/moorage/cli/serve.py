@@ -208,7 +208,8 @@ class Replica:
             name=identity.replica_id, data_dir=self.data_dir / "etcd", host=identity.advertise,
             client_port=identity.etcd_client_port, peer_port=identity.etcd_peer_port,
             cluster_token=identity.cluster_token, log_path=self.data_dir / "etcd.log",
-            initial_cluster=identity.initial_cluster, member_id=identity.member_id)
+            initial_cluster=identity.initial_cluster, member_id=identity.member_id,
+            on_removed=self._removed)
         await member.start()
         client = EtcdClient(member.endpoint)
         runner = None

@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,9 +46,11 @@ class EtcdMember:
     initial_cluster: str | None = None      # None: this member alone
     log_path: Path | None = None
     member_id: int | None = None            # known when joining as a learner
+    on_removed: Callable[[], None] | None = None
     proc: asyncio.subprocess.Process | None = field(default=None, init=False)
     _stopping: bool = field(default=False, init=False)
     _supervisor: asyncio.Task | None = field(default=None, init=False)
+    _log_offset: int = field(default=0, init=False)
 
     @property
     def client_url(self) -> str:
@@ -99,6 +102,7 @@ class EtcdMember:
 
     async def _spawn(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._log_offset = self.log_path.stat().st_size if self.log_path and self.log_path.exists() else 0
         os.chmod(self.data_dir, 0o700)
         self.proc = await asyncio.create_subprocess_exec(
             *self.command(), stdin=asyncio.subprocess.DEVNULL,
@@ -144,6 +148,11 @@ class EtcdMember:
             code = await self.proc.wait()
             if self._stopping:
                 return
+            if self._was_removed():
+                log.warning("this replica's etcd member was removed from the cluster")
+                if self.on_removed is not None:
+                    self.on_removed()
+                return
             log.error("etcd exited unexpectedly; restarting", extra={"code": code, "backoff": backoff})
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 30.0)
@@ -151,6 +160,17 @@ class EtcdMember:
                 await self._spawn()
             except Exception as e:
                 log.error("etcd restart failed", extra={"error": str(e)})
+
+    def _was_removed(self) -> bool:
+        """Whether etcd, since its last start, said it was removed (then it exits, code 0)."""
+        if self.log_path is None:
+            return False
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(self._log_offset)
+                return b"permanently removed from the cluster" in f.read(1 << 20)
+        except OSError:
+            return False
 
     async def stop(self, timeout: float = 10.0) -> None:
         self._stopping = True

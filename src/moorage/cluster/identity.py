@@ -41,6 +41,7 @@ class Identity:
         return cls(**json.loads(path.read_text()))
 
     def save(self, data_dir: Path) -> None:
+        data_dir.mkdir(parents=True, exist_ok=True)
         tmp = data_dir / (FILE + ".tmp")
         tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
         os.replace(tmp, data_dir / FILE)

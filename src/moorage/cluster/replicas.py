@@ -64,7 +64,9 @@ def new_record(replica_id: str, url: str, peer_url: str, client_url: str) -> Rep
 
 
 async def all_records(client: EtcdClient) -> dict[str, ReplicaRecord]:
-    _, kvs = await client.range_prefix(keys.REPLICA)
+    # Serializable: the local member answers even without quorum, which is
+    # when an admin most needs to see the replicas.
+    _, kvs = await client.range_prefix(keys.REPLICA, serializable=True)
     out = {}
     for kv in kvs:
         try:

@@ -21,6 +21,7 @@ from moorage.meta.etcd import EtcdClient, EtcdUnavailable
 from moorage.meta.index import Index
 
 PING_TIMEOUT = 1.5
+RECONFIGURE_SECONDS = 30.0
 
 
 class ClusterError(Exception):
@@ -67,10 +68,13 @@ class ClusterService:
         proof = self.storage_root / "cluster" / proof_name(replica_id)
         proof.parent.mkdir(parents=True, exist_ok=True)
         await asyncio.get_running_loop().run_in_executor(None, proof.write_text, nonce)
-        member_id, members = await self._etcd(membership.add_learner(self.client, peer_url))
+        member_id, members = await self._add_learner(peer_url)
         initial = ",".join(f"{m.name or replica_id}={m.peerURLs[0]}" for m in members if m.peerURLs)
         return {"member_id": member_id, "initial_cluster": initial, "cluster_token": self.cluster_token,
                 "storage_proof": {"file": f"cluster/{proof_name(replica_id)}", "nonce": nonce}}
+
+    async def _add_learner(self, peer_url: str) -> tuple[int, list]:
+        return await _reconfigure(lambda: membership.add_learner(self.client, peer_url), "add a member")
 
     async def promote(self, member_id: int) -> bool:
         return await self._etcd(membership.promote(self.client, member_id))
@@ -85,7 +89,9 @@ class ClusterService:
 
     async def remove(self, replica_id: str, force: bool) -> dict[str, Any]:
         states = await self._etcd(membership.states(self.client))
-        target = next((s for s in states if s.name == replica_id), None)
+        # A member is named by its replica id, or (a learner whose join died
+        # before it started) by its etcd member id, as `status --json` shows.
+        target = next((s for s in states if s.name == replica_id or f"{s.id:x}" == replica_id), None)
         records = await self._etcd(replicas.all_records(self.client))
         if target is None and replica_id not in records:
             raise ClusterError("unknown", f"no replica {replica_id} in this cluster")
@@ -101,7 +107,7 @@ class ClusterService:
                     f"replicas are healthy and {membership.quorum(len(remaining))} are needed for quorum; "
                     "bring replicas back first, or use --force")
         if target is not None:
-            await self._etcd(membership.remove(self.client, target.id))
+            await _reconfigure(lambda: membership.remove(self.client, target.id), "remove a member")
         await self._etcd(replicas.forget(self.client, replica_id))
         left = len(voters) - (1 if target is not None and not target.learner else 0)
         return {"removed": replica_id, "replicas": left, "tolerates": membership.tolerates(left)}
@@ -165,6 +171,21 @@ class ClusterService:
             raise ClusterError("invalid", str(e)) from None
         await self.index.wait_applied(revision)
         return {"key": key, "value": settings.SETTINGS[key].default, "revision": revision}
+
+
+async def _reconfigure(operation, what: str):
+    """etcd refuses to change its membership for a few seconds after a member
+    starts ("unhealthy cluster"): wait that out, within a bound."""
+    deadline = time.monotonic() + RECONFIGURE_SECONDS
+    delay = 0.5
+    while True:
+        try:
+            return await operation()
+        except EtcdUnavailable as e:
+            if "unhealthy cluster" not in str(e) or time.monotonic() > deadline:
+                raise ClusterError("unavailable", f"the cluster cannot {what} now: {e}") from None
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 3.0)
 
 
 async def _ping_all(urls: list[str]) -> dict[str, tuple[bool, str]]:

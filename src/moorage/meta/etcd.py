@@ -146,14 +146,14 @@ class EtcdClient:
         resp = await self._call(self._kv.Range, rpc.RangeRequest(key=b"\0", count_only=True))
         return resp.header.revision
 
-    async def range_prefix(self, prefix: bytes, revision: int = 0, page: int = 1000
-                           ) -> tuple[int, list[KV]]:
+    async def range_prefix(self, prefix: bytes, revision: int = 0, page: int = 1000,
+                           serializable: bool = False) -> tuple[int, list[KV]]:
         """Every key under `prefix` at one revision, fetched page by page."""
         end = prefix_end(prefix)
         key, out = prefix, []
         while True:
             resp = await self._call(self._kv.Range, rpc.RangeRequest(
-                key=key, range_end=end, limit=page, revision=revision))
+                key=key, range_end=end, limit=page, revision=revision, serializable=serializable))
             revision = revision or resp.header.revision
             out.extend(_kv(kv) for kv in resp.kvs)
             if not resp.more or not resp.kvs:

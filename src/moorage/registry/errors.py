@@ -63,3 +63,8 @@ class MetadataUnavailable(RegistryError):
     """The metadata store (etcd quorum) cannot be reached; writes must wait."""
 
     code = "UNAVAILABLE"
+
+    @classmethod
+    def because(cls, cause: Exception) -> "MetadataUnavailable":
+        return cls("writes are refused: the metadata store did not answer; this replica has lost "
+                   f"contact with the etcd quorum or its etcd is down ({cause})")

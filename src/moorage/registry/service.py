@@ -207,4 +207,4 @@ class Registry:
         try:
             return await operation
         except EtcdUnavailable as e:
-            raise MetadataUnavailable(f"metadata store unavailable, writes are refused: {e}") from None
+            raise MetadataUnavailable.because(e) from None

@@ -107,7 +107,7 @@ class Sessions:
             try:
                 found = await self.meta.get_upload(upload_id)
             except EtcdUnavailable as e:
-                raise MetadataUnavailable(f"metadata store unavailable: {e}") from None
+                raise MetadataUnavailable.because(e) from None
             self._remember(upload_id, found)
         unknown = BlobUploadUnknown(f"upload {upload_id} not known in {repo}", {"upload": upload_id})
         if found.closed:
@@ -131,7 +131,7 @@ class Sessions:
             revision = await self.meta.advance_upload(session.id, session.revision, record)
         except EtcdUnavailable as e:
             self.forget(session.id)
-            raise MetadataUnavailable(f"metadata store unavailable: {e}") from None
+            raise MetadataUnavailable.because(e) from None
         if revision is None:
             self.forget(session.id)
             raise RangeInvalid("the upload was changed concurrently; resume from its current offset",
@@ -155,7 +155,7 @@ class Sessions:
             done = await transaction
         except EtcdUnavailable as e:
             self.forget(session.id)
-            raise MetadataUnavailable(f"metadata store unavailable: {e}") from None
+            raise MetadataUnavailable.because(e) from None
         if not done:
             self.forget(session.id)
             raise BlobUploadUnknown(f"upload {session.id} {conflict}")

@@ -143,7 +143,7 @@ class Uploads:
         try:
             await self.registry.meta.commit_blob(repo, digest, size)
         except EtcdUnavailable as e:
-            raise MetadataUnavailable(f"metadata store unavailable: {e}") from None
+            raise MetadataUnavailable.because(e) from None
         return digest
 
     async def cancel(self, repo: str, upload_id: str, state: str | None) -> None:

@@ -48,8 +48,12 @@ class Users:
         return generated if result.succeeded else None
 
     async def verify(self, name: str, password: str) -> UserRecord | None:
-        """The user, if `password` is theirs."""
-        kv = await self.client.get(keys.user(name))
+        """The user, if `password` is theirs.
+
+        A serializable read: the local member answers without quorum, so an
+        admin can still log in to see what is wrong with the cluster.
+        """
+        kv = await self.client.get(keys.user(name), serializable=True)
         if kv is None:
             return None
         record = _decode(kv.value)

@@ -1,0 +1,251 @@
+"""The cluster commands: join, remove, status, config."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from moorage import logs
+from moorage.cli.adminclient import AdminClient, add_cluster_options, ask
+from moorage.cli.main import CliError
+from moorage.cli.serve import Replica, add_replica_options, check_ports_free, parse_listen, run_replica
+from moorage.cluster.identity import Identity
+from moorage.cluster.membership import tolerates
+
+_REPLICA_ID = re.compile(r"^[0-9a-f]{1,64}$")
+
+
+def advice(replicas: int) -> list[str]:
+    """The rules of thumb, as warnings for a cluster of `replicas`."""
+    if replicas == 1:
+        return ["a single replica tolerates no failure; join two more for high availability"]
+    if replicas == 2:
+        return ["a cluster of two replicas tolerates no failure (and a second one to agree with costs "
+                "speed); join a third"]
+    notes = []
+    if replicas % 2 == 0:
+        notes.append(f"{replicas} replicas tolerate no more failures than {replicas - 1}; "
+                     "an odd count is the better size")
+    if replicas > 7:
+        notes.append(f"past seven replicas writes slow down: each waits for {replicas // 2 + 1} of them")
+    return notes
+
+
+def _tolerance_line(replicas: int) -> str:
+    n = tolerates(replicas)
+    return f"the cluster has {replicas} replica{'s' * (replicas != 1)} and tolerates {n} " \
+           f"failure{'s' * (n != 1)}"
+
+
+def register(commands) -> None:
+    p = commands.add_parser("join", help="add this node to a cluster as a new replica, then serve",
+                            description="Join an existing cluster as a new replica and serve in the "
+                                        "foreground. Later restarts are plain `moorage serve --data-dir DIR`.")
+    add_replica_options(p)
+    add_cluster_options(p)
+    p.add_argument("--replica-id", help="the new replica's id (default: a new one)")
+    p.set_defaults(run=run_join)
+
+    p = commands.add_parser("remove", help="remove a replica, healthy or dead",
+                            description="Remove a replica from the cluster. It may be dead; a live one "
+                                        "shuts itself down.")
+    add_cluster_options(p)
+    p.add_argument("--existing-replica-id", help="id of the replica at --existing (checked if given)")
+    p.add_argument("--replica-id", help="id of the replica to remove (asked if not given)")
+    p.add_argument("--force", action="store_true", help="remove even if the rest would lose quorum")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=run_remove)
+
+    p = commands.add_parser("status", help="every replica and how many failures the cluster tolerates")
+    add_cluster_options(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=run_status)
+
+    p = commands.add_parser("config", help="cluster-wide settings (get, set, unset, list)")
+    p.add_argument("action", choices=["get", "set", "unset", "list"])
+    p.add_argument("key", nargs="?")
+    p.add_argument("value", nargs="?")
+    add_cluster_options(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=run_config)
+
+
+# -- join ----------------------------------------------------------------------
+
+def run_join(args: argparse.Namespace) -> int:
+    logs.setup(args.log_level)
+    data_dir = args.data_dir.resolve()
+    found = Identity.load(data_dir)
+    if found is not None:
+        raise CliError(f"{data_dir} already holds replica {found.replica_id}; "
+                       f"start it with `moorage serve --data-dir {args.data_dir}`")
+    replica_id = args.replica_id or Identity.new_id()
+    if not _REPLICA_ID.match(replica_id):
+        raise CliError("--replica-id takes lowercase hex digits")
+    host, port = parse_listen(args.listen)
+    advertise = args.advertise or host
+    if advertise in ("0.0.0.0", "::"):
+        raise CliError("listening on all addresses: pass --advertise with the address other replicas reach")
+    client_port, peer_port = args.etcd_client_port or 2379, args.etcd_peer_port or 2380
+    check_ports_free([(host, port, "the listen address"), (advertise, client_port, "the etcd client port"),
+                      (advertise, peer_port, "the etcd peer port")])
+    admin = AdminClient(args)
+    plan = admin.call("POST", "/_admin/cluster/join",
+                      {"replica_id": replica_id, "peer_url": f"http://{advertise}:{peer_port}"})
+    served = False
+
+    async def promote(member_id: int) -> bool:
+        result = await asyncio.to_thread(admin.call, "POST", "/_admin/cluster/promote",
+                                         {"member_id": member_id})
+        return bool(result and result.get("promoted"))
+
+    async def on_serving(identity: Identity) -> None:
+        nonlocal served
+        served = True
+        status = await asyncio.to_thread(admin.call, "GET", "/_admin/cluster/status")
+        voters = status["voters"]
+        print(f"moorage: joined as replica {identity.replica_id}; {_tolerance_line(voters)}",
+              file=sys.stderr, flush=True)
+        for note in advice(voters):
+            print(f"moorage: warning: {note}", file=sys.stderr, flush=True)
+
+    try:
+        storage_dir = (args.storage_dir or data_dir / "blobs").resolve()
+        _check_storage(plan, storage_dir)
+        Identity(replica_id=replica_id, cluster_token=plan["cluster_token"], created=time.time(),
+                 storage_dir=str(storage_dir), etcd_client_port=client_port, etcd_peer_port=peer_port,
+                 advertise=advertise, initial_cluster=plan["initial_cluster"],
+                 member_id=plan["member_id"]).save(data_dir)
+        return run_replica(Replica(args, promote=promote, on_serving=on_serving))
+    except BaseException:
+        if not served:  # leave neither a half member in the cluster nor a half replica here
+            try:
+                admin.call("POST", "/_admin/cluster/abandon", {"member_id": plan["member_id"]})
+            except CliError:
+                pass
+            (data_dir / "replica.json").unlink(missing_ok=True)
+            shutil.rmtree(data_dir / "etcd", ignore_errors=True)
+        raise
+    finally:
+        admin.close()
+
+
+def _check_storage(plan: dict, storage_dir: Path) -> None:
+    """The new replica must see the very storage the cluster writes to."""
+    proof = plan["storage_proof"]
+    try:
+        seen = (storage_dir / proof["file"]).read_text().strip()
+    except OSError:
+        seen = None
+    if seen != proof["nonce"]:
+        raise CliError(f"this node does not see the cluster's blob storage at {storage_dir} (the file "
+                       f"{proof['file']} the cluster just wrote there is missing or different); mount the "
+                       "shared storage and pass its path with --storage-dir")
+
+
+# -- remove ----------------------------------------------------------------------
+
+def run_remove(args: argparse.Namespace) -> int:
+    replica_id = ask(args.replica_id, "Replica id to remove: ")
+    if not _REPLICA_ID.match(replica_id):
+        raise CliError("the replica id takes lowercase hex digits")
+    admin = AdminClient(args)
+    try:
+        if args.existing_replica_id:
+            health = admin.call("GET", "/health")
+            if health.get("replica_id") != args.existing_replica_id:
+                raise CliError(f"{admin.url} is replica {health.get('replica_id')}, not "
+                               f"{args.existing_replica_id}")
+        force = "?force=true" if args.force else ""
+        result = admin.call("DELETE", f"/_admin/cluster/replicas/{replica_id}{force}")
+    finally:
+        admin.close()
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"removed replica {replica_id}; {_tolerance_line(result['replicas'])}")
+    for note in advice(result["replicas"]):
+        print(f"warning: {note}")
+    print("if a load balancer sends clients to it, take it out of the pool "
+          "(`moorage lb haproxy --watch` does so by itself)")
+    return 0
+
+
+# -- status ----------------------------------------------------------------------
+
+def _ago(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    seconds = max(time.time() - ts, 0)
+    return f"{seconds:.0f}s ago" if seconds < 120 else f"{seconds / 60:.0f}m ago"
+
+
+def run_status(args: argparse.Namespace) -> int:
+    admin = AdminClient(args)
+    try:
+        status = admin.call("GET", "/_admin/cluster/status")
+    finally:
+        admin.close()
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    header = ["REPLICA", "URL", "API", "ETCD", "LAG", "VERSION", "LAST SEEN"]
+    rows = [[r["id"], r["url"] or "-", "healthy" if r["healthy"] else (r["api"] or "down"),
+             r["role"] + ("" if r["etcd_reachable"] else " (unreachable)"),
+             "-" if r["lag"] is None else str(r["lag"]), r["version"] or "-", _ago(r["last_seen"])]
+            for r in status["replicas"]]
+    print_table(header, rows)
+    n, healthy = status["voters"], status["healthy"]
+    print(f"\n{n} replica{'s' * (n != 1)}, {healthy} healthy: tolerates {status['tolerates']} more "
+          f"failure{'s' * (status['tolerates'] != 1)} ({status['tolerates_when_healthy']} when all are healthy)")
+    if not status["quorum"]:
+        print("no quorum: writes are refused until a majority of replicas is back")
+    return 0
+
+
+def print_table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    for row in [header, *rows]:
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip())
+
+
+# -- config ----------------------------------------------------------------------
+
+def run_config(args: argparse.Namespace) -> int:
+    if args.action in ("get", "set", "unset") and not args.key:
+        raise CliError(f"config {args.action} needs a KEY")
+    if args.action == "set" and args.value is None:
+        raise CliError("config set needs a KEY and a VALUE")
+    admin = AdminClient(args)
+    try:
+        if args.action == "set":
+            result = admin.call("PUT", f"/_admin/config/{args.key}", {"value": args.value})
+        elif args.action == "unset":
+            result = admin.call("DELETE", f"/_admin/config/{args.key}")
+        else:
+            result = admin.call("GET", "/_admin/config")
+    finally:
+        admin.close()
+    if args.action == "list":
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            print_table(["KEY", "VALUE", "MEANING"],
+                        [[k, json.dumps(v["value"]), v["help"]] for k, v in sorted(result["settings"].items())])
+        return 0
+    if args.action == "get":
+        found = result["settings"].get(args.key)
+        if found is None:
+            raise CliError(f"unknown setting {args.key!r}; `moorage config list` shows them all")
+        print(json.dumps({"key": args.key, "value": found["value"]}) if args.json
+              else json.dumps(found["value"]))
+        return 0
+    print(json.dumps(result) if args.json else f"{result['key']} = {json.dumps(result['value'])} "
+          f"(revision {result['revision']}; every replica applies it within a second)")
+    return 0
