@@ -6,6 +6,7 @@ user would start it, on free loopback ports, with its own data directory.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -163,3 +164,57 @@ def fresh_registry(tmp_path) -> Iterator[Registry]:
 def client(registry) -> Iterator[httpx.Client]:
     with registry.client() as c:
         yield c
+
+
+class Cluster:
+    def __init__(self, root):
+        self.root = root
+        self.storage = root / "blobs"
+        self.replicas: list[Registry] = []
+
+    def start_first(self) -> Registry:
+        first = Registry(self.root / "r0", storage_dir=self.storage).start()
+        self.replicas.append(first)
+        return first
+
+    def join(self, via: Registry | None = None) -> Registry:
+        via = via or next(r for r in self.replicas if r.proc and r.proc.poll() is None)
+        new = Registry(self.root / f"r{len(self.replicas)}", storage_dir=self.storage, join=via.url)
+        new.start(timeout=90)
+        self.replicas.append(new)
+        return new
+
+    def status(self, via: Registry) -> dict:
+        return json.loads(moorage("status", "--existing", via.url, "--json").stdout)
+
+    def stop(self) -> None:
+        for r in self.replicas:
+            if r.proc and r.proc.poll() is None:
+                r.kill9()
+
+
+@pytest.fixture
+def cluster(tmp_path) -> Iterator[Cluster]:
+    """An empty cluster on loopback; `start_first()` then `join()` replicas into it."""
+    c = Cluster(tmp_path)
+    yield c
+    c.stop()
+
+
+@pytest.fixture
+def three(cluster) -> Cluster:
+    """A cluster of three replicas made with `moorage join`."""
+    first = cluster.start_first()
+    cluster.join(first)
+    cluster.join(first)
+    return cluster
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")

@@ -13,6 +13,7 @@ import time
 
 import httpx
 
+from conftest import wait_for
 from oci import OCI_MANIFEST, assert_oci_error, new_repo, push_blob, push_image, sha256
 
 
@@ -33,14 +34,6 @@ def alive(pid: int) -> bool:
         return f.read().split(")")[-1].split()[0] != "Z"
 
 
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def test_hung_etcd_refuses_writes_with_503_and_keeps_serving_pulls(fresh_registry):
