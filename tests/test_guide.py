@@ -1,0 +1,200 @@
+"""docs/high-availability.md, run: every command in it, in order, on one machine.
+
+The guide's nodes (registry-1 at 10.0.0.11, ...) become loopback replicas on
+free ports, its paths become temporary directories; nothing else is changed.
+Long-running commands (serve, join, lb --watch) run in the background, as on
+their own nodes. Each command's printed lines must match the guide's, once
+ids, numbers and addresses are set aside. HTML comments `<!-- test: kill
+registry-2 -->` and `<!-- test: stop registry-1 -->` stand for what a person
+does with their hands: a machine lost, a service stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from conftest import ENV, free_port
+
+GUIDE = Path(__file__).resolve().parent.parent / "docs" / "high-availability.md"
+BACKGROUND = ("moorage serve", "moorage join")
+
+
+@dataclass
+class Node:
+    name: str
+    ip: str
+    port: int = field(default_factory=free_port)
+    etcd_client: int = field(default_factory=free_port)
+    etcd_peer: int = field(default_factory=free_port)
+    proc: subprocess.Popen | None = None
+    log: Path | None = None
+
+
+@dataclass
+class Step:
+    kind: str              # "run" or a directive ("kill", "stop")
+    node: str
+    text: str
+    expected: list[str] = field(default_factory=list)
+
+
+def steps() -> list[Step]:
+    found: list[Step] = []
+    node, in_block = "", False
+    for line in GUIDE.read_text().splitlines():
+        directive = re.match(r"<!-- test: (kill|stop) ([\w -]+?) -->", line)
+        if directive:
+            for target in directive.group(2).split():
+                found.append(Step(directive.group(1), target, ""))
+        elif line.startswith("```console"):
+            in_block = True
+        elif line.startswith("```") and in_block:
+            in_block = False
+        elif in_block and line.startswith("# on "):
+            node = line[5:].strip()
+        elif in_block and line.startswith("$ "):
+            found.append(Step("run", node, line[2:]))
+        elif in_block and line.strip() and found:
+            found[-1].expected.append(line)
+    return found
+
+
+def shape(text: str) -> str:
+    """A line with what varies from run to run set aside."""
+    text = re.sub(r"https?://\S+", "URL", text)
+    text = re.sub(r"\b[0-9a-f]{12}\b", "ID", text)
+    text = re.sub(r"\d+", "N", text)
+    return " ".join(text.split())
+
+
+class Guide:
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.nodes = {f"registry-{i}": Node(f"registry-{i}", f"10.0.0.1{i}") for i in (1, 2, 3)}
+        self.nodes["the load balancer"] = Node("lb", "127.0.0.1")
+        self.ids: dict[str, str] = {}  # the guide's sample replica ids -> the real ones
+        self.lb_port = free_port()
+        self.env = {k: v for k, v in ENV.items() if not k.startswith("MOORAGE_")}
+        self.env["PATH"] = f"{Path(sys.executable).parent}:{self.env['PATH']}"
+        self.background: list[subprocess.Popen] = []
+
+    def translate(self, node: Node, command: str) -> str:
+        for other in self.nodes.values():
+            command = command.replace(f"{other.ip}:5000", f"127.0.0.1:{other.port}")
+            command = command.replace(other.ip, "127.0.0.1")
+        command = command.replace("0.0.0.0:5000", f"127.0.0.1:{self.lb_port}")
+        command = command.replace("/mnt/registry", str(self.tmp / "shared-storage"))
+        command = command.replace("/etc/haproxy/", f"{self.tmp}/haproxy-")
+        command = re.sub(r"/var/lib/(moorage[\w-]*)", lambda m: f"{self.tmp}/{node.name}/{m.group(1)}", command)
+        for sample, real in self.ids.items():
+            command = command.replace(sample, real)
+        if command.startswith(BACKGROUND):
+            command += f" --etcd-client-port {node.etcd_client} --etcd-peer-port {node.etcd_peer}"
+        if command.startswith("moorage lb haproxy") and "--watch" in command:
+            command += f" --pidfile {self.tmp}/haproxy.pid"
+        return command
+
+    def run(self, step: Step) -> None:
+        node = self.nodes[step.node]
+        command = self.translate(node, step.text)
+        if command.startswith("export "):
+            for assignment in shlex.split(command)[1:]:
+                key, _, value = assignment.partition("=")
+                self.env[key] = value
+            return
+        if command.startswith(BACKGROUND) or "--watch" in command:
+            self.start(node, command, step)
+            return
+        out = subprocess.run(["bash", "-c", command], capture_output=True, text=True, env=self.env,
+                             timeout=120, stdin=subprocess.DEVNULL)
+        assert out.returncode == 0, f"{command}\nexited {out.returncode}\n{out.stdout}\n{out.stderr}"
+        self.expect(step, out.stdout + out.stderr, command)
+
+    def start(self, node: Node, command: str, step: Step) -> None:
+        node.log = self.tmp / f"{node.name}-{len(self.background)}.log"
+        with open(node.log, "wb") as log:
+            proc = subprocess.Popen(["bash", "-c", f"exec {command}"], stdout=log, stderr=subprocess.STDOUT,
+                                    env=self.env, start_new_session=True, stdin=subprocess.DEVNULL)
+        self.background.append(proc)
+        if "--watch" in command:
+            output = Path(command.split("--output ")[1].split()[0])
+            deadline = time.monotonic() + 30
+            while not output.exists():
+                assert proc.poll() is None and time.monotonic() < deadline, node.log.read_text()
+                time.sleep(0.2)
+            return
+        node.proc = proc
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, f"{command}\n{node.log.read_text()}"
+            try:
+                if httpx.get(f"http://127.0.0.1:{node.port}/v2/", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, f"{command} did not start:\n{node.log.read_text()}"
+            time.sleep(0.2)
+        deadline = time.monotonic() + 15
+        while step.expected and not all(shape(e) in shape(node.log.read_text()) for e in step.expected):
+            assert time.monotonic() < deadline, f"{command}: expected\n{step.expected}\n{node.log.read_text()}"
+            time.sleep(0.2)
+        for line in step.expected:  # learn which real replica the guide's sample id stands for
+            sample = re.search(r"joined as replica ([0-9a-f]{12})", line)
+            real = re.search(r"joined as replica ([0-9a-f]{12})", node.log.read_text())
+            if sample and real:
+                self.ids[sample.group(1)] = real.group(1)
+
+    def expect(self, step: Step, output: str, command: str) -> None:
+        got = {shape(line) for line in output.splitlines()}
+        for line in step.expected:
+            assert shape(line) in got, f"{command}: the guide shows\n  {line}\nbut it printed\n{output}"
+
+    def directive(self, step: Step) -> None:
+        node = self.nodes[step.node]
+        assert node.proc is not None, f"{step.kind} {step.node}: nothing runs there"
+        if step.kind == "kill":
+            os.killpg(node.proc.pid, signal.SIGKILL)
+            node.proc.wait()
+            time.sleep(2)  # long enough for status to notice, as a person would
+        else:
+            node.proc.send_signal(signal.SIGTERM)
+            assert node.proc.wait(timeout=30) == 0
+
+    def close(self) -> None:
+        for proc in self.background:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                    proc.wait(timeout=15)
+                except (ProcessLookupError, subprocess.TimeoutExpired):
+                    os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_guide_commands_run_as_written(tmp_path):
+    found = steps()
+    assert sum(s.kind == "run" for s in found) >= 15, "the guide lost its commands"
+    guide = Guide(tmp_path)
+    try:
+        for step in found:
+            if step.kind == "run":
+                guide.run(step)
+            else:
+                guide.directive(step)
+        # The end state the guide promises: the repaired replica serves with new ones joined.
+        status = subprocess.run(["moorage", "status", "--existing",
+                                 f"http://127.0.0.1:{guide.nodes['registry-1'].port}", "--json"],
+                                capture_output=True, text=True, env=guide.env, timeout=60)
+        assert status.returncode == 0, status.stderr
+        assert '"voters": 2' in status.stdout, status.stdout
+    finally:
+        guide.close()
