@@ -15,6 +15,7 @@ class CliError(Exception):
 
 def build_parser() -> argparse.ArgumentParser:
     from moorage.cli import cluster, serve
+    from moorage.cli import repair
 
     parser = argparse.ArgumentParser(
         prog="moorage", description="Moorage: a private OCI container registry that scales with replicas.")
@@ -24,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     serve.register(commands)
     cluster.register(commands)
+    repair.register(commands)
     return parser
 
 

@@ -216,7 +216,7 @@ class Replica:
         tasks: list[asyncio.Task] = []
         try:
             if self.promote is not None and identity.member_id is not None:
-                await self._await_promotion(identity.member_id)
+                await self._await_promotion(identity.member_id, client)
             self.index = Index(client)
             self.index.subscribe(keys.CONFIG, self.settings.apply)
             self.index.subscribe(keys.REPLICA, self._replica_event)
@@ -285,8 +285,10 @@ class Replica:
             return self.args.advertise
         return self.host if self.host not in ("0.0.0.0", "::") else self.identity.advertise
 
-    async def _await_promotion(self, member_id: int) -> None:
-        """As a new learner: ask the cluster to promote us until it has caught us up."""
+    async def _await_promotion(self, member_id: int, client: EtcdClient) -> None:
+        """As a new learner: ask the cluster to promote us until it has caught us up,
+        then wait until our own member knows it votes (it learns a moment later,
+        and until then refuses the reads the index needs)."""
         assert self.promote is not None
         deadline = time.monotonic() + PROMOTE_SECONDS
         delay = 0.2
@@ -296,6 +298,16 @@ class Replica:
                                "see DATA_DIR/etcd.log")
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
+        while True:
+            try:
+                if not (await client.status()).isLearner:
+                    return
+            except EtcdUnavailable:
+                pass
+            if time.monotonic() > deadline:
+                raise CliError("this replica's etcd member was promoted but still acts as a learner; "
+                               "see DATA_DIR/etcd.log")
+            await asyncio.sleep(0.1)
 
     async def _heartbeat(self, client: EtcdClient, record: replicas.ReplicaRecord) -> None:
         await replicas.heartbeat(client, record)

@@ -47,6 +47,8 @@ class EtcdMember:
     log_path: Path | None = None
     member_id: int | None = None            # known when joining as a learner
     on_removed: Callable[[], None] | None = None
+    # One-off flags after the usual ones (emergency-repair's --force-new-cluster).
+    extra_flags: list[str] = field(default_factory=list)
     proc: asyncio.subprocess.Process | None = field(default=None, init=False)
     _stopping: bool = field(default=False, init=False)
     _supervisor: asyncio.Task | None = field(default=None, init=False)
@@ -92,7 +94,7 @@ class EtcdMember:
         if not (self.data_dir / "member").exists():
             cmd += ["--initial-cluster", self.initial_cluster or f"{self.name}={self.peer_url}",
                     "--initial-cluster-state", "existing" if self.initial_cluster else "new"]
-        return cmd
+        return cmd + self.extra_flags
 
     async def start(self, timeout: float = 30.0) -> None:
         self._stopping = False

@@ -63,7 +63,7 @@ class ClusterService:
         if any(peer_url in m.peerURLs for m in members):
             raise ClusterError("refused", f"peer address {peer_url} is already used by a member")
         # From now on other processes will write metadata: reads must check.
-        self.index.solo = False
+        self.index.leave_solo()
         nonce = secrets.token_hex(16)
         proof = self.storage_root / "cluster" / proof_name(replica_id)
         proof.parent.mkdir(parents=True, exist_ok=True)

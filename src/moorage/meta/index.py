@@ -72,6 +72,7 @@ class Index:
         self._sync_failed_at = -SYNC_BACKOFF
         self.watch_healthy = False
         self._solo = False
+        self._not_solo_until = 0.0
         self.solo_epoch = 0
         self._subscribers: list[tuple[bytes, Callable[[Event], None]]] = []
 
@@ -86,11 +87,20 @@ class Index:
 
     @solo.setter
     def solo(self, value: bool) -> None:
+        if value and time.monotonic() < self._not_solo_until:
+            return
         # A new epoch each time solo begins: what was cached in an earlier solo
         # period may have been changed by another member in between.
         if value and not self._solo:
             self.solo_epoch += 1
         self._solo = value
+
+    def leave_solo(self, hold_seconds: float = 30.0) -> None:
+        """Stop trusting solo now and for a while: a member is about to be added,
+        and a membership poll that began before the addition must not turn
+        solo back on."""
+        self._not_solo_until = time.monotonic() + hold_seconds
+        self._solo = False
 
     # -- life -------------------------------------------------------------
 
