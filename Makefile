@@ -9,10 +9,10 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
 RUN_DEPS := etcd-server:etcd
-TEST_DEPS := skopeo:skopeo
+TEST_DEPS := skopeo:skopeo haproxy:haproxy
 BENCH_DEPS := docker-registry:docker-registry wrk:wrk curl:curl
 
-.PHONY: install run test bench clean
+.PHONY: install run test bench bench-cluster clean
 
 ## install: set up everything `run` and `test` need (virtualenv, Python and Debian packages)
 install: $(VENV)/.installed
@@ -35,6 +35,11 @@ test: install
 bench: install
 	@scripts/system-deps.sh $(BENCH_DEPS)
 	$(BIN)/python bench/bench.py $(BENCH_ARGS)
+
+## bench-cluster: push and pull through HAProxy over 3 replicas against 1, and failover
+bench-cluster: install
+	@scripts/system-deps.sh $(BENCH_DEPS) haproxy:haproxy
+	$(BIN)/python bench/cluster_bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

@@ -16,6 +16,7 @@ class CliError(Exception):
 def build_parser() -> argparse.ArgumentParser:
     from moorage.cli import cluster, serve
     from moorage.cli import repair
+    from moorage.cli import lb
 
     parser = argparse.ArgumentParser(
         prog="moorage", description="Moorage: a private OCI container registry that scales with replicas.")
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.register(commands)
     cluster.register(commands)
     repair.register(commands)
+    lb.register(commands)
     return parser
 
 
