@@ -393,3 +393,26 @@ def test_five_replicas_survive_two_kills_through_the_lb(cluster: Cluster, lb_fac
     # The watcher still follows the cluster without its --existing replica.
     moorage("remove", "--existing", r[2].url, "--replica-id", r[3].replica_id)
     wait_for(lambda: r[3].replica_id not in lb.config.read_text(), 15, "the removed replica to leave the file")
+
+
+def test_without_quorum_pulls_still_go_through_the_lb(cluster: Cluster, lb_factory):
+    """Every replica fails /_ping without quorum; HAProxy then falls back to the
+    `degraded` backend: pulls of what the replicas know go on, and writes get the
+    replicas' own 503 that names the cause."""
+    first = cluster.start_first()
+    second = cluster.join(first)
+    lb = lb_factory(first.url)
+    wait_for(lambda: len(lb.up()) == 2, 10, "two replicas UP")
+    repo = new_repo("lbnoquorum")
+    with httpx.Client(base_url=lb.url, timeout=30) as client:
+        image = push_image(client, repo, "v1")
+    second.kill9()
+    wait_for(lambda: not lb.up(), 15, "the pool to empty as quorum is lost")
+    with httpx.Client(base_url=lb.url, timeout=30) as client:
+        for _ in range(5):
+            assert pull_manifest(client, repo, "v1") == image.manifest
+            for layer in image.layers:
+                assert pull_blob(client, repo, sha256(layer)) == layer
+        r = client.post(f"/v2/{repo}/blobs/uploads/", params={"digest": sha256(b"x")}, content=b"x")
+        assert r.status_code == 503, (r.status_code, r.text)
+        assert "quorum" in r.json()["errors"][0]["message"]

@@ -118,6 +118,10 @@ class Dispatcher:
     async def _other(self, request: web.BaseRequest, path: str) -> web.StreamResponse:
         if path == "/_ping" and request.method in ("GET", "HEAD"):
             ok, reason = self.ping()
+            if request.query.get("reads"):
+                # A running replica can always serve what it knows: load
+                # balancers fall back to this when no replica has quorum.
+                return web.json_response({"ok": True, "writes": ok, "reason": reason})
             return web.json_response({"ok": ok, "reason": reason}, status=200 if ok else 503)
         if path == "/health" and request.method == "GET":
             return web.json_response({**self.health(), "time": time.time()})

@@ -14,6 +14,8 @@ from urllib.parse import urlsplit
 # A replica's health endpoint (api/app.py): 200 while it can serve, 503 with a
 # reason when it cannot (etcd unreachable, no quorum).
 HEALTH_PATH = "/_ping"
+# Answers 200 while a replica can serve reads at all, quorum or not.
+READS_HEALTH_PATH = "/_ping?reads=1"
 DEFAULT_BIND = "*:5000"
 # What goes into the file comes over the network: only plain names and addresses
 # get in, so no status can smuggle a directive into the configuration.
@@ -141,6 +143,10 @@ defaults
 
 frontend registry
     bind {bind}
+    # Without quorum every replica fails /_ping and `replicas` is empty; then
+    # `degraded` sends clients to whichever replicas still run: pulls of what
+    # they know go on, and writes get the replicas' own 503 naming the cause.
+    use_backend degraded if {{ nbsrv(replicas) eq 0 }}
     default_backend replicas
 
 backend replicas
@@ -157,5 +163,13 @@ backend replicas
     # connection from live traffic takes it out at once instead of waiting.
     # A name that does not resolve leaves that one replica out, not HAProxy down.
     default-server check inter 500ms fastinter 250ms downinter 1s fall 2 rise 2 observe layer4 error-limit 1 on-error mark-down init-addr last,libc,none
+{servers}
+
+backend degraded
+    balance leastconn
+    option httpchk
+    http-check send meth GET uri {READS_HEALTH_PATH} ver HTTP/1.1 hdr Host moorage-lb
+    http-check expect status 200
+    default-server check inter 500ms fastinter 250ms downinter 1s fall 2 rise 2 init-addr last,libc,none
 {servers}
 """
