@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 
 import httpx
@@ -84,7 +85,23 @@ def test_kill_one_then_remove_it_and_join_a_fresh_one(three):
         after = push_image(cb, repo, "after-kill")
     out = moorage("remove", "--existing", a.url, "--replica-id", c.replica_id)
     assert "2 replicas and tolerates 0 failures" in out.stdout and "warning" in out.stdout
-    fresh = three.join(b)
+    # A fresh replica joins while pushes go on through another.
+    pushed, stop = [], threading.Event()
+
+    def pusher():
+        with a.client() as ca:
+            for i in range(200):
+                if stop.is_set():
+                    return
+                pushed.append((f"during{i}", push_image(ca, repo, f"during{i}")))
+    thread = threading.Thread(target=pusher)
+    thread.start()
+    try:
+        fresh = three.join(b)
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    assert pushed, "no push went on during the join"
     status = three.status(fresh)
     assert status["voters"] == 3 and status["healthy"] == 3 and status["tolerates"] == 1
     with fresh.client() as cf:
@@ -95,6 +112,8 @@ def test_kill_one_then_remove_it_and_join_a_fresh_one(three):
                 assert cf.get(f"/v2/{repo}/blobs/{sha256(layer)}").content == layer
         assert cf.get(f"/v2/{repo}/manifests/after-kill",
                       headers={"Accept": OCI_MANIFEST}).content == after.manifest
+        for tag, image in pushed:  # every push acknowledged during the join, read through the newcomer
+            assert cf.get(f"/v2/{repo}/manifests/{tag}", headers={"Accept": OCI_MANIFEST}).content == image.manifest
 
 
 def test_removed_live_replica_shuts_itself_down(three):
