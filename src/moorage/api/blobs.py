@@ -7,7 +7,7 @@ from aiohttp import web
 from moorage.api.errors import from_error
 from moorage.api.http import body_chunks, content_range, has_body, upload_range
 from moorage.registry import digest as digests
-from moorage.registry.errors import BlobUnknown, BlobUploadUnknown, DigestInvalid, RangeInvalid
+from moorage.registry.errors import BlobUnknown, DigestInvalid, RangeInvalid
 from moorage.registry.names import check_name
 from moorage.registry.service import Registry
 from moorage.registry.sessions import Session
@@ -41,11 +41,6 @@ def _upload_query(request: web.BaseRequest) -> tuple[str | None, str | None]:
 def _created(name: str, digest: str) -> web.Response:
     return web.Response(status=201, headers={
         "Location": f"/v2/{name}/blobs/{digest}", "Docker-Content-Digest": digest})
-
-
-def _check_upload_id(upload_id: str) -> None:
-    if not (len(upload_id) == 32 and all(c in "0123456789abcdef" for c in upload_id)):
-        raise BlobUploadUnknown(f"upload {upload_id[:40]!r} not known")
 
 
 class BlobHandlers:
@@ -83,12 +78,10 @@ class BlobHandlers:
         return web.Response(status=202, headers=_upload_headers(self.uploads.start(name)))
 
     async def status(self, request: web.Request, name: str, upload_id: str) -> web.Response:
-        _check_upload_id(upload_id)
         session = await self.uploads.status(name, upload_id, _state(request))
         return web.Response(status=204, headers=_upload_headers(session))
 
     async def patch(self, request: web.Request, name: str, upload_id: str) -> web.Response:
-        _check_upload_id(upload_id)
         start, length = content_range(request)
         try:
             session = await self.uploads.append(name, upload_id, _state(request), body_chunks(request),
@@ -98,7 +91,6 @@ class BlobHandlers:
         return web.Response(status=202, headers=_upload_headers(session))
 
     async def put(self, request: web.Request, name: str, upload_id: str) -> web.Response:
-        _check_upload_id(upload_id)
         state, digest = _upload_query(request)
         if not digest:
             raise DigestInvalid("closing an upload needs ?digest=")
@@ -112,7 +104,6 @@ class BlobHandlers:
         return _created(name, digest)
 
     async def cancel(self, request: web.Request, name: str, upload_id: str) -> web.Response:
-        _check_upload_id(upload_id)
         await self.uploads.cancel(name, upload_id, _state(request))
         return web.Response(status=204)
 

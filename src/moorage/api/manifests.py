@@ -28,6 +28,14 @@ def _next_link(path: str, n: int, last: str) -> str:
     return f'<{path}?n={n}&last={quote(last, safe="")}>; rel="next"'
 
 
+def _page(path: str, body: dict, items: list[str], more: bool, n: int | None) -> web.Response:
+    """A page of a lexically sorted list, with the spec's Link to the next one."""
+    headers = {}
+    if more and items and n != 0:
+        headers["Link"] = _next_link(path, len(items), items[-1])
+    return web.Response(body=msgspec.json.encode(body), content_type="application/json", headers=headers)
+
+
 class ManifestHandlers:
     def __init__(self, registry: Registry):
         self.registry = registry
@@ -61,20 +69,12 @@ class ManifestHandlers:
     async def tags(self, request: web.Request, name: str) -> web.Response:
         n, last = page_args(request)
         tags, more = await self.registry.tags(name, n, last)
-        headers = {}
-        if more and tags and n != 0:
-            headers["Link"] = _next_link(f"/v2/{name}/tags/list", len(tags), tags[-1])
-        return web.Response(body=msgspec.json.encode({"name": name, "tags": tags}),
-                            content_type="application/json", headers=headers)
+        return _page(f"/v2/{name}/tags/list", {"name": name, "tags": tags}, tags, more, n)
 
     async def catalog(self, request: web.Request) -> web.Response:
         n, last = page_args(request)
         repos, more = await self.registry.catalog(n, last)
-        headers = {}
-        if more and repos and n != 0:
-            headers["Link"] = _next_link("/v2/_catalog", len(repos), repos[-1])
-        return web.Response(body=msgspec.json.encode({"repositories": repos}),
-                            content_type="application/json", headers=headers)
+        return _page("/v2/_catalog", {"repositories": repos}, repos, more, n)
 
     async def referrers(self, request: web.Request, name: str, digest: str) -> web.Response:
         artifact_type = request.query.get("artifactType") or None

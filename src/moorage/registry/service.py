@@ -24,7 +24,7 @@ from moorage.registry.errors import (
     NameUnknown, TooLarge,
 )
 from moorage.registry.names import check_tag, is_valid_tag
-from moorage.storage.filesystem import FilesystemDriver
+from moorage.storage.base import BlobDriver
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +70,7 @@ def page(items: list[str], n: int | None, last: str | None, max_page: int) -> tu
 
 
 class Registry:
-    def __init__(self, meta: MetaStore, storage: FilesystemDriver, limits: Limits = Limits()):
+    def __init__(self, meta: MetaStore, storage: BlobDriver, limits: Limits = Limits()):
         self.meta = meta
         self.index = meta.index
         self.storage = storage

@@ -23,6 +23,7 @@ from moorage.meta.etcd import EtcdUnavailable
 from moorage.meta.records import UploadRecord
 from moorage.meta.store import MetaStore, UploadState
 from moorage.registry.errors import BlobUploadUnknown, MetadataUnavailable, RangeInvalid
+from moorage.storage.base import is_upload_id
 
 # How long a session that never received a chunk stays valid. Tombstones live
 # at least this long (the store's lease is twice it, renewed at half-life).
@@ -42,6 +43,10 @@ class Session:
     @property
     def location(self) -> str:
         return f"/v2/{self.repo}/blobs/uploads/{self.id}?_state={self.state}"
+
+
+def _unknown(repo: str, upload_id: str) -> BlobUploadUnknown:
+    return BlobUploadUnknown(f"upload {upload_id[:40]} not known in {repo}", {"upload": upload_id[:40]})
 
 
 class Sessions:
@@ -102,6 +107,8 @@ class Sessions:
         return Session(upload_id, repo, 0, created, 0, self._token(repo, upload_id, created))
 
     async def get(self, repo: str, upload_id: str, state: str | None) -> Session:
+        if not is_upload_id(upload_id):
+            raise _unknown(repo, upload_id)
         found = self._cached(upload_id)
         if found is None:
             try:
@@ -109,18 +116,17 @@ class Sessions:
             except EtcdUnavailable as e:
                 raise MetadataUnavailable.because(e) from None
             self._remember(upload_id, found)
-        unknown = BlobUploadUnknown(f"upload {upload_id} not known in {repo}", {"upload": upload_id})
         if found.closed:
-            raise unknown
+            raise _unknown(repo, upload_id)
         if found.record is not None:
             if found.record.repo != repo:
-                raise unknown
+                raise _unknown(repo, upload_id)
             token = self._token(repo, upload_id, int(found.record.created))
             return Session(upload_id, repo, found.record.offset, found.record.created,
                            found.revision, token)
         created = self._token_time(repo, upload_id, state)
         if created is None:
-            raise unknown
+            raise _unknown(repo, upload_id)
         return Session(upload_id, repo, 0, created, 0, state or "")
 
     async def advance(self, session: Session, offset: int) -> Session:

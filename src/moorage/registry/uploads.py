@@ -26,7 +26,7 @@ from moorage.registry.errors import (
 )
 from moorage.registry.service import Registry
 from moorage.registry.sessions import Session, Sessions
-from moorage.storage.filesystem import UploadDataLost
+from moorage.storage.base import UploadDataLost
 
 Body = AsyncIterator[bytes]
 

@@ -6,8 +6,21 @@ sessions. They never see repository names: a name can't steer a path.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Protocol
+
+# Upload ids are minted by the driver (`new_upload_id`): 32 lowercase hex
+# digits, so an id is always safe as a file name and cheap to reject.
+_UPLOAD_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def is_upload_id(upload_id: str) -> bool:
+    return bool(_UPLOAD_ID.match(upload_id))
+
+
+class UploadDataLost(Exception):
+    """An upload's data is shorter than its acknowledged offset (lost in a crash)."""
 
 
 class Appender(Protocol):
@@ -45,3 +58,5 @@ class BlobDriver(Protocol):
         """Make the verified upload data the blob `digest`, atomically."""
 
     async def delete_upload(self, upload_id: str) -> None: ...
+
+    def new_upload_id(self) -> str: ...

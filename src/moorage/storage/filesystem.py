@@ -22,6 +22,7 @@ import uuid
 from pathlib import Path
 
 from moorage.registry.digest import parse
+from moorage.storage.base import UploadDataLost, is_upload_id
 
 # How much of an upload is buffered before it goes to the writer thread: big
 # enough that thread hand-offs are rare, small enough to bound memory per upload.
@@ -51,10 +52,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-class UploadDataLost(Exception):
-    """An upload's file is shorter than its acknowledged offset (lost in a crash)."""
 
 
 class FileAppender:
@@ -160,7 +157,7 @@ class FilesystemDriver:
     def upload_path(self, upload_id: str) -> Path:
         # Upload ids are minted by us (uuid hex) and checked at the api edge;
         # the check here keeps a bad id from ever naming another file.
-        if not (len(upload_id) == 32 and all(c in "0123456789abcdef" for c in upload_id)):
+        if not is_upload_id(upload_id):
             raise ValueError(f"bad upload id {upload_id!r}")
         return self.uploads / upload_id
 
