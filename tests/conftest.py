@@ -6,19 +6,23 @@ user would start it, on free loopback ports, with its own data directory.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import ClassVar, Iterator
 
 import httpx
 import pytest
+
+from auth import BearerAuth, fetch_token, scopes_for
 
 MOORAGE = [sys.executable, "-m", "moorage"]
 ADMIN_PASSWORD = "test-admin-password"
@@ -46,14 +50,42 @@ class Registry:
     join: str | None = None  # URL of a replica of the cluster to join on the first start
     proc: subprocess.Popen | None = None
     log_path: Path | None = None
+    trust: Path | None = None  # the CA clients trust, when not the cluster CA (an operator's certificate)
+    # Every registry started so far, by URL: `moorage(..., "--existing", URL)`
+    # trusts the CA of the one it names.
+    started: ClassVar[dict[str, "Registry"]] = {}
 
     @property
     def host(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     @property
+    def tls(self) -> bool:
+        return "--insecure-http" not in self.extra_args
+
+    @property
     def url(self) -> str:
-        return f"http://{self.host}"
+        return f"{'https' if self.tls else 'http'}://{self.host}"
+
+    @property
+    def ca(self) -> Path:
+        """The cluster CA (joined replicas hold the same one); also a valid skopeo --cert-dir."""
+        return self.data_dir / "tls" / "ca.crt"
+
+    @property
+    def cert_dir(self) -> Path:
+        return self.ca.parent
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """Trusts this registry's cluster CA (or `trust`) and nothing else."""
+        return ssl.create_default_context(cafile=str(self.trust or self.ca))
+
+    def connection(self, timeout: float = 30) -> http.client.HTTPConnection:
+        """A raw http.client connection, for requests httpx would rewrite."""
+        if not self.tls:
+            return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        return http.client.HTTPSConnection("127.0.0.1", self.port, timeout=timeout,
+                                           context=self.ssl_context())
 
     @property
     def blob_dir(self) -> Path:
@@ -75,11 +107,13 @@ class Registry:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.data_dir.parent / f"{self.data_dir.name}.log"
         log = open(self.log_path, "ab")
+        cmd = self.command()
         self.proc = subprocess.Popen(
-            self.command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=ENV,
+            cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=cli_env(cmd),
             stdin=subprocess.DEVNULL,
         )
         self.wait_ready(timeout)
+        Registry.started[self.url] = self  # once serving: a start that failed does not take over the URL
         return self
 
     def wait_ready(self, timeout: float = 30.0) -> None:
@@ -87,11 +121,14 @@ class Registry:
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"moorage exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(self.url + "/v2/", timeout=1.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
+            # A joining replica receives its CA while it starts; 401: auth is on.
+            if not self.tls or (self.trust or self.ca).exists():
+                try:
+                    verify = self.ssl_context() if self.tls else True
+                    if httpx.get(self.url + "/v2/", timeout=1.0, verify=verify).status_code in (200, 401):
+                        return
+                except (httpx.HTTPError, ssl.SSLError, OSError):
+                    pass
             time.sleep(0.1)
         raise TimeoutError(f"moorage did not become ready:\n{self.log()}")
 
@@ -130,14 +167,49 @@ class Registry:
         self.stop()
         return self.start()
 
-    def client(self, **kw) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=kw.pop("timeout", 30.0), **kw)
+    def authorization(self, method: str, path: str, user: str | None = "admin",
+                      password: str | None = None) -> str:
+        """An `Authorization` header with a token for the request, for raw http.client requests."""
+        scopes = scopes_for(method, path.split("?")[0], httpx.URL(path).params)
+        if user == "admin" and password is None:
+            password = ADMIN_PASSWORD
+        with self.client(auth=None) as c:
+            r = fetch_token(c, scopes, user, password)
+        assert r.status_code == 200, (r.status_code, r.text)
+        return f"Bearer {r.json()['token']}"
+
+    def client(self, user: str | None = "admin", password: str | None = None, **kw) -> httpx.Client:
+        """An HTTP client for this registry, trusting its CA (pass verify= to override).
+
+        It authenticates as `user` (default: admin; None: anonymous) the way
+        docker does: Bearer tokens fetched with Basic credentials on a 401
+        challenge (tests/auth.py). Pass auth= to do something else.
+        """
+        if "auth" not in kw:
+            if user == "admin" and password is None:
+                password = ADMIN_PASSWORD
+            kw["auth"] = BearerAuth(user, password)
+        kw.setdefault("timeout", 30.0)
+        kw.setdefault("verify", self.ssl_context() if self.tls else True)
+        return httpx.Client(base_url=self.url, **kw)
 
 
-def moorage(*args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
+def cli_env(args, env: dict | None = None) -> dict:
+    """ENV for a `moorage` command: trusts the CA of the registry after `--existing`."""
+    out = {**ENV, **(env or {})}
+    args = list(args)
+    if "MOORAGE_CA_CERT" not in (env or {}) and "--existing" in args[:-1]:
+        registry = Registry.started.get(args[args.index("--existing") + 1].rstrip("/"))
+        if registry is not None and registry.tls:
+            out["MOORAGE_CA_CERT"] = str(registry.ca)
+    return out
+
+
+def moorage(*args: str, timeout: float = 60, check: bool = True,
+            env: dict | None = None) -> subprocess.CompletedProcess:
     """Run a `moorage` command as a user would, with the admin's credentials in the environment."""
-    out = subprocess.run(MOORAGE + list(args), capture_output=True, text=True, timeout=timeout, env=ENV,
-                         stdin=subprocess.DEVNULL)
+    out = subprocess.run(MOORAGE + list(args), capture_output=True, text=True, timeout=timeout,
+                         env=cli_env(args, env), stdin=subprocess.DEVNULL)
     if check:
         assert out.returncode == 0, f"moorage {' '.join(args)} exited {out.returncode}:\n{out.stderr}"
     return out

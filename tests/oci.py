@@ -7,7 +7,6 @@ the way a client library would, and assert on every status they see.
 from __future__ import annotations
 
 import hashlib
-import http.client
 import json
 import os
 import uuid
@@ -220,9 +219,11 @@ def pull_manifest(client: httpx.Client, repo: str, ref: str) -> bytes:
 def raw_request(registry, method: str, path: str, body: bytes = b"",
                 headers: dict | None = None) -> tuple[int, dict, bytes]:
     """A request whose path goes out byte for byte (httpx would resolve `..`)."""
-    conn = http.client.HTTPConnection("127.0.0.1", registry.port, timeout=30)
+    conn = registry.connection()
     try:
         hdrs = {"Content-Length": str(len(body))}
+        if path.startswith("/v2/"):
+            hdrs["Authorization"] = registry.authorization(method, path)
         hdrs.update(headers or {})
         conn.request(method, path, body=body, headers=hdrs)
         resp = conn.getresponse()

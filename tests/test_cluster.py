@@ -54,13 +54,14 @@ def test_setting_reaches_every_replica_within_a_second(three):
     moorage("config", "set", "readonly", "true", "--existing", b.url)
     set_at = time.monotonic()
     for r in (a, c):
-        wait_for(lambda: httpx.get(r.url + "/health").json()["settings"]["readonly"], 1.0,
-                 f"readonly on {r.replica_id}")
+        wait_for(lambda: httpx.get(r.url + "/health", verify=r.ssl_context()).json()["settings"]["readonly"],
+                 1.0, f"readonly on {r.replica_id}")
     assert time.monotonic() - set_at < 1.5
     with a.client() as ca:
         r = ca.post(f"/v2/{new_repo()}/blobs/uploads/")
         assert r.status_code == 405 and r.json()["errors"][0]["code"] == "UNSUPPORTED"
-    revisions = {httpx.get(r.url + "/health").json()["config_revision"] for r in (a, b, c)}
+    revisions = {httpx.get(r.url + "/health", verify=r.ssl_context()).json()["config_revision"]
+                 for r in (a, b, c)}
     assert len(revisions) == 1 and revisions.pop() > 0
     out = moorage("config", "get", "readonly", "--existing", c.url).stdout.strip()
     assert out == "true"
@@ -155,7 +156,7 @@ def test_two_replicas_after_one_loss_refuse_writes_with_a_clear_503(cluster):
         assert err["code"] == "UNAVAILABLE" and "quorum" in err["message"], err
         # Pulls of what it knows keep working.
         assert c1.get(f"/v2/{repo}/manifests/v1", headers={"Accept": OCI_MANIFEST}).content == image.manifest
-        ping = httpx.get(first.url + "/_ping")
+        ping = httpx.get(first.url + "/_ping", verify=first.ssl_context())
         assert ping.status_code == 503 and "quorum" in ping.json()["reason"]
 
 
@@ -175,13 +176,14 @@ def test_join_refuses_without_the_shared_storage(cluster, tmp_path):
 
 def test_cluster_commands_need_admin_credentials(cluster):
     first = cluster.start_first()
-    r = httpx.get(first.url + "/_admin/cluster/status")
+    r = httpx.get(first.url + "/_admin/cluster/status", verify=first.ssl_context())
     assert r.status_code == 401 and "Basic" in r.headers["WWW-Authenticate"]
-    r = httpx.get(first.url + "/_admin/cluster/status", auth=("admin", "wrong"))
+    r = httpx.get(first.url + "/_admin/cluster/status", auth=("admin", "wrong"), verify=first.ssl_context())
     assert r.status_code == 401
     import subprocess
     import sys
     env = {k: v for k, v in os.environ.items() if not k.startswith("MOORAGE_")}
+    env["MOORAGE_CA_CERT"] = str(first.ca)
     out = subprocess.run([sys.executable, "-m", "moorage", "status", "--existing", first.url],
                          capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL, timeout=30)
     assert out.returncode == 1 and "username is required" in out.stderr, out.stderr
@@ -204,7 +206,8 @@ def test_sigstop_a_replica_then_sigcont_it_catches_up(three):
 
     def caught_up():
         try:
-            r = httpx.get(f"{c.url}/v2/{repo}/manifests/t4", headers={"Accept": OCI_MANIFEST}, timeout=5)
+            with c.client(timeout=5) as cc:  # trusts the CA, authenticates as admin
+                r = cc.get(f"/v2/{repo}/manifests/t4", headers={"Accept": OCI_MANIFEST})
         except httpx.HTTPError:
             return False
         return r.status_code == 200 and r.content == images[-1].manifest

@@ -69,9 +69,16 @@ def steps() -> list[Step]:
     return found
 
 
+# What the guide shows as samples and the run prints for real: learned from a
+# command's output, substituted into the commands after it.
+LEARNED = (re.compile(r"joined as replica ([0-9a-f]{12})"), re.compile(r"fingerprint (sha256:[0-9a-f]{64})"))
+
+
 def shape(text: str) -> str:
     """A line with what varies from run to run set aside."""
+    text = re.sub(r"sha256:[0-9a-f]{64}", "FINGERPRINT", text)
     text = re.sub(r"https?://\S+", "URL", text)
+    text = re.sub(r"(?<![\w.])/[\w./-]+", "PATH", text)
     text = re.sub(r"\b[0-9a-f]{12}\b", "ID", text)
     text = re.sub(r"\d+", "N", text)
     return " ".join(text.split())
@@ -82,7 +89,7 @@ class Guide:
         self.tmp = tmp
         self.nodes = {f"registry-{i}": Node(f"registry-{i}", f"10.0.0.1{i}") for i in (1, 2, 3)}
         self.nodes["the load balancer"] = Node("lb", "127.0.0.1")
-        self.ids: dict[str, str] = {}  # the guide's sample replica ids -> the real ones
+        self.ids: dict[str, str] = {}  # the guide's sample replica ids and CA fingerprint -> the real ones
         self.lb_port = free_port()
         self.env = {k: v for k, v in ENV.items() if not k.startswith("MOORAGE_")}
         self.env["PATH"] = f"{Path(sys.executable).parent}:{self.env['PATH']}"
@@ -137,8 +144,8 @@ class Guide:
         deadline = time.monotonic() + 90
         while True:
             assert proc.poll() is None, f"{command}\n{node.log.read_text()}"
-            try:
-                if httpx.get(f"http://127.0.0.1:{node.port}/v2/", timeout=1).status_code == 200:
+            try:  # readiness only: whose certificate it is, is the commands' business
+                if httpx.get(f"https://127.0.0.1:{node.port}/_ping", timeout=1, verify=False).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
@@ -148,11 +155,11 @@ class Guide:
         while step.expected and not all(shape(e) in shape(node.log.read_text()) for e in step.expected):
             assert time.monotonic() < deadline, f"{command}: expected\n{step.expected}\n{node.log.read_text()}"
             time.sleep(0.2)
-        for line in step.expected:  # learn which real replica the guide's sample id stands for
-            sample = re.search(r"joined as replica ([0-9a-f]{12})", line)
-            real = re.search(r"joined as replica ([0-9a-f]{12})", node.log.read_text())
-            if sample and real:
-                self.ids[sample.group(1)] = real.group(1)
+        for line in step.expected:  # learn what the guide's sample ids and fingerprint stand for
+            for pattern in LEARNED:
+                sample, real = pattern.search(line), pattern.search(node.log.read_text())
+                if sample and real:
+                    self.ids[sample.group(1)] = real.group(1)
 
     def expect(self, step: Step, output: str, command: str) -> None:
         got = {shape(line) for line in output.splitlines()}
@@ -192,7 +199,7 @@ def test_guide_commands_run_as_written(tmp_path):
                 guide.directive(step)
         # The end state the guide promises: the repaired replica serves with new ones joined.
         status = subprocess.run(["moorage", "status", "--existing",
-                                 f"http://127.0.0.1:{guide.nodes['registry-1'].port}", "--json"],
+                                 f"https://127.0.0.1:{guide.nodes['registry-1'].port}", "--json"],
                                 capture_output=True, text=True, env=guide.env, timeout=60)
         assert status.returncode == 0, status.stderr
         assert '"voters": 2' in status.stdout, status.stdout

@@ -4,6 +4,10 @@ Each test runs `moorage lb haproxy --watch` as a child process exactly as an
 operator would, on a free loopback port, and talks to the cluster only
 through it: kills, removals and joins happen underneath while clients push
 and pull.
+
+HAProxy passes TLS through (mode tcp): clients speak HTTPS to the replicas
+themselves and trust the cluster CA, and the load balancer's address
+(127.0.0.1) is one every replica certificate covers.
 """
 
 from __future__ import annotations
@@ -24,13 +28,15 @@ from typing import Iterator
 import httpx
 import pytest
 
-from conftest import ENV, MOORAGE, Cluster, free_port, moorage, wait_for
+from auth import BearerAuth
+from conftest import ADMIN_PASSWORD, MOORAGE, Cluster, Registry, cli_env, free_port, moorage, wait_for
 from layout import Layout, LayoutImage
-from moorage.cluster import haproxy
+from moorage.cluster import haproxy, pki
 from oci import OCI_MANIFEST, Image, make_image, new_repo, pull_blob, pull_manifest, push_image, sha256
 from test_skopeo import skopeo
 
 HAPROXY = "/usr/sbin/haproxy"
+RETRY_PAUSE = 0.5
 
 
 # --------------------------------------------------------------------------- helpers
@@ -39,22 +45,30 @@ HAPROXY = "/usr/sbin/haproxy"
 class LoadBalancer:
     """A `moorage lb haproxy --watch` child process and the HAProxy it runs."""
 
-    def __init__(self, root: Path, existing: str):
+    def __init__(self, root: Path, existing: Registry):
         self.port = free_port()
         self.host = f"127.0.0.1:{self.port}"
-        self.url = f"http://{self.host}"
+        self.url = f"https://{self.host}"
+        self.registry = existing  # whose cluster CA clients trust
         self.config = root / "haproxy.cfg"
         self.log_path = root / "lb.log"
+        args = ["lb", "haproxy", "--watch", "--existing", existing.url, "--output", str(self.config),
+                "--bind", self.host]
         self.proc = subprocess.Popen(
-            MOORAGE + ["lb", "haproxy", "--watch", "--existing", existing, "--output", str(self.config),
-                       "--bind", self.host],
-            stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT, env=ENV, stdin=subprocess.DEVNULL)
+            MOORAGE + args, stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT, env=cli_env(args),
+            stdin=subprocess.DEVNULL)
         wait_for(lambda: self._serving(), 30, f"HAProxy to serve:\n{self.log()}")
+
+    def client(self, cls: type[httpx.Client] = httpx.Client, **kw) -> httpx.Client:
+        """A client of the registry through HAProxy: trusts the cluster CA, authenticates as admin."""
+        return cls(base_url=self.url, timeout=30, verify=self.registry.ssl_context(),
+                   auth=BearerAuth("admin", ADMIN_PASSWORD), **kw)
 
     def _serving(self) -> bool:
         assert self.proc.poll() is None, f"lb exited {self.proc.returncode}:\n{self.log()}"
         try:
-            return httpx.get(self.url + "/v2/", timeout=2).status_code == 200
+            return httpx.get(self.url + "/v2/", timeout=2, verify=self.registry.ssl_context()
+                             ).status_code in (200, 401)
         except httpx.HTTPError:
             return False
 
@@ -92,7 +106,7 @@ class LoadBalancer:
 def lb_factory(tmp_path) -> Iterator:
     made: list[LoadBalancer] = []
 
-    def make(existing: str) -> LoadBalancer:
+    def make(existing: Registry) -> LoadBalancer:
         made.append(LoadBalancer(tmp_path, existing))
         return made[-1]
     yield make
@@ -104,7 +118,13 @@ def lb_factory(tmp_path) -> Iterator:
 
 class CountingClient(httpx.Client):
     """An HTTP client that counts its requests and failures (transport errors, 5xx) and, as
-    real clients do, retries a failed request once. The failure is counted before the retry."""
+    real clients do, retries a failed request once, after a short pause (docker and
+    containers/image back off before retrying). The failure is counted before the retry.
+
+    The pause matters with TLS passthrough: a connection HAProxy hands to a replica in
+    the instant it dies (its kernel still completing handshakes) cannot be redispatched
+    once established, so an immediate retry can meet the same dying replica; HAProxy
+    marks it down within a fraction of a second."""
 
     def __init__(self, tally: "Tally", **kw):
         super().__init__(**kw)
@@ -119,12 +139,14 @@ class CountingClient(httpx.Client):
                 self.tally.add(failures=1, note=f"{method} {url}: {type(e).__name__}")
                 if attempt:
                     raise
+                time.sleep(RETRY_PAUSE)
                 continue
             if r.status_code < 500 or attempt:
                 if r.status_code >= 500:
                     self.tally.add(failures=1, note=f"{method} {url}: {r.status_code}")
                 return r
             self.tally.add(failures=1, note=f"{method} {url}: {r.status_code} {r.text[:120]}")
+            time.sleep(RETRY_PAUSE)
         raise AssertionError("unreachable")
 
 
@@ -174,7 +196,7 @@ class Load:
             self.errors.append(f"{work.__name__}: {type(e).__name__}: {e}"[:300])
 
     def _client(self) -> CountingClient:
-        return CountingClient(self.tally, base_url=self.lb.url, timeout=30)
+        return self.lb.client(CountingClient, tally=self.tally)
 
     def _push(self) -> None:
         repo = new_repo("lb")
@@ -215,8 +237,9 @@ class Load:
             ref = f"{self.lb.host}/{repo}:c{i}"
             for attempt in range(2):
                 self.tally.add(requests=1)
-                out = skopeo("copy", "--dest-tls-verify=false", f"oci:{self.layout.path}:i{i % len(self.images)}",
-                             f"docker://{ref}", timeout=60, check=False)
+                out = skopeo("copy", "--dest-cert-dir", str(self.lb.registry.cert_dir),
+                             f"oci:{self.layout.path}:i{i % len(self.images)}", f"docker://{ref}",
+                             timeout=60, check=False)
                 if out.returncode == 0:
                     self.copied.append((ref, image))
                     break
@@ -233,9 +256,9 @@ def build_layout(root: Path, count: int) -> tuple[Layout, list[LayoutImage]]:
     return layout, images
 
 
-def assert_all_pull_back(url: str, load: Load) -> None:
+def assert_all_pull_back(lb: LoadBalancer, load: Load) -> None:
     """Every acknowledged push, HTTP or skopeo, is there byte for byte."""
-    with httpx.Client(base_url=url, timeout=30) as c:
+    with lb.client() as c:
         for repo, tag, image in load.pushed:
             assert pull_manifest(c, repo, tag) == image.manifest, (repo, tag)
             assert pull_blob(c, repo, sha256(image.config)) == image.config
@@ -271,9 +294,23 @@ def test_render_is_a_pure_function_of_the_replicas():
     text = haproxy.render(found, haproxy.Options(bind="127.0.0.1:8080"))
     assert text == haproxy.render(list(reversed(found)), haproxy.Options(bind="127.0.0.1:8080"))
     assert "    server aa 10.0.0.1:5000\n    server bb 10.0.0.2:5000\n" in text
-    assert "server cc reg-3.example:5443 ssl verify required ca-file @system-ca" in text
+    # TLS passes through to the replicas; only the health check speaks TLS, verifying the
+    # certificate (against the system's store unless a CA file is given) and its name.
+    assert "server cc reg-3.example:5443 check-ssl verify required ca-file @system-ca " \
+           "check-sni reg-3.example\n" in text
+    assert "mode tcp" in text and "mode http" not in text and " ssl " not in text
     assert "bind 127.0.0.1:8080" in text and "stats socket" not in text
-    assert "http-buffer-request" in text and "no option http-buffer-request" in text
+    assert "balance leastconn" in text and "on-marked-down shutdown-sessions" in text
+    assert "uri /_ping ver" in text and "uri /_ping?reads=1 ver" in text
+    for line in text.splitlines():  # bounded: every timeout has a value
+        if line.strip().startswith("timeout "):
+            assert len(line.split()) == 3, line
+    # With the cluster CA; an IP address cannot be matched by HAProxy, the chain to the CA is the check.
+    tls = [haproxy.Backend("dd", "https://10.0.0.4:5000")]
+    text = haproxy.render(tls, haproxy.Options(ca_file="/etc/haproxy/moorage-ca.crt"))
+    assert "server dd 10.0.0.4:5000 check-ssl verify required ca-file /etc/haproxy/moorage-ca.crt\n" in text
+    text = haproxy.render(tls, haproxy.Options(verify_tls=False))
+    assert "server dd 10.0.0.4:5000 check-ssl verify none\n" in text
     assert haproxy.check_bind("[::1]:5000") == "::1:5000" and haproxy.check_bind(":5000") == ":5000"
     for bad in ("5000", "host:", "host:99999", "a b:1", "host:80\n"):
         with pytest.raises(haproxy.ConfigError):
@@ -296,9 +333,24 @@ def test_printed_config_is_valid_and_lists_every_replica(three, tmp_path):
     for r in three.replicas:
         assert f"server {r.replica_id} {r.host}" in out
     assert "httpchk" in out and "uri /_ping" in out and "option redispatch" in out
-    # --output writes the same text to a file.
-    moorage("lb", "haproxy", "--existing", a.url, "--bind", bind, "--output", str(tmp_path / "o.cfg"))
+    # HAProxy checks the replicas against the cluster CA the command trusted ($MOORAGE_CA_CERT here).
+    assert out.count(f"check-ssl verify required ca-file {b.ca}\n") == 2 * len(three.replicas), out
+    # --output writes the same text to a file, whichever replica is asked.
+    moorage("lb", "haproxy", "--existing", a.url, "--bind", bind, "--output", str(tmp_path / "o.cfg"),
+            env={"MOORAGE_CA_CERT": str(b.ca)})
     assert (tmp_path / "o.cfg").read_text() == out
+    # Trust by fingerprint: the CA it fetched and checked is written next to the configuration.
+    fingerprint = pki.fingerprint(a.ca.read_bytes())
+    no_ca = {"MOORAGE_CA_CERT": ""}
+    moorage("lb", "haproxy", "--existing", a.url, "--bind", bind, "--ca-fingerprint", fingerprint,
+            "--output", str(tmp_path / "f.cfg"), env=no_ca)
+    written = tmp_path / "f.cfg.ca.crt"
+    assert written.read_bytes() == a.ca.read_bytes()
+    assert f"ca-file {written}\n" in (tmp_path / "f.cfg").read_text()
+    check = subprocess.run([HAPROXY, "-c", "-f", str(tmp_path / "f.cfg")], capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0, check.stdout + check.stderr
+    bad = moorage("lb", "haproxy", "--existing", a.url, "--ca-fingerprint", fingerprint, env=no_ca, check=False)
+    assert bad.returncode == 1 and "--ca-cert FILE, or --output FILE" in bad.stderr, bad.stderr
     bad = moorage("lb", "haproxy", "--existing", a.url, "--bind", "nowhere", check=False)
     assert bad.returncode == 1 and "--bind takes HOST:PORT" in bad.stderr and "Traceback" not in bad.stderr
     bad = moorage("lb", "haproxy", "--existing", a.url, "--watch", check=False)
@@ -307,7 +359,7 @@ def test_printed_config_is_valid_and_lists_every_replica(three, tmp_path):
 
 def test_clients_push_and_pull_through_a_replica_kill(three, lb_factory, tmp_path):
     a, b, c = three.replicas
-    lb = lb_factory(a.url)
+    lb = lb_factory(a)
     wait_for(lambda: lb.up() == {r.replica_id for r in three.replicas}, 10, "every replica UP")
     layout, images = build_layout(tmp_path, 4)
     with Load(lb, layout, images) as load:
@@ -326,7 +378,7 @@ def test_clients_push_and_pull_through_a_replica_kill(three, lb_factory, tmp_pat
     assert load.tally.requests > 200 and load.pushed and load.copied, (load.tally, load.errors)
     assert failed < 0.01 * load.tally.requests, (failed, load.tally.requests, load.tally.notes)
     assert not load.errors, load.errors
-    assert_all_pull_back(lb.url, load)
+    assert_all_pull_back(lb, load)
     table = moorage("status", "--existing", a.url).stdout
     assert "tolerates 0 more" in table, table
     dead = next(line for line in table.splitlines() if line.startswith(b.replica_id))
@@ -336,7 +388,7 @@ def test_clients_push_and_pull_through_a_replica_kill(three, lb_factory, tmp_pat
 
 def test_watch_follows_remove_and_join(three, lb_factory):
     a, b, c = three.replicas
-    lb = lb_factory(a.url)
+    lb = lb_factory(a)
     wait_for(lambda: lb.up() == {r.replica_id for r in three.replicas}, 10, "every replica UP")
     moorage("remove", "--existing", a.url, "--replica-id", c.replica_id)
     wait_for(lambda: c.replica_id not in lb.config.read_text(), 10, f"{c.replica_id} to leave the file")
@@ -345,10 +397,14 @@ def test_watch_follows_remove_and_join(three, lb_factory):
     wait_for(lambda: fresh.replica_id in lb.config.read_text(), 10, f"{fresh.replica_id} in the file")
     wait_for(lambda: fresh.replica_id in lb.up(), 10, f"{fresh.replica_id} UP in HAProxy")
     assert f"server {fresh.replica_id} {fresh.host}" in lb.config.read_text()
-    # Requests reach the new replica: HAProxy counts what it sent there.
+    # Requests reach the new replica: HAProxy counts what it sent there. Passthrough balances
+    # connections (leastconn, ties in turn), so each push comes on a connection of its own.
     repo = new_repo("lbjoin")
-    with httpx.Client(base_url=lb.url, timeout=30) as client:
-        images = [push_image(client, repo, f"t{i}") for i in range(6)]
+    images = []
+    for i in range(6):
+        with lb.client() as client:
+            images.append(push_image(client, repo, f"t{i}"))
+    with lb.client() as client:
         for i, image in enumerate(images):
             assert pull_manifest(client, repo, f"t{i}") == image.manifest
     assert int(lb.servers()[fresh.replica_id]["stot"]) > 0, lb.servers()[fresh.replica_id]
@@ -362,10 +418,10 @@ def test_five_replicas_survive_two_kills_through_the_lb(cluster: Cluster, lb_fac
     for _ in range(4):
         cluster.join(first)
     r = cluster.replicas
-    lb = lb_factory(first.url)
+    lb = lb_factory(first)
     wait_for(lambda: len(lb.up()) == 5, 10, "five replicas UP")
     repo = new_repo("lbfive")
-    with httpx.Client(base_url=lb.url, timeout=30) as client:
+    with lb.client() as client:
         before = [push_image(client, repo, f"b{i}") for i in range(3)]
     # One of the two is the replica the watcher was pointed at: it must carry on through the others.
     killed_at = time.monotonic()
@@ -376,7 +432,7 @@ def test_five_replicas_survive_two_kills_through_the_lb(cluster: Cluster, lb_fac
     r[3].kill9()
     wait_for(lambda: lb.up() == {x.replica_id for x in (r[1], r[2], r[4])}, 10, "the dead two out")
     tally = Tally()
-    with CountingClient(tally, base_url=lb.url, timeout=30) as client:
+    with lb.client(CountingClient, tally=tally) as client:
         after = [push_image(client, repo, f"a{i}") for i in range(5)]
         for i, image in enumerate(before):
             assert pull_manifest(client, repo, f"b{i}") == image.manifest
@@ -401,14 +457,14 @@ def test_without_quorum_pulls_still_go_through_the_lb(cluster: Cluster, lb_facto
     replicas' own 503 that names the cause."""
     first = cluster.start_first()
     second = cluster.join(first)
-    lb = lb_factory(first.url)
+    lb = lb_factory(first)
     wait_for(lambda: len(lb.up()) == 2, 10, "two replicas UP")
     repo = new_repo("lbnoquorum")
-    with httpx.Client(base_url=lb.url, timeout=30) as client:
+    with lb.client() as client:
         image = push_image(client, repo, "v1")
     second.kill9()
     wait_for(lambda: not lb.up(), 15, "the pool to empty as quorum is lost")
-    with httpx.Client(base_url=lb.url, timeout=30) as client:
+    with lb.client() as client:
         for _ in range(5):
             assert pull_manifest(client, repo, "v1") == image.manifest
             for layer in image.layers:

@@ -16,6 +16,7 @@ import uuid
 
 import pytest
 
+from conftest import ADMIN_PASSWORD, Registry
 from layout import Layout, LayoutImage, read_layout
 from oci import (
     DOCKER_CONFIG,
@@ -34,7 +35,8 @@ SKOPEO = shutil.which("skopeo") or "/usr/bin/skopeo"
 
 def skopeo(*args: str, timeout: float = 120.0, check: bool = True) -> subprocess.CompletedProcess:
     """Run skopeo; with check, assert it exited 0 and show its stderr if not."""
-    cmd = [SKOPEO, "--insecure-policy", "--command-timeout", f"{int(timeout)}s", *args]
+    cmd = [SKOPEO, "--insecure-policy", "--command-timeout", f"{int(timeout)}s", *args[:1], *creds(args),
+           *args[1:]]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 10)
     if check:
         assert proc.returncode == 0, (
@@ -42,25 +44,46 @@ def skopeo(*args: str, timeout: float = 120.0, check: bool = True) -> subprocess
     return proc
 
 
+def creds(args: tuple[str, ...] | list[str]) -> list[str]:
+    """The admin's `--creds` for the `docker://` references in a skopeo command,
+    unless the command already says whose credentials to use (or none)."""
+    if not args or any(a.split("=")[0].endswith(("creds", "username", "password", "registry-token")) for a in args):
+        return []
+    admin = f"admin:{ADMIN_PASSWORD}"
+    if args[0] == "copy":
+        return ((["--src-creds", admin] if args[-2].startswith("docker://") else [])
+                + (["--dest-creds", admin] if args[-1].startswith("docker://") else []))
+    return ["--creds", admin] if any(a.startswith("docker://") for a in args) else []
+
+
+def tls(ref: str, side: str = "") -> list[str]:
+    """skopeo's flags to trust the CA of the registry a `docker://` reference names
+    (`side` is "src-" or "dest-" for copy): DATA_DIR/tls holds only the CA, as --cert-dir wants."""
+    if not ref.startswith("docker://"):
+        return []
+    registry = Registry.started[f"https://{ref.removeprefix('docker://').split('/', 1)[0]}"]
+    return [f"--{side}cert-dir", str(registry.cert_dir)]
+
+
 def push(src: str, dest: str, *extra: str) -> None:
-    skopeo("copy", "--dest-tls-verify=false", *extra, src, dest)
+    skopeo("copy", *tls(dest, "dest-"), *extra, src, dest)
 
 
 def pull(src: str, dest: str, *extra: str) -> None:
-    skopeo("copy", "--src-tls-verify=false", *extra, src, dest)
+    skopeo("copy", *tls(src, "src-"), *extra, src, dest)
 
 
 def inspect_raw(ref: str) -> bytes:
     out = subprocess.run(
-        [SKOPEO, "--insecure-policy", "--command-timeout", "60s", "inspect", "--raw",
-         "--tls-verify=false", ref],
+        [SKOPEO, "--insecure-policy", "--command-timeout", "60s", "inspect", *creds(["inspect", ref]), "--raw",
+         *tls(ref), ref],
         capture_output=True, timeout=70)
     assert out.returncode == 0, (ref, out.returncode, out.stderr.decode(errors="replace"))
     return out.stdout
 
 
 def inspect(ref: str, *extra: str) -> dict:
-    return json.loads(skopeo("inspect", "--tls-verify=false", *extra, ref).stdout)
+    return json.loads(skopeo("inspect", *tls(ref), *extra, ref).stdout)
 
 
 def assert_image_pulled(blobs: dict[str, bytes], image: LayoutImage) -> None:
@@ -215,7 +238,7 @@ def test_list_tags(registry, tmp_path, rng, repo):
         push(f"oci:{src.path}:one", f"docker://{registry.host}/{repo}:{tag}", "--preserve-digests")
     push(f"oci:{src.path}:two", f"docker://{registry.host}/{repo}:two", "--preserve-digests")
 
-    listed = json.loads(skopeo("list-tags", "--tls-verify=false",
+    listed = json.loads(skopeo("list-tags", *tls(f"docker://{registry.host}/{repo}"),
                                f"docker://{registry.host}/{repo}").stdout)
     assert listed["Repository"] == f"{registry.host}/{repo}"
     assert sorted(listed["Tags"]) == sorted(tags)
@@ -231,15 +254,15 @@ def test_delete_by_digest_and_by_tag(registry, tmp_path, rng, repo):
         push(f"oci:{src.path}:{name}", f"docker://{registry.host}/{repo}:{name}", "--preserve-digests")
     base = f"docker://{registry.host}/{repo}"
 
-    skopeo("delete", "--tls-verify=false", f"{base}@{images['a'].digest}")
+    skopeo("delete", *tls(base), f"{base}@{images['a'].digest}")
     for ref in (f"{base}@{images['a'].digest}", f"{base}:a"):
-        gone = skopeo("copy", "--src-tls-verify=false", ref, f"oci:{tmp_path / 'gone-a'}:x", check=False)
+        gone = skopeo("copy", *tls(ref, "src-"), ref, f"oci:{tmp_path / 'gone-a'}:x", check=False)
         assert gone.returncode != 0, f"pulling {ref} after its deletion succeeded"
         assert "manifest unknown" in gone.stderr.lower(), gone.stderr
 
-    skopeo("delete", "--tls-verify=false", f"{base}:b")
+    skopeo("delete", *tls(base), f"{base}:b")
     for ref in (f"{base}:b", f"{base}@{images['b'].digest}"):
-        gone = skopeo("inspect", "--raw", "--tls-verify=false", ref, check=False)
+        gone = skopeo("inspect", "--raw", *tls(ref), ref, check=False)
         assert gone.returncode != 0, f"inspecting {ref} after its deletion succeeded"
         assert "manifest unknown" in gone.stderr.lower(), gone.stderr
 
@@ -249,7 +272,7 @@ def test_delete_by_digest_and_by_tag(registry, tmp_path, rng, repo):
     refs, blobs = read_layout(out)
     assert refs["c"]["digest"] == images["c"].digest
     assert_image_pulled(blobs, images["c"])
-    listed = json.loads(skopeo("list-tags", "--tls-verify=false", base).stdout)
+    listed = json.loads(skopeo("list-tags", *tls(base), base).stdout)
     assert listed["Tags"] == ["c"]
 
     # A deleted manifest can be pushed again.

@@ -9,7 +9,6 @@ from what the conformance suite v1.1.1 checks in its Pull and Push categories
 from __future__ import annotations
 
 import hashlib
-import http.client
 import json
 import os
 
@@ -79,14 +78,15 @@ def test_head_blob_sends_no_body_on_the_wire(registry, client):
     digest = push_blob(client, repo, data)
     # Two requests on one connection: if HEAD leaked a body, the second
     # response would be garbage.
-    conn = http.client.HTTPConnection("127.0.0.1", registry.port, timeout=30)
+    conn = registry.connection()
     try:
-        conn.request("HEAD", f"/v2/{repo}/blobs/{digest}")
+        auth = {"Authorization": registry.authorization("GET", f"/v2/{repo}/blobs/{digest}")}
+        conn.request("HEAD", f"/v2/{repo}/blobs/{digest}", headers=auth)
         first = conn.getresponse()
         assert first.status == 200
         assert first.getheader("Content-Length") == str(len(data))
         first.read()
-        conn.request("GET", f"/v2/{repo}/blobs/{digest}")
+        conn.request("GET", f"/v2/{repo}/blobs/{digest}", headers=auth)
         second = conn.getresponse()
         assert second.status == 200
         assert second.read() == data

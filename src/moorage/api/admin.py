@@ -13,9 +13,13 @@ import re
 import msgspec
 from aiohttp import web
 
+from moorage.api.audit import USER_KEY, RequestAudit
+from moorage.api.accessadmin import access_routes
+from moorage.api.auth import Auth, Denied
 from moorage.api.http import read_bounded
 from moorage.cluster.service import ClusterError, ClusterService
 from moorage.meta.etcd import EtcdUnavailable
+from moorage.registry.access import Access, AccessError
 from moorage.registry.errors import TooLarge
 from moorage.registry.users import Users
 
@@ -35,9 +39,12 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 
 
 class AdminApi:
-    def __init__(self, cluster: ClusterService, users: Users):
+    def __init__(self, cluster: ClusterService, users: Users, audit: RequestAudit | None = None,
+                 access: Access | None = None, auth: Auth | None = None):
         self.cluster = cluster
         self.users = users
+        self.auth = auth
+        self.audit = audit
         c = cluster
         self.routes: list[tuple[str, re.Pattern, object]] = [
             ("GET", re.compile(r"^/_admin/cluster/status$"), lambda r, b: c.status()),
@@ -54,7 +61,10 @@ class AdminApi:
              lambda r, b, key: c.set_setting(key, b.get("value") if isinstance(b, dict) else None)),
             ("DELETE", re.compile(r"^/_admin/config/([a-z0-9_.]{1,64})$"),
              lambda r, b, key: c.unset_setting(key)),
+            ("GET", re.compile(r"^/_admin/audit$"), lambda r, b: self._audit_query(r)),
         ]
+        if access is not None:  # users, teams, grants, visibility: see api/accessadmin.py
+            self.routes += access_routes(access)
 
     @staticmethod
     async def _promoted(operation) -> dict:
@@ -65,9 +75,26 @@ class AdminApi:
         await operation
         return {"ok": True}
 
+    async def _audit_query(self, request: web.BaseRequest) -> dict:
+        if self.audit is None:
+            raise ClusterError("unavailable", "this replica keeps no audit log")
+        try:
+            return await self.audit.query(request.query)
+        except ValueError as e:
+            raise _BadField(str(e)) from None
+
     async def __call__(self, request: web.BaseRequest, path: str) -> web.Response:
+        response = await self._handle(request, path)
+        # Audited: every call that changes something, and every one refused for credentials.
+        if self.audit is not None and (request.method not in ("GET", "HEAD") or response.status in (401, 403)):
+            self.audit.admin(request, response)
+        return response
+
+    async def _handle(self, request: web.BaseRequest, path: str) -> web.Response:
         try:
             admin = await self._is_admin(request)
+        except _Refused as e:
+            return e.response
         except EtcdUnavailable as e:
             return _error(503, f"cannot check credentials: this replica's etcd does not answer ({e})")
         if not admin:
@@ -85,8 +112,10 @@ class AdminApi:
                 return _error(400, "the request body must be a JSON object of at most 64 KiB")
             try:
                 return _json(await handler(request, body, *m.groups()))
-            except ClusterError as e:
+            except (ClusterError, AccessError) as e:
                 return _error(STATUS.get(e.kind, 500), e.message)
+            except EtcdUnavailable as e:
+                return _error(503, f"the cluster's metadata store cannot be reached: {e}")
             except _BadField as e:
                 return _error(400, str(e))
         if any(p.match(path) for _, p, _ in self.routes):
@@ -97,12 +126,44 @@ class AdminApi:
         header = request.headers.get("Authorization", "")
         if not header.startswith("Basic "):
             return False
+        if self.auth is not None:  # shared with /v2/: the verification cache and the login slowdown
+            return self._admin_named(request, await self._basic(request, header[6:]))
         try:
             name, _, password = base64.b64decode(header[6:], validate=True).decode().partition(":")
         except (binascii.Error, UnicodeDecodeError):
             return False
         user = await self.users.verify(name, password)
-        return user is not None and user.admin
+        if user is not None and user.admin:
+            request[USER_KEY] = name  # who did it, for the audit log
+            return True
+        return False
+
+    async def _basic(self, request: web.BaseRequest, value: str) -> str | None:
+        assert self.auth is not None
+        try:
+            return await self.auth.basic(request, value)
+        except Denied as e:
+            if e.response.status in (429, 503):
+                headers = {"Retry-After": e.response.headers["Retry-After"]} \
+                    if "Retry-After" in e.response.headers else None
+                raise _Refused(_error(e.response.status, e.message, headers)) from None
+            return None
+
+    def _admin_named(self, request: web.BaseRequest, name: str | None) -> bool:
+        if name is None:
+            return False
+        request[USER_KEY] = name  # who did it (or tried to), for the audit log
+        if not self.auth.access.is_admin(name):
+            raise _Refused(_error(403, f"the user {name} is not a cluster admin"))
+        return True
+
+
+class _Refused(Exception):
+    """Valid-looking credentials refused (403), or not checked now (429, 503)."""
+
+    def __init__(self, response: web.Response):
+        super().__init__(response.status)
+        self.response = response
 
 
 class _BadField(ValueError):

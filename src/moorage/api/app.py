@@ -16,10 +16,15 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from moorage.api import openapi
 from moorage.api.admin import AdminApi
+from moorage.api.audit import USER_KEY, RequestAudit
+from moorage.api.auth import CATALOG_SCOPE, Auth, Denied, Need
 from moorage.api.blobs import BlobHandlers
+from moorage.api.connections import GuardedServer
 from moorage.api.errors import error_response, from_error
 from moorage.api.manifests import ManifestHandlers
+from moorage.api.token_endpoint import TokenEndpoint
 from moorage.registry.errors import RegistryError
 from moorage.registry.names import check_name
 from moorage.registry.service import Registry
@@ -30,10 +35,20 @@ log = logging.getLogger(__name__)
 API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
 
 READ_BUFFER = 2 << 20
+# Limits on a request's head (aiohttp answers 400 past them): a header field
+# fits a bearer token of a few kilobytes with room to spare; the request line
+# fits a 255-character name, a digest and an upload's state; no client needs
+# a hundred headers. Together they bound a head to about 1.6 MiB.
 MAX_HEADER_FIELD = 16 << 10
+MAX_REQUEST_LINE = 8 << 10
+MAX_HEADERS = 100
+# Idle keep-alive connections close after this (nginx's default); HAProxy in
+# front keeps its own idle connections for 30 s, so it always closes first.
 KEEPALIVE_SECONDS = 75.0
 
 Handler = Callable[..., Awaitable[web.StreamResponse]]
+_READS = ("GET", "HEAD")
+PULL, PUSH, DELETE = "pull", "push", "delete"
 
 
 class Dispatcher:
@@ -46,19 +61,23 @@ class Dispatcher:
     def __init__(self, registry: Registry, uploads: Uploads, health: Callable[[], dict],
                  ping: Callable[[], tuple[bool, str]], admin: AdminApi | None = None,
                  writable: Callable[[], tuple[bool, str]] | None = None,
-                 readonly: Callable[[], bool] | None = None):
+                 readonly: Callable[[], bool] | None = None, audit: RequestAudit | None = None,
+                 ca_pem: bytes | None = None, auth: Auth | None = None):
         m = ManifestHandlers(registry)
         b = BlobHandlers(registry, uploads)
-        self.table: list[tuple[re.Pattern, dict[str, Handler]]] = [
+        # Each route with, per method, its handler and the action it needs on the repository.
+        self.table: list[tuple[re.Pattern, dict[str, tuple[Handler, str]]]] = [
             (re.compile(r"^/v2/(.+)/manifests/([^/]+)$"),
-             {"GET": m.get, "HEAD": m.get, "PUT": m.put, "DELETE": m.delete}),
-            (re.compile(r"^/v2/(.+)/tags/list$"), {"GET": m.tags}),
-            (re.compile(r"^/v2/(.+)/referrers/([^/]+)$"), {"GET": m.referrers}),
-            (re.compile(r"^/v2/(.+)/blobs/uploads/?$"), {"POST": b.start_upload}),
+             {"GET": (m.get, PULL), "HEAD": (m.get, PULL), "PUT": (m.put, PUSH),
+              "DELETE": (m.delete, DELETE)}),
+            (re.compile(r"^/v2/(.+)/tags/list$"), {"GET": (m.tags, PULL)}),
+            (re.compile(r"^/v2/(.+)/referrers/([^/]+)$"), {"GET": (m.referrers, PULL)}),
+            (re.compile(r"^/v2/(.+)/blobs/uploads/?$"), {"POST": (b.start_upload, PUSH)}),
             (re.compile(r"^/v2/(.+)/blobs/uploads/([^/]+)$"),
-             {"GET": b.status, "PATCH": b.patch, "PUT": b.put, "DELETE": b.cancel}),
+             {"GET": (b.status, PUSH), "PATCH": (b.patch, PUSH), "PUT": (b.put, PUSH),
+              "DELETE": (b.cancel, PUSH)}),
             (re.compile(r"^/v2/(.+)/blobs/([^/]+)$"),
-             {"GET": b.get, "HEAD": b.get, "DELETE": b.delete}),
+             {"GET": (b.get, PULL), "HEAD": (b.get, PULL), "DELETE": (b.delete, DELETE)}),
         ]
         self.catalog = m.catalog
         self.health = health
@@ -66,16 +85,28 @@ class Dispatcher:
         self.admin = admin
         self.writable = writable
         self.readonly = readonly
+        self.audit = audit
+        self.ca_pem = ca_pem  # served at /ca so clients can bootstrap trust
+        self.auth = auth  # None only where nothing needs protecting (unit tests of the routing)
+        self.token = TokenEndpoint(auth, auth.tokens, audit) if auth is not None else None
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         path = request.rel_url.raw_path
         if not path.startswith("/v2"):
-            return await self._other(request, path)
+            try:
+                return await self._other(request, path)
+            except RegistryError as e:  # a body that stalled (BodyTimeout) on /token or /_admin/
+                return from_error(e)
         try:
             response = await self._v2(request, path)
         except RegistryError as e:
             response = from_error(e)
+        except Denied as e:
+            response = e.response
         except (ConnectionResetError, asyncio.CancelledError):
+            if self.audit is not None and request.method not in _READS:
+                self.audit.record(request, "write", 499, detail="no response: the client went away "
+                                  "or the replica shut down")
             raise  # the client went away, or we are shutting down
         except OSError as e:
             log.exception("storage error", extra={"path": path[:200]})
@@ -84,38 +115,79 @@ class Dispatcher:
             log.exception("unhandled error", extra={"method": request.method, "path": path[:200]})
             response = error_response(500, "UNKNOWN", "internal error; the replica's log has the details")
         response.headers.update(API_VERSION)
+        # Reads return without audit work: only writes and refusals are kept,
+        # except the bare `GET /v2/` without credentials, which is how every
+        # client starts (it asks for the auth challenge), not an attack.
+        if self.audit is not None and (request.method not in _READS or response.status in (401, 403)) \
+                and not (path in ("/v2/", "/v2") and "Authorization" not in request.headers):
+            self.audit.v2(request, response)
         return response
 
     async def _v2(self, request: web.BaseRequest, path: str) -> web.StreamResponse:
+        # Authorization comes before anything that could tell a stranger about
+        # the registry (existence, read-only mode, quorum); only the route's
+        # shape and the name's grammar are checked first, as they say nothing.
+        auth = self.auth
         if path in ("/v2/", "/v2"):
+            if auth is not None:
+                auth.require_credentials(request, await self._caller(request))
             return web.Response(body=b"{}", content_type="application/json")
-        if request.method not in ("GET", "HEAD"):
-            if self.readonly is not None and self.readonly():
-                # As the reference registry's maintenance mode answers.
-                return error_response(405, "UNSUPPORTED", "the registry is read-only (maintenance); "
-                                      "writes are refused until the readonly setting is cleared")
-            if self.writable is not None:
-                ok, reason = self.writable()
-                if not ok:
-                    return error_response(503, "UNAVAILABLE", f"writes are refused: {reason}")
         if path == "/v2/_catalog":
             if request.method != "GET":
                 return _method_not_allowed(("GET",))
-            return await self.catalog(request)
+            visible = None
+            if auth is not None:
+                visible = auth.authorize_catalog(request, await self._caller(request, CATALOG_SCOPE))
+            return await self.catalog(request, visible)
         for pattern, methods in self.table:
             m = pattern.match(path)
             if m is None:
                 continue
-            handler = methods.get(request.method)
-            if handler is None:
+            route = methods.get(request.method)
+            if route is None:
                 return _method_not_allowed(methods)
+            handler, action = route
             name, *rest = m.groups()
             check_name(name)
+            if auth is not None:
+                # The hot path (a token, or nothing) awaits nothing.
+                need = (name, action)
+                caller = auth.quick(request, need) or await auth.authenticate(request, need)
+                request[USER_KEY] = caller.user
+                auth.authorize(request, caller, name, action)
+                if request.method == "POST" and "mount" in request.query:
+                    # Mounting reads the source: without pull there, a plain upload session instead.
+                    source = request.query.get("from", "")
+                    request["moorage.mount"] = bool(source) and auth.may(caller, source, PULL)
+            if request.method not in _READS:
+                refused = self._refuse_writes()
+                if refused is not None:
+                    return refused
             return await handler(request, name, *rest)
         return error_response(404, "NAME_UNKNOWN" if path.count("/") > 2 else "UNSUPPORTED",
                               f"no such endpoint: {request.method} {path[:200]}")
 
+    async def _caller(self, request: web.BaseRequest, scope: Need = None):
+        assert self.auth is not None
+        request[USER_KEY] = None  # until proven otherwise: refusals are audited as anonymous
+        caller = await self.auth.authenticate(request, scope)
+        request[USER_KEY] = caller.user
+        return caller
+
+    def _refuse_writes(self) -> web.Response | None:
+        if self.readonly is not None and self.readonly():
+            # As the reference registry's maintenance mode answers.
+            return error_response(405, "UNSUPPORTED", "the registry is read-only (maintenance); "
+                                  "writes are refused until the readonly setting is cleared")
+        if self.writable is not None:
+            ok, reason = self.writable()
+            if not ok:
+                return error_response(503, "UNAVAILABLE", f"writes are refused: {reason}")
+        return None
+
     async def _other(self, request: web.BaseRequest, path: str) -> web.StreamResponse:
+        if path == "/token" and self.token is not None:
+            return await self.token(request)
         if path == "/_ping" and request.method in ("GET", "HEAD"):
             ok, reason = self.ping()
             if request.query.get("reads"):
@@ -123,8 +195,14 @@ class Dispatcher:
                 # balancers fall back to this when no replica has quorum.
                 return web.json_response({"ok": True, "writes": ok, "reason": reason})
             return web.json_response({"ok": ok, "reason": reason}, status=200 if ok else 503)
+        if path == "/ca" and request.method in ("GET", "HEAD"):
+            if self.ca_pem is None:
+                return web.json_response({"error": "this replica has no cluster CA"}, status=404)
+            return web.Response(body=self.ca_pem, content_type="application/x-pem-file")
         if path == "/health" and request.method == "GET":
             return web.json_response({**self.health(), "time": time.time()})
+        if path == "/openapi.json" and request.method in ("GET", "HEAD"):
+            return web.Response(body=openapi.document_json(), content_type="application/json")
         if path.startswith("/_admin/") and self.admin is not None:
             return await self.admin(request, path)
         return web.json_response({"error": "not found"}, status=404)
@@ -139,10 +217,16 @@ def _method_not_allowed(methods) -> web.Response:
 def create_server(registry: Registry, uploads: Uploads, health: Callable[[], dict],
                   ping: Callable[[], tuple[bool, str]], access_log: logging.Logger | None,
                   admin: AdminApi | None = None, writable: Callable[[], tuple[bool, str]] | None = None,
-                  readonly: Callable[[], bool] | None = None) -> web.Server:
+                  readonly: Callable[[], bool] | None = None,
+                  audit: RequestAudit | None = None, ca_pem: bytes | None = None,
+                  auth: Auth | None = None) -> web.Server:
     # A larger read buffer lets the socket keep filling while a writer thread
     # hashes and stores the previous megabyte of an upload.
-    return web.Server(Dispatcher(registry, uploads, health, ping, admin, writable, readonly),
-                      access_log=access_log,
-                      read_bufsize=READ_BUFFER, max_field_size=MAX_HEADER_FIELD,
-                      keepalive_timeout=KEEPALIVE_SECONDS)
+    # GuardedServer adds a deadline for request heads and a per-client
+    # connection cap (connections.py); body limits live in http.py.
+    return GuardedServer(Dispatcher(registry, uploads, health, ping, admin, writable, readonly,
+                                    audit=audit, ca_pem=ca_pem, auth=auth),
+                         access_log=access_log,
+                         read_bufsize=READ_BUFFER, max_field_size=MAX_HEADER_FIELD,
+                         max_line_size=MAX_REQUEST_LINE, max_headers=MAX_HEADERS,
+                         keepalive_timeout=KEEPALIVE_SECONDS)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from moorage.api.blobfile import BlobFileResponse
 from moorage.api.errors import from_error
 from moorage.api.http import body_chunks, content_range, has_body, upload_range
 from moorage.registry import digest as digests
@@ -57,8 +58,9 @@ class BlobHandlers:
             return web.Response(headers=headers)
         if await self.registry.storage.exists(digest) is None:
             raise BlobUnknown(f"blob {digest} is recorded but its data is missing", {"digest": digest})
-        # FileResponse sends with sendfile and answers Range with 206 / 416.
-        return web.FileResponse(self.registry.blob_path(digest), headers=headers)
+        # FileResponse answers Range with 206 / 416 and sends with sendfile; over TLS,
+        # where sendfile cannot be used, BlobFileResponse writes slices of an mmap.
+        return BlobFileResponse(self.registry.blob_path(digest), headers=headers)
 
     async def delete(self, request: web.Request, name: str, digest: str) -> web.Response:
         await self.registry.delete_blob(name, digest)
@@ -68,7 +70,9 @@ class BlobHandlers:
         mount, source = request.query.get("mount"), request.query.get("from")
         if mount is not None:
             digests.parse(mount)
-            if source and check_name(source) and await self.registry.mount(name, mount, source):
+            # The dispatcher sets moorage.mount to False when the caller may not pull the source.
+            if source and request.get("moorage.mount", True) and check_name(source) \
+                    and await self.registry.mount(name, mount, source):
                 return _created(name, mount)
             # Not mountable: the spec says fall back to a new upload session.
         digest = request.query.get("digest")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import msgspec
 from aiohttp import web
 
+from moorage.api.http import BodyTimeout
 from moorage.registry.errors import BadParameter, MetadataUnavailable, RangeInvalid, RegistryError, TooLarge
 
 STATUS = {
@@ -26,6 +27,8 @@ STATUS = {
 
 
 def status_of(error: RegistryError) -> int:
+    if isinstance(error, BodyTimeout):
+        return 408
     if isinstance(error, RangeInvalid):
         return 416
     if isinstance(error, TooLarge):
@@ -47,4 +50,8 @@ def error_response(status: int, code: str, message: str, detail=None,
 
 
 def from_error(error: RegistryError, headers: dict[str, str] | None = None) -> web.Response:
-    return error_response(status_of(error), error.code, error.message, error.detail, headers)
+    response = error_response(status_of(error), error.code, error.message, error.detail, headers)
+    if isinstance(error, BodyTimeout):
+        # The rest of the body may still come, or never: the connection cannot be reused.
+        response.force_close()
+    return response

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from urllib.parse import quote
 
 import msgspec
@@ -71,9 +72,9 @@ class ManifestHandlers:
         tags, more = await self.registry.tags(name, n, last)
         return _page(f"/v2/{name}/tags/list", {"name": name, "tags": tags}, tags, more, n)
 
-    async def catalog(self, request: web.Request) -> web.Response:
+    async def catalog(self, request: web.Request, visible: Callable[[str], bool] | None = None) -> web.Response:
         n, last = page_args(request)
-        repos, more = await self.registry.catalog(n, last)
+        repos, more = await self.registry.catalog(n, last, visible)
         return _page("/v2/_catalog", {"repositories": repos}, repos, more, n)
 
     async def referrers(self, request: web.Request, name: str, digest: str) -> web.Response:

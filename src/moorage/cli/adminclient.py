@@ -1,5 +1,12 @@
 """Talking to a running cluster from the command line: --existing, TLS trust, admin credentials.
 
+Trust, most explicit first: --insecure-tls (none), --ca-fingerprint (fetch
+the CA from the replica's /ca, check it against the fingerprint the first
+start printed, then trust exactly that CA), --ca-cert FILE or
+$MOORAGE_CA_CERT (the cluster CA, e.g. a copy of DATA_DIR/tls/ca.crt); with
+none of them, the system's trust store, for operators with their own
+certificates.
+
 Credentials come from --username / --password-stdin, else MOORAGE_USERNAME /
 MOORAGE_PASSWORD, else a prompt when a terminal is attached; without one, a
 missing value is an error, never a hang.
@@ -9,13 +16,16 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import hmac
 import os
+import ssl
 import sys
 from typing import Any
 
 import httpx
 
 from moorage.cli.main import CliError
+from moorage.cluster import pki
 
 TIMEOUT = httpx.Timeout(30.0, connect=5.0)
 
@@ -23,9 +33,15 @@ TIMEOUT = httpx.Timeout(30.0, connect=5.0)
 def add_cluster_options(p: argparse.ArgumentParser, existing_required: bool = True) -> None:
     p.add_argument("--existing", required=existing_required, metavar="URL",
                    help="URL of any healthy replica, e.g. https://registry-1:5000")
-    p.add_argument("--insecure-tls", action="store_true",
-                   help="trust the replica's TLS certificate without checking it")
-    p.add_argument("--ca-cert", metavar="FILE", help="trust replicas whose certificates this CA signed")
+    trust = p.add_mutually_exclusive_group()
+    trust.add_argument("--ca-cert", metavar="FILE", default=os.environ.get("MOORAGE_CA_CERT") or None,
+                       help="trust replicas whose certificates this CA signed, e.g. a copy of a replica's "
+                            "DATA_DIR/tls/ca.crt (default: $MOORAGE_CA_CERT)")
+    trust.add_argument("--ca-fingerprint", metavar="sha256:HEX",
+                       help="fetch the cluster CA from the replica and trust it if its fingerprint is this "
+                            "one (the first start printed it; `moorage status` shows it)")
+    trust.add_argument("--insecure-tls", action="store_true",
+                       help="trust the replica's TLS certificate without checking it")
     p.add_argument("--username", help="admin user (default: $MOORAGE_USERNAME, else asked)")
     p.add_argument("--password-stdin", action="store_true", help="read the admin password from stdin")
 
@@ -67,18 +83,16 @@ class AdminClient:
         url = args.existing.rstrip("/")
         if not url.startswith(("http://", "https://")):
             url = "https://" + url
-        verify: Any = True
-        if args.insecure_tls:
-            verify = False
-        elif args.ca_cert:
-            verify = args.ca_cert
         self.url = url
+        verify, self.ca_pem = trust(args, url)
         self.http = httpx.Client(base_url=url, auth=credentials(args), verify=verify, timeout=TIMEOUT)
 
     def call(self, method: str, path: str, body: Any = None) -> Any:
         try:
             r = self.http.request(method, path, json=body)
         except httpx.ConnectError as e:
+            if _cert_failed(e):
+                raise CliError(untrusted(self.url, e)) from None
             raise CliError(f"cannot reach {self.url}: {e}") from None
         except httpx.TimeoutException:
             raise CliError(f"{self.url} did not answer in time") from None
@@ -97,3 +111,74 @@ class AdminClient:
 
     def close(self) -> None:
         self.http.close()
+
+
+# -- TLS trust -------------------------------------------------------------------
+
+def trust(args: argparse.Namespace, url: str) -> tuple[ssl.SSLContext | bool, bytes | None]:
+    """What to verify replicas' certificates with, and the cluster CA's PEM when we know it."""
+    if getattr(args, "insecure_tls", False):
+        return False, None
+    if getattr(args, "ca_fingerprint", None):
+        pem = _fetch_ca(url, args.ca_fingerprint)
+        return _context(pem), pem
+    if getattr(args, "ca_cert", None):
+        try:
+            pem = open(args.ca_cert, "rb").read()
+            return _context(pem), pem
+        except OSError as e:
+            raise CliError(f"cannot read the CA certificate {args.ca_cert}: {e.strerror}") from None
+        except ssl.SSLError:
+            raise CliError(f"{args.ca_cert} is not a PEM certificate") from None
+    return True, None
+
+
+def untrusted(url: str, error: Exception) -> str:
+    """The one sentence for a certificate that failed verification, naming the fix."""
+    reason = getattr(_cert_error(error), "verify_message", None) or "verification failed"
+    return (f"the TLS certificate of {url} is not trusted ({reason}): pass the cluster CA with "
+            "--ca-cert FILE (a copy of a replica's DATA_DIR/tls/ca.crt, or set $MOORAGE_CA_CERT) or "
+            "check it with --ca-fingerprint sha256:HEX (as the first start printed it)")
+
+
+def _context(pem: bytes) -> ssl.SSLContext:
+    return ssl.create_default_context(cadata=pem.decode("ascii", "replace"))
+
+
+def _normal_fingerprint(value: str) -> str:
+    hexpart = value.strip().lower().removeprefix("sha256:").replace(":", "")
+    if len(hexpart) != 64 or any(c not in "0123456789abcdef" for c in hexpart):
+        raise CliError(f"--ca-fingerprint takes sha256: and 64 hex digits, not {value!r}")
+    return "sha256:" + hexpart
+
+
+def _fetch_ca(url: str, expected: str) -> bytes:
+    """The replica's CA, unverified (that is what the fingerprint is for), checked by its fingerprint."""
+    want = _normal_fingerprint(expected)
+    try:
+        r = httpx.get(url + "/ca", verify=False, timeout=TIMEOUT)
+    except httpx.HTTPError as e:
+        raise CliError(f"cannot fetch the cluster CA from {url}/ca: {e}") from None
+    if r.status_code != 200:
+        raise CliError(f"{url}/ca answered {r.status_code}, not the cluster CA")
+    try:
+        got = pki.fingerprint(r.content)
+    except ValueError:
+        raise CliError(f"{url}/ca did not return a PEM certificate") from None
+    if not hmac.compare_digest(got, want):
+        raise CliError(f"the CA served by {url} has the fingerprint {got}, not the {want} given with "
+                       "--ca-fingerprint: refusing to trust it")
+    return r.content
+
+
+def _cert_error(error: BaseException) -> ssl.SSLCertVerificationError | None:
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _cert_failed(error: BaseException) -> bool:
+    return _cert_error(error) is not None or "CERTIFICATE_VERIFY_FAILED" in str(error)

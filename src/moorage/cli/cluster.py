@@ -12,9 +12,11 @@ import time
 from pathlib import Path
 
 from moorage import logs
+from moorage.cli import tls
 from moorage.cli.adminclient import AdminClient, add_cluster_options, ask
 from moorage.cli.main import CliError
 from moorage.cli.serve import Replica, add_replica_options, check_ports_free, parse_listen, run_replica
+from moorage.cluster import pki
 from moorage.cluster.identity import Identity
 from moorage.cluster.membership import tolerates
 
@@ -89,16 +91,22 @@ def run_join(args: argparse.Namespace) -> int:
     if not _REPLICA_ID.match(replica_id):
         raise CliError("--replica-id takes lowercase hex digits")
     host, port = parse_listen(args.listen)
+    tls.check_options(args, host)
     advertise = args.advertise or host
     if advertise in ("0.0.0.0", "::"):
         raise CliError("listening on all addresses: pass --advertise with the address other replicas reach")
     client_port, peer_port = args.etcd_client_port or 2379, args.etcd_peer_port or 2380
     check_ports_free([(host, port, "the listen address"), (advertise, client_port, "the etcd client port"),
                       (advertise, peer_port, "the etcd peer port")])
+    if args.insecure_tls:
+        # The answer carries the cluster CA's key: it must come from the cluster, not whoever answers.
+        raise CliError("join receives the cluster's CA key, so it refuses --insecure-tls: trust the "
+                       "existing replica with --ca-cert FILE or --ca-fingerprint sha256:HEX")
     admin = AdminClient(args)
     plan = admin.call("POST", "/_admin/cluster/join",
-                      {"replica_id": replica_id, "peer_url": f"http://{advertise}:{peer_port}"})
+                      {"replica_id": replica_id, "peer_url": f"https://{advertise}:{peer_port}"})
     served = False
+    ours = [d for d in ("tls", "pki") if not (data_dir / d).exists()]  # what a failed join removes
 
     async def promote(member_id: int) -> bool:
         result = await asyncio.to_thread(admin.call, "POST", "/_admin/cluster/promote",
@@ -118,6 +126,7 @@ def run_join(args: argparse.Namespace) -> int:
     try:
         storage_dir = (args.storage_dir or data_dir / "blobs").resolve()
         _check_storage(plan, storage_dir)
+        _install_ca(plan, data_dir)
         Identity(replica_id=replica_id, cluster_token=plan["cluster_token"], created=time.time(),
                  storage_dir=str(storage_dir), etcd_client_port=client_port, etcd_peer_port=peer_port,
                  advertise=advertise, initial_cluster=plan["initial_cluster"],
@@ -130,10 +139,24 @@ def run_join(args: argparse.Namespace) -> int:
             except CliError:
                 pass
             (data_dir / "replica.json").unlink(missing_ok=True)
-            shutil.rmtree(data_dir / "etcd", ignore_errors=True)
+            for made in ("etcd", *ours):
+                shutil.rmtree(data_dir / made, ignore_errors=True)
         raise
     finally:
         admin.close()
+
+
+def _install_ca(plan: dict, data_dir: Path) -> None:
+    """The cluster CA, handed over after admin authentication: the replica issues its
+    etcd and API certificates from it, so the other members accept it as one of them."""
+    cert, key = plan.get("ca_cert"), plan.get("ca_key")
+    if not isinstance(cert, str) or not isinstance(key, str):
+        raise CliError("the existing replica did not hand over the cluster CA; upgrade it to this "
+                       "version of moorage first")
+    try:
+        pki.install_ca(pki.Paths(data_dir), cert.encode(), key.encode())
+    except pki.PkiError as e:
+        raise CliError(str(e)) from None
 
 
 def _check_storage(plan: dict, storage_dir: Path) -> None:
@@ -206,6 +229,8 @@ def run_status(args: argparse.Namespace) -> int:
           f"failure{'s' * (status['tolerates'] != 1)} ({status['tolerates_when_healthy']} when all are healthy)")
     if not status["quorum"]:
         print("no quorum: writes are refused until a majority of replicas is back")
+    if status.get("ca_fingerprint"):
+        print(f"cluster CA {status['ca_fingerprint']} (clients: --ca-fingerprint, or GET /ca)")
     return 0
 
 

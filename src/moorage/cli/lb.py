@@ -5,6 +5,10 @@ command stays in the foreground, writes the file, starts HAProxy (or runs the
 user's reload command) and follows joins and removals by polling once a
 second; HAProxy's own health checks handle replicas that die or recover,
 which no poll could match for speed.
+
+HAProxy checks the replicas' certificates against the cluster CA: the file
+given with --ca-cert (or $MOORAGE_CA_CERT), or, when the CA was fetched and
+checked with --ca-fingerprint, a copy written next to --output.
 """
 
 from __future__ import annotations
@@ -46,8 +50,11 @@ def register(commands) -> None:
     h = kinds.add_parser(
         "haproxy", help="an HAProxy configuration for every replica (printed, or kept current with --watch)",
         description="Print an HAProxy configuration that balances over every replica of the cluster, with "
-                    "health checks on /_ping. With --watch, write it to --output, run HAProxy (or "
-                    "--reload-command) and rewrite and reload it whenever replicas join or are removed.")
+                    "health checks on /_ping. HAProxy passes TLS through to the replicas (give each one "
+                    "the load balancer's name with --tls-name) and checks them over TLS against the "
+                    "cluster CA: the --ca-cert file, or with --ca-fingerprint a copy written next to "
+                    "--output. With --watch, write it to --output, run HAProxy (or --reload-command) and "
+                    "rewrite and reload it whenever replicas join or are removed.")
     add_cluster_options(h)
     h.add_argument("--watch", action="store_true",
                    help="keep the file current and HAProxy running until SIGTERM or Ctrl-C")
@@ -76,7 +83,8 @@ def run_haproxy(args: argparse.Namespace) -> int:
         raise CliError("--pidfile and --reload-command only apply with --watch")
     admin = AdminClient(args)
     try:
-        text = render(args, admin.call("GET", "/_admin/cluster/status"), stats_socket=None)
+        status = admin.call("GET", "/_admin/cluster/status")
+        text = render(args, status, stats_socket=None, ca_file=ca_file(args, admin, status))
     finally:
         admin.close()
     if args.output is None:
@@ -86,8 +94,31 @@ def run_haproxy(args: argparse.Namespace) -> int:
     return 0
 
 
-def render(args: argparse.Namespace, status: dict, stats_socket: str | None) -> str:
-    options = haproxy.Options(bind=args.bind, stats_socket=stats_socket, ca_file=args.ca_cert,
+def ca_file(args: argparse.Namespace, admin: AdminClient, status: dict) -> str | None:
+    """The CA file HAProxy verifies the replicas' certificates with (None: the system's store).
+
+    The same trust the command itself used to reach the cluster: --ca-cert (or
+    $MOORAGE_CA_CERT) as an absolute path, or the CA that --ca-fingerprint
+    fetched and checked, copied next to the configuration.
+    """
+    if args.insecure_tls:
+        return None
+    if not args.ca_fingerprint:
+        return str(Path(args.ca_cert).resolve()) if args.ca_cert else None
+    if admin.ca_pem is None:
+        return None
+    if args.output is None:
+        if not any(b.url.startswith("https://") for b in haproxy.backends(status)):
+            return None
+        raise CliError("HAProxy needs the cluster CA in a file to check the replicas: pass --ca-cert FILE, "
+                       "or --output FILE to have it written next to the configuration")
+    path = args.output.resolve().with_name(args.output.name + ".ca.crt")
+    write_atomically(path, admin.ca_pem.decode("ascii"))
+    return str(path)
+
+
+def render(args: argparse.Namespace, status: dict, stats_socket: str | None, ca_file: str | None) -> str:
+    options = haproxy.Options(bind=args.bind, stats_socket=stats_socket, ca_file=ca_file,
                               verify_tls=not args.insecure_tls)
     try:
         return haproxy.render(haproxy.backends(status), options)
@@ -165,6 +196,7 @@ class Watch:
         self.start_failing = False
         self.urls: list[str] = []
         self.existing = ""
+        self.ca_file: str | None = None
 
     # -- signals -------------------------------------------------------------
 
@@ -191,6 +223,7 @@ class Watch:
             status = self._interruptible(lambda: admin.call("GET", "/_admin/cluster/status"))
             if status is None:
                 return 130
+            self.ca_file = ca_file(self.args, admin, status)
             self._apply(status, first=True)
             failures = 0
             while not self.stopping:
@@ -253,7 +286,7 @@ class Watch:
         return None
 
     def _apply(self, status: dict, first: bool) -> None:
-        text = render(self.args, status, self.stats_socket)
+        text = render(self.args, status, self.stats_socket, self.ca_file)
         if text == self.text:
             if self.reload_pending:
                 self._reload()

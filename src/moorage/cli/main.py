@@ -17,6 +17,8 @@ def build_parser() -> argparse.ArgumentParser:
     from moorage.cli import cluster, serve
     from moorage.cli import repair
     from moorage.cli import lb
+    from moorage.cli import access
+    from moorage.cli import audit
 
     parser = argparse.ArgumentParser(
         prog="moorage", description="Moorage: a private OCI container registry that scales with replicas.")
@@ -28,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.register(commands)
     repair.register(commands)
     lb.register(commands)
+    access.register(commands)
+    audit.register(commands)
     return parser
 
 

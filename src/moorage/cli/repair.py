@@ -16,7 +16,7 @@ from pathlib import Path
 from moorage import logs
 from moorage.cli.main import CliError
 from moorage.cli.serve import check_ports_free
-from moorage.cluster import repair
+from moorage.cluster import pki, repair
 from moorage.cluster.etcd_member import EtcdError
 from moorage.cluster.identity import Identity
 
@@ -47,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.yes and not sys.stdin.isatty():
         raise CliError("emergency-repair discards replicas and asks for confirmation first: run it at a "
                        "terminal, or pass --yes once you are sure the other replicas are lost")
+    _node_certificate(data_dir, identity)
     try:
         plan = asyncio.run(repair.read_plan(data_dir, identity))
         if not plan.lost:
@@ -60,6 +61,20 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(str(e)) from None
     print(summary(plan, result, args.data_dir), flush=True)
     return 0
+
+
+def _node_certificate(data_dir: Path, identity: Identity) -> None:
+    """etcd runs with mutual TLS: the repair needs the replica's node certificate, as `serve` does
+    (reissued from the replica's CA if it lapsed while the replica was down)."""
+    paths = pki.Paths(data_dir)
+    if not paths.has_ca():
+        raise CliError(f"{data_dir} holds no cluster CA (tls/ca.crt and pki/ca.key), so its etcd member "
+                       "cannot be started with the cluster's TLS; restore them from a backup of this "
+                       "data directory")
+    try:
+        pki.ensure_node_cert(paths, pki.replica_names(identity.advertise))
+    except pki.PkiError as e:
+        raise CliError(str(e)) from None
 
 
 def _refuse_if_running(data_dir: Path, identity: Identity) -> None:

@@ -20,9 +20,12 @@ from aiohttp import web
 from moorage import __version__, logs
 from moorage.api.admin import AdminApi
 from moorage.api.app import create_server
+from moorage.api.auth import Auth
+from moorage.api.audit import RequestAudit
+from moorage.cli import tls
 from moorage.cli.main import CliError
-from moorage.cluster import replicas
-from moorage.cluster.etcd_member import EtcdError, EtcdMember
+from moorage.cluster import pki, replicas
+from moorage.cluster.etcd_member import EtcdError, EtcdMember, node_tls
 from moorage.cluster.identity import Identity, load_or_create
 from moorage.cluster.membership import track_solo
 from moorage.cluster.service import ClusterService
@@ -31,9 +34,12 @@ from moorage.meta import keys
 from moorage.meta.etcd import EtcdClient, EtcdUnavailable, Event
 from moorage.meta.index import Index
 from moorage.meta.store import MetaStore
+from moorage.registry.audit import AuditLog
 from moorage.registry.service import Registry
 from moorage.registry.sessions import STATE_SECONDS, Sessions
+from moorage.registry.tokens import Tokens
 from moorage.registry.uploads import Uploads
+from moorage.registry.access import Access
 from moorage.registry.users import Users
 from moorage.storage.filesystem import FilesystemDriver
 
@@ -57,6 +63,7 @@ def add_replica_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--etcd-peer-port", type=int, default=None, help="etcd peer port (default: 2380)")
     p.add_argument("--storage-dir", type=Path, default=None,
                    help="blob storage directory, shared by all replicas (default: DATA_DIR/blobs)")
+    tls.add_options(p)
 
 
 def register(commands) -> None:
@@ -123,10 +130,12 @@ class Replica:
         self.args = args
         self.data_dir = args.data_dir.resolve()
         self.host, self.port = parse_listen(args.listen)
+        tls.check_options(args, self.host)
         self.promote = promote
         self.on_serving = on_serving
         self.identity: Identity | None = None
         self.index: Index | None = None
+        self.access: Access | None = None  # users, teams, grants, visibility (in memory)
         self.settings = ClusterSettings()
         self.started = time.time()
         self.quorum_ok_at = 0.0
@@ -203,16 +212,29 @@ class Replica:
         check_ports_free([(self.host, self.port, "the listen address"),
                           (identity.advertise, identity.etcd_client_port, "the etcd client port"),
                           (identity.advertise, identity.etcd_peer_port, "the etcd peer port")])
+        # TLS before etcd: the member's certificates come from the cluster CA.
+        pki_paths = pki.Paths(self.data_dir)
+        tls.ensure_ca(pki_paths, identity.cluster_token, joining=identity.initial_cluster is not None)
+        api_ssl = tls.api_context(args, pki_paths, pki.replica_names(
+            self.host, self._advertised_host(), extra=tuple(args.tls_name)))
         storage = FilesystemDriver(Path(identity.storage_dir))
+        # etcd's mutual TLS: the node certificate covers the advertised address (peers and the
+        # members' client URLs) and loopback; it is reissued when --advertise changes.
+        try:
+            pki.ensure_node_cert(pki_paths, pki.replica_names(identity.advertise))
+        except pki.PkiError as e:
+            raise CliError(str(e)) from None
         member = EtcdMember(
-            name=identity.replica_id, data_dir=self.data_dir / "etcd", host=identity.advertise,
+            name=identity.replica_id, data_dir=self.data_dir / "etcd", tls=node_tls(self.data_dir),
+            host=identity.advertise,
             client_port=identity.etcd_client_port, peer_port=identity.etcd_peer_port,
             cluster_token=identity.cluster_token, log_path=self.data_dir / "etcd.log",
             initial_cluster=identity.initial_cluster, member_id=identity.member_id,
             on_removed=self._removed)
         await member.start()
-        client = EtcdClient(member.endpoint)
+        client = EtcdClient(member.endpoint, member.tls)
         runner = None
+        audit: AuditLog | None = None
         tasks: list[asyncio.Task] = []
         try:
             if self.promote is not None and identity.member_id is not None:
@@ -220,6 +242,7 @@ class Replica:
             self.index = Index(client)
             self.index.subscribe(keys.CONFIG, self.settings.apply)
             self.index.subscribe(keys.REPLICA, self._replica_event)
+            self.access = Access(client, self.index)  # subscribes: must come before start()
             await self.index.start()
             self.quorum_ok_at = time.monotonic()  # the index just read from etcd
             store = MetaStore(client, self.index, tombstone_seconds=2 * STATE_SECONDS)
@@ -228,15 +251,19 @@ class Replica:
                 if value != SETTINGS[key].default:
                     self._apply_setting(registry, key, value)
             self.settings.on_change(lambda k, v: self._apply_setting(registry, k, v))
-            users = Users(client)
+            users: Users = self.access.users
             generated = await users.ensure_admin(admin_password(args))
             if generated:
                 print(f"moorage: created the user admin with the password {generated} "
                       "(shown once; keep it safe)", file=sys.stderr, flush=True)
             uploads = Uploads(registry, Sessions(store, await store.secret("upload-state")))
+            # Every replica signs with the same secret, so each verifies any replica's tokens locally.
+            tokens = Tokens(await store.secret("token-signing"),
+                            lambda: self.settings["token.lifetime_seconds"])
+            auth = Auth(self.access, tokens)
             cluster = ClusterService(client, self.index, self.settings, Path(identity.storage_dir),
-                                     identity.replica_id, identity.cluster_token)
-            url = f"http://{self._advertised_host()}:{self.port}"
+                                     identity.replica_id, identity.cluster_token, pki_paths=pki_paths)
+            url = f"{'https' if api_ssl else 'http'}://{self._url_host()}:{self.port}"
             record = replicas.new_record(identity.replica_id, url, member.peer_url, member.client_url)
             tasks = [
                 asyncio.create_task(track_solo(client, self.index, identity.replica_id)),
@@ -244,13 +271,21 @@ class Replica:
                 asyncio.create_task(self._heartbeat(client, record)),
             ]
             debug = logging.getLogger().isEnabledFor(logging.DEBUG)
+            # On the shared storage, so any replica can answer for the whole cluster.
+            audit = AuditLog(Path(identity.storage_dir), identity.replica_id)
+            await audit.start()
+            request_audit = RequestAudit(audit)
             server = create_server(registry, uploads, self.health, self.ping,
                                    logging.getLogger("aiohttp.access") if debug else None,
-                                   admin=AdminApi(cluster, users), writable=self.writable,
-                                   readonly=lambda: self.settings["readonly"])
+                                   admin=AdminApi(cluster, users, audit=request_audit, access=self.access,
+                                                  auth=auth),
+                                   writable=self.writable,
+                                   readonly=lambda: self.settings["readonly"], audit=request_audit,
+                                   ca_pem=pki_paths.ca_cert.read_bytes(), auth=auth)
             runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=5.0)
             await runner.setup()
-            site = web.TCPSite(runner, self.host, self.port, backlog=1024, reuse_address=True)
+            site = web.TCPSite(runner, self.host, self.port, backlog=1024, reuse_address=True,
+                               ssl_context=api_ssl)
             try:
                 await site.start()
             except OSError as e:
@@ -272,6 +307,8 @@ class Replica:
                 task.cancel()
             if runner is not None:
                 await runner.cleanup()
+            if audit is not None:  # after the last request, while the disk is surely still there
+                await audit.close()
             if self.index is not None:
                 await self.index.stop()
             await client.close()
@@ -284,6 +321,10 @@ class Replica:
         if self.args.advertise:
             return self.args.advertise
         return self.host if self.host not in ("0.0.0.0", "::") else self.identity.advertise
+
+    def _url_host(self) -> str:
+        host = self._advertised_host()
+        return f"[{host}]" if ":" in host else host
 
     async def _await_promotion(self, member_id: int, client: EtcdClient) -> None:
         """As a new learner: ask the cluster to promote us until it has caught us up,

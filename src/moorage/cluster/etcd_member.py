@@ -4,6 +4,12 @@ etcd runs as a child process that dies with its parent (PR_SET_PDEATHSIG), so
 a `kill -9` of the replica never leaves an orphan member holding the ports.
 If etcd exits on its own, it is restarted with backoff, as Patroni does for
 PostgreSQL: the replica keeps serving reads from its index meanwhile.
+
+Client and peer traffic are mutual TLS: etcd serves both with the replica's
+node certificate and accepts only clients and peers that present a
+certificate from the cluster CA (`--client-cert-auth`,
+`--peer-client-cert-auth`). Nothing without one, not even a process on the
+same machine, reads or writes a key.
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from moorage.meta.etcd import EtcdClient, EtcdUnavailable
+from moorage.cluster import pki
+from moorage.meta.etcd import EtcdClient, EtcdTls, EtcdUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +42,17 @@ class EtcdError(Exception):
     """etcd could not be started; the message says why in one sentence."""
 
 
+def node_tls(data_dir: Path) -> EtcdTls:
+    """The replica's etcd TLS identity: cluster CA and node certificate from DATA_DIR."""
+    paths = pki.Paths(data_dir)
+    return EtcdTls(ca=paths.ca_cert, cert=paths.node_cert, key=paths.node_key)
+
+
 @dataclass
 class EtcdMember:
     name: str
     data_dir: Path
+    tls: EtcdTls
     client_port: int
     peer_port: int
     host: str = "127.0.0.1"
@@ -56,11 +70,11 @@ class EtcdMember:
 
     @property
     def client_url(self) -> str:
-        return f"http://{self.host}:{self.client_port}"
+        return f"https://{self.host}:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
-        return f"http://{self.host}:{self.peer_port}"
+        return f"https://{self.host}:{self.peer_port}"
 
     @property
     def endpoint(self) -> str:
@@ -80,6 +94,15 @@ class EtcdMember:
             "--listen-peer-urls", self.peer_url,
             "--initial-advertise-peer-urls", self.peer_url,
             "--initial-cluster-token", self.cluster_token,
+            # Mutual TLS on both ports, with the cluster CA as the only trust.
+            "--cert-file", str(self.tls.cert),
+            "--key-file", str(self.tls.key),
+            "--client-cert-auth",
+            "--trusted-ca-file", str(self.tls.ca),
+            "--peer-cert-file", str(self.tls.cert),
+            "--peer-key-file", str(self.tls.key),
+            "--peer-client-cert-auth",
+            "--peer-trusted-ca-file", str(self.tls.ca),
             # A manifest transaction compares every blob it references.
             "--max-txn-ops", "10000",
             "--max-request-bytes", str(10 << 20),
@@ -113,7 +136,7 @@ class EtcdMember:
         log.debug("etcd started", extra={"pid": self.proc.pid, "client": self.client_url})
 
     async def wait_ready(self, timeout: float) -> None:
-        client = EtcdClient(self.endpoint, timeout=1.0)
+        client = EtcdClient(self.endpoint, self.tls, timeout=1.0)
         deadline = time.monotonic() + timeout
         try:
             while True:

@@ -3,10 +3,21 @@
 Pure on purpose: the same input always gives the same text, byte for byte, so
 `moorage lb haproxy --watch` can tell a membership change from a no-op by
 comparing texts, and the unit tests need no HAProxy and no cluster.
+
+TCP passthrough: replicas serve HTTPS themselves, and HAProxy forwards the
+encrypted bytes without terminating TLS. Clients therefore see a replica's
+own certificate (which must name the load balancer: `--tls-name` on each
+replica), the cluster CA stays the one trust anchor, and HAProxy holds no
+key. HAProxy still checks each replica's `/_ping` over TLS, verifying its
+certificate against the cluster CA, so a replica leaves the pool within a
+second of failing. What passthrough gives up is per-request balancing: a
+client's keep-alive connection stays with one replica, and a request cut by
+a replica's death is retried by the client, not by HAProxy.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -42,8 +53,9 @@ class Options:
     # Given for `--watch`: lets the command (and an operator with socat) ask
     # the running HAProxy which servers are up.
     stats_socket: str | None = None
-    # For https replicas: the CA that signed their certificates, or None to
-    # check them against the system's trust store.
+    # For https replicas: the CA file HAProxy checks their certificates with
+    # (the cluster CA), or None for the system's trust store (operators' own
+    # certificates). An absolute path: HAProxy resolves it, not us.
     ca_file: str | None = None
     verify_tls: bool = True
 
@@ -84,14 +96,28 @@ def _server_line(b: Backend, opts: Options) -> str:
         parts, port = None, 0
     if parts is None or parts.scheme not in ("http", "https") or not _HOST.fullmatch(parts.hostname or ""):
         raise ConfigError(f"replica {b.replica_id} has an address HAProxy cannot use: {b.url!r}")
-    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    hostname = parts.hostname or ""
+    host = f"[{hostname}]" if ":" in hostname else hostname
     line = f"    server {b.replica_id} {host}:{port}"
     if parts.scheme == "https":
+        # Only the health check speaks TLS here; client traffic passes through untouched.
         if not opts.verify_tls:
-            line += " ssl verify none"
+            line += " check-ssl verify none"
         else:
-            line += f" ssl verify required ca-file {opts.ca_file or '@system-ca'} sni str({parts.hostname})"
+            line += f" check-ssl verify required ca-file {opts.ca_file or '@system-ca'}"
+            if not _is_ip(hostname):
+                # HAProxy checks the certificate's name against the SNI it sent; it cannot
+                # match IP addresses, so for those the chain to the cluster CA is the check.
+                line += f" check-sni {hostname}"
     return line
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def render(replicas: list[Backend], opts: Options = Options()) -> str:
@@ -113,33 +139,27 @@ global
     hard-stop-after 10m
 
 defaults
-    mode http
-    # Blob bodies stream through as they arrive, in both directions: no
-    # `option http-buffer-request`, and HAProxy sets no body size limit.
-    no option http-buffer-request
-    option forwardfor
+    # TCP passthrough: the replicas terminate TLS with certificates from the
+    # cluster CA, so clients verify the replica they reach, and blob bodies
+    # stream through unbuffered in both directions. The replicas' own limits
+    # (header timeout, body rate) guard against slow clients.
+    mode tcp
     timeout connect 3s
     # Inactivity limits, not transfer limits: a multi-gigabyte layer that keeps
     # moving never hits them, while a client or replica gone silent frees its
     # slot after five minutes.
     timeout client 5m
     timeout server 5m
-    # Headers must arrive promptly (slow-loris), bodies need not.
-    timeout http-request 30s
-    timeout http-keep-alive 30s
+    timeout client-fin 30s
+    timeout server-fin 30s
     timeout queue 30s
     timeout check 2s
-    # A refused or reset connection (a replica just killed) is tried again on
-    # another replica: every retry is redispatched, not only the last one.
-    # `empty-response` also covers a replica that died after reading a request
-    # but before answering; HAProxy only retries a request whose body it still
-    # holds whole (small ones: manifests, monolithic small blobs), so a large
-    # upload is never replayed half. A replay is harmless or refused, never
-    # doubled: blobs and manifests are content-addressed, and a chunk's
-    # Content-Range offset no longer matches once the first try committed it.
+    # A refused connection (a replica just killed) is tried again on another
+    # replica: every retry is redispatched, not only the last one. Nothing is
+    # replayed once bytes flowed: a request cut mid-way is the client's to
+    # retry, as docker, podman and skopeo do.
     retries 3
     option redispatch 1
-    retry-on conn-failure empty-response
 
 frontend registry
     bind {bind}
@@ -150,19 +170,25 @@ frontend registry
     default_backend replicas
 
 backend replicas
-    # leastconn rather than roundrobin: registry requests range from a
+    # leastconn rather than roundrobin: registry transfers range from a
     # manifest HEAD (milliseconds) to a layer upload (minutes), so equal
-    # shares of requests are not equal shares of work; counting open
+    # shares of connections are not equal shares of work; counting open
     # connections is. Ties go round-robin.
     balance leastconn
+    # The health check is HTTP over TLS (check-ssl on each server), verifying
+    # the replica's certificate: an impostor on a replica's address never
+    # enters the pool.
     option httpchk
     http-check send meth GET uri {HEALTH_PATH} ver HTTP/1.1 hdr Host moorage-lb
     http-check expect status 200
     # A replica is out after two failed checks half a second apart (about a
     # second after it dies) and back after two good ones. A refused
-    # connection from live traffic takes it out at once instead of waiting.
-    # A name that does not resolve leaves that one replica out, not HAProxy down.
-    default-server check inter 500ms fastinter 250ms downinter 1s fall 2 rise 2 observe layer4 error-limit 1 on-error mark-down init-addr last,libc,none
+    # connection from live traffic takes it out at once instead of waiting,
+    # and the connections it still holds are cut (a hung replica must not
+    # keep its clients waiting for the 5m timeout): the clients reconnect
+    # to a healthy one. A name that does not resolve leaves that one
+    # replica out, not HAProxy down.
+    default-server check inter 500ms fastinter 250ms downinter 1s fall 2 rise 2 observe layer4 error-limit 1 on-error mark-down on-marked-down shutdown-sessions init-addr last,libc,none
 {servers}
 
 backend degraded

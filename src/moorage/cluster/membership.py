@@ -73,7 +73,7 @@ async def states(client: EtcdClient) -> list[MemberState]:
     async def probe(state: MemberState) -> None:
         if not state.client_url:
             return
-        other = EtcdClient(state.client_url.removeprefix("http://"), timeout=1.0)
+        other = client.sibling(state.client_url, timeout=1.0)  # with our node certificate
         try:
             status = await other.status()
             state.reachable = True

@@ -30,6 +30,10 @@ it; the replica itself then starts with plain `moorage serve`.
 The repair is two starts of the member: first a plain one that only reads
 (the membership from the peer port, whether a quorum still answers) so the
 admin sees what will be discarded before anything is; then the forced one.
+
+Both starts are the member exactly as `moorage serve` runs it, mutual TLS
+included: the peer ports (ours and the other members') are read over TLS
+with the replica's node certificate, as etcd accepts no one without one.
 """
 
 from __future__ import annotations
@@ -37,17 +41,18 @@ from __future__ import annotations
 import asyncio
 import errno
 import fcntl
+import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 
-from moorage.cluster import replicas
-from moorage.cluster.etcd_member import EtcdError, EtcdMember
+from moorage.cluster import pki, replicas
+from moorage.cluster.etcd_member import EtcdError, EtcdMember, node_tls
 from moorage.cluster.identity import Identity
 from moorage.meta import keys
-from moorage.meta.etcd import EtcdClient, EtcdUnavailable, op_delete
+from moorage.meta.etcd import EtcdClient, EtcdUnavailable, endpoint_of, op_delete
 
 # A member that (re)joins a cluster with quorum serves clients once it has
 # published itself through Raft, within a second or two; without quorum it
@@ -117,7 +122,8 @@ def etcd_data_in_use(data_dir: Path) -> bool:
 def member(data_dir: Path, identity: Identity, extra_flags: list[str] | None = None) -> EtcdMember:
     """The replica's etcd member exactly as `moorage serve` starts it (same name, data, URLs)."""
     return EtcdMember(
-        name=identity.replica_id, data_dir=etcd_data_dir(data_dir), host=identity.advertise,
+        name=identity.replica_id, data_dir=etcd_data_dir(data_dir), tls=node_tls(data_dir),
+        host=identity.advertise,
         client_port=identity.etcd_client_port, peer_port=identity.etcd_peer_port,
         cluster_token=identity.cluster_token, log_path=data_dir / "etcd.log",
         initial_cluster=identity.initial_cluster, member_id=identity.member_id,
@@ -144,7 +150,8 @@ async def read_plan(data_dir: Path, identity: Identity) -> Plan:
             if etcd.proc is None or etcd.proc.returncode is not None:
                 raise  # it did not even run: the message says why
             quorum = False
-        async with aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as http:
+        async with aiohttp.ClientSession(timeout=HTTP_TIMEOUT,
+                                         connector=aiohttp.TCPConnector(ssl=peer_tls(data_dir))) as http:
             members = await _peer_members(http, etcd.peer_url)
             ours = next((m for m in members if m["name"] == identity.replica_id), None)
             if ours is None:
@@ -156,7 +163,7 @@ async def read_plan(data_dir: Path, identity: Identity) -> Plan:
                                     "that had been serving")
             others = [m for m in members if m["id"] != ours["id"]]
             answers = await asyncio.gather(*(_answers(http, m) for m in others))
-            if others and (quorum or await _quorum_elsewhere(others)):
+            if others and (quorum or await _quorum_elsewhere(etcd, others)):
                 raise RepairRefused("the cluster still has quorum (a majority of its replicas answers), so "
                                     "it is not lost; take dead replicas out with `moorage remove` instead")
     finally:
@@ -164,6 +171,16 @@ async def read_plan(data_dir: Path, identity: Identity) -> Plan:
     lost = [Lost(m["name"] or f"{m['id']:x}", m["id"], (m.get("peerURLs") or [""])[0],
                  bool(m.get("isLearner")), up) for m, up in zip(others, answers)]
     return Plan(identity.replica_id, ours["id"], lost)
+
+
+def peer_tls(data_dir: Path) -> ssl.SSLContext:
+    """TLS towards etcd peer ports: trust the cluster CA, present the node certificate."""
+    paths = pki.Paths(data_dir)
+    try:
+        return pki.client_context(paths.ca_cert, paths.node_cert, paths.node_key)
+    except (OSError, ssl.SSLError) as e:
+        raise RepairRefused(f"this replica's TLS files in {data_dir} cannot be used ({e}), so its etcd "
+                            "member cannot be reached") from None
 
 
 async def _peer_members(http: aiohttp.ClientSession, peer_url: str) -> list[dict]:
@@ -187,11 +204,11 @@ async def _answers(http: aiohttp.ClientSession, m: dict) -> bool:
     return False
 
 
-async def _quorum_elsewhere(others: list[dict]) -> bool:
+async def _quorum_elsewhere(etcd: EtcdMember, others: list[dict]) -> bool:
     """Whether another member sees a leader: a second guard, for a member too far behind to serve in time."""
     async def sees_leader(m: dict) -> bool:
         for url in m.get("clientURLs") or []:
-            other = EtcdClient(url.removeprefix("http://"), timeout=1.0)
+            other = EtcdClient(endpoint_of(url), etcd.tls, timeout=1.0)
             try:
                 if (await other.status()).leader:
                     return True
@@ -212,7 +229,7 @@ async def force_new_cluster(data_dir: Path, identity: Identity, plan: Plan) -> R
     """
     etcd = member(data_dir, identity, ["--force-new-cluster"])
     await etcd.start()
-    client = EtcdClient(etcd.endpoint)
+    client = EtcdClient(etcd.endpoint, etcd.tls)
     try:
         deadline = time.monotonic() + LEADER_SECONDS
         while True:  # the first linearizable call succeeds once the lone member has elected itself

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import ssl
 import time
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 import aiohttp
 import msgspec
 
-from moorage.cluster import membership, replicas, settings
+from moorage.cluster import membership, pki, replicas, settings
 from moorage.cluster.settings import ClusterSettings, SettingError
 from moorage.meta.etcd import EtcdClient, EtcdUnavailable
 from moorage.meta.index import Index
@@ -39,13 +40,15 @@ def proof_name(replica_id: str) -> str:
 
 class ClusterService:
     def __init__(self, client: EtcdClient, index: Index, cluster_settings: ClusterSettings,
-                 storage_root: Path, replica_id: str, cluster_token: str):
+                 storage_root: Path, replica_id: str, cluster_token: str,
+                 pki_paths: pki.Paths | None = None):
         self.client = client
         self.index = index
         self.settings = cluster_settings
         self.storage_root = storage_root
         self.replica_id = replica_id
         self.cluster_token = cluster_token
+        self.pki_paths = pki_paths
 
     async def _etcd(self, operation):
         try:
@@ -56,7 +59,20 @@ class ClusterService:
     # -- join ----------------------------------------------------------------
 
     async def join(self, replica_id: str, peer_url: str) -> dict[str, Any]:
-        """Add a learner member for a new replica and tell it how to start."""
+        """Add a learner member for a new replica and tell it how to start.
+
+        The answer carries the cluster CA, key included: the new replica
+        issues its own etcd and API certificates from it, which is what lets
+        its member into a cluster that accepts only certificates from that CA.
+        Only the admin API (admin credentials, over TLS) calls this.
+        """
+        if not peer_url.startswith("https://"):
+            raise ClusterError("invalid", f"the peer URL must be https:// (etcd peers use mutual TLS), "
+                                          f"not {peer_url!r}")
+        if self.pki_paths is None or not self.pki_paths.has_ca():
+            raise ClusterError("unavailable", "this replica does not hold the cluster CA, so it cannot "
+                                              "admit a new replica; join through another one")
+        ca_cert, ca_key = await asyncio.to_thread(pki.ca_pem, self.pki_paths)
         members = await self._etcd(self.client.members())
         if any(m.name == replica_id for m in members):
             raise ClusterError("refused", f"replica {replica_id} is already a member")
@@ -71,7 +87,8 @@ class ClusterService:
         member_id, members = await self._add_learner(peer_url)
         initial = ",".join(f"{m.name or replica_id}={m.peerURLs[0]}" for m in members if m.peerURLs)
         return {"member_id": member_id, "initial_cluster": initial, "cluster_token": self.cluster_token,
-                "storage_proof": {"file": f"cluster/{proof_name(replica_id)}", "nonce": nonce}}
+                "storage_proof": {"file": f"cluster/{proof_name(replica_id)}", "nonce": nonce},
+                "ca_cert": ca_cert.decode("ascii"), "ca_key": ca_key.decode("ascii")}
 
     async def _add_learner(self, peer_url: str) -> tuple[int, list]:
         return await _reconfigure(lambda: membership.add_learner(self.client, peer_url), "add a member")
@@ -117,7 +134,7 @@ class ClusterService:
     async def status(self) -> dict[str, Any]:
         states = await self._etcd(membership.states(self.client))
         records = await self._etcd(replicas.all_records(self.client))
-        pings = await _ping_all([r.url for r in records.values()])
+        pings = await _ping_all([r.url for r in records.values()], self._ping_tls())
         leader_index = max((s.raft_index for s in states if s.leader), default=0)
         rows = []
         names = {s.name for s in states}
@@ -147,7 +164,21 @@ class ClusterService:
                 "tolerates": membership.tolerates(len(voters), healthy_voters),
                 "tolerates_when_healthy": membership.tolerates(len(voters)),
                 "quorum": healthy_voters >= membership.quorum(len(voters)),
+                "ca_fingerprint": self._ca_fingerprint(),
                 "time": time.time()}
+
+    def _ca_fingerprint(self) -> str | None:
+        if self.pki_paths is None or not self.pki_paths.ca_cert.exists():
+            return None
+        return pki.fingerprint(self.pki_paths.ca_cert.read_bytes())
+
+    def _ping_tls(self) -> ssl.SSLContext:
+        """Replicas' API certificates come from the cluster CA, or are an operator's
+        that the system's trust store knows."""
+        ctx = ssl.create_default_context()
+        if self.pki_paths is not None and self.pki_paths.ca_cert.exists():
+            ctx.load_verify_locations(cafile=str(self.pki_paths.ca_cert))
+        return ctx
 
     # -- settings ------------------------------------------------------------
 
@@ -188,15 +219,18 @@ async def _reconfigure(operation, what: str):
         delay = min(delay * 2, 3.0)
 
 
-async def _ping_all(urls: list[str]) -> dict[str, tuple[bool, str]]:
+async def _ping_all(urls: list[str], tls: ssl.SSLContext) -> dict[str, tuple[bool, str]]:
     """GET /_ping on each replica: (ok, reason)."""
     timeout = aiohttp.ClientTimeout(total=PING_TIMEOUT)
 
     async def ping(session: aiohttp.ClientSession, url: str) -> tuple[str, tuple[bool, str]]:
         try:
-            async with session.get(url + "/_ping") as r:
+            async with session.get(url + "/_ping", ssl=tls) as r:
                 body = msgspec.json.decode(await r.read())
                 return url, (r.status == 200, body.get("reason", ""))
+        except aiohttp.ClientConnectorCertificateError:
+            return url, (False, "unreachable: its TLS certificate is not from the cluster CA "
+                                "nor trusted by this machine")
         except (aiohttp.ClientError, asyncio.TimeoutError, msgspec.DecodeError, OSError) as e:
             return url, (False, f"unreachable: {type(e).__name__}")
 

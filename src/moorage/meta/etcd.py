@@ -4,6 +4,11 @@ It speaks gRPC through the stubs aetcd ships, because aetcd's own client
 hides what Moorage needs (response revisions, paged ranges at a revision,
 progress-notified watches, learners). Every call has a deadline; gRPC
 failures surface as `EtcdUnavailable` so callers can degrade instead of crash.
+
+Every client carries its TLS identity (`EtcdTls`) explicitly: etcd runs with
+client-certificate authentication, and a client of another member
+(`sibling`) reuses the same identity, so there is no global channel setting
+to forget.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from aetcd import rpc
@@ -101,6 +107,12 @@ def cmp_mod_revision(key: bytes, revision: int) -> rpc.Compare:
                        mod_revision=revision)
 
 
+def cmp_prefix_unchanged(prefix: bytes, revision: int) -> rpc.Compare:
+    """No key under `prefix` was created or modified after `revision` (deletions go unseen)."""
+    return rpc.Compare(key=prefix, range_end=prefix_end(prefix), result=rpc.Compare.LESS,
+                       target=rpc.Compare.MOD, mod_revision=revision + 1)
+
+
 @dataclass(frozen=True, slots=True)
 class TxnResult:
     succeeded: bool
@@ -108,9 +120,37 @@ class TxnResult:
     responses: list
 
 
+@dataclass(frozen=True, slots=True)
+class EtcdTls:
+    """The files of mutual TLS with etcd: the cluster CA, and this replica's node certificate.
+
+    etcd refuses every client (and peer) without a certificate from the
+    cluster CA, so a process on the same machine without one reads nothing.
+    """
+
+    ca: Path
+    cert: Path
+    key: Path
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        try:
+            return grpc.ssl_channel_credentials(root_certificates=self.ca.read_bytes(),
+                                                private_key=self.key.read_bytes(),
+                                                certificate_chain=self.cert.read_bytes())
+        except OSError as e:
+            raise EtcdUnavailable(f"cannot read the etcd TLS files: {e}") from None
+
+
+def endpoint_of(url: str) -> str:
+    """gRPC's `host:port` target for a client URL as etcd lists it (`https://host:port`)."""
+    return url.split("://", 1)[-1].rstrip("/")
+
+
 class EtcdClient:
-    def __init__(self, endpoint: str, timeout: float = DEFAULT_TIMEOUT):
+    def __init__(self, endpoint: str, tls: EtcdTls | None, timeout: float = DEFAULT_TIMEOUT):
+        """`tls` None speaks plaintext: only for tests that show etcd refuses it."""
         self.endpoint = endpoint
+        self.tls = tls
         self.timeout = timeout
         options = [
             ("grpc.max_send_message_length", MAX_MESSAGE),
@@ -119,12 +159,19 @@ class EtcdClient:
             ("grpc.keepalive_timeout_ms", 5_000),
             ("grpc.keepalive_permit_without_calls", 1),
         ]
-        self._channel = grpc.aio.insecure_channel(endpoint, options=options)
+        if tls is None:
+            self._channel = grpc.aio.insecure_channel(endpoint, options=options)
+        else:
+            self._channel = grpc.aio.secure_channel(endpoint, tls.credentials(), options=options)
         self._kv = rpc.KVStub(self._channel)
         self._watch = rpc.WatchStub(self._channel)
         self._cluster = rpc.ClusterStub(self._channel)
         self._maintenance = rpc.MaintenanceStub(self._channel)
         self._lease = rpc.LeaseStub(self._channel)
+
+    def sibling(self, url: str, timeout: float | None = None) -> "EtcdClient":
+        """A client of another member (by its client URL), with this client's TLS identity."""
+        return EtcdClient(endpoint_of(url), self.tls, timeout or self.timeout)
 
     async def close(self) -> None:
         await self._channel.close()

@@ -75,11 +75,19 @@ class Index:
         self._not_solo_until = 0.0
         self.solo_epoch = 0
         self._subscribers: list[tuple[bytes, Callable[[Event], None]]] = []
+        self._resets: list[Callable[[], None]] = []
 
-    def subscribe(self, prefix: bytes, callback: Callable[[Event], None]) -> None:
+    def subscribe(self, prefix: bytes, callback: Callable[[Event], None],
+                  reset: Callable[[], None] | None = None) -> None:
         """Call `callback` for every change under `prefix` (keys the index itself ignores),
-        in revision order, including those already present when the index loads."""
+        in revision order, including those already present when the index loads.
+
+        A (re)load feeds only the keys that exist: `reset` is called just before, so
+        a subscriber can forget keys deleted while the watch was behind compaction.
+        """
         self._subscribers.append((prefix, callback))
+        if reset is not None:
+            self._resets.append(reset)
 
     @property
     def solo(self) -> bool:
@@ -119,6 +127,8 @@ class Index:
     async def _load(self) -> None:
         revision, kvs = await self._client.range_prefix(keys.ROOT)
         self.repos, self.blobs, self._sorted_repos = {}, {}, None
+        for reset in self._resets:  # in the same step as the load below: no one sees an empty view
+            reset()
         for kv in kvs:
             self._apply_one(Event(False, kv))
         self._advance(revision)

@@ -8,11 +8,21 @@
     /moorage/upload/<id>                             UploadRecord, or a tombstone
     /moorage/secret/<name>                           a cluster-wide random secret
     /moorage/user/<name>                             a user (argon2id hash)
+    /moorage/team/<team>                             TeamRecord
+    /moorage/member/<user>/<team>                    the user is in the team (empty value)
+    /moorage/grant/u/<user>/<pattern>                a user's role on repositories: {"role": ...}
+    /moorage/grant/t/<team>/<pattern>                a team's role on repositories: {"role": ...}
+    /moorage/visibility/<pattern>                    {"public": bool} for repositories
     /moorage/replica/<id>                            a replica's record and heartbeat
     /moorage/config/<key>                            a cluster setting (JSON value)
 
 Repository names may contain "/", never "@", so "@" ends the name and a
 prefix scan of "<name>@" never strays into "<name>/other".
+
+User and team names never contain "/", so "<user>/" is a prefix that holds
+exactly one user's memberships or grants: deleting a user deletes them by
+prefix in the same transaction. A <pattern> is a repository name,
+"<namespace>/*" or "*".
 """
 
 from __future__ import annotations
@@ -27,6 +37,12 @@ SECRET = ROOT + b"secret/"
 USER = ROOT + b"user/"
 REPLICA = ROOT + b"replica/"
 CONFIG = ROOT + b"config/"
+TEAM = ROOT + b"team/"
+MEMBER = ROOT + b"member/"
+GRANT = ROOT + b"grant/"
+USER_GRANT = GRANT + b"u/"
+TEAM_GRANT = GRANT + b"t/"
+VISIBILITY = ROOT + b"visibility/"
 
 
 def blob(digest: str) -> bytes:
@@ -63,6 +79,45 @@ def secret(name: str) -> bytes:
 
 def user(name: str) -> bytes:
     return USER + name.encode()
+
+
+def team(name: str) -> bytes:
+    return TEAM + name.encode()
+
+
+def member(user_name: str, team_name: str) -> bytes:
+    return MEMBER + f"{user_name}/{team_name}".encode()
+
+
+def memberships(user_name: str) -> bytes:
+    """The prefix of every team membership of one user."""
+    return MEMBER + f"{user_name}/".encode()
+
+
+def user_grant(user_name: str, pattern: str) -> bytes:
+    return USER_GRANT + f"{user_name}/{pattern}".encode()
+
+
+def user_grants(user_name: str) -> bytes:
+    return USER_GRANT + f"{user_name}/".encode()
+
+
+def team_grant(team_name: str, pattern: str) -> bytes:
+    return TEAM_GRANT + f"{team_name}/{pattern}".encode()
+
+
+def team_grants(team_name: str) -> bytes:
+    return TEAM_GRANT + f"{team_name}/".encode()
+
+
+def visibility(pattern: str) -> bytes:
+    return VISIBILITY + pattern.encode()
+
+
+def split_pair(key: bytes, prefix: bytes) -> tuple[str, str] | None:
+    """("<name>", "<rest>") of a key "<prefix><name>/<rest>"; None if malformed."""
+    name, sep, rest = key[len(prefix):].decode(errors="replace").partition("/")
+    return (name, rest) if sep and name and rest else None
 
 
 def replica(replica_id: str) -> bytes:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import bisect
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,9 +123,14 @@ class Registry:
             raise NameUnknown(f"repository {repo_name} not known", {"name": repo_name})
         return page(repo.sorted_tags(), n, last, self.limits.max_page)
 
-    async def catalog(self, n: int | None, last: str | None) -> tuple[list[str], bool]:
+    async def catalog(self, n: int | None, last: str | None,
+                      visible: Callable[[str], bool] | None = None) -> tuple[list[str], bool]:
+        """A page of repository names; `visible` filters before paging, so pages stay full."""
         await self.index.sync()
-        return page(self.index.sorted_repos(), n, last, self.limits.max_page)
+        repos = self.index.sorted_repos()
+        if visible is not None:
+            repos = [r for r in repos if visible(r)]
+        return page(repos, n, last, self.limits.max_page)
 
     async def referrers(self, repo_name: str, digest: str, artifact_type: str | None
                         ) -> list[Referrer]:

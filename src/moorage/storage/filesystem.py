@@ -23,6 +23,7 @@ from pathlib import Path
 
 from moorage.registry.digest import parse
 from moorage.storage.base import UploadDataLost, is_upload_id
+from moorage.storage.durable import fsync_dir, write_all
 
 # How much of an upload is buffered before it goes to the writer thread: big
 # enough that thread hand-offs are rare, small enough to bound memory per upload.
@@ -46,12 +47,6 @@ def _start_writeback(fd: int, offset: int, length: int) -> None:
         os.fdatasync(fd)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class FileAppender:
@@ -188,16 +183,13 @@ class FilesystemDriver:
         # Same digest, same bytes: replacing a concurrent twin is harmless, and
         # readers holding the old inode keep reading it.
         os.replace(src, dest)
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
 
     def _write_small(self, digest: str, data: bytes) -> None:
         tmp = self.tmp / uuid.uuid4().hex
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
+            write_all(fd, data)
         finally:
             os.close(fd)
         try:
