@@ -6,7 +6,13 @@ then on registry B, for several rounds, so that drift of the machine (page
 cache, writeback, thermal state) hits both alike; the table reports medians and
 the ratio Moorage / distribution against the project's targets.
 
-Usage: bench/bench.py [--quick] [--only moorage|distribution] [--json FILE]
+Usage: bench/bench.py [--quick] [--only moorage|distribution] [--insecure-http] [--json FILE]
+
+Both serve HTTPS (Moorage with its cluster CA, distribution with a certificate
+the bench makes), unless --insecure-http runs both over plain HTTP. Moorage's
+requests carry a Bearer token from its token endpoint, as docker's do;
+distribution runs without authentication (its token auth needs an external
+token server).
 
 Nothing here talks to anything but 127.0.0.1. Every subprocess and network call
 has a timeout, so a dead server turns into an error in its row, never a hang.
@@ -108,6 +114,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, help="override the number of rounds")
     p.add_argument("--scenarios", metavar="KEYS",
                    help="comma-separated scenario keys to run (default: all)")
+    p.add_argument("--insecure-http", action="store_true",
+                   help="both registries over plain HTTP (Moorage with --insecure-http) instead of HTTPS")
     p.add_argument("--json", type=Path, metavar="FILE", help="write all results as JSON")
     p.add_argument("--quiet-wait", type=float, default=20.0, metavar="S",
                    help="before each run, wait up to S seconds for the machine to be idle (default 20)")
@@ -125,7 +133,7 @@ def tool_output(cmd: list[str]) -> str:
     return ((out.stdout or out.stderr).strip().splitlines() or ["?"])[0]
 
 
-def environment() -> dict[str, str]:
+def environment(tls: bool) -> dict[str, str]:
     """What was measured, so that two result files can be told apart."""
     repo = Path(__file__).resolve().parent.parent
     dirty = tool_output(["git", "-C", str(repo), "status", "--porcelain", "--", "src"]) not in ("?", "")
@@ -135,6 +143,8 @@ def environment() -> dict[str, str]:
         "distribution": tool_output(["docker-registry", "--version"]),
         "wrk": tool_output(["wrk", "-v"]),
         "python": sys.version.split()[0],
+        "transport": "HTTPS for both (TLS 1.3; HTTP/1.1)" if tls else "plain HTTP for both",
+        "credentials": "Moorage: Bearer token (admin) from /token; distribution: none (no token server)",
         "cores": str(os.cpu_count()),
         "loadavg": Path("/proc/loadavg").read_text().strip(),
     }
@@ -158,7 +168,8 @@ def main(argv: list[str]) -> int:
     check_tools()
     signal.signal(signal.SIGTERM, raise_interrupt)
     started = time.monotonic()
-    env = environment()
+    tls = not args.insecure_http
+    env = environment(tls)
     print("; ".join(f"{k}: {v}" for k, v in env.items()), flush=True)
     workdir = Path(tempfile.mkdtemp(prefix="moorage-bench-", dir=args.tmp))
     servers: list[Server] = []
@@ -167,7 +178,7 @@ def main(argv: list[str]) -> int:
         factories = {"moorage": moorage_server, "distribution": distribution_server}
         for name in names:
             (workdir / name).mkdir()
-            servers.append(factories[name](workdir / name))
+            servers.append(factories[name](workdir / name, tls=tls))
         print(f"writing the {cfg.blob_size // MiB} MiB source blob ...", flush=True)
         src = SourceFile(workdir / "source.bin", cfg.blob_size)
         for s in servers:
@@ -175,6 +186,7 @@ def main(argv: list[str]) -> int:
             s.start()
         wanted = set(args.scenarios.split(",")) if args.scenarios else set()
         rows = run_bench(cfg, servers, src, workdir, args.quiet_wait, wanted)
+        print(f"\n{env['transport']}; {env['credentials']}")
         print_table(rows, names)
         memory = print_memory(servers)
         took = time.monotonic() - started

@@ -30,6 +30,7 @@ import json
 import os
 import shutil
 import signal
+import ssl
 import statistics
 import subprocess
 import sys
@@ -42,7 +43,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from content import MiB, OCI_MANIFEST, Image  # noqa: E402
-from load import BenchError, curl_pull, push_image_async, request, run_clients  # noqa: E402
+from credentials import Credentials  # noqa: E402
+from load import BenchError, curl_pull, push_image_async, repo_auth, request, run_clients  # noqa: E402
 from servers import Server, free_port  # noqa: E402
 
 ADMIN_PASSWORD = "bench-admin-password"
@@ -57,13 +59,26 @@ FAILOVER_SECONDS = 8.0
 
 @dataclass
 class Endpoint:
-    """Something with a URL that load.py's helpers can aim at (HAProxy here)."""
+    """Something with a URL that load.py's helpers can aim at (HAProxy here).
+
+    HAProxy passes TLS through (mode tcp): clients see the replicas' own
+    certificates, from the cluster CA, and log in to the replicas' token endpoint.
+    """
 
     port: int
+    ca: Path
+    credentials: Credentials
+    tls: bool = True
+    _ssl: ssl.SSLContext | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"https://127.0.0.1:{self.port}"
+
+    def ssl_context(self) -> ssl.SSLContext:
+        if self._ssl is None:
+            self._ssl = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(self.ca))
+        return self._ssl
 
 
 def moorage(*args: str) -> subprocess.CompletedProcess:
@@ -74,14 +89,18 @@ def moorage(*args: str) -> subprocess.CompletedProcess:
     return out
 
 
-def replica(workdir: Path, storage: Path, join: str | None) -> Server:
+def replica(workdir: Path, storage: Path, join: str | None, ca: Path | None = None) -> Server:
     port = free_port()
     verb = ["join", "--existing", join] if join else ["serve"]
     cmd = [sys.executable, "-m", "moorage", *verb, "--data-dir", str(workdir / "data"),
            "--listen", f"127.0.0.1:{port}", "--storage-dir", str(storage),
            "--etcd-client-port", str(free_port()), "--etcd-peer-port", str(free_port())]
     workdir.mkdir(parents=True, exist_ok=True)
-    return Server(f"replica-{workdir.name}", cmd, port, workdir)
+    # A joined replica receives the cluster CA, so every replica is trusted through the first's.
+    return Server(f"replica-{workdir.name}", cmd, port, workdir, tls=True,
+                  ca=ca or workdir / "data" / "tls" / "ca.crt",
+                  credentials=Credentials("admin", ADMIN_PASSWORD),
+                  env={"MOORAGE_CA_CERT": str(ca)} if ca else {})
 
 
 class Cluster:
@@ -90,13 +109,15 @@ class Cluster:
         self.storage = root / "storage"
         self.replicas: list[Server] = []
         self.haproxy: subprocess.Popen | None = None
-        self.lb = Endpoint(free_port())
         os.environ.update(CREDENTIALS)  # the replicas' first start reads the admin password
         first = replica(root / "r0", self.storage, None)
         first.start()
         self.replicas.append(first)
+        assert first.ca is not None
+        os.environ["MOORAGE_CA_CERT"] = str(first.ca)  # `moorage lb`, `join`: trust the cluster CA
+        self.lb = Endpoint(free_port(), first.ca, Credentials("admin", ADMIN_PASSWORD))
         for i in range(1, size):
-            joined = replica(root / f"r{i}", self.storage, first.url)
+            joined = replica(root / f"r{i}", self.storage, first.url, first.ca)
             joined.start()
             self.replicas.append(joined)
 
@@ -110,10 +131,10 @@ class Cluster:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             try:
-                if request(self.lb, "GET", "/v2/", timeout=2.0)[0] == 200:
+                if request(self.lb, "GET", "/v2/", timeout=2.0)[0] in (200, 401):
                     time.sleep(1.5)  # let every health check pass once
                     return
-            except OSError:
+            except (OSError, ssl.SSLError):
                 pass
             time.sleep(0.2)
         raise BenchError("HAProxy did not start; see haproxy.log")
@@ -144,17 +165,20 @@ def pulls(cluster: Cluster, digest: str) -> float:
 
 def writes(cluster: Cluster, rnd: int) -> float:
     images = [Image.random(10) for _ in range(SMALL_IMAGES)]
-    jobs = [lambda s, i=i, img=img: push_image_async(s, cluster.lb.url, f"bench/w{rnd}", f"t{i}", img)
+    auth = repo_auth(cluster.lb, f"bench/w{rnd}")
+    jobs = [lambda s, i=i, img=img: push_image_async(s, cluster.lb.url, f"bench/w{rnd}", f"t{i}", img, auth)
             for i, img in enumerate(images)]
     started = time.perf_counter()
-    ops = asyncio.run(run_clients(jobs, CLIENTS, timeout=300))
+    ops = asyncio.run(run_clients(jobs, CLIENTS, timeout=300, ssl_context=cluster.lb.ssl_context()))
     return ops / (time.perf_counter() - started)
 
 
 def failover(cluster: Cluster) -> dict:
     """Kill one replica while clients read and write through HAProxy."""
     image = Image.random(2)
-    asyncio.run(run_clients([lambda s: push_image_async(s, cluster.lb.url, "bench/fo", "v1", image)], 1, 60))
+    auth = repo_auth(cluster.lb, "bench/fo")
+    asyncio.run(run_clients([lambda s: push_image_async(s, cluster.lb.url, "bench/fo", "v1", image, auth)], 1, 60,
+                            ssl_context=cluster.lb.ssl_context()))
     results: list[tuple[float, bool]] = []
     acked: list[tuple[str, bytes]] = []
     stop = threading.Event()
@@ -163,8 +187,9 @@ def failover(cluster: Cluster) -> dict:
         while not stop.is_set():
             ok = False
             try:
-                conn = http.client.HTTPConnection("127.0.0.1", cluster.lb.port, timeout=5)
-                conn.request("GET", "/v2/bench/fo/manifests/v1", headers={"Accept": OCI_MANIFEST})
+                conn = http.client.HTTPSConnection("127.0.0.1", cluster.lb.port, timeout=5,
+                                                   context=cluster.lb.ssl_context())
+                conn.request("GET", "/v2/bench/fo/manifests/v1", headers={**auth, "Accept": OCI_MANIFEST})
                 r = conn.getresponse()
                 ok = r.status == 200 and r.read() == image.manifest
                 conn.close()

@@ -2,13 +2,17 @@
 
 Synchronous pushes (http.client, sendfile for big bodies), the concurrent
 aiohttp small-push clients, and the curl and wrk runners with their parsers.
+Every request goes over the server's transport (HTTPS when it serves TLS,
+trusting its CA only) and carries its credentials (credentials.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import http.client
+import mmap
 import re
+import ssl
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +23,7 @@ import aiohttp
 import yarl
 
 from content import MiB, OCI_MANIFEST, Image, SourceFile, sha256
+from credentials import repository_of
 
 if TYPE_CHECKING:  # annotations only: both modules import this one
     from scenarios import Config
@@ -38,39 +43,92 @@ class BenchError(Exception):
 Response = tuple[int, http.client.HTTPMessage, bytes]
 
 
+TLS_WRITE = 1 * MiB  # a big body over TLS goes out in slices of this size (see send_file)
+
+
 def connect(server: Server, timeout: float = NET_TIMEOUT) -> http.client.HTTPConnection:
+    ctx = server.ssl_context() if getattr(server, "tls", False) else None
+    if ctx is not None:
+        return http.client.HTTPSConnection("127.0.0.1", server.port, timeout=timeout, context=ctx)
     return http.client.HTTPConnection("127.0.0.1", server.port, timeout=timeout)
 
 
-def call(conn: http.client.HTTPConnection, method: str, target: str,
+def auth_headers(server: Server, target: str) -> dict[str, str]:
+    """What a client logged in to this server sends with a request for `target` (nothing if no auth)."""
+    creds = getattr(server, "credentials", None)
+    if creds is None or not target.startswith("/v2/"):
+        return {}
+
+    def fetch(method: str, path: str, headers: dict[str, str]) -> tuple[int, bytes]:
+        status, _, body = raw_request(server, method, path, headers)
+        return status, body
+    return creds.headers(repository_of(target), fetch)
+
+
+def repo_auth(server: Server, repo: str) -> dict[str, str]:
+    """The Authorization header for requests about `repo`; fetching it (if due) is the untimed part."""
+    return auth_headers(server, f"/v2/{repo}/blobs/")
+
+
+def call(server: Server, conn: http.client.HTTPConnection, method: str, target: str,
          headers: dict[str, str] | None = None, body: bytes = b"") -> Response:
-    conn.request(method, target, body=body, headers=headers or {})
+    conn.request(method, target, body=body, headers={**auth_headers(server, target), **(headers or {})})
     resp = conn.getresponse()
     return resp.status, resp.headers, resp.read()
 
 
-def call_file(conn: http.client.HTTPConnection, method: str, target: str, path: Path,
+def send_file(sock: object, path: Path, offset: int, length: int) -> int:
+    """Send a slice of a file: sendfile(2) over plain TCP; over TLS, 1 MiB slices of an mmap.
+
+    Python's SSLSocket.sendfile falls back to 8 KiB send() calls, which makes
+    the client, not the registry, the bottleneck of a push; slices of a mapping
+    are encrypted straight from the page cache.
+    """
+    with open(path, "rb") as f:
+        if not isinstance(sock, ssl.SSLSocket):
+            return sock.sendfile(f, offset, length)
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        # Unmapped when the last slice is gone (no close(): a slice held by an
+        # exception's traceback would make it fail and hide the real error).
+        view = memoryview(mmap.mmap(f.fileno(), offset + length - start, offset=start,
+                                    access=mmap.ACCESS_READ))
+        end = offset - start + length
+        for pos in range(offset - start, end, TLS_WRITE):
+            sock.sendall(view[pos:min(pos + TLS_WRITE, end)])
+        return length
+
+
+def call_file(server: Server, conn: http.client.HTTPConnection, method: str, target: str, path: Path,
               offset: int, length: int, headers: dict[str, str]) -> Response:
-    """A request whose body is a slice of a file, sent with sendfile(2)."""
+    """A request whose body is a slice of a file, sent with sendfile(2) (or mmap slices over TLS)."""
     conn.putrequest(method, target, skip_accept_encoding=True)
-    for name, value in {**headers, "Content-Length": str(length)}.items():
+    for name, value in {**auth_headers(server, target), **headers, "Content-Length": str(length)}.items():
         conn.putheader(name, value)
     conn.endheaders()
-    with open(path, "rb") as f:
-        sent = conn.sock.sendfile(f, offset, length)
+    sent = send_file(conn.sock, path, offset, length)
     if sent != length:
         raise BenchError(f"sent {sent} of {length} bytes")
     resp = conn.getresponse()
     return resp.status, resp.headers, resp.read()
 
 
-def request(server: Server, method: str, target: str, headers: dict[str, str] | None = None,
-            body: bytes = b"", timeout: float = NET_TIMEOUT) -> Response:
+def raw_request(server: Server, method: str, target: str, headers: dict[str, str] | None = None,
+                body: bytes = b"", timeout: float = NET_TIMEOUT) -> Response:
+    """One request on a new connection, exactly as given: no credentials added."""
     conn = connect(server, timeout)
     try:
-        return call(conn, method, target, headers, body)
+        conn.request(method, target, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, resp.headers, resp.read()
     finally:
         conn.close()
+
+
+def request(server: Server, method: str, target: str, headers: dict[str, str] | None = None,
+            body: bytes = b"", timeout: float = NET_TIMEOUT) -> Response:
+    """One request on a new connection, with the credentials a logged-in client sends."""
+    return raw_request(server, method, target, {**auth_headers(server, target), **(headers or {})},
+                       body, timeout)
 
 
 def expect(resp: Response, status: int, what: str) -> Response:
@@ -94,7 +152,7 @@ def with_digest(target: str, digest: str) -> str:
 
 def start_upload(server: Server, conn: http.client.HTTPConnection, repo: str) -> str:
     base = f"/v2/{repo}/blobs/uploads/"
-    return location(server, base, expect(call(conn, "POST", base), 202, "POST upload"))
+    return location(server, base, expect(call(server, conn, "POST", base), 202, "POST upload"))
 
 
 def push_monolithic(server: Server, repo: str, src: SourceFile) -> None:
@@ -102,7 +160,7 @@ def push_monolithic(server: Server, repo: str, src: SourceFile) -> None:
     conn = connect(server)
     try:
         target = start_upload(server, conn, repo)
-        resp = call_file(conn, "PUT", with_digest(target, src.digest), src.path, 0, src.size,
+        resp = call_file(server, conn, "PUT", with_digest(target, src.digest), src.path, 0, src.size,
                          {"Content-Type": "application/octet-stream"})
         expect(resp, 201, "PUT blob")
     finally:
@@ -116,12 +174,12 @@ def push_chunked(server: Server, repo: str, src: SourceFile, chunk: int) -> None
         target = start_upload(server, conn, repo)
         for offset in range(0, src.size, chunk):
             length = min(chunk, src.size - offset)
-            resp = call_file(conn, "PATCH", target, src.path, offset, length, {
+            resp = call_file(server, conn, "PATCH", target, src.path, offset, length, {
                 "Content-Type": "application/octet-stream",
                 "Content-Range": f"{offset}-{offset + length - 1}",
             })
             target = location(server, target, expect(resp, 202, f"PATCH at {offset}"))
-        expect(call(conn, "PUT", with_digest(target, src.digest), {"Content-Length": "0"}),
+        expect(call(server, conn, "PUT", with_digest(target, src.digest), {"Content-Length": "0"}),
                201, "PUT close")
     finally:
         conn.close()
@@ -132,7 +190,7 @@ def push_small_blob(server: Server, repo: str, data: bytes) -> str:
     try:
         target = start_upload(server, conn, repo)
         digest = sha256(data)
-        expect(call(conn, "PUT", with_digest(target, digest),
+        expect(call(server, conn, "PUT", with_digest(target, digest),
                     {"Content-Type": "application/octet-stream"}, data), 201, "PUT blob")
         return digest
     finally:
@@ -148,29 +206,33 @@ def push_manifest(server: Server, repo: str, ref: str, body: bytes) -> None:
 # HTTP, asynchronous: the concurrent small-push clients
 
 async def push_image_async(session: aiohttp.ClientSession, base: str, repo: str, tag: str,
-                           image: Image) -> int:
-    """Every blob with POST + PUT ?digest=, then the manifest; returns the operations done."""
+                           image: Image, auth: dict[str, str] | None = None) -> int:
+    """Every blob with POST + PUT ?digest=, then the manifest; returns the operations done.
+
+    `auth`: the Authorization header for `repo` (auth_headers), fetched before the timed part.
+    """
+    auth = auth or {}
     post_url = f"{base}/v2/{repo}/blobs/uploads/"
     for blob in image.blobs:
-        async with session.post(post_url) as r:
+        async with session.post(post_url, headers=auth) as r:
             await r.read()
             if r.status != 202:
                 raise BenchError(f"POST upload: HTTP {r.status}")
             loc = r.headers.get("Location", "")
         put_url = yarl.URL(with_digest(urljoin(post_url, loc), sha256(blob)), encoded=True)
         async with session.put(put_url, data=blob,
-                               headers={"Content-Type": "application/octet-stream"}) as r:
+                               headers={**auth, "Content-Type": "application/octet-stream"}) as r:
             text = await r.read()
             if r.status != 201:
                 raise BenchError(f"PUT blob: HTTP {r.status} {text[:200]!r}")
-    await put_manifest_async(session, base, repo, tag, image.manifest)
+    await put_manifest_async(session, base, repo, tag, image.manifest, auth)
     return len(image.blobs) + 1
 
 
 async def put_manifest_async(session: aiohttp.ClientSession, base: str, repo: str, tag: str,
-                             body: bytes) -> int:
+                             body: bytes, auth: dict[str, str] | None = None) -> int:
     async with session.put(f"{base}/v2/{repo}/manifests/{tag}", data=body,
-                           headers={"Content-Type": OCI_MANIFEST}) as r:
+                           headers={**(auth or {}), "Content-Type": OCI_MANIFEST}) as r:
         text = await r.read()
         if r.status != 201:
             raise BenchError(f"PUT manifest {repo}:{tag}: HTTP {r.status} {text[:200]!r}")
@@ -180,12 +242,12 @@ async def put_manifest_async(session: aiohttp.ClientSession, base: str, repo: st
 Job = Callable[[aiohttp.ClientSession], Awaitable[int]]  # one client's unit of work; returns ops done
 
 
-async def run_clients(jobs: list[Job], clients: int,
-                      timeout: float) -> int:
+async def run_clients(jobs: list[Job], clients: int, timeout: float,
+                      ssl_context: ssl.SSLContext | None = None) -> int:
     """Run jobs from `clients` concurrent workers, each one request at a time; returns the ops."""
     pending = iter(jobs)  # shared by the workers: each takes the next job when it is free
     per_request = aiohttp.ClientTimeout(total=NET_TIMEOUT)
-    connector = aiohttp.TCPConnector(limit=clients)
+    connector = aiohttp.TCPConnector(limit=clients, ssl=ssl_context if ssl_context is not None else True)
     async with aiohttp.ClientSession(connector=connector, timeout=per_request) as session:
         async def worker() -> int:
             done = 0
@@ -200,13 +262,30 @@ async def run_clients(jobs: list[Job], clients: int,
 # --------------------------------------------------------------------------
 # External load generators
 
+def curl_args(server: Server, target: str) -> list[str]:
+    """curl's options for this server: its CA, HTTP/1.1, its credentials.
+
+    HTTP/1.1 for both registries: Moorage (aiohttp) speaks nothing else, and
+    curl would pick HTTP/2 with distribution, which pulls at half the speed of
+    its HTTP/1.1 here (Go's HTTP/2 flow control): like with like, and the
+    stricter comparison for Moorage.
+    """
+    args = []
+    if getattr(server, "tls", False):
+        args += ["--cacert", str(server.ca), "--http1.1"]
+    for name, value in auth_headers(server, target).items():
+        args += ["-H", f"{name}: {value}"]
+    return args
+
+
 def curl_pull(server: Server, target: str, streams: int, size: int) -> float:
     """MiB/s over all streams: total bytes over the slowest stream's time, as curl measures it.
 
-    curl's own clock leaves out its process start (~5 ms, 4% of a 256 MiB pull);
-    the streams start within a few milliseconds of each other.
+    curl's own clock leaves out its process start (~5 ms, 4% of a 256 MiB pull)
+    and the TLS handshake's share is as small; the streams start within a few
+    milliseconds of each other.
     """
-    cmd = ["curl", "-sS", "--max-time", "60", "-o", "/dev/null",
+    cmd = ["curl", "-sS", "--max-time", "60", "-o", "/dev/null", *curl_args(server, target),
            "-w", "%{http_code} %{size_download} %{time_total}", server.url + target]
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(streams)]
@@ -260,7 +339,8 @@ def wrk(server: Server, target: str, cfg: Config, headers: dict[str, str] | None
         script: Path | None = None) -> Measurement:
     cmd = ["wrk", f"-t{cfg.wrk_threads}", f"-c{cfg.wrk_conns}", f"-d{cfg.wrk_seconds}s",
            "--timeout", "5s", "--latency"]
-    for name, value in (headers or {}).items():
+    # wrk speaks TLS for https URLs (and checks no certificate: it only measures).
+    for name, value in {**auth_headers(server, target), **(headers or {})}.items():
         cmd += ["-H", f"{name}: {value}"]
     if script:
         cmd += ["-s", str(script)]

@@ -12,8 +12,8 @@ from typing import Any, Callable
 
 from content import ACCEPT, MiB, OCI_MANIFEST, Image, SourceFile, sha256
 from load import (BenchError, Job, Measurement, curl_pull, push_chunked, push_image_async,
-                  push_manifest, push_monolithic, push_small_blob, put_manifest_async, request,
-                  run_clients, wrk)
+                  push_manifest, push_monolithic, push_small_blob, put_manifest_async, repo_auth,
+                  request, run_clients, wrk)
 from servers import Server
 
 
@@ -77,10 +77,11 @@ def seed_server(server: Server, seed: Seed, src: SourceFile, cfg: Config) -> Non
         push_small_blob(server, TAGS_REPO, blob)
     push_small_blob(server, IMAGE_REPO, b"")
     push_manifest(server, IMAGE_REPO, "latest", seed.image.manifest)
+    auth = repo_auth(server, TAGS_REPO)
     jobs = [lambda s, t=f"t{i:04d}": put_manifest_async(s, server.url, TAGS_REPO, t,
-                                                        seed.image.manifest)
+                                                        seed.image.manifest, auth)
             for i in range(cfg.tags)]
-    asyncio.run(run_clients(jobs, cfg.small_clients, timeout=300))
+    asyncio.run(run_clients(jobs, cfg.small_clients, timeout=300, ssl_context=server.ssl_context()))
     verify_seed(server, seed)
 
 
@@ -110,8 +111,9 @@ def verify_seed(server: Server, seed: Seed) -> None:
 class Scenario:
     """One row of the table.
 
-    `prepare` runs untimed before each run (fresh content, digests); `run` is
-    the measured part, around which the servers' CPU time is sampled.
+    `prepare` runs untimed before each run (fresh content, digests, the
+    client's token for the repositories it uses); `run` is the measured part,
+    around which the servers' CPU time is sampled.
     """
 
     key: str
@@ -132,22 +134,30 @@ def timed_mib_s(size: int, action: Callable[[], None]) -> Measurement:
 def fresh_source(src: SourceFile) -> Callable[[Server, int], Any]:
     """A new blob per push, and no dirty pages of the previous push to flush meanwhile."""
     def prepare(server: Server, rnd: int) -> None:
+        repo_auth(server, PUSH_REPO)
         src.refresh()
         os.sync()
     return prepare
 
 
+def logged_in(repo: str) -> Callable[[Server, int], Any]:
+    """A client that holds a valid token for `repo` when the run starts."""
+    return lambda server, rnd: repo_auth(server, repo)
+
+
 def small_jobs(server: Server, rnd: int, cfg: Config) -> list[Job]:
     per_image = cfg.small_blobs // cfg.small_manifests
     images = [Image.random(n_layers=per_image - 1) for _ in range(cfg.small_manifests)]
-    return [lambda s, i=i, img=img: push_image_async(
-                s, server.url, f"small/r{rnd}-c{i % cfg.small_clients}", f"v{i}", img)
+    repos = [f"small/r{rnd}-c{c}" for c in range(cfg.small_clients)]
+    auth = {repo: repo_auth(server, repo) for repo in repos}
+    return [lambda s, i=i, img=img, repo=repos[i % cfg.small_clients]: push_image_async(
+                s, server.url, repo, f"v{i}", img, auth[repo])
             for i, img in enumerate(images)]
 
 
-def run_small(jobs: list[Job], cfg: Config) -> Measurement:
+def run_small(server: Server, jobs: list[Job], cfg: Config) -> Measurement:
     start = time.perf_counter()
-    ops = asyncio.run(run_clients(jobs, cfg.small_clients, timeout=600))
+    ops = asyncio.run(run_clients(jobs, cfg.small_clients, timeout=600, ssl_context=server.ssl_context()))
     return Measurement(ops / (time.perf_counter() - start))
 
 
@@ -164,21 +174,26 @@ def scenarios(cfg: Config, src: SourceFile, seed: Seed, head_lua: Path) -> list[
                  prepare=fresh_source(src), needs_seed=False),
         Scenario("pull_1", f"blob pull {size_label}, 1 stream", "MiB/s", 0.95,
                  lambda s, _: Measurement(curl_pull(
-                     s, f"/v2/{PULL_REPO}/blobs/{seed.pull_digest}", 1, src.size))),
+                     s, f"/v2/{PULL_REPO}/blobs/{seed.pull_digest}", 1, src.size)),
+                 prepare=logged_in(PULL_REPO)),
         Scenario("pull_n", f"blob pull {size_label}, {cfg.pull_streams} streams", "MiB/s", 0.95,
                  lambda s, _: Measurement(curl_pull(
-                     s, f"/v2/{PULL_REPO}/blobs/{seed.pull_digest}", cfg.pull_streams, src.size))),
+                     s, f"/v2/{PULL_REPO}/blobs/{seed.pull_digest}", cfg.pull_streams, src.size)),
+                 prepare=logged_in(PULL_REPO)),
         Scenario("manifest_get", f"manifest GET by tag, {cfg.wrk_conns} conns", "req/s", 5.0,
                  lambda s, _: wrk(s, f"/v2/{IMAGE_REPO}/manifests/latest", cfg,
-                                  headers={"Accept": ACCEPT})),
+                                  headers={"Accept": ACCEPT}),
+                 prepare=logged_in(IMAGE_REPO)),
         Scenario("blob_head", f"blob HEAD (empty blob), {cfg.wrk_conns} conns", "req/s", 5.0,
                  lambda s, _: wrk(s, f"/v2/{IMAGE_REPO}/blobs/{EMPTY_DIGEST}", cfg,
-                                  script=head_lua)),
+                                  script=head_lua),
+                 prepare=logged_in(IMAGE_REPO)),
         Scenario("tags_list", f"tags list, {cfg.tags} tags, {cfg.wrk_conns} conns", "req/s", 3.0,
-                 lambda s, _: wrk(s, f"/v2/{TAGS_REPO}/tags/list", cfg)),
+                 lambda s, _: wrk(s, f"/v2/{TAGS_REPO}/tags/list", cfg),
+                 prepare=logged_in(TAGS_REPO)),
         Scenario("small_pushes",
                  f"{cfg.small_blobs} small blob pushes + {cfg.small_manifests} manifests, "
                  f"{cfg.small_clients} clients", "ops/s", 1.5,
-                 lambda s, jobs: run_small(jobs, cfg),
+                 lambda s, jobs: run_small(s, jobs, cfg),
                  prepare=lambda s, rnd: small_jobs(s, rnd, cfg), needs_seed=False),
     ]

@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -13,7 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from credentials import Credentials
 from load import BenchError, request
+from tls import make_certificate
 
 
 START_TIMEOUT = 60.0        # a registry (and etcd) becoming ready
@@ -124,10 +127,22 @@ class Server:
     peak_kib: dict[int, int] = field(default_factory=dict)
     names: dict[int, str] = field(default_factory=dict)
     seed_error: str | None = None
+    tls: bool = False                       # serves HTTPS, with a certificate `ca` signed
+    ca: Path | None = None                  # the CA the clients trust (Moorage's exists once it started)
+    credentials: Credentials | None = None  # None: the registry runs without authentication
+    env: dict[str, str] = field(default_factory=dict)
+    _ssl: ssl.SSLContext | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The clients' context: trusts this server's CA only (None over plain HTTP)."""
+        if self.tls and self._ssl is None:
+            assert self.ca is not None
+            self._ssl = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(self.ca))
+        return self._ssl
 
     @property
     def log_path(self) -> Path:
@@ -136,14 +151,16 @@ class Server:
     def start(self) -> None:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+                                         stdin=subprocess.DEVNULL, start_new_session=True,
+                                         env={**os.environ, **self.env})
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             self.check_alive()
             try:
-                if request(self, "GET", "/v2/", timeout=2.0)[0] == 200:
+                # 401: serving, and asking for credentials (the bench sends none to /v2/ itself).
+                if request(self, "GET", "/v2/", timeout=2.0)[0] in (200, 401):
                     return
-            except OSError:
+            except (OSError, ssl.SSLError):
                 pass
             time.sleep(0.2)
         raise BenchError(f"{self.name} not ready after {START_TIMEOUT:.0f}s\n{self.log_tail()}")
@@ -226,20 +243,41 @@ class CpuMeter:
                 "cpu_other": max(other, 0.0) / elapsed}
 
 
-def moorage_server(workdir: Path) -> Server:
+ADMIN_PASSWORD = "bench-admin-password"
+
+
+def moorage_server(workdir: Path, tls: bool = True) -> Server:
+    """Moorage as an operator starts it: HTTPS with its cluster CA (unless tls is False), and an admin."""
     port = free_port()
     cmd = [sys.executable, "-m", "moorage", "serve",
            "--data-dir", str(workdir / "data"),
            "--listen", f"127.0.0.1:{port}",
            "--etcd-client-port", str(free_port()),
            "--etcd-peer-port", str(free_port())]
-    return Server("moorage", cmd, port, workdir)
+    if not tls:
+        cmd.append("--insecure-http")
+    return Server("moorage", cmd, port, workdir, tls=tls, ca=workdir / "data" / "tls" / "ca.crt",
+                  credentials=Credentials("admin", ADMIN_PASSWORD),
+                  env={"MOORAGE_ADMIN_PASSWORD": ADMIN_PASSWORD})
 
 
-def distribution_server(workdir: Path) -> Server:
-    """docker-registry with the Debian package's own defaults, minus auth, plus a loopback port."""
+def distribution_server(workdir: Path, tls: bool = True) -> Server:
+    """docker-registry with the Debian package's own defaults, minus auth, plus a loopback port.
+
+    With tls, it serves HTTPS with a certificate the bench makes (its own TLS
+    stack, Go's crypto/tls): the same transport as Moorage's.
+    """
     port = free_port()
     config = workdir / "config.yml"
+    ca = None
+    tls_config = ""
+    if tls:
+        ca, cert, key = make_certificate(workdir)
+        tls_config = f"""\
+  tls:
+    certificate: {cert}
+    key: {key}
+"""
     config.write_text(f"""\
 version: 0.1
 log:
@@ -255,6 +293,6 @@ http:
   addr: 127.0.0.1:{port}
   headers:
     X-Content-Type-Options: [nosniff]
-""")
+{tls_config}""")
     binary = shutil.which("docker-registry") or "/usr/bin/docker-registry"
-    return Server("distribution", [binary, "serve", str(config)], port, workdir)
+    return Server("distribution", [binary, "serve", str(config)], port, workdir, tls=tls, ca=ca)
