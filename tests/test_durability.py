@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from conftest import wait_for
 from oci import (
     MANIFEST_ACCEPT,
     OCI_INDEX,
@@ -284,7 +285,11 @@ def test_kill9_mid_stream_loses_nothing_acknowledged(fresh_registry):
                    for w in range(4)]
         for t in threads:
             t.start()
-        time.sleep(rng.uniform(1.0, 2.5))
+        # Kill at a random moment once the pushers are in full flow (on a busy
+        # machine their first token and uploads take a while).
+        wait_for(lambda: len(ledger.blobs_acked) + len(ledger.manifests_acked) - acked_before >= 20, 60,
+                 "20 acknowledged pushes")
+        time.sleep(rng.uniform(0.0, 1.5))
         ledger.killed.set()
         reg.kill9()
         for t in threads:

@@ -286,15 +286,15 @@ class Access:
         """What `user` may do to `repo` and why it may pull anonymously or not."""
         if user is not None:
             check_principal(user)
-            if self._users.get(user) is None:
-                await self.index.sync()
-                if self._users.get(user) is None:
-                    raise AccessError("unknown", f"no user {user}")
         try:
             check_name(repo)
         except NameInvalid:
             raise AccessError("invalid", f"invalid repository name {repo[:100]!r}") from None
+        # Sync before any lookup: a user deleted through another replica a
+        # moment ago must not still be found here.
         await self.index.sync()
+        if user is not None and self._users.get(user) is None:
+            raise AccessError("unknown", f"no user {user}")
         return {"user": user, "repo": repo, "public": self.is_public(repo),
                 "actions": sorted(self.actions(user, repo))}
 
