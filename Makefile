@@ -12,7 +12,7 @@ RUN_DEPS := etcd-server:etcd
 TEST_DEPS := skopeo:skopeo haproxy:haproxy
 BENCH_DEPS := docker-registry:docker-registry wrk:wrk curl:curl
 
-.PHONY: install run test bench bench-cluster clean
+.PHONY: install run test bench bench-cluster bench-gc clean
 
 ## install: set up everything `run` and `test` need (virtualenv, Python and Debian packages)
 install: $(VENV)/.installed
@@ -40,6 +40,10 @@ bench: install
 bench-cluster: install
 	@scripts/system-deps.sh $(BENCH_DEPS) haproxy:haproxy
 	$(BIN)/python bench/cluster_bench.py $(BENCH_ARGS)
+
+## bench-gc: garbage collection time and memory for 100,000 blobs and 10,000 manifests
+bench-gc: install
+	$(BIN)/python bench/gc_bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

@@ -10,7 +10,8 @@ content type, headers and body that conform to the document.
 The admin pass leaves out the operations that change the cluster's
 membership (join, promote, abandon, remove): with generated arguments they
 would only test etcd, and a stray success would break the replica under
-test. They are fuzzed anonymously, and test_cluster exercises them for real.
+test; and the backup's binary downloads, which test_backup checks. They
+are fuzzed anonymously, and test_cluster exercises them for real.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from moorage.api.openapi import document
 MAX_EXAMPLES = 10
 REQUEST_TIMEOUT = 10.0
 CLUSTER_CHANGES = r"^/_admin/cluster/(join|promote|abandon|replicas/)"
+# And the backup's binary downloads (an etcd snapshot, blobs): test_backup checks them byte for byte.
+BACKUP_DOWNLOADS = r"^/_admin/backup/(snapshot|blobs/)"
 TRACEBACK = re.compile(r'Traceback \(most recent call last\)|File "[^"]+", line \d+')
 BASIC = "Basic " + base64.b64encode(f"admin:{ADMIN_PASSWORD}".encode()).decode()
 
@@ -44,7 +47,8 @@ BASIC = "Basic " + base64.b64encode(f"admin:{ADMIN_PASSWORD}".encode()).decode()
 # missing and mistyped parameters: deterministic and cheap per case); the
 # anonymous pass mostly meets 401, so random cases suffice there.
 ADMIN_SCHEMA = schemathesis.openapi.from_dict(document(), config=schemathesis.Config.from_dict(
-    {"phases": {"coverage": {"enabled": True}}})).exclude(path_regex=CLUSTER_CHANGES)
+    {"phases": {"coverage": {"enabled": True}}})).exclude(path_regex=CLUSTER_CHANGES) \
+    .exclude(path_regex=BACKUP_DOWNLOADS)
 SCHEMA = schemathesis.openapi.from_dict(document(), config=schemathesis.Config.from_dict(
     {"phases": {"coverage": {"enabled": False}}}))
 STATS: Counter[str] = Counter()

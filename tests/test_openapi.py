@@ -44,7 +44,7 @@ def _dispatcher() -> app.Dispatcher:
 
 
 def _admin_routes() -> list[tuple[str, re.Pattern]]:
-    admin = AdminApi(SimpleNamespace(), SimpleNamespace(), access=SimpleNamespace(users=None))
+    admin = AdminApi(SimpleNamespace(), SimpleNamespace(), access=SimpleNamespace(users=None), gc=SimpleNamespace())
     return [(method, pattern) for method, pattern, _ in admin.routes]
 
 

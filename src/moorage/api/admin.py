@@ -15,12 +15,15 @@ from aiohttp import web
 
 from moorage.api.audit import USER_KEY, RequestAudit
 from moorage.api.accessadmin import access_routes
+from moorage.api.backup import backup_routes
 from moorage.api.auth import Auth, Denied
+from moorage.api.gcadmin import gc_routes
 from moorage.api.http import read_bounded
 from moorage.cluster.service import ClusterError, ClusterService
 from moorage.meta.etcd import EtcdUnavailable
 from moorage.registry.access import Access, AccessError
 from moorage.registry.errors import TooLarge
+from moorage.registry.gc_runner import GcRunner
 from moorage.registry.users import Users
 
 MAX_BODY = 64 << 10
@@ -40,7 +43,7 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 
 class AdminApi:
     def __init__(self, cluster: ClusterService, users: Users, audit: RequestAudit | None = None,
-                 access: Access | None = None, auth: Auth | None = None):
+                 access: Access | None = None, auth: Auth | None = None, gc: GcRunner | None = None):
         self.cluster = cluster
         self.users = users
         self.auth = auth
@@ -65,6 +68,9 @@ class AdminApi:
         ]
         if access is not None:  # users, teams, grants, visibility: see api/accessadmin.py
             self.routes += access_routes(access)
+        if gc is not None:  # garbage collection runs: see api/gcadmin.py
+            self.routes += gc_routes(gc)
+        self.routes += backup_routes(cluster)  # snapshot, blobs: see api/backup.py
 
     @staticmethod
     async def _promoted(operation) -> dict:
@@ -85,8 +91,10 @@ class AdminApi:
 
     async def __call__(self, request: web.BaseRequest, path: str) -> web.Response:
         response = await self._handle(request, path)
-        # Audited: every call that changes something, and every one refused for credentials.
-        if self.audit is not None and (request.method not in ("GET", "HEAD") or response.status in (401, 403)):
+        # Audited: every call that changes something, and every one refused for credentials;
+        # and every backup snapshot, as it carries every secret of the cluster.
+        if self.audit is not None and (request.method not in ("GET", "HEAD") or response.status in (401, 403)
+                                       or path == "/_admin/backup/snapshot"):
             self.audit.admin(request, response)
         return response
 
@@ -111,7 +119,9 @@ class AdminApi:
             except (msgspec.DecodeError, TooLarge):
                 return _error(400, "the request body must be a JSON object of at most 64 KiB")
             try:
-                return _json(await handler(request, body, *m.groups()))
+                result = await handler(request, body, *m.groups())
+                # A streamed answer (a backup's snapshot or blobs) goes out as it is.
+                return result if isinstance(result, web.StreamResponse) else _json(result)
             except (ClusterError, AccessError) as e:
                 return _error(STATUS.get(e.kind, 500), e.message)
             except EtcdUnavailable as e:

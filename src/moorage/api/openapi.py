@@ -247,6 +247,7 @@ def _obj(required: list[str] = (), **props: dict) -> dict:
 
 
 _S = {"type": "string"}
+_BINARY = {"type": "string", "format": "binary"}
 _SEG = {"type": "string", "pattern": "^[^/]+$"}
 ROLE = {"type": "string", "enum": ["read", "write", "admin"]}
 
@@ -279,6 +280,15 @@ def _admin() -> dict:
             _query("since", _S, "Earliest time (Unix seconds)."), _query("until", _S, "Latest time."),
             _query("user", _S, "Only this user."), _query("repo", _S, "Only this repository."),
             _query("limit", {"type": "integer", "minimum": 1}, "At most this many entries.")])},
+        "/_admin/gc": {
+            "post": _admin_op("Start a garbage collection on this replica (409 while one runs); its run record",
+                              "gcStart", body=_obj([], dry_run={"type": "boolean"}), tag="gc"),
+            "get": _admin_op("Every kept garbage collection run, newest first", "gcHistory", tag="gc"),
+        },
+        "/_admin/gc/{run}": {"get": _admin_op(
+            "One garbage collection run: state, phase, counts marked and swept, bytes freed", "gcRun",
+            [_path_param("run", {"type": "string", "pattern": r"^[0-9A-Za-z-]{1,64}$"}, "Run id.",
+                         "20260101T000000Z-0a1b2c")], tag="gc")},
         "/_admin/users": {"get": _admin_op("List users", "userList", tag="access")},
         "/_admin/users/{user}": {
             "put": _admin_op("Create a user", "userAdd", [user],
@@ -311,6 +321,20 @@ def _admin() -> dict:
                                        visibility={"type": "string", "enum": ["public", "private", "inherit"]}),
                              tag="access"),
         },
+        "/_admin/backup/snapshot": {"get": _admin_op(
+            "A consistent etcd snapshot, streamed (size, sha256, revision and etcd version in "
+            "X-Moorage-* headers)", "backupSnapshot", tag="backup",
+            ok=_resp("The snapshot.", content={"application/octet-stream": {"schema": _BINARY}}))},
+        "/_admin/backup/info": {"get": _admin_op(
+            "The cluster CA (key included) and the blobs a snapshot's revision knows", "backupInfo",
+            [_query("revision", {"type": "integer", "minimum": 0}, "The snapshot's revision."),
+             _query("through", {"type": "integer", "minimum": 0},
+                    "The revision read after the snapshot: blobs at either are listed.")], tag="backup")},
+        "/_admin/backup/blobs/{digest}": {"get": _admin_op(
+            "One blob's bytes, for a backup with blobs", "backupBlob",
+            [_path_param("digest", {"type": "string", "pattern": "^sha(256|384|512):[0-9a-f]{64,128}$"},
+                         "The blob's digest.", "sha256:" + "0" * 64)], tag="backup",
+            ok=_resp("The blob.", content={"application/octet-stream": {"schema": _BINARY}}))},
         "/_admin/access": {"get": _admin_op("What a user (or anonymous) may do on a repository", "accessExplain",
                                             [_query("repo", _S, "The repository.", required=True),
                                              _query("user", _S, "The user; anonymous if absent.")],

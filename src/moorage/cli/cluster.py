@@ -231,7 +231,20 @@ def run_status(args: argparse.Namespace) -> int:
         print("no quorum: writes are refused until a majority of replicas is back")
     if status.get("ca_fingerprint"):
         print(f"cluster CA {status['ca_fingerprint']} (clients: --ca-fingerprint, or GET /ca)")
+    if status.get("storage"):
+        used = status["storage"]
+        print(f"storage: {used['blobs']} blob{'s' * (used['blobs'] != 1)}, {human_bytes(used['bytes'])} "
+              "(deleted images are freed by `moorage gc`)")
     return 0
+
+
+def human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{n} bytes" if unit == "bytes" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} bytes"
 
 
 def print_table(header: list[str], rows: list[list[str]]) -> None:

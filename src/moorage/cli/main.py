@@ -19,6 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
     from moorage.cli import lb
     from moorage.cli import access
     from moorage.cli import audit
+    from moorage.cli import gc
+    from moorage.cli import backup
 
     parser = argparse.ArgumentParser(
         prog="moorage", description="Moorage: a private OCI container registry that scales with replicas.")
@@ -32,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     lb.register(commands)
     access.register(commands)
     audit.register(commands)
+    gc.register(commands)
+    backup.register(commands)
     return parser
 
 

@@ -35,6 +35,7 @@ from moorage.meta.etcd import EtcdClient, EtcdUnavailable, Event
 from moorage.meta.index import Index
 from moorage.meta.store import MetaStore
 from moorage.registry.audit import AuditLog
+from moorage.registry.gc_runner import GcRunner
 from moorage.registry.service import Registry
 from moorage.registry.sessions import STATE_SECONDS, Sessions
 from moorage.registry.tokens import Tokens
@@ -236,6 +237,7 @@ class Replica:
         runner = None
         audit: AuditLog | None = None
         tasks: list[asyncio.Task] = []
+        gc: GcRunner | None = None
         try:
             if self.promote is not None and identity.member_id is not None:
                 await self._await_promotion(identity.member_id, client)
@@ -265,10 +267,12 @@ class Replica:
                                      identity.replica_id, identity.cluster_token, pki_paths=pki_paths)
             url = f"{'https' if api_ssl else 'http'}://{self._url_host()}:{self.port}"
             record = replicas.new_record(identity.replica_id, url, member.peer_url, member.client_url)
+            gc = GcRunner(store, storage, self.settings, identity.replica_id, uploads.sessions)
             tasks = [
                 asyncio.create_task(track_solo(client, self.index, identity.replica_id)),
                 asyncio.create_task(self._probe_quorum(client)),
                 asyncio.create_task(self._heartbeat(client, record)),
+                asyncio.create_task(gc.schedule()),
             ]
             debug = logging.getLogger().isEnabledFor(logging.DEBUG)
             # On the shared storage, so any replica can answer for the whole cluster.
@@ -278,7 +282,7 @@ class Replica:
             server = create_server(registry, uploads, self.health, self.ping,
                                    logging.getLogger("aiohttp.access") if debug else None,
                                    admin=AdminApi(cluster, users, audit=request_audit, access=self.access,
-                                                  auth=auth),
+                                                  auth=auth, gc=gc),
                                    writable=self.writable,
                                    readonly=lambda: self.settings["readonly"], audit=request_audit,
                                    ca_pem=pki_paths.ca_cert.read_bytes(), auth=auth)
@@ -305,6 +309,8 @@ class Replica:
         finally:
             for task in tasks:
                 task.cancel()
+            if gc is not None:
+                await gc.stop()
             if runner is not None:
                 await runner.cleanup()
             if audit is not None:  # after the last request, while the disk is surely still there

@@ -132,6 +132,7 @@ class ClusterService:
     # -- status --------------------------------------------------------------
 
     async def status(self) -> dict[str, Any]:
+        await self.index.sync()  # the storage figures below come from the index
         states = await self._etcd(membership.states(self.client))
         records = await self._etcd(replicas.all_records(self.client))
         pings = await _ping_all([r.url for r in records.values()], self._ping_tls())
@@ -165,6 +166,9 @@ class ClusterService:
                 "tolerates_when_healthy": membership.tolerates(len(voters)),
                 "quorum": healthy_voters >= membership.quorum(len(voters)),
                 "ca_fingerprint": self._ca_fingerprint(),
+                # What blob storage holds by the records (what GC frees shows here).
+                "storage": {"blobs": len(self.index.blobs),
+                            "bytes": sum(b.size for b in self.index.blobs.values())},
                 "time": time.time()}
 
     def _ca_fingerprint(self) -> str | None:

@@ -32,6 +32,7 @@ class Setting:
     help: str
     choices: tuple = ()
     minimum: int | None = None
+    check: Callable[[Any], str | None] | None = None   # a reason to refuse the value, or None
 
     def parse(self, key: str, raw: Any) -> Any:
         """A value from the CLI (a string) or from JSON, checked and typed."""
@@ -53,7 +54,28 @@ class Setting:
             raise SettingError(f"{key} takes one of {', '.join(self.choices)}, not {raw!r}")
         if self.minimum is not None and value < self.minimum:
             raise SettingError(f"{key} must be at least {self.minimum}, not {value}")
+        if self.check is not None and (reason := self.check(value)):
+            raise SettingError(f"{key} {reason}, not {raw!r}")
         return value
+
+
+_DURATION = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration_seconds(text: str) -> float:
+    """Seconds in "90s", "30m", "6h", "1d"; ValueError otherwise."""
+    text = text.strip().lower()
+    if len(text) < 2 or text[-1] not in _DURATION or not text[:-1].isdigit() or int(text[:-1]) < 1:
+        raise ValueError(text)
+    return int(text[:-1]) * _DURATION[text[-1]]
+
+
+def _check_duration(value: str) -> str | None:
+    try:
+        duration_seconds(value)
+    except ValueError:
+        return "takes an interval such as 30m, 6h or 1d"
+    return None
 
 
 SETTINGS: dict[str, Setting] = {
@@ -64,6 +86,16 @@ SETTINGS: dict[str, Setting] = {
     "upload.max_manifest_bytes": Setting(int, 4 << 20, "largest manifest a push may store",
                                          minimum=1024),
     "token.lifetime_seconds": Setting(int, 300, "lifetime of issued bearer tokens", minimum=30),
+    # Garbage collection (registry/gc.py).
+    "gc.schedule": Setting(str, None, "collect garbage by itself this often (30m, 6h, 1d); unset: only "
+                           "`moorage gc`", check=_check_duration),
+    "gc.grace_seconds": Setting(int, 3600, "a blob younger than this is never collected", minimum=0),
+    "gc.untagged_after_seconds": Setting(int, None, "collect untagged, unreferenced manifests older than "
+                                         "this; unset: never", minimum=0),
+    "gc.upload_max_age_seconds": Setting(int, 86400, "collect upload sessions idle longer than this",
+                                         minimum=0),
+    "gc.debug_delay_ms": Setting(int, 0, "debugging and tests only: GC pauses this long between batches",
+                                 minimum=0),
 }
 
 

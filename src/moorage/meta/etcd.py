@@ -207,6 +207,20 @@ class EtcdClient:
                 return revision, out
             key = resp.kvs[-1].key + b"\0"
 
+    async def range_pages(self, prefix: bytes, revision: int, page: int = 5000) -> AsyncIterator[list]:
+        """Every key under `prefix` at `revision`, one page of raw KeyValues at a time,
+        for a reader that keeps less than the whole range (garbage collection's mark)."""
+        end = prefix_end(prefix)
+        key = prefix
+        while True:
+            resp = await self._call(self._kv.Range, rpc.RangeRequest(
+                key=key, range_end=end, limit=page, revision=revision))
+            if resp.kvs:
+                yield resp.kvs
+            if not resp.more or not resp.kvs:
+                return
+            key = resp.kvs[-1].key + b"\0"
+
     async def put(self, key: bytes, value: bytes) -> int:
         resp = await self._call(self._kv.Put, rpc.PutRequest(key=key, value=value))
         return resp.header.revision
@@ -263,8 +277,43 @@ class EtcdClient:
             raise EtcdUnavailable(f"lease grant refused: {resp.error}")
         return resp.ID
 
+    async def keep_alive(self, lease: int) -> int:
+        """Renew a lease once; returns its new TTL (0: it has expired, everything under it is gone)."""
+        call = self._lease.LeaseKeepAlive(iter([rpc.LeaseKeepAliveRequest(ID=lease)]),
+                                          timeout=self.timeout)
+        try:
+            async for resp in call:
+                return resp.TTL
+        except grpc.aio.AioRpcError as e:
+            raise EtcdUnavailable(f"lease keep-alive on {self.endpoint}: {e.code().name}") from e
+        finally:
+            call.cancel()
+        return 0
+
+    async def revoke_lease(self, lease: int) -> None:
+        """End a lease now, deleting every key under it."""
+        await self._call(self._lease.LeaseRevoke, rpc.LeaseRevokeRequest(ID=lease))
+
     async def status(self):
         return await self._call(self._maintenance.Status, rpc.StatusRequest())
+
+    async def snapshot(self, timeout: float = 3600.0) -> AsyncIterator[bytes]:
+        """The member's backend as etcd's Maintenance.Snapshot streams it, chunk by chunk.
+
+        It is one consistent view of the whole keyspace, taken without
+        stopping anything; etcd appends a sha256 of the data as its last 32
+        bytes, which `etcdctl snapshot restore` checks. A long deadline, not
+        the usual few seconds: a large database takes a while to stream.
+        """
+        call = self._maintenance.Snapshot(rpc.SnapshotRequest(), timeout=timeout)
+        try:
+            async for resp in call:
+                if resp.blob:
+                    yield resp.blob
+        except grpc.aio.AioRpcError as e:
+            raise EtcdUnavailable(f"snapshot from {self.endpoint}: {e.code().name}: {e.details()}") from e
+        finally:
+            call.cancel()
 
     async def call_cluster(self, method: str, request):
         """A Cluster service call (MemberAdd, MemberPromote, MemberRemove)."""

@@ -15,6 +15,9 @@
     /moorage/visibility/<pattern>                    {"public": bool} for repositories
     /moorage/replica/<id>                            a replica's record and heartbeat
     /moorage/config/<key>                            a cluster setting (JSON value)
+    /moorage/gc/lock                                 the collector's lease: one GC run at a time
+    /moorage/gc/deleting/<digest>                    a blob file GC is deleting (leased marker)
+    /moorage/gc/run/<id>                             a GC run's summary and progress
 
 Repository names may contain "/", never "@", so "@" ends the name and a
 prefix scan of "<name>@" never strays into "<name>/other".
@@ -43,6 +46,10 @@ GRANT = ROOT + b"grant/"
 USER_GRANT = GRANT + b"u/"
 TEAM_GRANT = GRANT + b"t/"
 VISIBILITY = ROOT + b"visibility/"
+GC = ROOT + b"gc/"
+GC_LOCK = GC + b"lock"
+GC_DELETING = GC + b"deleting/"
+GC_RUN = GC + b"run/"
 
 
 def blob(digest: str) -> bytes:
@@ -126,6 +133,18 @@ def replica(replica_id: str) -> bytes:
 
 def config(key: str) -> bytes:
     return CONFIG + key.encode()
+
+
+def gc_deleting(digest: str) -> bytes:
+    return GC_DELETING + digest.encode()
+
+
+def gc_run(run_id: str) -> bytes:
+    return GC_RUN + run_id.encode()
+
+
+def repo_manifests(repo: str) -> bytes:
+    return REPO + f"{repo}@manifest/".encode()
 
 
 @dataclass(frozen=True, slots=True)

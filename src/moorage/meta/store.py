@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 from moorage.meta import keys
 from moorage.meta.etcd import (
-    EtcdClient, EtcdUnavailable, TxnResult, cmp_absent, cmp_exists, cmp_mod_revision, cmp_value, op_delete, op_put,
-    op_txn,
+    EtcdClient, EtcdUnavailable, Event, TxnResult, cmp_absent, cmp_exists, cmp_mod_revision, cmp_value, op_delete,
+    op_get, op_put, op_txn,
 )
 from moorage.meta.index import Index
 from moorage.meta.records import BlobRecord, ManifestRecord, Referrer, UploadRecord, decoder, encode
@@ -26,6 +26,11 @@ _upload = decoder(UploadRecord)
 
 
 TOMBSTONE = b"closed"
+
+
+class BlobBeingCollected(Exception):
+    """Garbage collection is deleting this digest's file right now: wait for its
+    marker to go, put the file back, and commit again (registry/gc.py says why)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,11 +46,41 @@ class MetaStore:
         self.index = index
         self.tombstone_seconds = tombstone_seconds
         self._lease: tuple[int, float] | None = None
+        # GC deletion markers seen by the watch: the newest revision one came or went,
+        # and the newest write acknowledged before the index applied it.
+        self.marker_revision = 0
+        self._unapplied = 0
+        index.subscribe(keys.GC_DELETING, self._marker_event, self._markers_reloaded)
 
     async def _txn(self, compare=(), success=(), failure=()) -> TxnResult:
         result = await self.client.txn(compare, success, failure)
-        await self.index.wait_applied(result.revision)
+        if not await self.index.wait_applied(result.revision):
+            self._unapplied = max(self._unapplied, result.revision)
         return result
+
+    # -- garbage collection's deletion markers (registry/gc.py has the argument) --
+
+    def _marker_event(self, event: Event) -> None:
+        self.marker_revision = max(self.marker_revision, event.kv.mod_revision)
+
+    def _markers_reloaded(self) -> None:
+        # Markers that came and went while the watch was behind are unseen: count
+        # them as newer than anything placed before the reload.
+        self.marker_revision = max(self.marker_revision, self.index.applied + 1)
+
+    def file_may_be_collected(self, placed_after: int) -> bool:
+        """Whether a GC sweep may have deleted a blob file placed after the index
+        had applied `placed_after` (then the writer checks and puts it back)."""
+        return self.marker_revision > placed_after or self.index.applied < self._unapplied
+
+    async def collecting(self, digest: str) -> bool:
+        return await self.client.get(keys.gc_deleting(digest)) is not None
+
+    async def _committed(self, digest: str, result: TxnResult) -> bool:
+        """A write that compared the digest's GC marker absent: raise if that is why it failed."""
+        if not result.succeeded and result.responses and result.responses[-1].response_range.kvs:
+            raise BlobBeingCollected(digest)
+        return result.succeeded
 
     # -- uploads -----------------------------------------------------------
     #
@@ -114,16 +149,24 @@ class MetaStore:
             op_put(keys.blob(digest), encode(BlobRecord(size=size, created=time.time()))),
             op_put(keys.repo_blob(repo, digest), b""),
         ]
+        marker = keys.gc_deleting(digest)
         if upload is None:
-            return (await self._txn([], ops)).succeeded
+            return await self._committed(digest, await self._txn([cmp_absent(marker)], ops, [op_get(marker)]))
         key = keys.upload(upload[0])
-        return (await self._with_tombstone(lambda lease: self._txn(
-            [cmp_mod_revision(key, upload[1])], ops + [op_put(key, TOMBSTONE, lease)]))).succeeded
+        return await self._committed(digest, await self._with_tombstone(lambda lease: self._txn(
+            [cmp_mod_revision(key, upload[1]), cmp_absent(marker)], ops + [op_put(key, TOMBSTONE, lease)],
+            [op_get(marker)])))
 
     async def mount_blob(self, repo: str, source: str, digest: str) -> bool:
+        # The blob record is written again (and dated now) so that a GC sweep that
+        # marked it before this mount sees it changed and keeps it.
+        record = self.index.blobs.get(digest)
+        if record is None:
+            return False
         result = await self._txn(
             [cmp_exists(keys.repo_blob(source, digest)), cmp_exists(keys.blob(digest))],
-            [op_put(keys.repo_blob(repo, digest), b"")])
+            [op_put(keys.repo_blob(repo, digest), b""),
+             op_put(keys.blob(digest), encode(BlobRecord(size=record.size, created=time.time())))])
         return result.succeeded
 
     async def unlink_blob(self, repo: str, digest: str) -> bool:
@@ -141,15 +184,19 @@ class MetaStore:
         """
         compare = [cmp_exists(keys.repo_blob(repo, d)) for d in set(record.blobs)]
         compare += [cmp_exists(keys.manifest(repo, d)) for d in set(record.children)]
+        marker = keys.gc_deleting(digest)
+        compare.append(cmp_absent(marker))
         ops = [
             op_put(keys.blob(digest), encode(BlobRecord(size=record.size, created=record.created))),
             op_put(keys.manifest(repo, digest), encode(record)),
         ]
+        # Touching the links it uses makes a GC sweep that marked them before now fail.
+        ops += [op_put(keys.repo_blob(repo, d), b"") for d in set(record.blobs)]
         if tag is not None:
             ops.append(op_put(keys.tag(repo, tag), digest.encode()))
         if referrer is not None and record.subject:
             ops.append(op_put(keys.referrer(repo, record.subject, digest), encode(referrer)))
-        return (await self._txn(compare, ops)).succeeded
+        return await self._committed(digest, await self._txn(compare, ops, [op_get(marker)]))
 
     async def delete_manifest(self, repo: str, digest: str, record: ManifestRecord,
                               tags: Iterable[str]) -> bool:

@@ -25,6 +25,7 @@ from moorage.registry.errors import (
     NameUnknown, TooLarge,
 )
 from moorage.registry.names import check_tag, is_valid_tag
+from moorage.registry.placement import place_and_commit
 from moorage.storage.base import BlobDriver
 
 
@@ -165,10 +166,11 @@ class Registry:
             blobs=parsed.blobs, children=parsed.children, subject=parsed.subject,
             artifact_type=parsed.artifact_type, annotations=parsed.annotations)
         await self._check_references(repo_name, record)
-        await self.storage.write(digest, body)
         self.bodies.put(digest, body)
-        if not await self._write(self.meta.put_manifest(
-                repo_name, digest, record, tag, parsed.referrer(digest, len(body)))):
+        if not await self._write(place_and_commit(
+                self.meta, self.storage, digest, lambda: self.storage.write(digest, body),
+                lambda: self.meta.put_manifest(repo_name, digest, record, tag,
+                                               parsed.referrer(digest, len(body))))):
             # A reference vanished between our check and etcd's: say which.
             await self._check_references(repo_name, record)
             raise ManifestBlobUnknown("a referenced blob was deleted while the manifest was pushed")

@@ -24,6 +24,7 @@ from moorage.registry import digest as digests
 from moorage.registry.errors import (
     BlobUploadInvalid, DigestInvalid, MetadataUnavailable, RangeInvalid, TooLarge,
 )
+from moorage.registry.placement import place_and_commit
 from moorage.registry.service import Registry
 from moorage.registry.sessions import Session, Sessions
 from moorage.storage.base import UploadDataLost
@@ -99,8 +100,8 @@ class Uploads:
                 except DigestInvalid:
                     await self._close(session)
                     raise
-                await self.storage.write(digest, data)
-                await self.sessions.commit(session, digest, len(data))
+                await self._place_and_commit(digest, lambda: self.storage.write(digest, data),
+                                             lambda: self.sessions.commit(session, digest, len(data)))
                 return digest
             offset = session.offset
             if body is not None:
@@ -115,8 +116,10 @@ class Uploads:
                 await self._close(session)
                 raise DigestInvalid("uploaded content does not match the digest",
                                     {"expected": digest, "actual": f"{algorithm}:{actual}"})
-            await self.storage.commit_upload(upload_id, digest)
-            await self.sessions.commit(session, digest, offset)
+            # The upload's data stays until the commit: a GC sweep may make us place it twice.
+            await self._place_and_commit(digest, lambda: self.storage.commit_upload(upload_id, digest, keep=True),
+                                         lambda: self.sessions.commit(session, digest, offset))
+            await self.storage.delete_upload(upload_id)
             return digest
 
     async def monolithic(self, repo: str, digest: str, body: Body, size: int | None) -> str:
@@ -124,10 +127,11 @@ class Uploads:
         algorithm, hexdigest = digests.parse(digest)
         if size is not None and size > self.limits.max_blob_bytes:
             raise TooLarge(f"blob over {self.limits.max_blob_bytes} bytes")
+        upload_id = None
         if size is not None and size <= SMALL_BLOB:
             data = await _read_all(body)
             _verify(digest, data)
-            await self.storage.write(digest, data)
+            place = lambda: self.storage.write(digest, data)  # noqa: E731
         else:
             upload_id = self.storage.new_upload_id()
             hasher = digests.new_hasher(algorithm)
@@ -136,15 +140,23 @@ class Uploads:
                 if hasher.hexdigest() != hexdigest:
                     raise DigestInvalid("uploaded content does not match the digest",
                                         {"expected": digest, "actual": f"{algorithm}:{hasher.hexdigest()}"})
-                await self.storage.commit_upload(upload_id, digest)
             except BaseException:
                 await self.storage.delete_upload(upload_id)
                 raise
+            place = lambda: self.storage.commit_upload(upload_id, digest, keep=True)  # noqa: E731
         try:
-            await self.registry.meta.commit_blob(repo, digest, size)
+            await self._place_and_commit(digest, place,
+                                         lambda: self.registry.meta.commit_blob(repo, digest, size))
+        finally:
+            if upload_id is not None:
+                await self.storage.delete_upload(upload_id)
+        return digest
+
+    async def _place_and_commit(self, digest: str, place, commit) -> None:
+        try:
+            await place_and_commit(self.registry.meta, self.storage, digest, place, commit)
         except EtcdUnavailable as e:
             raise MetadataUnavailable.because(e) from None
-        return digest
 
     async def cancel(self, repo: str, upload_id: str, state: str | None) -> None:
         with self._exclusive(upload_id):

@@ -22,6 +22,7 @@ import uuid
 from pathlib import Path
 
 from moorage.registry.digest import parse
+from moorage.registry.errors import DigestInvalid
 from moorage.storage.base import UploadDataLost, is_upload_id
 from moorage.storage.durable import fsync_dir, write_all
 
@@ -168,14 +169,23 @@ class FilesystemDriver:
         path = self.local_path(digest)
         return await asyncio.get_running_loop().run_in_executor(None, path.read_bytes)
 
-    def _sync_and_place(self, src: Path, digest: str) -> None:
+    def _sync_and_place(self, src: Path, digest: str, keep: bool = False) -> None:
         # O_CREAT: an empty upload never wrote a byte, so it has no file yet.
         fd = os.open(src, os.O_RDONLY | os.O_CREAT, 0o644)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
-        self._place(src, digest)
+        if keep:  # a second name for the same inode, so the upload's data stays too
+            link = self.tmp / uuid.uuid4().hex
+            os.link(src, link)
+            try:
+                self._place(link, digest)
+            except BaseException:
+                link.unlink(missing_ok=True)
+                raise
+        else:
+            self._place(src, digest)
 
     def _place(self, src: Path, digest: str) -> None:
         dest = self.local_path(digest)
@@ -252,9 +262,9 @@ class FilesystemDriver:
         return await asyncio.get_running_loop().run_in_executor(
             None, self._hash_file, self.upload_path(upload_id), algorithm, length)
 
-    async def commit_upload(self, upload_id: str, digest: str) -> None:
+    async def commit_upload(self, upload_id: str, digest: str, keep: bool = False) -> None:
         await asyncio.get_running_loop().run_in_executor(
-            None, self._sync_and_place, self.upload_path(upload_id), digest)
+            None, self._sync_and_place, self.upload_path(upload_id), digest, keep)
 
     async def delete_upload(self, upload_id: str) -> None:
         try:
@@ -265,3 +275,60 @@ class FilesystemDriver:
 
     def new_upload_id(self) -> str:
         return uuid.uuid4().hex
+
+    # -- garbage collection: what is on disk, and removing it --------------------
+
+    def _scan(self, directory: Path, depth: int) -> list[tuple[str, int, float]]:
+        """(path relative to `directory`, size, newest of mtime and ctime) of files `depth` levels down.
+
+        ctime too: a rename (an upload placed as a blob) changes it, not the mtime.
+        """
+        out: list[tuple[str, int, float]] = []
+        stack = [(directory, "", depth)]
+        while stack:
+            path, rel, left = stack.pop()
+            try:
+                entries = list(os.scandir(path))
+            except FileNotFoundError:
+                continue
+            for e in entries:
+                name = f"{rel}/{e.name}" if rel else e.name
+                try:
+                    if left and e.is_dir(follow_symlinks=False):
+                        stack.append((Path(e.path), name, left - 1))
+                    elif not left and e.is_file(follow_symlinks=False):
+                        st = e.stat(follow_symlinks=False)
+                        out.append((name, st.st_size, max(st.st_mtime, st.st_ctime)))
+                except FileNotFoundError:
+                    continue
+        return out
+
+    async def blob_files(self) -> list[tuple[str, int, float]]:
+        """(digest, size, age stamp) of every blob file, records or not."""
+        found = await asyncio.get_running_loop().run_in_executor(None, self._scan, self.blobs, 2)
+        out = []
+        for name, size, ts in found:
+            algorithm, _, hexdigest = name.split("/")
+            digest = f"{algorithm}:{hexdigest}"
+            try:
+                parse(digest)
+            except DigestInvalid:
+                continue  # not a blob's name: not ours to judge
+            out.append((digest, size, ts))
+        return out
+
+    async def upload_files(self) -> list[tuple[str, int, float]]:
+        found = await asyncio.get_running_loop().run_in_executor(None, self._scan, self.uploads, 0)
+        return [f for f in found if is_upload_id(f[0])]
+
+    async def tmp_files(self) -> list[tuple[str, int, float]]:
+        return await asyncio.get_running_loop().run_in_executor(None, self._scan, self.tmp, 0)
+
+    async def delete_tmp(self, name: str) -> None:
+        if "/" not in name and name not in ("", ".", ".."):
+            await asyncio.get_running_loop().run_in_executor(None, self._unlink, self.tmp / name)
+
+    async def delete_many(self, digests: list[str]) -> None:
+        """Remove blob files, in one trip to the thread pool."""
+        paths = [self.local_path(d) for d in digests]
+        await asyncio.get_running_loop().run_in_executor(None, lambda: [p.unlink(missing_ok=True) for p in paths])

@@ -1,0 +1,123 @@
+"""The admin API's backup endpoints (routes for AdminApi), used by `moorage backup`.
+
+    GET /_admin/backup/snapshot            a consistent etcd snapshot, streamed, with
+                                           X-Moorage-Snapshot-Sha256, X-Moorage-Revision,
+                                           X-Moorage-Etcd-Version, X-Moorage-Replica,
+                                           X-Moorage-Cluster-Token and Content-Length
+    GET /_admin/backup/info?revision=N&through=M
+                                           {replica, cluster_token, moorage_version, ca_cert,
+                                           ca_key, blobs: [{digest, size}]}: the blobs at
+                                           revision N and at M; a snapshot taken between
+                                           the two knows no others
+    GET /_admin/backup/blobs/<digest>      one blob's bytes (Range-free, whole)
+
+The snapshot is spooled to an anonymous file in the replica's data directory
+first, so its size and hash go out in the headers: the CLI checks both as it
+writes, without a trailer. Blobs go through the API one at a time, so the
+machine running the backup needs no access to the blob storage.
+
+The answers carry the CA key and every password hash: AdminApi lets only a
+cluster admin in, as it does for `join`, which hands out the same CA.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from aiohttp import web
+
+from moorage import __version__
+from moorage.api.blobfile import BlobFileResponse, send_mapped
+from moorage.cluster import backup, pki
+from moorage.cluster.service import ClusterError, ClusterService
+from moorage.meta import keys
+from moorage.meta.etcd import EtcdUnavailable
+from moorage.meta.records import BlobRecord
+from moorage.storage.filesystem import FilesystemDriver
+
+import msgspec
+
+_DIGEST = r"((?:sha256:[0-9a-f]{64})|(?:sha384:[0-9a-f]{96})|(?:sha512:[0-9a-f]{128}))"
+_decode_blob = msgspec.json.Decoder(BlobRecord).decode
+
+
+def backup_routes(cluster: ClusterService) -> list[tuple[str, re.Pattern, Any]]:
+    c = cluster
+    drivers: list[FilesystemDriver] = []  # made on first use: the routes are also listed without a cluster
+
+    async def snapshot(request: web.BaseRequest, body: Any) -> web.StreamResponse:
+        if c.pki_paths is None:
+            raise ClusterError("unavailable", "this replica has no data directory to spool a snapshot in")
+        snap = await backup.take_snapshot(c.client, c.pki_paths.data_dir / "tmp")
+        try:
+            response = web.StreamResponse(headers={
+                "Content-Type": "application/octet-stream",
+                "X-Moorage-Snapshot-Sha256": snap.sha256,
+                "X-Moorage-Revision": str(snap.revision),
+                "X-Moorage-Revision-After": str(snap.revision_after),
+                "X-Moorage-Etcd-Version": snap.etcd_version,
+                "X-Moorage-Replica": c.replica_id,
+                "X-Moorage-Cluster-Token": c.cluster_token,
+                "Cache-Control": "no-store",
+            })
+            response.content_length = snap.size
+            writer = await response.prepare(request)
+            assert writer is not None
+            if snap.size:
+                await send_mapped(writer, snap.file.fileno(), 0, snap.size)
+            await response.write_eof()
+            return response
+        finally:
+            snap.file.close()
+
+    async def info(request: web.BaseRequest, body: Any) -> dict[str, Any]:
+        try:
+            revision = int(request.query.get("revision", "0"))
+            through = int(request.query.get("through", str(revision)))
+        except ValueError:
+            revision = through = -1
+        if revision < 0 or through < 0:
+            raise ClusterError("invalid", "revision and through take whole numbers (0: the current one)")
+        current = await c.client.revision()
+        if max(revision, through) > current:
+            raise ClusterError("invalid", f"revision {max(revision, through)} is in the future: "
+                                          f"the cluster is at {current}")
+        if c.pki_paths is None or not c.pki_paths.has_ca():
+            raise ClusterError("unavailable", "this replica does not hold the cluster CA; back up through "
+                                              "another one")
+        ca_cert, ca_key = pki.ca_pem(c.pki_paths)
+        try:
+            # A snapshot is taken at some revision between the two: a blob it
+            # knows existed at the first or was created by the second.
+            _, kvs = await c.client.range_prefix(keys.BLOB, revision=revision)
+            if through != revision:
+                _, later = await c.client.range_prefix(keys.BLOB, revision=through)
+                kvs = list({kv.key: kv for kv in [*kvs, *later]}.values())
+        except EtcdUnavailable as e:
+            if "compacted" not in str(e):
+                raise
+            raise ClusterError("refused", f"revision {revision} is compacted away (the backup took too long "
+                                          "between its snapshot and its blob list); run it again") from None
+        blobs = []
+        for kv in kvs:
+            try:
+                blobs.append({"digest": kv.key[len(keys.BLOB):].decode(), "size": _decode_blob(kv.value).size})
+            except (msgspec.DecodeError, UnicodeDecodeError):
+                continue
+        return {"replica": c.replica_id, "cluster_token": c.cluster_token, "moorage_version": __version__,
+                "ca_cert": ca_cert.decode("ascii"), "ca_key": ca_key.decode("ascii"), "blobs": blobs}
+
+    async def blob(request: web.BaseRequest, body: Any, digest: str) -> web.StreamResponse:
+        if not drivers:
+            drivers.append(FilesystemDriver(c.storage_root))
+        path = drivers[0].local_path(digest)
+        if not path.is_file():
+            raise ClusterError("unknown", f"blob {digest} is not in the storage (deleted since the snapshot?)")
+        return BlobFileResponse(path, headers={"Content-Type": "application/octet-stream"})
+
+    return [
+        ("GET", re.compile(r"^/_admin/backup/snapshot$"), snapshot),
+        ("GET", re.compile(r"^/_admin/backup/info$"), info),
+        ("GET", re.compile(rf"^/_admin/backup/blobs/{_DIGEST}$"), blob),
+    ]

@@ -1,0 +1,230 @@
+"""Garbage collection's metadata: the snapshot it marks from, its sweep transactions,
+its lock and its run records. The collector's reasoning is in registry/gc.py.
+
+Every sweep transaction compares that this run still holds the lock, so a
+collector that lost its lease (and may be running beside its successor)
+changes nothing more.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import msgspec
+
+from moorage.meta import keys
+from moorage.meta.etcd import (
+    EtcdClient, cmp_absent, cmp_mod_revision, cmp_prefix_unchanged, cmp_value, op_delete, op_get, op_put,
+)
+from moorage.meta.records import BlobRecord, ManifestRecord, UploadRecord, decoder, encode
+from moorage.meta.store import TOMBSTONE
+
+_blob = decoder(BlobRecord)
+_manifest = decoder(ManifestRecord)
+_upload = decoder(UploadRecord)
+
+# Runs whose summaries are kept; older ones are deleted as new ones start.
+KEEP_RUNS = 100
+# Operations per sweep transaction: one round trip for many items, far below
+# etcd's limits (--max-txn-ops, request size).
+BATCH_OPS = 256
+
+
+class GcRun(msgspec.Struct, kw_only=True):
+    """One run's progress while it goes, its summary once it is done."""
+
+    id: str
+    replica: str
+    trigger: str                 # "admin" or "schedule"
+    dry_run: bool = False
+    state: str = "running"       # running, done, failed, abandoned
+    phase: str = "starting"      # mark, manifests, blobs, links, uploads, orphans, done
+    started: float = 0.0
+    finished: float | None = None
+    revision: int = 0            # the etcd revision it marked at
+    manifests_kept: int = 0
+    manifests_swept: int = 0
+    blobs_kept: int = 0
+    blobs_swept: int = 0
+    links_swept: int = 0
+    uploads_swept: int = 0
+    orphans_swept: int = 0
+    tmp_swept: int = 0
+    bytes_freed: int = 0
+    conflicts: int = 0           # items kept because a push or delete raced the sweep
+    error: str | None = None
+
+
+_run = decoder(GcRun)
+
+
+def new_run_id() -> str:
+    """Sortable by start time, unique across replicas."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+@dataclass(slots=True)
+class Snapshot:
+    """The registry's metadata at one revision, as the collector marks it."""
+
+    revision: int
+    blobs: dict[str, tuple[BlobRecord, int]] = field(default_factory=dict)            # digest: (record, mod)
+    links: dict[str, list[tuple[str, int]]] = field(default_factory=lambda: defaultdict(list))  # digest: [(repo, mod)]
+    manifests: dict[str, dict[str, tuple[ManifestRecord, int]]] = field(
+        default_factory=lambda: defaultdict(dict))                                    # repo: digest: (record, mod)
+    tagged: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))     # repo: digests tagged
+    uploads: dict[str, tuple[UploadRecord | None, int]] = field(default_factory=dict)  # id: (None: closed, mod)
+
+
+@dataclass(frozen=True, slots=True)
+class Unit:
+    """One item's sweep: it happens whole or not at all."""
+
+    compare: tuple
+    ops: tuple
+
+
+class GcStore:
+    def __init__(self, client: EtcdClient):
+        self.client = client
+
+    # -- the snapshot --------------------------------------------------------
+
+    async def snapshot(self) -> Snapshot:
+        """Read page by page and decoded as it comes: memory holds the decoded records only."""
+        snap = Snapshot(await self.client.revision())
+        names: dict[str, str] = {}   # one string per repository name, however many keys name it
+        async for page in self.client.range_pages(keys.BLOB, snap.revision):
+            for kv in page:
+                snap.blobs[kv.key[len(keys.BLOB):].decode()] = (_blob.decode(kv.value), kv.mod_revision)
+        async for page in self.client.range_pages(keys.REPO, snap.revision):
+            for kv in page:
+                rk = keys.parse_repo_key(kv.key)
+                if rk is None:
+                    continue
+                repo = names.setdefault(rk.repo, rk.repo)
+                if rk.kind == "blob":
+                    snap.links[rk.name].append((repo, kv.mod_revision))
+                elif rk.kind == "manifest":
+                    snap.manifests[repo][rk.name] = (_manifest.decode(kv.value), kv.mod_revision)
+                elif rk.kind == "tag":
+                    snap.tagged[repo].add(kv.value.decode())
+        async for page in self.client.range_pages(keys.UPLOAD, snap.revision):
+            for kv in page:
+                record = None if kv.value == TOMBSTONE else _upload.decode(kv.value)
+                snap.uploads[kv.key[len(keys.UPLOAD):].decode()] = (record, kv.mod_revision)
+        return snap
+
+    # -- sweep units -----------------------------------------------------------
+
+    @staticmethod
+    def manifest_unit(run_id: str, revision: int, repo: str, digest: str, record: ManifestRecord,
+                      mod: int) -> Unit:
+        """Delete a manifest unless it changed, a tag moved, or a manifest arrived in its repository
+        (an index that could name it) since the mark."""
+        ops = [op_delete(keys.manifest(repo, digest))]
+        if record.subject:
+            ops.append(op_delete(keys.referrer(repo, record.subject, digest)))
+        return Unit((cmp_value(keys.GC_LOCK, run_id.encode()), cmp_mod_revision(keys.manifest(repo, digest), mod),
+                     cmp_prefix_unchanged(keys.tags(repo), revision),
+                     cmp_prefix_unchanged(keys.repo_manifests(repo), revision)),
+                    tuple(ops))
+
+    @staticmethod
+    def blob_unit(run_id: str, lease: int, digest: str, mod: int, links: Sequence[tuple[str, int]]) -> Unit:
+        """Delete a blob record and its links unless any changed since the mark (an upload,
+        a mount, a manifest that uses it all rewrite one), leaving a deletion marker."""
+        compare = [cmp_value(keys.GC_LOCK, run_id.encode()), cmp_mod_revision(keys.blob(digest), mod)]
+        compare += [cmp_mod_revision(keys.repo_blob(repo, digest), m) for repo, m in links]
+        ops = [op_delete(keys.blob(digest))] + [op_delete(keys.repo_blob(repo, digest)) for repo, _ in links]
+        ops.append(op_put(keys.gc_deleting(digest), b"", lease))
+        return Unit(tuple(compare), tuple(ops))
+
+    @staticmethod
+    def link_unit(run_id: str, repo: str, digest: str, link_mod: int, blob_mod: int) -> Unit:
+        """Unlink a blob from a repository none of whose manifests uses it (blob_mod 0: no record)."""
+        return Unit((cmp_value(keys.GC_LOCK, run_id.encode()), cmp_mod_revision(keys.repo_blob(repo, digest), link_mod),
+                     cmp_mod_revision(keys.blob(digest), blob_mod)),
+                    (op_delete(keys.repo_blob(repo, digest)),))
+
+    @staticmethod
+    def orphan_unit(run_id: str, lease: int, digest: str) -> Unit:
+        """Claim a file that has no record, unless a record has appeared."""
+        return Unit((cmp_value(keys.GC_LOCK, run_id.encode()), cmp_absent(keys.blob(digest))),
+                    (op_put(keys.gc_deleting(digest), b"", lease),))
+
+    async def apply(self, units: Sequence[Unit]) -> list[bool]:
+        """Each unit's outcome. Many go in one transaction; if that one loses a race,
+        each is tried on its own, so one conflict costs only its own item."""
+        out: list[bool] = []
+        batch: list[Unit] = []
+        size = 0
+        for unit in units:
+            n = len(unit.ops) + len(unit.compare)
+            if batch and size + n > BATCH_OPS:
+                out += await self._apply_batch(batch)
+                batch, size = [], 0
+            batch.append(unit)
+            size += n
+        if batch:
+            out += await self._apply_batch(batch)
+        return out
+
+    async def _apply_batch(self, batch: list[Unit]) -> list[bool]:
+        result = await self.client.txn([c for u in batch for c in u.compare], [o for u in batch for o in u.ops])
+        if result.succeeded:
+            return [True] * len(batch)
+        if len(batch) == 1:
+            return [False]
+        return [(await self.client.txn(u.compare, u.ops)).succeeded for u in batch]
+
+    async def clear_markers(self, digests: Sequence[str]) -> None:
+        for i in range(0, len(digests), BATCH_OPS):
+            await self.client.txn([], [op_delete(keys.gc_deleting(d)) for d in digests[i:i + BATCH_OPS]])
+
+    # -- the lock --------------------------------------------------------------
+
+    async def acquire(self, run: GcRun, ttl: int) -> tuple[int | None, str | None]:
+        """(lease, None) when this run now holds the lock; (None, holder's run id) otherwise."""
+        lease = await self.client.grant_lease(ttl)
+        result = await self.client.txn(
+            [cmp_absent(keys.GC_LOCK)],
+            [op_put(keys.GC_LOCK, run.id.encode(), lease), op_put(keys.gc_run(run.id), encode(run))],
+            [op_get(keys.GC_LOCK)])
+        if result.succeeded:
+            return lease, None
+        await self.client.revoke_lease(lease)
+        kvs = result.responses[0].response_range.kvs
+        return None, kvs[0].value.decode() if kvs else "?"
+
+    async def release(self, run_id: str, lease: int) -> None:
+        """Let go of the lock; revoking the lease also drops any marker left behind."""
+        await self.client.txn([cmp_value(keys.GC_LOCK, run_id.encode())], [op_delete(keys.GC_LOCK)])
+        await self.client.revoke_lease(lease)
+
+    async def holder(self) -> str | None:
+        kv = await self.client.get(keys.GC_LOCK)
+        return kv.value.decode() if kv else None
+
+    # -- run records -----------------------------------------------------------
+
+    async def save(self, run: GcRun) -> None:
+        await self.client.put(keys.gc_run(run.id), encode(run))
+
+    async def run(self, run_id: str) -> GcRun | None:
+        kv = await self.client.get(keys.gc_run(run_id))
+        return _run.decode(kv.value) if kv else None
+
+    async def runs(self) -> list[GcRun]:
+        """Every kept run, oldest first."""
+        _, kvs = await self.client.range_prefix(keys.GC_RUN)
+        return [_run.decode(kv.value) for kv in kvs]
+
+    async def prune(self, runs: list[GcRun]) -> None:
+        old = runs[:max(len(runs) - KEEP_RUNS, 0)]
+        if old:
+            await self.client.txn([], [op_delete(keys.gc_run(r.id)) for r in old])
