@@ -6,8 +6,6 @@ objects with one sentence in `error`, which the CLI prints as is.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import re
 
 import msgspec
@@ -24,7 +22,6 @@ from moorage.meta.etcd import EtcdUnavailable
 from moorage.registry.access import Access, AccessError
 from moorage.registry.errors import TooLarge
 from moorage.registry.gc_runner import GcRunner
-from moorage.registry.users import Users
 
 MAX_BODY = 64 << 10
 STATUS = {"invalid": 400, "unknown": 404, "refused": 409, "unavailable": 503}
@@ -42,11 +39,10 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 
 
 class AdminApi:
-    def __init__(self, cluster: ClusterService, users: Users, audit: RequestAudit | None = None,
-                 access: Access | None = None, auth: Auth | None = None, gc: GcRunner | None = None):
+    def __init__(self, cluster: ClusterService, auth: Auth, audit: RequestAudit | None = None,
+                 access: Access | None = None, gc: GcRunner | None = None):
         self.cluster = cluster
-        self.users = users
-        self.auth = auth
+        self.auth = auth  # shared with /v2/: Basic parsing, the verification cache, the login slowdown
         self.audit = audit
         c = cluster
         self.routes: list[tuple[str, re.Pattern, object]] = [
@@ -136,20 +132,9 @@ class AdminApi:
         header = request.headers.get("Authorization", "")
         if not header.startswith("Basic "):
             return False
-        if self.auth is not None:  # shared with /v2/: the verification cache and the login slowdown
-            return self._admin_named(request, await self._basic(request, header[6:]))
-        try:
-            name, _, password = base64.b64decode(header[6:], validate=True).decode().partition(":")
-        except (binascii.Error, UnicodeDecodeError):
-            return False
-        user = await self.users.verify(name, password)
-        if user is not None and user.admin:
-            request[USER_KEY] = name  # who did it, for the audit log
-            return True
-        return False
+        return self._admin_named(request, await self._basic(request, header[6:]))
 
     async def _basic(self, request: web.BaseRequest, value: str) -> str | None:
-        assert self.auth is not None
         try:
             return await self.auth.basic(request, value)
         except Denied as e:

@@ -8,8 +8,6 @@ Query strings are never logged whole (upload URLs carry state tokens).
 
 from __future__ import annotations
 
-import base64
-import binascii
 import math
 import re
 import time
@@ -19,6 +17,7 @@ from datetime import datetime, timezone
 import msgspec
 from aiohttp import web
 
+from moorage.api.auth import parse_basic
 from moorage.registry.audit import (KINDS, MAX_DETAIL, MAX_LIMIT, MAX_PATH, AuditEvent, AuditLog, AuditQuery,
                                     bounded)
 
@@ -39,13 +38,8 @@ def repo_of(path: str) -> str | None:
 def claimed_name(request: web.BaseRequest) -> str | None:
     """The user name in a Basic Authorization header, unverified (the password is never read here)."""
     header = request.headers.get("Authorization", "")
-    if not header.startswith("Basic "):
-        return None
-    try:
-        name = base64.b64decode(header[6:], validate=True).decode().partition(":")[0]
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        return None
-    return bounded(name) or None
+    parsed = parse_basic(header[6:]) if header.startswith("Basic ") else None
+    return bounded(parsed[0]) if parsed else None
 
 
 class RequestAudit:

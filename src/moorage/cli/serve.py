@@ -281,8 +281,7 @@ class Replica:
             request_audit = RequestAudit(audit)
             server = create_server(registry, uploads, self.health, self.ping,
                                    logging.getLogger("aiohttp.access") if debug else None,
-                                   admin=AdminApi(cluster, users, audit=request_audit, access=self.access,
-                                                  auth=auth, gc=gc),
+                                   admin=AdminApi(cluster, auth, audit=request_audit, access=self.access, gc=gc),
                                    writable=self.writable,
                                    readonly=lambda: self.settings["readonly"], audit=request_audit,
                                    ca_pem=pki_paths.ca_cert.read_bytes(), auth=auth)

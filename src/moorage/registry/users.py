@@ -1,8 +1,8 @@
 """Users and their passwords, kept in etcd as argon2id hashes.
 
-The first start creates `admin`; cluster admins add others. Hashing and
-verification are deliberately slow (argon2id), so they run in a thread and
-never stall the event loop. Every write is one etcd transaction whose
+The first start creates `admin`; cluster admins add others. Hashing is
+deliberately slow (argon2id), so it runs in a thread and never stalls the
+event loop; verification is api/auth.py's, against the in-memory copy. Every write is one etcd transaction whose
 comparisons carry its preconditions: removing a user removes its team
 memberships and grants in the same transaction, and the last cluster admin
 cannot be removed, however many admins try at once.
@@ -17,7 +17,6 @@ import time
 
 import msgspec
 from argon2 import PasswordHasher
-from argon2.exceptions import InvalidHashError, VerificationError
 
 from moorage.meta import keys
 from moorage.meta.etcd import KV, EtcdClient, TxnResult, cmp_absent, cmp_mod_revision, op_delete, op_put
@@ -105,25 +104,6 @@ class Users:
         record = msgspec.json.encode(UserRecord(password_hash=digest, admin=True, created=time.time()))
         result = await self._txn([cmp_absent(keys.user(ADMIN))], [op_put(keys.user(ADMIN), record)])
         return generated if result.succeeded else None
-
-    async def verify(self, name: str, password: str) -> UserRecord | None:
-        """The user, if `password` is theirs.
-
-        A serializable read: the local member answers without quorum, so an
-        admin can still log in to see what is wrong with the cluster.
-        """
-        if not _PRINCIPAL.match(name) or not password or len(password) > MAX_PASSWORD:
-            return None  # nothing to look up, and no argon2 work on a megabyte of "password"
-        kv = await self.client.get(keys.user(name), serializable=True)
-        if kv is None:
-            return None
-        record = _decode(kv.value)
-        try:
-            await asyncio.get_running_loop().run_in_executor(
-                None, _hasher.verify, record.password_hash, password)
-        except (VerificationError, InvalidHashError):
-            return None
-        return record
 
     async def add(self, name: str, password: str, admin: bool = False) -> UserRecord:
         """Create a user; refused when the name is taken."""
