@@ -10,6 +10,7 @@ import asyncio
 import secrets
 import ssl
 import time
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -135,7 +136,7 @@ class ClusterService:
         await self.index.sync()  # the storage figures below come from the index
         states = await self._etcd(membership.states(self.client))
         records = await self._etcd(replicas.all_records(self.client))
-        pings = await _ping_all([r.url for r in records.values()], self._ping_tls())
+        pings = await _ping_all([r.url for r in records.values()], self._ping_tls)
         leader_index = max((s.raft_index for s in states if s.leader), default=0)
         rows = []
         names = {s.name for s in states}
@@ -165,17 +166,22 @@ class ClusterService:
                 "tolerates": membership.tolerates(len(voters), healthy_voters),
                 "tolerates_when_healthy": membership.tolerates(len(voters)),
                 "quorum": healthy_voters >= membership.quorum(len(voters)),
-                "ca_fingerprint": self._ca_fingerprint(),
+                "ca_fingerprint": self._ca_fingerprint,
                 # What blob storage holds by the records (what GC frees shows here).
                 "storage": {"blobs": len(self.index.blobs),
                             "bytes": sum(b.size for b in self.index.blobs.values())},
                 "time": time.time()}
 
+    # The CA is installed before the replica starts and never changes while it
+    # runs: status (polled every second by `lb haproxy --watch`) reads, hashes
+    # and loads it, with the system trust store, once.
+    @cached_property
     def _ca_fingerprint(self) -> str | None:
         if self.pki_paths is None or not self.pki_paths.ca_cert.exists():
             return None
         return pki.fingerprint(self.pki_paths.ca_cert.read_bytes())
 
+    @cached_property
     def _ping_tls(self) -> ssl.SSLContext:
         """Replicas' API certificates come from the cluster CA, or are an operator's
         that the system's trust store knows."""
