@@ -14,6 +14,8 @@ import pytest
 
 from conftest import ADMIN_PASSWORD, moorage
 
+pytestmark = pytest.mark.security
+
 
 def _id() -> str:
     return uuid.uuid4().hex[:8]

@@ -14,10 +14,14 @@ import time
 import uuid
 from datetime import datetime, timezone
 
+import pytest
+
 from conftest import ADMIN_PASSWORD, moorage, wait_for
 from oci import new_repo, push_blob, push_image
 
 from moorage.registry.audit import AuditEvent, AuditLog, AuditQuery, day_of
+
+pytestmark = pytest.mark.security
 
 FIELDS = {"time", "replica", "kind", "method", "path", "status", "user", "claimed", "remote",
           "forwarded", "agent", "repo", "detail"}

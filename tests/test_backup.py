@@ -19,11 +19,14 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from auth import fetch_token
 from conftest import ADMIN_PASSWORD, Cluster, Registry, moorage
 from oci import OCI_MANIFEST, Image, make_image, new_repo, push_image, sha256
 from test_repair import one_sentence_refusal, tree
+
+pytestmark = pytest.mark.backup
 
 SKOPEO = shutil.which("skopeo") or "/usr/bin/skopeo"
 

@@ -14,6 +14,8 @@ import pytest
 from moorage.api.blobfile import SLICE, WINDOW
 from oci import new_repo, push_blob, sha256
 
+pytestmark = pytest.mark.spec
+
 SIZE = 2 * WINDOW + 3 * SLICE + 12345
 
 

@@ -13,9 +13,12 @@ import threading
 import time
 
 import httpx
+import pytest
 
 from conftest import Registry, moorage, wait_for
 from oci import OCI_MANIFEST, new_repo, push_blob, push_image, sha256, with_digest
+
+pytestmark = pytest.mark.cluster
 
 
 def test_three_replicas_by_join_are_healthy_and_tolerate_one(three):

@@ -42,6 +42,8 @@ from oci import (
     with_digest,
 )
 
+pytestmark = pytest.mark.cluster
+
 MiB = 1 << 20
 HEX64 = re.compile(r"[0-9a-f]{64}")
 

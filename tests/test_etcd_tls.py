@@ -25,6 +25,8 @@ from conftest import Registry, moorage
 from moorage.cluster import pki
 from moorage.cluster.etcd_member import node_tls
 
+pytestmark = pytest.mark.security
+
 PREFIX = b"/moorage/"
 PROBE_KEY = b"/moorage/probe-from-outside"
 

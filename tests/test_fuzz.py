@@ -34,6 +34,8 @@ from schemathesis.specs.openapi.checks import (
 from conftest import ADMIN_PASSWORD, Registry
 from moorage.api.openapi import document
 
+pytestmark = pytest.mark.spec
+
 # Bounds the file to about a minute on two cores: ~50 operations x 2 passes.
 MAX_EXAMPLES = 10
 REQUEST_TIMEOUT = 10.0

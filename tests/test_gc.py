@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from conftest import ADMIN_PASSWORD, Registry, moorage, wait_for
 from layout import Layout, LayoutImage, read_layout, tar_gz_layer
@@ -23,6 +24,8 @@ from oci import (
     push_blob, push_manifest, sha256, start_upload,
 )
 from test_skopeo import push, pull
+
+pytestmark = pytest.mark.gc
 
 
 # --------------------------------------------------------------------------- helpers

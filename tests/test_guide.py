@@ -22,8 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import pytest
 
 from conftest import ENV, free_port
+
+pytestmark = pytest.mark.cluster
 
 GUIDE = Path(__file__).resolve().parent.parent / "docs" / "high-availability.md"
 BACKGROUND = ("moorage serve", "moorage join")

@@ -26,6 +26,8 @@ from moorage.api.connections import HEADER_SECONDS
 from moorage.api.http import BODY_IDLE_SECONDS, BODY_RATE_GRACE_SECONDS
 from oci import DUMMY_DIGEST, SPEC_ERROR_CODES, new_repo, push_image, sha256
 
+pytestmark = pytest.mark.spec
+
 BASIC = "Basic " + base64.b64encode(f"admin:{ADMIN_PASSWORD}".encode()).decode()
 AUTH = {"Authorization": BASIC}
 MAX_MANIFEST = 4 << 20

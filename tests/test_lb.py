@@ -35,6 +35,8 @@ from moorage.cluster import haproxy, pki
 from oci import OCI_MANIFEST, Image, make_image, new_repo, pull_blob, pull_manifest, push_image, sha256
 from test_skopeo import skopeo
 
+pytestmark = pytest.mark.lb
+
 HAPROXY = "/usr/sbin/haproxy"
 RETRY_PAUSE = 0.5
 

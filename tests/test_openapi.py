@@ -20,6 +20,8 @@ from moorage.api import app
 from moorage.api.admin import AdminApi
 from moorage.api.openapi import document, document_json
 
+pytestmark = pytest.mark.spec
+
 METHODS = ("get", "head", "put", "post", "patch", "delete")
 
 

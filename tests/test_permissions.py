@@ -36,6 +36,8 @@ from layout import Layout
 from oci import MANIFEST_ACCEPT, OCI_MANIFEST, canonical, descriptor, error_codes, make_image, push_image, sha256
 from test_skopeo import skopeo, tls
 
+pytestmark = pytest.mark.security
+
 PASSWORD = "matrix-password-1"
 REPO, PUBLIC, SECRET, OTHER = "perm/private", "perm/public", "perm/secret", "perm/other"
 OURS = {REPO, PUBLIC, SECRET, OTHER}

@@ -12,7 +12,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import ADMIN_PASSWORD, ENV
+
+pytestmark = pytest.mark.clients
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

@@ -14,8 +14,12 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from conftest import ENV, MOORAGE, Cluster, Registry, moorage
 from oci import OCI_MANIFEST, Image, new_repo, push_image, sha256
+
+pytestmark = pytest.mark.cluster
 
 
 def tree(path: Path) -> dict[str, tuple[int, int]]:

@@ -12,9 +12,12 @@ import subprocess
 import time
 
 import httpx
+import pytest
 
 from conftest import wait_for
 from oci import OCI_MANIFEST, assert_oci_error, new_repo, push_blob, push_image, sha256
+
+pytestmark = pytest.mark.cluster
 
 
 def etcd_pid(registry) -> int:

@@ -27,6 +27,8 @@ from oci import (
     sha256,
 )
 
+pytestmark = pytest.mark.clients
+
 SKOPEO = shutil.which("skopeo") or "/usr/bin/skopeo"
 
 

@@ -17,6 +17,8 @@ import pytest
 
 from oci import raw_request, DUMMY_DIGEST, assert_oci_error, new_repo, push_blob, sha256, sha512
 
+pytestmark = pytest.mark.spec
+
 
 
 

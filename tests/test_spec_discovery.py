@@ -31,6 +31,8 @@ from oci import (
     sha256,
 )
 
+pytestmark = pytest.mark.spec
+
 EMPTY_JSON = b"{}"
 ANNOTATION = "org.opencontainers.conformance.test"
 TYPE_A = "application/vnd.nhl.peanut.butter.bagel"

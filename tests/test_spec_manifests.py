@@ -42,6 +42,8 @@ from oci import (
     sha512,
 )
 
+pytestmark = pytest.mark.spec
+
 # spec.md, "Error Codes": "The `code` field MUST be one of the following:"
 ALL_MANIFEST_TYPES = [OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST]
 DOCKER_SCHEMA1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyjws"

@@ -26,6 +26,8 @@ from oci import (
     raw_request, sha256, sha512, with_digest,
 )
 
+pytestmark = pytest.mark.spec
+
 OCTET = {"Content-Type": "application/octet-stream"}
 
 

@@ -26,6 +26,8 @@ from cryptography.x509.oid import NameOID
 
 from conftest import ENV, MOORAGE, Registry, free_port, moorage
 
+pytestmark = pytest.mark.security
+
 FINGERPRINT_LINE = re.compile(r"moorage: cluster CA fingerprint (sha256:[0-9a-f]{64}) \((.+)\)")
 
 

@@ -12,6 +12,8 @@ from moorage.api.throttle import LoginThrottle
 from moorage.api.token_endpoint import BadRequest, parse_scopes
 from moorage.registry.tokens import Scope, TokenError, Tokens
 
+pytestmark = pytest.mark.security
+
 SECRET = b"s" * 32
 
 
