@@ -8,7 +8,7 @@ LISTEN ?= 127.0.0.1:5000
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-RUN_DEPS := etcd-server:etcd
+RUN_DEPS := etcd-server:etcd etcd-client:etcdctl
 TEST_DEPS := skopeo:skopeo haproxy:haproxy
 BENCH_DEPS := docker-registry:docker-registry wrk:wrk curl:curl
 

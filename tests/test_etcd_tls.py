@@ -11,7 +11,6 @@ the test.
 from __future__ import annotations
 
 import os
-import shutil
 import ssl
 import subprocess
 from pathlib import Path
@@ -129,7 +128,6 @@ def test_peer_port_admits_only_cluster_members(etcd):
     _plain_http_gets_nothing("GET", f"http://{peer}/members", secret=reg.replica_id)
 
 
-@pytest.mark.skipif(shutil.which("etcdctl") is None, reason="etcdctl (Debian package etcd-client) not installed")
 def test_etcdctl_needs_the_cluster_certificate(etcd):
     reg, endpoint, _ = etcd
     node = node_tls(reg.data_dir)
