@@ -12,7 +12,7 @@ RUN_DEPS := etcd-server:etcd etcd-client:etcdctl
 TEST_DEPS := skopeo:skopeo haproxy:haproxy
 BENCH_DEPS := docker-registry:docker-registry wrk:wrk curl:curl
 
-.PHONY: install run test bench bench-cluster bench-gc clean
+.PHONY: install run test bench bench-cluster bench-gc bench-s3-clients clean
 
 ## install: set up everything `run` and `test` need (virtualenv, Python and Debian packages)
 install: $(VENV)/.installed
@@ -44,6 +44,11 @@ bench-cluster: install
 ## bench-gc: garbage collection time and memory for 100,000 blobs and 10,000 manifests
 bench-gc: install
 	$(BIN)/python bench/gc_bench.py $(BENCH_ARGS)
+
+## bench-s3-clients: obstore against aiobotocore on a real SeaweedFS (the S3 driver's client, chosen by it)
+bench-s3-clients: install
+	$(BIN)/pip install -q -e '.[test,bench-s3]'
+	$(BIN)/python bench/s3_clients.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info
