@@ -85,6 +85,7 @@ class SeaweedFS:
             f"-s3.localSocket={self.root / 's3.sock'}",
             "-s3.port.iceberg=0", "-s3.port.lance=0",
             f"-s3.config={self.root / 's3.json'}",
+            "-s3.autoCreateBucket=false",  # as on AWS: writing to a missing bucket is an error
             # Small volumes, as many as the disk allows: tests write little, and
             # weed grows 7 volumes per bucket at the 30 GB default size.
             "-master.volumeSizeLimitMB=256", "-volume.max=0",
@@ -236,14 +237,17 @@ class Fault:
     status: int
     code: str
     count: int  # requests still to fail; -1: until cleared
+    cut: int | None = None  # forward, but break the response body off after this many bytes
 
 
 class FaultProxy:
     """An HTTP reverse proxy on loopback, in a thread of its own, with faults on demand.
 
     `fail(n)` answers the next n requests with `503 SlowDown` (or the given
-    status and code) without forwarding them; `delay(s)` holds every request
-    that long first. `requests` counts what arrived, so a test sees retries.
+    status and code) without forwarding them; `cut(b, n)` forwards the next n
+    but closes the connection after b bytes of each response body, as a
+    network failure mid-download would; `delay(s)` holds every request that
+    long first. `requests` counts what arrived, so a test sees retries.
     Bodies are read whole (tests send small ones), and forwarded with the
     client's headers, Host included, so SigV4 signatures still verify.
     """
@@ -267,6 +271,10 @@ class FaultProxy:
     def fail(self, count: int = -1, status: int = 503, code: str = "SlowDown") -> None:
         with self._lock:
             self._fault = Fault(status, code, count)
+
+    def cut(self, after: int, count: int = 1) -> None:
+        with self._lock:
+            self._fault = Fault(200, "", count, cut=after)
 
     def delay(self, seconds: float) -> None:
         self._delay = seconds
@@ -296,7 +304,7 @@ class FaultProxy:
         if self._delay:
             await asyncio.sleep(self._delay)
         body = await request.read()
-        if fault is not None:
+        if fault is not None and fault.cut is None:
             xml = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{fault.code}</Code>'
                    f"<Message>injected by the test's fault proxy</Message></Error>").encode()
             return web.Response(status=fault.status, body=xml, content_type="application/xml")
@@ -307,6 +315,13 @@ class FaultProxy:
                                          allow_redirects=False, auto_decompress=False) as up:
             payload = await up.read()
             out = {k: v for k, v in up.headers.items() if k.lower() not in hop}
+            if fault is not None and fault.cut is not None and request.method == "GET":
+                resp = web.StreamResponse(status=up.status, headers=out)
+                resp.content_length = len(payload)
+                await resp.prepare(request)
+                await resp.write(payload[:fault.cut])
+                request.transport.close()  # the rest never comes
+                return resp
             resp = web.Response(status=up.status, body=payload if request.method != "HEAD" else None,
                                 headers=out)
             if request.method == "HEAD" and "Content-Length" in up.headers:

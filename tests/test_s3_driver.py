@@ -1,0 +1,503 @@
+"""The S3 blob driver's core (storage/s3.py) against a real SeaweedFS.
+
+Every call goes to a real `weed server -s3` with a signed identity; faults
+are real too: SeaweedFS stopped and started, frozen with SIGSTOP, and a proxy
+in front of it (tests/seaweed.py) that answers 503 SlowDown or cuts a
+download off. Nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import logging
+import os
+import socket
+import time
+import uuid
+from contextlib import asynccontextmanager
+
+import httpx
+import pytest
+
+from conftest import wait_for
+from moorage.storage.errors import ObjectMissing, StorageError, StorageMisconfigured, StorageUnavailable, UploadInvalid
+from moorage.storage.s3 import MAX_PARTS, MIN_PART, READ_CHUNK, Part, S3Config, S3Driver
+from seaweed import FaultProxy, SeaweedFS, fault_proxy, seaweed  # noqa: F401 - fixtures
+
+pytestmark = pytest.mark.s3
+
+MiB = 1 << 20
+# Short patience, so that a failure is seen in seconds; the retries still happen.
+FAST = {"connect_timeout": 1.0, "read_timeout": 2.0, "deadline": 4.0, "attempts": 4, "backoff": 0.05,
+        "backoff_max": 0.5}
+
+
+@pytest.fixture(autouse=True)
+def aws_env(seaweed, monkeypatch, tmp_path):
+    """The identity from the environment, as a replica gets it; nothing from this
+    machine's own ~/.aws, and never the EC2 metadata address."""
+    for name in list(os.environ):
+        if name.startswith("AWS_"):
+            monkeypatch.delenv(name)
+    for name, value in seaweed.env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+
+
+def config(store: SeaweedFS, endpoint: str | None = None, **kw) -> S3Config:
+    """A prefix of the test's own in the shared bucket."""
+    options = {"endpoint": endpoint or store.endpoint, "path_style": True, **FAST, **kw}
+    return S3Config.from_url(f"s3://{store.bucket}/t/{uuid.uuid4().hex[:12]}", **options)
+
+
+@asynccontextmanager
+async def opened(cfg: S3Config):
+    async with S3Driver(cfg) as d:
+        yield d
+
+
+def digest_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def upload_id() -> str:
+    return uuid.uuid4().hex
+
+
+async def collect(stream) -> bytes:
+    return b"".join([c async for c in stream])
+
+
+# -- blobs ------------------------------------------------------------------------
+
+
+def test_blob_round_trip_whole_and_ranges(seaweed):
+    data = os.urandom(2 * READ_CHUNK + READ_CHUNK // 2)
+    digest = digest_of(data)
+    n = len(data)
+
+    async def scenario():
+        async with opened(config(seaweed)) as d:
+            assert await d.exists(digest) is None
+            with pytest.raises(ObjectMissing):
+                await d.read(digest)
+            await d.write(digest, data)
+            assert await d.exists(digest) == n
+            assert await d.read(digest) == data
+            chunks = [c async for c in d.stream(digest)]
+            assert b"".join(chunks) == data and max(map(len, chunks)) <= READ_CHUNK
+            for start, end in [(0, 1), (n - 1, n), (READ_CHUNK - 1, READ_CHUNK + 1), (12345, n - 777),
+                               (READ_CHUNK, 2 * READ_CHUNK)]:
+                assert await collect(d.stream(digest, start, end)) == data[start:end], (start, end)
+            assert await collect(d.stream(digest, 1000)) == data[1000:]
+            assert await collect(d.stream(digest, 5, 5)) == b""
+            # Content-addressed: the key says which digest, under the configured prefix.
+            assert d.blob_key(digest).endswith(f"/blobs/sha256/{digest[7:9]}/{digest[7:]}")
+            assert d.blob_key(digest).startswith(d.config.prefix)
+            await d.delete(digest)
+            assert await d.exists(digest) is None
+            await d.delete(digest)  # gone already: fine
+
+    asyncio.run(scenario())
+
+
+def test_empty_blob_and_conditional_put(seaweed):
+    async def scenario():
+        async with opened(config(seaweed)) as d:
+            empty = digest_of(b"")
+            await d.write(empty, b"")
+            assert await d.exists(empty) == 0
+            assert await d.read(empty) == b""
+            key = d.blob_key(digest_of(b"first"))
+            assert await d.put_key(key, b"first", if_absent=True) is True
+            assert await d.put_key(key, b"other", if_absent=True) is False
+            assert await d.read_key(key) == b"first"
+
+    asyncio.run(scenario())
+
+
+def test_bad_digests_and_upload_ids_never_become_keys(seaweed):
+    d = S3Driver(config(seaweed))
+    for bad in ["sha256:../../x", "md5:abc", "sha256:" + "A" * 64, "sha256:" + "a" * 63]:
+        with pytest.raises(ValueError):
+            d.blob_key(bad)
+    for bad in ["../x", "A" * 32, "a" * 31, ""]:
+        with pytest.raises(ValueError):
+            d.session_key(bad)
+    with pytest.raises(StorageMisconfigured, match="not a valid S3 bucket name"):
+        S3Config.from_url("s3://No_Such/x")
+    with pytest.raises(StorageMisconfigured, match="not an s3://"):
+        S3Config.from_url("http://bucket/x")
+    assert S3Config.from_url("s3://bucket//a//b/").prefix == "a/b/"
+    assert S3Config.from_url("s3://bucket").prefix == ""
+
+
+def test_batch_delete_and_paged_listing(seaweed, fault_proxy):
+    """1,200 objects: listed over two pages, deleted in two DeleteObjects requests."""
+    count = 1200
+
+    async def scenario():
+        async with opened(config(seaweed)) as d:
+            blobs = [os.urandom(16) + i.to_bytes(4, "big") for i in range(count)]
+            sem = asyncio.Semaphore(16)
+
+            async def put(data):
+                async with sem:
+                    await d.write(digest_of(data), data)
+
+            await asyncio.gather(*(put(b) for b in blobs))
+            listed = await d.list_keys("blobs/")
+            assert len(listed) == count and all(o.size == 20 for o in listed)
+            assert {o.key for o in listed} == {d.relative(d.blob_key(digest_of(b))) for b in blobs}
+        # The deletes through the proxy, to count the requests.
+        async with opened(dataclasses.replace(d.config, endpoint=fault_proxy.endpoint)) as via:
+            before = fault_proxy.requests
+            await via.delete_many([digest_of(b) for b in blobs] + [digest_of(b"never stored")])
+            assert fault_proxy.requests - before == 2
+            assert await via.list_keys("blobs/") == []
+
+    asyncio.run(scenario())
+
+
+def test_presigned_get(seaweed):
+    data = os.urandom(300_000)
+    digest = digest_of(data)
+
+    async def scenario():
+        async with opened(config(seaweed)) as d:
+            await d.write(digest, data)
+            return await d.presign(digest), await d.presign(digest, seconds=3)
+
+    url, short = asyncio.run(scenario())
+    assert httpx.get(short, timeout=10).status_code == 200
+    r = httpx.get(url, timeout=10)
+    assert r.status_code == 200 and r.content == data
+    assert httpx.get(url, headers={"Range": "bytes=10-19"}, timeout=10).content == data[10:20]
+    assert seaweed.secret_key not in url
+    tampered = url.replace("X-Amz-Signature=", "X-Amz-Signature=0")
+    assert httpx.get(tampered, timeout=10).status_code == 403
+    assert httpx.get(url.split("?")[0], timeout=10).status_code == 403  # no signature, no bytes
+    wait_for(lambda: httpx.get(short, timeout=10).status_code == 403, 10, "a presigned URL to expire")
+
+
+# -- multipart uploads ------------------------------------------------------------------
+
+
+def test_multipart_odd_part_sizes(seaweed):
+    sizes = [MIN_PART + 1, MIN_PART + 7777, 3]
+    parts_data = [os.urandom(s) for s in sizes]
+    whole = b"".join(parts_data)
+
+    async def scenario():
+        async with opened(config(seaweed)) as d:
+            uid = upload_id()
+            s3id = await d.create_upload(uid)
+            assert any(u.upload_id == uid and u.s3_upload_id == s3id for u in await d.list_uploads())
+            # Part 2 first, then sent again with other bytes: the last one counts.
+            await d.upload_part(uid, s3id, 2, os.urandom(sizes[1]))
+            parts = [await d.upload_part(uid, s3id, i + 1, bytearray(p)) for i, p in enumerate(parts_data)]
+            listed = await d.list_parts(uid, s3id)
+            assert [(p.number, p.size) for p in parts] == [(1, sizes[0]), (2, sizes[1]), (3, 3)]
+            # SeaweedFS lists every version of a part sent twice, in no set order
+            # (AWS lists the last): what a session completes with is what it recorded.
+            assert set(parts) <= set(listed) and {p.number for p in listed} == {1, 2, 3}
+            assert await d.complete_upload(uid, s3id, parts) == len(whole)
+            assert all(u.upload_id != uid for u in await d.list_uploads())
+            key = d.session_key(uid)
+            assert await d.head_key(key) == len(whole)
+            assert await d.read_key(key) == whole
+            # A range across the boundary of parts 1 and 2.
+            a, b = sizes[0] - 100, sizes[0] + 100
+            assert await collect(d.stream_key(key, a, b)) == whole[a:b]
+            # Completing again (a retry whose answer was lost) finds the object.
+            assert await d.complete_upload(uid, s3id, parts) == len(whole)
+
+    asyncio.run(scenario())
+
+
+def test_multipart_rules_are_checked_with_a_sentence(seaweed):
+    async def scenario():
+        async with opened(config(seaweed)) as d:
+            uid = upload_id()
+            s3id = await d.create_upload(uid)
+            small = await d.upload_part(uid, s3id, 1, b"x" * 1000)
+            last = await d.upload_part(uid, s3id, 2, b"y" * 10)
+            with pytest.raises(UploadInvalid, match="part 1 has 1000 bytes; every part but the last"):
+                await d.complete_upload(uid, s3id, [small, last])
+            with pytest.raises(UploadInvalid, match="rise"):
+                await d.complete_upload(uid, s3id, [last, small])
+            with pytest.raises(UploadInvalid, match="at least one part"):
+                await d.complete_upload(uid, s3id, [])
+            for number in (0, MAX_PARTS + 1):
+                with pytest.raises(UploadInvalid, match=f"not {number}"):
+                    await d.upload_part(uid, s3id, number, b"z")
+            with pytest.raises(UploadInvalid, match="1 byte to 5 GiB"):
+                await d.upload_part(uid, s3id, 3, b"")
+            # The store agrees with the rule we check first: a small first part is refused.
+            with pytest.raises(UploadInvalid):
+                await d._call("complete", "complete_multipart_upload", Bucket=d.config.bucket,
+                              Key=d.session_key(uid), UploadId=s3id, MultipartUpload={"Parts": [
+                                  {"PartNumber": 1, "ETag": small.etag}, {"PartNumber": 2, "ETag": last.etag}]})
+            await d.abort_upload(uid, s3id)
+
+    asyncio.run(scenario())
+
+
+def test_copy_part_and_tail_objects(seaweed):
+    """A session's small tail, kept as an object, becomes its last part without passing through us."""
+    head, tail = os.urandom(MIN_PART), os.urandom(777)
+
+    async def scenario():
+        async with opened(config(seaweed)) as d:
+            uid = upload_id()
+            tail_key = d.tail_key(uid, len(head))
+            await d.put_key(tail_key, tail)
+            assert [o.key for o in await d.list_keys("uploads/")] == [d.relative(tail_key)]
+            s3id = await d.create_upload(uid)
+            p1 = await d.upload_part(uid, s3id, 1, head)
+            p2 = await d.copy_part(uid, s3id, 2, tail_key, 0, len(tail))
+            assert p2 == Part(2, p2.etag, len(tail))
+            await d.complete_upload(uid, s3id, [p1, p2])
+            assert await d.read_key(d.session_key(uid)) == head + tail
+            await d.delete_keys([tail_key])
+            assert await d.list_keys("uploads/") == []
+
+    asyncio.run(scenario())
+
+
+def test_abort(seaweed):
+    async def scenario():
+        async with opened(config(seaweed)) as d:
+            uid = upload_id()
+            s3id = await d.create_upload(uid)
+            await d.upload_part(uid, s3id, 1, os.urandom(1000))
+            await d.abort_upload(uid, s3id)
+            assert all(u.upload_id != uid for u in await d.list_uploads())
+            with pytest.raises(UploadInvalid, match="NoSuchUpload"):
+                await d.list_parts(uid, s3id)
+            with pytest.raises(UploadInvalid, match="NoSuchUpload"):
+                await d.upload_part(uid, s3id, 2, b"late")
+            await d.abort_upload(uid, s3id)  # twice: fine
+            assert await d.head_key(d.session_key(uid)) is None
+
+    asyncio.run(scenario())
+
+
+# -- the probe and its sentences ------------------------------------------------------------
+
+
+def probe_error(cfg: S3Config) -> StorageError:
+    async def scenario():
+        async with opened(cfg) as d:
+            await d.probe()
+
+    with pytest.raises(StorageError) as info:
+        asyncio.run(scenario())
+    return info.value
+
+
+def one_sentence(error: Exception, secret: str) -> str:
+    text = str(error)
+    assert "\n" not in text and len(text) < 400 and secret not in text, text
+    return text
+
+
+def test_probe_passes_and_leaves_nothing(seaweed):
+    cfg = config(seaweed)
+
+    async def scenario():
+        async with opened(cfg) as d:
+            await d.probe()
+            assert await d.list_keys("") == []
+
+    asyncio.run(scenario())
+
+
+def test_probe_wrong_secret(seaweed, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    error = probe_error(config(seaweed))
+    assert isinstance(error, StorageMisconfigured)
+    assert "refused the signature" in one_sentence(error, seaweed.secret_key)
+    assert error.code == "SignatureDoesNotMatch"
+
+
+def test_probe_unknown_access_key(seaweed, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "NOSUCHKEY1234")
+    error = probe_error(config(seaweed))
+    assert isinstance(error, StorageMisconfigured)
+    assert "does not know the access key" in one_sentence(error, seaweed.secret_key)
+
+
+def test_probe_missing_bucket(seaweed):
+    cfg = S3Config.from_url("s3://no-such-bucket-here/x", endpoint=seaweed.endpoint, path_style=True, **FAST)
+    error = probe_error(cfg)
+    assert isinstance(error, StorageMisconfigured)
+    assert one_sentence(error, seaweed.secret_key) == \
+        f"bucket no-such-bucket-here at {seaweed.endpoint}: the bucket does not exist"
+
+
+def test_probe_unreachable_endpoint_is_bounded(seaweed):
+    with socket.socket() as s:  # a port that is bound, never listening: refused at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        t0 = time.monotonic()
+        error = probe_error(config(seaweed, endpoint=f"http://127.0.0.1:{port}"))
+    assert time.monotonic() - t0 < FAST["deadline"] + 2
+    assert isinstance(error, StorageUnavailable)
+    text = one_sentence(error, seaweed.secret_key)
+    assert text.startswith(f"cannot reach the object store (bucket {seaweed.bucket} at http://127.0.0.1:{port})")
+    assert "gave up after" in text
+
+
+def test_no_credentials_anywhere(seaweed, monkeypatch):
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    error = probe_error(config(seaweed))
+    assert isinstance(error, StorageMisconfigured)
+    assert one_sentence(error, seaweed.secret_key).startswith("no usable AWS credentials")
+
+
+def test_credentials_from_the_shared_file_and_a_profile(seaweed, monkeypatch, tmp_path):
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    creds = tmp_path / "credentials"
+    creds.write_text(f"[default]\naws_access_key_id = {seaweed.access_key}\naws_secret_access_key = wrong\n"
+                     f"[registry]\naws_access_key_id = {seaweed.access_key}\n"
+                     f"aws_secret_access_key = {seaweed.secret_key}\n")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(creds))
+
+    async def scenario():
+        async with opened(config(seaweed, profile="registry")) as d:
+            await d.probe()
+
+    asyncio.run(scenario())
+    assert isinstance(probe_error(config(seaweed)), StorageMisconfigured)  # [default] has the wrong secret
+
+
+# -- faults ------------------------------------------------------------------------------
+
+
+def via(proxy: FaultProxy, store: SeaweedFS, **kw) -> S3Config:
+    return config(store, endpoint=proxy.endpoint, **kw)
+
+
+def test_slowdown_and_500_are_retried(seaweed, fault_proxy):
+    data = b"retried"
+
+    async def scenario():
+        async with opened(via(fault_proxy, seaweed)) as d:
+            fault_proxy.fail(2)  # 503 SlowDown twice, then through
+            before = fault_proxy.requests
+            await d.write(digest_of(data), data)
+            assert fault_proxy.requests - before == 3
+            fault_proxy.fail(1, status=500, code="InternalError")
+            before = fault_proxy.requests
+            assert await d.read(digest_of(data)) == data
+            assert fault_proxy.requests - before == 2
+            fault_proxy.fail(1, status=403, code="AccessDenied")  # not retried: it will not get better
+            before = fault_proxy.requests
+            with pytest.raises(StorageMisconfigured, match="refused to let these credentials look up"):
+                await d.exists(digest_of(data))
+            assert fault_proxy.requests - before == 1
+
+    asyncio.run(scenario())
+
+
+def test_slowdown_that_lasts_gives_up_in_bounded_time(seaweed, fault_proxy):
+    async def scenario():
+        async with opened(via(fault_proxy, seaweed)) as d:
+            fault_proxy.fail()
+            before = fault_proxy.requests
+            t0 = time.monotonic()
+            with pytest.raises(StorageUnavailable) as info:
+                await d.write(digest_of(b"x"), b"x")
+            elapsed = time.monotonic() - t0
+            fault_proxy.clear()
+            await d.write(digest_of(b"x"), b"x")
+            return info.value, elapsed, fault_proxy.requests - before
+
+    error, elapsed, requests = asyncio.run(scenario())
+    assert elapsed < FAST["deadline"] + 1
+    assert 2 <= requests <= FAST["attempts"] + 1
+    assert error.code == "SlowDown" and "gave up after" in one_sentence(error, seaweed.secret_key)
+
+
+def test_download_cut_off_resumes_where_it_broke(seaweed, fault_proxy):
+    data = os.urandom(3 * MiB + 5)
+
+    async def scenario():
+        async with opened(via(fault_proxy, seaweed)) as d:
+            digest = digest_of(data)
+            await d.write(digest, data)
+            fault_proxy.cut(after=MiB + 17, count=2)  # two breaks in one download
+            before = fault_proxy.requests
+            assert await d.read(digest) == data
+            assert fault_proxy.requests - before == 3
+            fault_proxy.cut(after=100)
+            assert await collect(d.stream(digest, 1000, 2 * MiB)) == data[1000:2 * MiB]
+
+    asyncio.run(scenario())
+
+
+def test_hung_store_times_out_then_recovers(seaweed):
+    """SIGSTOP: connections open, nothing answers; every call ends by its deadline."""
+    data = b"before the hang"
+
+    async def scenario():
+        async with opened(config(seaweed)) as d:
+            await d.write(digest_of(data), data)
+            seaweed.pause()
+            try:
+                t0 = time.monotonic()
+                with pytest.raises(StorageUnavailable, match="cannot reach the object store"):
+                    await d.exists(digest_of(data))
+                assert time.monotonic() - t0 < FAST["deadline"] + 1
+            finally:
+                seaweed.resume()
+            assert await d.read(digest_of(data)) == data
+
+    asyncio.run(scenario())
+
+
+def test_secrets_never_logged(seaweed, fault_proxy, caplog):
+    caplog.set_level(logging.DEBUG)
+
+    async def scenario():
+        async with opened(via(fault_proxy, seaweed)) as d:
+            fault_proxy.fail(1)
+            await d.write(digest_of(b"logged?"), b"logged?")
+            await d.presign(digest_of(b"logged?"))
+
+    asyncio.run(scenario())
+    assert any(r.getMessage() == "s3 retry" for r in caplog.records)  # debug logs were on
+    assert seaweed.secret_key not in caplog.text
+
+
+def test_store_stopped_then_started(seaweed):
+    """Down: each call fails within its deadline, naming the store; back: the same
+    driver works again by itself, and what was stored is still there."""
+    data = os.urandom(5000)
+
+    async def scenario():
+        async with opened(config(seaweed)) as d:
+            await d.write(digest_of(data), data)
+            seaweed.kill9()
+            try:
+                for call in (d.exists(digest_of(data)), d.write(digest_of(b"during"), b"during"),
+                             d.create_upload(upload_id())):
+                    t0 = time.monotonic()
+                    with pytest.raises(StorageUnavailable) as info:
+                        await call
+                    assert time.monotonic() - t0 < FAST["deadline"] + 1
+                    assert seaweed.endpoint in str(info.value)
+            finally:
+                await asyncio.get_running_loop().run_in_executor(None, seaweed.start)
+            assert await d.read(digest_of(data)) == data
+            await d.write(digest_of(b"after"), b"after")
+            assert await d.read(digest_of(b"after")) == b"after"
+
+    asyncio.run(scenario())
