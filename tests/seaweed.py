@@ -41,7 +41,8 @@ START_TIMEOUT = 60.0    # weed is ready in 2-5 s here; a loaded machine takes lo
 STOP_GRACE = 1.0        # weed server does not exit on SIGTERM by itself: SIGKILL follows
 BUCKET = "moorage-test"
 REGION = "us-east-1"
-_PORT_NAMES = ("master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc", "s3", "s3.grpc")
+_PORT_NAMES = ("master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc", "s3", "s3.grpc",
+               "s3.https")
 
 
 @dataclass
@@ -58,6 +59,20 @@ class SeaweedFS:
     @property
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.ports['s3']}"
+
+    @property
+    def https_endpoint(self) -> str:
+        """The same S3 API over TLS, with a certificate from `ca_cert` (a CA of the test's own)."""
+        return f"https://127.0.0.1:{self.ports['s3.https']}"
+
+    @property
+    def ca_cert(self) -> Path:
+        return self._pki.ca_cert
+
+    @property
+    def _pki(self):
+        from moorage.cluster.pki import Paths
+        return Paths(self.root / "pki")
 
     @property
     def data_dir(self) -> Path:
@@ -82,6 +97,8 @@ class SeaweedFS:
             "-filer", f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer.grpc']}",
             f"-filer.localSocket={self.root / 'filer.sock'}",
             "-s3", f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3.grpc']}",
+            f"-s3.port.https={p['s3.https']}", f"-s3.cert.file={self._pki.api_cert}",
+            f"-s3.key.file={self._pki.api_key}",
             f"-s3.localSocket={self.root / 's3.sock'}",
             "-s3.port.iceberg=0", "-s3.port.lance=0",
             f"-s3.config={self.root / 's3.json'}",
@@ -102,9 +119,17 @@ class SeaweedFS:
         path.write_text(json.dumps(identity))
         path.chmod(0o600)
 
+    def _make_certificate(self) -> None:
+        from moorage.cluster import pki
+
+        if not self._pki.has_ca():
+            pki.create_ca(self._pki, "seaweedfs-test")
+        pki.ensure_api_cert(self._pki, ("127.0.0.1", "localhost"))
+
     def start(self, timeout: float = START_TIMEOUT) -> "SeaweedFS":
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._write_identity()
+        self._make_certificate()
         log = open(self.log_path, "ab")
         try:
             self.proc = subprocess.Popen(

@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import socket
+import ssl
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -439,6 +440,10 @@ def test_download_cut_off_resumes_where_it_broke(seaweed, fault_proxy):
             assert fault_proxy.requests - before == 3
             fault_proxy.cut(after=100)
             assert await collect(d.stream(digest, 1000, 2 * MiB)) == data[1000:2 * MiB]
+            fault_proxy.cut(after=100, count=-1)  # breaks every time: bounded by the attempts
+            with pytest.raises(StorageUnavailable, match=f"broke off {FAST['attempts']} times"):
+                await d.read(digest)
+            fault_proxy.clear()
 
     asyncio.run(scenario())
 
@@ -501,3 +506,26 @@ def test_store_stopped_then_started(seaweed):
             assert await d.read(digest_of(b"after")) == b"after"
 
     asyncio.run(scenario())
+
+
+def test_https_with_the_stores_own_ca(seaweed):
+    """--s3-ca-cert: a store whose certificate no system CA signed is trusted with
+    its CA given, and refused with a sentence saying what to give without it."""
+    data = b"over tls"
+
+    async def scenario():
+        async with opened(config(seaweed, endpoint=seaweed.https_endpoint, ca_cert=str(seaweed.ca_cert))) as d:
+            await d.probe()
+            await d.write(digest_of(data), data)
+            assert await d.read(digest_of(data)) == data
+            url = await d.presign(digest_of(data))
+        assert url.startswith(seaweed.https_endpoint)
+        trust = ssl.create_default_context(cafile=str(seaweed.ca_cert))
+        assert httpx.get(url, verify=trust, timeout=10).content == data
+
+    asyncio.run(scenario())
+    error = probe_error(config(seaweed, endpoint=seaweed.https_endpoint))
+    assert isinstance(error, StorageMisconfigured)
+    assert one_sentence(error, seaweed.secret_key) == (
+        f"TLS with the object store at {seaweed.https_endpoint} failed (certificate verify failed: "
+        "unable to get local issuer certificate); give its CA with --s3-ca-cert")
