@@ -377,6 +377,9 @@ def test_credentials_from_the_shared_file_and_a_profile(seaweed, monkeypatch, tm
 
     asyncio.run(scenario())
     assert isinstance(probe_error(config(seaweed)), StorageMisconfigured)  # [default] has the wrong secret
+    error = probe_error(config(seaweed, profile="nobody"))
+    assert one_sentence(error, seaweed.secret_key) == \
+        "there is no AWS profile 'nobody' in the shared credentials or config file"
 
 
 # -- faults ------------------------------------------------------------------------------
@@ -464,6 +467,22 @@ def test_hung_store_times_out_then_recovers(seaweed):
             finally:
                 seaweed.resume()
             assert await d.read(digest_of(data)) == data
+
+    asyncio.run(scenario())
+
+
+def test_slow_store_times_out_then_recovers(seaweed, fault_proxy):
+    """Answers slower than the read timeout count as failures; fast again, all is well."""
+    async def scenario():
+        async with opened(via(fault_proxy, seaweed)) as d:
+            await d.write(digest_of(b"slow"), b"slow")
+            fault_proxy.delay(FAST["read_timeout"] + 1)
+            t0 = time.monotonic()
+            with pytest.raises(StorageUnavailable, match="ReadTimeoutError|TimeoutError"):
+                await d.exists(digest_of(b"slow"))
+            assert time.monotonic() - t0 < FAST["deadline"] + 1
+            fault_proxy.clear()
+            assert await d.read(digest_of(b"slow")) == b"slow"
 
     asyncio.run(scenario())
 

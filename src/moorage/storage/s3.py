@@ -213,7 +213,6 @@ class S3Driver:
 
     async def open(self) -> "S3Driver":
         c = self.config
-        session = aiobotocore.session.AioSession(profile=c.profile)
         boto_config = botocore.config.Config(
             connect_timeout=c.connect_timeout, read_timeout=c.read_timeout,
             retries={"mode": "standard", "total_max_attempts": 1},  # ours, below
@@ -226,9 +225,14 @@ class S3Driver:
             response_checksum_validation="when_required")
         stack = AsyncExitStack()
         try:
+            session = aiobotocore.session.AioSession(profile=c.profile)
             self._client = await stack.enter_async_context(session.create_client(
                 "s3", endpoint_url=c.endpoint, region_name=c.region or session.get_config_variable("region")
                 or "us-east-1", config=boto_config, verify=c.ca_cert))
+        except bce.ProfileNotFound:
+            await stack.aclose()
+            raise StorageMisconfigured(f"there is no AWS profile {c.profile!r} in the shared credentials "
+                                       "or config file") from None
         except BaseException:
             await stack.aclose()
             raise
