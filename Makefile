@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
 RUN_DEPS := etcd-server:etcd etcd-client:etcdctl
-TEST_DEPS := skopeo:skopeo haproxy:haproxy
+TEST_DEPS := skopeo:skopeo haproxy:haproxy docker.io:dockerd
 BENCH_DEPS := docker-registry:docker-registry wrk:wrk curl:curl
 
 .PHONY: install run test bench bench-cluster bench-gc bench-s3-clients clean

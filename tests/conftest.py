@@ -290,3 +290,15 @@ def wait_for(predicate, timeout: float, what: str):
             return result
         time.sleep(0.2)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def terminate(proc: subprocess.Popen, timeout: float = 30) -> int:
+    """SIGTERM, a graceful stop's chance, then SIGKILL; the exit code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode

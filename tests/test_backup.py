@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import io
 import json
+import re
+import shlex
 import shutil
+import socket
 import subprocess
 import tarfile
 import threading
@@ -22,7 +25,7 @@ import httpx
 import pytest
 
 from auth import fetch_token
-from conftest import ADMIN_PASSWORD, Cluster, Registry, moorage
+from conftest import ADMIN_PASSWORD, MOORAGE, Cluster, Registry, moorage
 from oci import OCI_MANIFEST, Image, make_image, new_repo, push_image, sha256
 from test_repair import one_sentence_refusal, tree
 
@@ -291,11 +294,34 @@ def test_backup_without_blobs_restores_onto_the_storage_as_it_is(registry: Regis
         assert time.monotonic() < deadline, "the backup is not in the audit log"
         time.sleep(0.2)
 
+    # An existing archive is not overwritten unless asked.
+    kept = archive.read_bytes()
+    refused = moorage("backup", "--existing", registry.url, "--output", str(archive), check=False)
+    assert refused.returncode == 1 and "already exists" in refused.stderr and "--force" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1 and archive.read_bytes() == kept
+    moorage("backup", "--existing", registry.url, "--output", str(archive), "--force", timeout=120)
+    assert archive.read_bytes() != kept and tarfile.open(archive).getnames()[-1] == "manifest.json"
+
     storage = tmp_path / "storage"
     shutil.copytree(registry.blob_dir, storage, ignore=shutil.ignore_patterns("audit*"))
     target = Registry(tmp_path / "restored" / "data", storage_dir=storage)
-    out = restore(archive, target)
+    # Port 5000 taken (by another registry, say): the start command restore prints names a free one.
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            taken.bind(("127.0.0.1", 5000))
+            taken.listen()
+        except OSError:
+            pass  # taken already
+        out = restore(archive, target)
     assert "has no blobs" in out.stdout, out.stdout
+    printed = re.search(r"start it with `moorage (serve [^`]+)`", out.stdout)
+    assert printed, out.stdout
+    command = shlex.split(printed.group(1))
+    listen = command[command.index("--listen") + 1]
+    assert listen != "127.0.0.1:5000" and command[:3] == ["serve", "--data-dir", str(target.data_dir)], command
+    target.port = int(listen.rsplit(":", 1)[1])
+    target.command = lambda: MOORAGE + command  # exactly as printed
     target.start()
     try:
         pull_all(target, {(repo, "v1"): image})

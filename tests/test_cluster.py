@@ -189,7 +189,7 @@ def test_cluster_commands_need_admin_credentials(cluster):
     env["MOORAGE_CA_CERT"] = str(first.ca)
     out = subprocess.run([sys.executable, "-m", "moorage", "status", "--existing", first.url],
                          capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL, timeout=30)
-    assert out.returncode == 1 and "username is required" in out.stderr, out.stderr
+    assert out.returncode == 1 and "no admin username" in out.stderr and "$MOORAGE_USERNAME" in out.stderr, out.stderr
     assert "Traceback" not in out.stderr
     env["MOORAGE_USERNAME"], env["MOORAGE_PASSWORD"] = "admin", "wrong"
     out = subprocess.run([sys.executable, "-m", "moorage", "status", "--existing", first.url],

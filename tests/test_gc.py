@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import threading
 import time
 from pathlib import Path
@@ -95,7 +96,6 @@ def delete_manifest(client: httpx.Client, repo: str, digest: str) -> None:
 
 def test_gc_frees_exactly_the_unreferenced_blobs(fresh_registry, tmp_path):
     reg, rng = fresh_registry, random.Random(5)
-    config(reg, "gc.grace_seconds", "0")
     shared, l2, l3, l4, l5 = (layer(rng) for _ in range(5))
     src = Layout(tmp_path / "src")
     r1, r2 = new_repo("gc"), new_repo("gc")
@@ -120,8 +120,19 @@ def test_gc_frees_exactly_the_unreferenced_blobs(fresh_registry, tmp_path):
     status = json.loads(moorage("status", "--existing", reg.url, "--json").stdout)["storage"]
     assert status["blobs"] == len(before)
 
+    # Within the default grace (an hour) nothing is collectable yet, and the run says so and until when.
+    pushed = time.time()
+    young = gc(reg, "--dry-run")
+    assert young["blobs_swept"] == 0 and young["blobs_young"] == len(freed), young
+    assert young["bytes_young"] == sum(len(x) for x in (b.manifest, b.config, l3, d.manifest, d.config, l5)) + 3000
+    assert pushed - 120 + 3600 <= young["young_collectable_from"] <= young["young_collectable_until"] <= pushed + 3600
+    said = moorage("gc", "--dry-run", "--existing", reg.url).stdout
+    assert f"{len(freed)} unused blobs" in said and "kept only for their age" in said, said
+    assert re.search(r"collectable from \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC, in (5\d|60)m", said), said
+    config(reg, "gc.grace_seconds", "0")
+
     dry = gc(reg, "--dry-run")
-    assert dry["state"] == "done" and dry["dry_run"]
+    assert dry["state"] == "done" and dry["dry_run"] and dry["blobs_young"] == 0
     assert blob_files(reg) == before, "a dry run deleted files"
     assert dry["blobs_swept"] == len(freed) and dry["manifests_swept"] == 0
 

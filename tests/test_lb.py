@@ -29,7 +29,7 @@ import httpx
 import pytest
 
 from auth import BearerAuth
-from conftest import ADMIN_PASSWORD, MOORAGE, Cluster, Registry, cli_env, free_port, moorage, wait_for
+from conftest import ADMIN_PASSWORD, MOORAGE, Cluster, Registry, cli_env, free_port, moorage, terminate, wait_for
 from layout import Layout, LayoutImage
 from moorage.cluster import haproxy, pki
 from oci import OCI_MANIFEST, Image, make_image, new_repo, pull_blob, pull_manifest, push_image, sha256
@@ -94,14 +94,7 @@ class LoadBalancer:
         return {name for name, row in self.servers().items() if row["status"].startswith("UP")}
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return terminate(self.proc)
 
 
 @pytest.fixture

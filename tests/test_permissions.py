@@ -50,7 +50,7 @@ REGISTRY_OPS = ["pull", "push", "delete", "tags", "catalog", "referrers"]
 ADMIN_OPS = ["useradmin", "join", "remove", "config"]
 READ = {"pull", "tags", "catalog", "referrers"}
 ALLOWED: dict[str, set[str]] = {
-    "anonymous": set(),
+    "anonymous": {"catalog"},  # the public repositories only
     "reader": READ,
     "writer": READ | {"push"},
     "repoadmin": READ | {"push", "delete"},
@@ -59,7 +59,7 @@ ALLOWED: dict[str, set[str]] = {
     "unknown": set(), "wrongpw": set(), "othertoken": set(), "expired": set(),
 }
 # What each role's catalog shows of this module's repositories (None: may not list).
-CATALOG = {"reader": {REPO, PUBLIC}, "writer": {REPO, PUBLIC}, "repoadmin": {REPO, PUBLIC},
+CATALOG = {"anonymous": {PUBLIC}, "reader": {REPO, PUBLIC}, "writer": {REPO, PUBLIC}, "repoadmin": {REPO, PUBLIC},
            "member": {REPO, PUBLIC}, "admin": OURS}
 # Refusals: 401 for whoever has no valid credentials (or a token that lacks the
 # scope), 403 for a known user who may not.
@@ -482,6 +482,11 @@ def test_token_endpoint_grants_the_intersection_and_ignores_junk(world: World):
         access = _claims(body["token"])["access"]
         assert {(a["type"], a["name"], tuple(a["actions"])) for a in access} == {
             ("repository", REPO, ("pull",)), ("repository", PUBLIC, ("pull",)), ("registry", "catalog", ("*",))}
+        # A repository's token carries every action its user may do there, whatever was asked:
+        # a client that answers a pull's challenge may push with it (oras-py does).
+        r = fetch_token(c, [f"repository:{REPO}:pull"], "writer", PASSWORD)
+        assert r.status_code == 200 and _claims(r.json()["token"])["access"] == [
+            {"type": "repository", "name": REPO, "actions": ["pull", "push"]}]
         # Asking for what one may not have is not an error: an empty grant.
         r = fetch_token(c, [f"repository:{SECRET}:push"], "reader", PASSWORD)
         assert r.status_code == 200 and _claims(r.json()["token"])["access"] == []

@@ -18,7 +18,7 @@ import msgspec
 from aiohttp import web
 
 from moorage.api.auth import parse_basic
-from moorage.registry.audit import (KINDS, MAX_DETAIL, MAX_LIMIT, MAX_PATH, AuditEvent, AuditLog, AuditQuery,
+from moorage.registry.audit import (CHALLENGED, KINDS, MAX_DETAIL, MAX_LIMIT, MAX_PATH, AuditEvent, AuditLog, AuditQuery,
                                     bounded)
 
 USER_KEY = "moorage.user"  # set by authentication: the user's name, None for anonymous
@@ -49,9 +49,9 @@ class RequestAudit:
     async def query(self, params: Mapping[str, str]) -> dict:
         """`GET /_admin/audit`: the cluster's events, newest first. Raises ValueError on a bad parameter."""
         q = parse_query(params)
-        events, more = await self.log.query(q)
-        return {"events": events, "count": len(events), "truncated": more,
-                "dropped_here": self.log.dropped}
+        found = await self.log.query(q)
+        return {"events": found.events, "count": len(found.events), "truncated": found.more,
+                "challenged": found.challenged, "dropped_here": self.log.dropped}
 
     def event(self, request: web.BaseRequest, kind: str, status: int, *, repo: str | None = None,
               detail: str | None = None, claimed: str | None = None) -> AuditEvent:
@@ -83,13 +83,15 @@ class RequestAudit:
                repo: str | None = None) -> None:
         """A request refused for want of credentials (401) or permission (403).
 
-        Many clients (containerd, docker for some calls) send each new kind of
-        request without a token first and fetch one from the 401's challenge;
-        such a refusal cannot be told from an anonymous probe when it happens,
-        so it is kept, but marked: no Authorization header at all.
+        Every client sends its first request to a repository without a token
+        and fetches one from the 401's challenge; such a refusal cannot be
+        told from an anonymous probe when it happens, so it is kept, as its
+        own kind (`challenged`), which queries leave out unless asked for:
+        the `denied` ones are the refusals of credentials that were sent.
         """
-        if "Authorization" not in request.headers:
-            reason = f"no credentials sent ({reason})" if reason else "no credentials sent"
+        if "Authorization" not in request.headers and status == 401:
+            self.record(request, CHALLENGED, status, detail=reason, repo=repo)
+            return
         self.record(request, "denied", status, detail=reason, repo=repo)
 
     def login_failed(self, request: web.BaseRequest, name: str | None, reason: str,

@@ -226,10 +226,11 @@ class Auth:
     def authorize_catalog(self, request: web.BaseRequest, caller: Caller) -> Callable[[str], bool] | None:
         """Raises Denied unless `caller` may list repositories; returns the filter of what they see
         (None: everything, for a cluster admin)."""
-        could = caller.user is not None
-        if not could or (caller.claims is not None and not caller.claims.catalog):
-            raise Denied(self._refusal(request, caller, could, CATALOG_SCOPE))
-        if self.access.is_admin(caller.user):
+        # Any token (an anonymous one too) that carries the catalog lists what its caller may pull;
+        # no credentials at all get the challenge, as pulls do, so clients come back with a token.
+        if not caller.authenticated or (caller.claims is not None and not caller.claims.catalog):
+            raise Denied(self._refusal(request, caller, True, CATALOG_SCOPE))
+        if caller.user is not None and self.access.is_admin(caller.user):
             return None
         user, actions = caller.user, self.access.actions
         return lambda repo: "pull" in actions(user, repo)

@@ -18,6 +18,8 @@ from typing import Any
 
 import msgspec
 
+from moorage.registry.audit import KINDS as AUDIT_KINDS, MAX_LIMIT as AUDIT_MAX_LIMIT
+
 # -- vocabulary ---------------------------------------------------------------
 
 _COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
@@ -279,7 +281,11 @@ def _admin() -> dict:
         "/_admin/audit": {"get": _admin_op("Audit log of writes and refusals", "auditQuery", [
             _query("since", _S, "Earliest time (Unix seconds)."), _query("until", _S, "Latest time."),
             _query("user", _S, "Only this user."), _query("repo", _S, "Only this repository."),
-            _query("limit", {"type": "integer", "minimum": 1}, "At most this many entries.")])},
+            _query("kind", {"type": "string", "enum": list(AUDIT_KINDS)},
+                   "Only this kind. Without it, every kind but `challenged` (requests without credentials "
+                   "answered with a token challenge), which the answer's `challenged` counts instead."),
+            _query("limit", {"type": "integer", "minimum": 1, "maximum": AUDIT_MAX_LIMIT},
+                   "At most this many entries; page older ones with `until`.")])},
         "/_admin/gc": {
             "post": _admin_op("Start a garbage collection on this replica (409 while one runs); its run record",
                               "gcStart", body=_obj([], dry_run={"type": "boolean"}), tag="gc"),

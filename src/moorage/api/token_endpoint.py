@@ -1,8 +1,9 @@
 """The token endpoint: `GET /token` (Docker's token protocol) and `POST /token` (its OAuth2 form).
 
-What a token grants is what was asked for, intersected with what the caller
-may do; asking for more is not an error (Docker's spec: the token server
-grants what it can, possibly nothing). Scopes are parsed leniently: a
+What a token grants, for each repository asked for, is every action the
+caller may do there (the request itself is checked against the permission
+at that moment too, auth.py); asking for more is not an error (Docker's
+spec: the token server grants what it can, possibly nothing). Scopes are parsed leniently: a
 malformed scope, a type we do not serve or an invalid name is ignored rather
 than failing the whole request, since clients send what their user typed.
 """
@@ -148,7 +149,7 @@ class TokenEndpoint:
         return user
 
     def _answer(self, user: str | None, scopes: list[Scope], offline: bool, oauth: bool) -> web.Response:
-        granted = [Scope(s.type, s.name, s.actions & self._allowed(user, s)) for s in scopes]
+        granted = [Scope(s.type, s.name, self._granted(user, s)) for s in scopes]
         granted = [s for s in granted if s.actions]
         issued = self.tokens.issue(user, granted)
         body: dict = {"token": issued.token, "access_token": issued.token,
@@ -162,11 +163,19 @@ class TokenEndpoint:
         return web.Response(body=msgspec.json.encode(body), content_type="application/json",
                             headers={"Cache-Control": "no-store", "Pragma": "no-cache"})
 
-    def _allowed(self, user: str | None, scope: Scope) -> frozenset[str] | set[str]:
+    def _granted(self, user: str | None, scope: Scope) -> frozenset[str] | set[str]:
+        """What a token carries for a scope asked: for a repository, every action the caller may do
+        there, whichever were asked; for the catalog, listing (its answer is filtered by caller).
+
+        A token is only half of a check: every request also needs the permission at that moment
+        (auth.py), so a token that carries what its user may do anyway grants nothing new. It
+        spares clients that answer a pull's challenge and then push with the same token (oras-py
+        asks for a new one only after a 403) a push that fails on insufficient_scope.
+        """
         if scope.type == "repository":
             return self.access.actions(user, scope.name)
-        # Any user may list repositories; the list holds only those they may pull.
-        return {"*"} if user is not None else set()
+        # Anyone may list repositories: the list holds what the caller may pull (public ones, anonymously).
+        return scope.actions & {"*"}
 
     def _check_service(self, service: str | None) -> None:
         if service is not None and service != self.auth.service:

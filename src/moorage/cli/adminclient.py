@@ -1,15 +1,20 @@
-"""Talking to a running cluster from the command line: --existing, TLS trust, admin credentials.
+"""Talking to a running cluster from the command line: which replica, TLS trust, admin credentials.
+
+Which replica, most explicit first: --existing URL, else $MOORAGE_URL (for
+scripts), else the replica of this node: the URL it recorded in
+DATA_DIR/api.json (--data-dir, default ./moorage-data, like `serve`), so
+`moorage status` on a replica's node needs no flag at all.
 
 Trust, most explicit first: --insecure-tls (none), --ca-fingerprint (fetch
 the CA from the replica's /ca, check it against the fingerprint the first
 start printed, then trust exactly that CA), --ca-cert FILE or
-$MOORAGE_CA_CERT (the cluster CA, e.g. a copy of DATA_DIR/tls/ca.crt); with
-none of them, the system's trust store, for operators with their own
-certificates.
+$MOORAGE_CA_CERT (the cluster CA, e.g. a copy of DATA_DIR/tls/ca.crt); on a
+replica's node, the CA file that replica recorded; otherwise the system's
+trust store, for operators with their own certificates.
 
 Credentials come from --username / --password-stdin, else MOORAGE_USERNAME /
 MOORAGE_PASSWORD, else a prompt when a terminal is attached; without one, a
-missing value is an error, never a hang.
+missing value is a one-sentence error naming the flag and variable, never a hang.
 """
 
 from __future__ import annotations
@@ -20,38 +25,72 @@ import hmac
 import os
 import ssl
 import sys
+from pathlib import Path
 from typing import Any
 
 import httpx
 
 from moorage.cli.main import CliError
-from moorage.cluster import pki
+from moorage.cluster import endpoint, pki
 
 TIMEOUT = httpx.Timeout(30.0, connect=5.0)
+DEFAULT_DATA_DIR = Path("./moorage-data")
 
 
-def add_cluster_options(p: argparse.ArgumentParser, existing_required: bool = True) -> None:
-    p.add_argument("--existing", required=existing_required, metavar="URL",
-                   help="URL of any healthy replica, e.g. https://registry-1:5000")
+def add_cluster_options(p: argparse.ArgumentParser, joining: bool = False) -> None:
+    """`joining`: `join`, whose --data-dir is the new replica's, must name the cluster it joins."""
+    if joining:
+        p.add_argument("--existing", required=True, metavar="URL",
+                       help="URL of any healthy replica, e.g. https://registry-1:5000")
+    else:
+        p.add_argument("--existing", metavar="URL",
+                       help="URL of any healthy replica, e.g. https://registry-1:5000 (default: $MOORAGE_URL, "
+                            "else the replica of this node, found in --data-dir)")
+        p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
+                       help="on a replica's node: its data directory, where it records its URL and CA "
+                            "(default: ./moorage-data)")
     trust = p.add_mutually_exclusive_group()
     trust.add_argument("--ca-cert", metavar="FILE", default=os.environ.get("MOORAGE_CA_CERT") or None,
                        help="trust replicas whose certificates this CA signed, e.g. a copy of a replica's "
-                            "DATA_DIR/tls/ca.crt (default: $MOORAGE_CA_CERT)")
+                            "DATA_DIR/tls/ca.crt (default: $MOORAGE_CA_CERT, else this node's replica's CA)")
     trust.add_argument("--ca-fingerprint", metavar="sha256:HEX",
                        help="fetch the cluster CA from the replica and trust it if its fingerprint is this "
                             "one (the first start printed it; `moorage status` shows it)")
     trust.add_argument("--insecure-tls", action="store_true",
                        help="trust the replica's TLS certificate without checking it")
-    p.add_argument("--username", help="admin user (default: $MOORAGE_USERNAME, else asked)")
-    p.add_argument("--password-stdin", action="store_true", help="read the admin password from stdin")
+    p.add_argument("--username", help="admin user (default: $MOORAGE_USERNAME, else asked at a terminal)")
+    p.add_argument("--password-stdin", action="store_true",
+                   help="read the admin password from stdin (default: $MOORAGE_PASSWORD, else asked at a terminal)")
 
 
-def ask(given: str | None, prompt: str) -> str:
-    """A value from its flag, else asked for at a terminal, else an error."""
-    return _value(given, None, prompt, secret=False)
+def target(args: argparse.Namespace) -> tuple[str, str | None]:
+    """The replica to talk to, and the CA file this node's replica recorded (None: none here).
+
+    Every replica of a cluster has a certificate from the same CA, so the node's
+    own CA also verifies the others that --existing or $MOORAGE_URL may name.
+    """
+    data_dir = getattr(args, "data_dir", None) or DEFAULT_DATA_DIR
+    local = endpoint.load(data_dir)
+    url = args.existing or os.environ.get("MOORAGE_URL") or ""
+    if not url:
+        if local is None:
+            raise CliError(f"which replica? pass --existing URL (any replica) or set $MOORAGE_URL; on a "
+                           f"replica's node, --data-dir names its data directory ({data_dir} holds no "
+                           "replica that has served)")
+        url = local.url
+    local_ca = local.ca_cert if local is not None else None
+    url = url.rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        url = "https://" + url
+    return url, local_ca
 
 
-def _value(given: str | None, env: str | None, prompt: str, secret: bool) -> str:
+def ask(given: str | None, prompt: str, missing: str) -> str:
+    """A value from its flag, else asked for at a terminal, else the error `missing`."""
+    return _value(given, None, prompt, False, missing)
+
+
+def _value(given: str | None, env: str | None, prompt: str, secret: bool, missing: str) -> str:
     if given:
         return given
     if env and os.environ.get(env):
@@ -63,28 +102,33 @@ def _value(given: str | None, env: str | None, prompt: str, secret: bool) -> str
             value = ""
         if value:
             return value
-    hint = f", or set ${env}" if env else ""
-    raise CliError(f"{prompt.rstrip(': ').lower()} is required: pass it as described in --help{hint}")
+    raise CliError(missing)
 
 
 def credentials(args: argparse.Namespace) -> tuple[str, str]:
-    username = _value(args.username, "MOORAGE_USERNAME", "Username: ", secret=False)
+    username = _value(args.username, "MOORAGE_USERNAME", "Username: ", False,
+                      "no admin username: pass --username NAME or set $MOORAGE_USERNAME (at a terminal, "
+                      "moorage asks)")
     if args.password_stdin:
         password = sys.stdin.readline().rstrip("\n")
         if not password:
             raise CliError("--password-stdin was given but stdin had no password")
     else:
-        password = _value(None, "MOORAGE_PASSWORD", "Password: ", secret=True)
+        password = _value(None, "MOORAGE_PASSWORD", "Password: ", True,
+                          "no admin password: set $MOORAGE_PASSWORD or pipe it in with --password-stdin "
+                          "(at a terminal, moorage asks)")
     return username, password
 
 
 class AdminClient:
     def __init__(self, args: argparse.Namespace):
-        url = args.existing.rstrip("/")
-        if not url.startswith(("http://", "https://")):
-            url = "https://" + url
+        url, local_ca = target(args)
         self.url = url
-        verify, self.ca_pem = trust(args, url)
+        # The CA file trusted, when one is (`lb haproxy` hands the same file to HAProxy).
+        self.ca_file: str | None = getattr(args, "ca_cert", None) or (
+            local_ca if not getattr(args, "ca_fingerprint", None) and not getattr(args, "insecure_tls", False)
+            else None)
+        verify, self.ca_pem = trust(args, url, self.ca_file)
         self.http = httpx.Client(base_url=url, auth=credentials(args), verify=verify, timeout=TIMEOUT)
 
     def call(self, method: str, path: str, body: Any = None) -> Any:
@@ -115,21 +159,21 @@ class AdminClient:
 
 # -- TLS trust -------------------------------------------------------------------
 
-def trust(args: argparse.Namespace, url: str) -> tuple[ssl.SSLContext | bool, bytes | None]:
+def trust(args: argparse.Namespace, url: str, ca_file: str | None) -> tuple[ssl.SSLContext | bool, bytes | None]:
     """What to verify replicas' certificates with, and the cluster CA's PEM when we know it."""
     if getattr(args, "insecure_tls", False):
         return False, None
     if getattr(args, "ca_fingerprint", None):
         pem = _fetch_ca(url, args.ca_fingerprint)
         return _context(pem), pem
-    if getattr(args, "ca_cert", None):
+    if ca_file:
         try:
-            pem = open(args.ca_cert, "rb").read()
+            pem = open(ca_file, "rb").read()
             return _context(pem), pem
         except OSError as e:
-            raise CliError(f"cannot read the CA certificate {args.ca_cert}: {e.strerror}") from None
+            raise CliError(f"cannot read the CA certificate {ca_file}: {e.strerror}") from None
         except ssl.SSLError:
-            raise CliError(f"{args.ca_cert} is not a PEM certificate") from None
+            raise CliError(f"{ca_file} is not a PEM certificate") from None
     return True, None
 
 

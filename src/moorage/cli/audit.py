@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 import time
 from datetime import datetime, timezone
 from urllib.parse import urlencode
 
 from moorage.cli.adminclient import AdminClient, add_cluster_options
-from moorage.cli.cluster import print_table
 from moorage.cli.main import CliError
 from moorage.registry.audit import KINDS, MAX_LIMIT
 
@@ -29,9 +29,11 @@ def register(commands) -> None:
     p.add_argument("--until", metavar="WHEN", help="only events before WHEN (same forms as --since)")
     p.add_argument("--user", help="only events of this user (or that claimed to be this user)")
     p.add_argument("--repo", help="only events on this repository")
-    p.add_argument("--kind", choices=KINDS, help="only events of this kind")
+    p.add_argument("--kind", choices=KINDS,
+                   help="only events of this kind (default: all but challenged, the requests without "
+                        "credentials that every client starts with, which are counted instead)")
     p.add_argument("--limit", type=int, default=100,
-                   help=f"at most this many events (default 100, at most {MAX_LIMIT})")
+                   help="at most this many events (default 100); fetched in pages, so any number works")
     add_cluster_options(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=run_audit)
@@ -52,9 +54,9 @@ def parse_when(value: str, now: float | None = None) -> float:
 
 
 def run_audit(args: argparse.Namespace) -> int:
-    if not 1 <= args.limit <= MAX_LIMIT:
-        raise CliError(f"--limit takes a number from 1 to {MAX_LIMIT}")
-    params = {"limit": str(args.limit)}
+    if args.limit < 1:
+        raise CliError("--limit takes a positive number")
+    params: dict[str, str] = {}
     for name in ("since", "until"):
         value = getattr(args, name)
         if value:
@@ -64,22 +66,105 @@ def run_audit(args: argparse.Namespace) -> int:
         if value:
             params[name] = value
     admin = AdminClient(args)
+    out = _JsonOut() if args.json else _TableOut()
     try:
-        result = admin.call("GET", "/_admin/audit?" + urlencode(params))
+        more = False
+        for events, more, challenged in pages(admin, params, args.limit):
+            out.page(events, challenged)
     finally:
         admin.close()
-    if args.json:
-        print(json.dumps(result, indent=2))
-        return 0
-    events = result["events"]
-    if not events:
-        print("no matching events")
-        return 0
-    print_table(["TIME (UTC)", "REPLICA", "KIND", "USER", "FROM", "REQUEST", "STATUS", "DETAIL"],
-                [_row(e) for e in events])
-    if result.get("truncated"):
-        print(f"\nshowing the newest {len(events)}; narrow the query or raise --limit for more")
+    out.finish(more, args.kind is None)
     return 0
+
+
+def pages(admin: AdminClient, params: dict[str, str], limit: int):
+    """(events, more, challenged) a page (at most MAX_LIMIT events) at a time, newest first.
+
+    Each page asks for events up to the time of the last one shown (`until`
+    is inclusive) and skips those at exactly that time it has shown already:
+    the log's order is stable, so they come first again.
+    """
+    left, until, skip = limit, params.get("until"), 0
+    while left > 0:
+        if skip >= MAX_LIMIT:
+            raise CliError(f"more than {MAX_LIMIT} events share one instant; narrow the query")
+        query = {**params, "limit": str(min(left + skip, MAX_LIMIT))}
+        if until is not None:
+            query["until"] = until
+        result = admin.call("GET", "/_admin/audit?" + urlencode(query))
+        found, more = result["events"], bool(result.get("truncated"))
+        events = found[skip:]
+        left -= len(events)
+        yield events, more and bool(events), result.get("challenged", 0)
+        if not more or not events:
+            return
+        last = events[-1]["time"]
+        until, skip = repr(last), sum(1 for e in found if e["time"] == last)
+
+
+class _JsonOut:
+    """One JSON document, written as the pages come: memory stays one page, whatever --limit says."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.challenged = 0
+        self.started = False
+
+    def _start(self) -> None:
+        if not self.started:  # not before the first answer: a refusal leaves stdout empty
+            sys.stdout.write('{"events": [')
+            self.started = True
+
+    def page(self, events: list[dict], challenged: int) -> None:
+        self._start()
+        for e in events:
+            sys.stdout.write(("," if self.count else "") + "\n  " + json.dumps(e))
+            self.count += 1
+        self.challenged += challenged
+        sys.stdout.flush()
+
+    def finish(self, more: bool, default_kinds: bool) -> None:
+        self._start()
+        sys.stdout.write(f"\n], \"count\": {self.count}, \"truncated\": {json.dumps(more)}, "
+                         f"\"challenged\": {self.challenged}}}\n")
+
+
+class _TableOut:
+    """A table whose column widths the first page sets; later pages follow them."""
+
+    HEADER = ["TIME (UTC)", "REPLICA", "KIND", "USER", "FROM", "REQUEST", "STATUS", "DETAIL"]
+
+    def __init__(self) -> None:
+        self.widths: list[int] | None = None
+        self.count = 0
+        self.challenged = 0
+
+    def page(self, events: list[dict], challenged: int) -> None:
+        rows = [_row(e) for e in events]
+        self.challenged += challenged
+        if not rows:
+            return
+        if self.widths is None:
+            self.widths = [max(len(x) for x in col) for col in zip(self.HEADER, *rows)]
+            self._print(self.HEADER)
+        for row in rows:
+            self._print(row)
+        self.count += len(rows)
+
+    def _print(self, row: list[str]) -> None:
+        assert self.widths is not None
+        print("  ".join(x.ljust(w) for x, w in zip(row, self.widths)).rstrip())
+
+    def finish(self, more: bool, default_kinds: bool) -> None:
+        if not self.count:
+            print("no matching events")
+        elif more:
+            print(f"\nshowing the newest {self.count}; narrow the query or raise --limit for more")
+        if default_kinds and self.challenged:
+            n = self.challenged
+            print(f"\n{n} request{'s' * (n != 1)} without credentials "
+                  f"in this period {'are' if n != 1 else 'is'} not listed: each client's first request, answered "
+                  "with a token challenge (`--kind challenged` lists them)")
 
 
 def _row(e: dict) -> list[str]:

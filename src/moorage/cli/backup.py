@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import json
 import shutil
+import socket
 import sys
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ import httpx
 from moorage import logs
 from moorage.cli.adminclient import AdminClient, add_cluster_options, untrusted, _cert_failed
 from moorage.cli.main import CliError
-from moorage.cli.serve import check_ports_free
+from moorage.cli.serve import check_ports_free, parse_listen
 from moorage.cluster import backup, pki, repair
 from moorage.cluster.backup import BackupError
 from moorage.cluster.etcd_member import EtcdError
@@ -42,6 +43,7 @@ def register(commands) -> None:
                     "registry keeps serving. The archive holds the CA key and password hashes: keep it secret.")
     add_cluster_options(p)
     p.add_argument("--output", type=Path, required=True, metavar="FILE", help="the archive to write (a tar file)")
+    p.add_argument("--force", action="store_true", help="overwrite --output if it exists")
     p.add_argument("--with-blobs", action="store_true",
                    help="include every blob, streamed through the replica (default: metadata only)")
     p.add_argument("--json", action="store_true", help="print the archive's manifest as JSON")
@@ -62,6 +64,9 @@ def register(commands) -> None:
                    help="host the new replica's etcd member is reached at (default: 127.0.0.1)")
     p.add_argument("--etcd-client-port", type=int, default=2379, help="etcd client port (default: 2379)")
     p.add_argument("--etcd-peer-port", type=int, default=2380, help="etcd peer port (default: 2380)")
+    p.add_argument("--listen", default=None, metavar="HOST:PORT",
+                   help="the API address the printed `moorage serve` command uses (default: ADVERTISE:5000, "
+                        "or a free port there when 5000 is taken)")
     p.set_defaults(run=run_restore)
 
 
@@ -171,6 +176,8 @@ def run_backup(args: argparse.Namespace) -> int:
         raise CliError(f"--output {output} is a directory; name the archive file to write")
     if not output.parent.is_dir():
         raise CliError(f"the directory of --output {output} does not exist")
+    if output.exists() and not args.force:
+        raise CliError(f"--output {output} already exists; pass --force to overwrite it, or name another file")
     admin = AdminClient(args)
     quiet = args.json
     try:
@@ -249,6 +256,7 @@ def run_restore(args: argparse.Namespace) -> int:
     host = args.advertise
     check_ports_free([(host, args.etcd_client_port, "the etcd client port"),
                       (host, args.etcd_peer_port, "the etcd peer port")])
+    listen = _listen(args.listen, host, (args.etcd_client_port, args.etcd_peer_port))
     made = not data_dir.exists()
     replica_id = Identity.new_id()
     identity = Identity(replica_id=replica_id, cluster_token=f"moorage-{replica_id}", created=time.time(),
@@ -273,12 +281,34 @@ def run_restore(args: argparse.Namespace) -> int:
         print(f"blobs: {written} written to {storage_dir}, {present} already there")
     else:
         print(f"the archive has no blobs: {storage_dir} must hold the cluster's blob storage")
-    ports = ""
-    if (args.etcd_client_port, args.etcd_peer_port) != (2379, 2380):
-        ports = f" --etcd-client-port {args.etcd_client_port} --etcd-peer-port {args.etcd_peer_port}"
-    print(f"start it with `moorage serve --data-dir {args.data_dir}{ports}`, then join replicas with "
-          "`moorage join --existing <its URL>`; the cluster CA is the old one, so clients trust it as before")
+    # The etcd ports, the advertised host and the storage directory are in DATA_DIR/replica.json
+    # now; the API address is not, and the default one may be another registry's.
+    print(f"start it with `moorage serve --data-dir {args.data_dir} --listen {listen}`, then join replicas "
+          f"with `moorage join --existing https://{listen}`; the cluster CA is the old one, so clients trust "
+          "it as before")
     return 0
+
+
+def _listen(given: str | None, host: str, etcd_ports: tuple[int, ...]) -> str:
+    """The API address for the restored replica: the one given, else HOST:5000, else a free port."""
+    if given is not None:
+        listen_host, port = parse_listen(given)
+        check_ports_free([(listen_host, port, "--listen")])
+        return given
+    try:
+        if 5000 not in etcd_ports:
+            check_ports_free([(host, 5000, "the default API port")])
+            return _join(host, 5000)
+    except CliError:
+        pass
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        port = s.getsockname()[1]
+    return _join(host, port)
+
+
+def _join(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _restore(checked: backup.Checked, data_dir: Path, storage_dir: Path,

@@ -50,7 +50,7 @@ def register(commands) -> None:
                             description="Join an existing cluster as a new replica and serve in the "
                                         "foreground. Later restarts are plain `moorage serve --data-dir DIR`.")
     add_replica_options(p)
-    add_cluster_options(p)
+    add_cluster_options(p, joining=True)
     p.add_argument("--replica-id", help="the new replica's id (default: a new one)")
     p.set_defaults(run=run_join)
 
@@ -175,7 +175,8 @@ def _check_storage(plan: dict, storage_dir: Path) -> None:
 # -- remove ----------------------------------------------------------------------
 
 def run_remove(args: argparse.Namespace) -> int:
-    replica_id = ask(args.replica_id, "Replica id to remove: ")
+    replica_id = ask(args.replica_id, "Replica id to remove: ",
+                     "which replica? pass --replica-id ID (`moorage status` lists them)")
     if not _REPLICA_ID.match(replica_id):
         raise CliError("the replica id takes lowercase hex digits")
     admin = AdminClient(args)

@@ -60,14 +60,35 @@ def _progress(run: dict) -> str:
             f"{run['manifests_swept']} manifests, {run['blobs_swept']} blobs; {human_bytes(run['bytes_freed'])} freed")
 
 
-def _summary(run: dict) -> str:
+def _summary(run: dict, now: float | None = None) -> str:
     would = "would free" if run["dry_run"] else "freed"
     took = (run["finished"] or time.time()) - run["started"]
-    return (f"run {run['id']} {run['state']} in {took:.1f}s{' (dry run: nothing deleted)' * run['dry_run']}: "
+    line = (f"run {run['id']} {run['state']} in {took:.1f}s{' (dry run: nothing deleted)' * run['dry_run']}: "
             f"{would} {human_bytes(run['bytes_freed'])} — {run['blobs_swept']} blobs, {run['manifests_swept']} "
             f"manifests, {run['links_swept']} repository links, {run['uploads_swept']} uploads, "
-            f"{run['orphans_swept'] + run['tmp_swept']} leftover files; kept {run['blobs_kept']} blobs and "
+            f"{run['orphans_swept'] + run['tmp_swept']} leftover files; kept {run['blobs_kept']} blobs in use and "
             f"{run['manifests_kept']} manifests; {run['conflicts']} items kept because a push or delete raced")
+    young = run.get("blobs_young") or 0
+    if young:
+        first, last = run["young_collectable_from"], run["young_collectable_until"]
+        when = f"from {_at(first, now)}" + (f" (all by {_at(last, now)})" if last - first >= 60 else "")
+        line += (f"\n{young} unused blob{'s' * (young != 1)} ({human_bytes(run['bytes_young'])}) "
+                 f"{'are' if young != 1 else 'is'} kept only for {'their' if young != 1 else 'its'} age "
+                 f"(younger than gc.grace_seconds): collectable {when}; run `moorage gc` again then, "
+                 "or let gc.schedule do it")
+    return line
+
+
+def _at(ts: float, now: float | None = None) -> str:
+    """A time to come, for people: the UTC clock time and how far off it is."""
+    left = max(ts - (time.time() if now is None else now), 0)
+    if left < 90:
+        off = f"{left:.0f}s"
+    elif left < 5400:
+        off = f"{left / 60:.0f}m"
+    else:
+        off = f"{left / 3600:.1f}h"
+    return f"{datetime.fromtimestamp(ts, timezone.utc).strftime('%Y-%m-%d %H:%M:%S')} UTC, in {off}"
 
 
 def _history(admin: AdminClient, as_json: bool) -> int:

@@ -104,7 +104,7 @@ def ca_file(args: argparse.Namespace, admin: AdminClient, status: dict) -> str |
     if args.insecure_tls:
         return None
     if not args.ca_fingerprint:
-        return str(Path(args.ca_cert).resolve()) if args.ca_cert else None
+        return str(Path(admin.ca_file).resolve()) if admin.ca_file else None
     if admin.ca_pem is None:
         return None
     if args.output is None:

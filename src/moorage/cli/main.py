@@ -13,6 +13,27 @@ class CliError(Exception):
     """A problem the user can fix; printed as one sentence, exit code 1."""
 
 
+class Parser(argparse.ArgumentParser):
+    """Options before or after positionals, in every command.
+
+    argparse's plain parse stops matching positionals at the first option, so
+    `config set --existing URL readonly true` left `readonly true` over. A
+    command without subcommands is parsed the intermixed way (options first,
+    then positionals); subparsers inherit the class.
+    """
+
+    _intermixing = False
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        if self._intermixing or self._subparsers is not None:
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True  # parse_known_intermixed_args calls back into parse_known_args
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
 def build_parser() -> argparse.ArgumentParser:
     from moorage.cli import cluster, serve
     from moorage.cli import repair
@@ -22,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     from moorage.cli import gc
     from moorage.cli import backup
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="moorage", description="Moorage: a private OCI container registry that scales with replicas.")
     parser.add_argument("--version", action="version", version=f"moorage {__version__}")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],

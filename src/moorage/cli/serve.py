@@ -24,7 +24,7 @@ from moorage.api.auth import Auth
 from moorage.api.audit import RequestAudit
 from moorage.cli import tls
 from moorage.cli.main import CliError
-from moorage.cluster import pki, replicas
+from moorage.cluster import endpoint, pki, replicas
 from moorage.cluster.etcd_member import EtcdError, EtcdMember, node_tls
 from moorage.cluster.identity import Identity, load_or_create
 from moorage.cluster.membership import track_solo
@@ -294,6 +294,9 @@ class Replica:
             except OSError as e:
                 reason = "is already in use" if e.errno == errno.EADDRINUSE else f"cannot be used: {e.strerror}"
                 raise CliError(f"the listen address {self.host}:{self.port} {reason}") from None
+            # For commands run on this node (`moorage status` with no --existing).
+            endpoint.save(self.data_dir, endpoint.LocalApi(
+                url, str(pki_paths.ca_cert) if api_ssl is not None and args.tls_cert is None else None))
             if identity.initial_cluster is not None:
                 identity.initial_cluster = identity.member_id = None  # joined: plain restarts from now on
                 identity.save(self.data_dir)

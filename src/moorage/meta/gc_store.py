@@ -49,6 +49,12 @@ class GcRun(msgspec.Struct, kw_only=True):
     manifests_kept: int = 0
     manifests_swept: int = 0
     blobs_kept: int = 0
+    # Unreferenced blobs kept only because they are younger than gc.grace_seconds,
+    # and when the first and the last of them become collectable (epoch seconds).
+    blobs_young: int = 0
+    bytes_young: int = 0
+    young_collectable_from: float | None = None
+    young_collectable_until: float | None = None
     blobs_swept: int = 0
     links_swept: int = 0
     uploads_swept: int = 0

@@ -24,6 +24,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import msgspec
 
@@ -31,7 +32,12 @@ from moorage.storage.durable import fsync_dir, write_all
 
 log = logging.getLogger(__name__)
 
-KINDS = ("write", "denied", "login-failed", "admin")
+# "challenged": a request that sent no credentials and got a 401 with a token
+# challenge. Every client's first request to a repository looks like that (it
+# learns where to get a token), so these are kept apart: a query that names no
+# kind leaves them out and only counts them.
+CHALLENGED = "challenged"
+KINDS = ("write", "denied", "login-failed", "admin", CHALLENGED)
 RETENTION_DAYS = 90
 FLUSH_SECONDS = 1.0
 QUEUE_EVENTS = 50_000
@@ -95,11 +101,20 @@ class AuditQuery(msgspec.Struct, frozen=True):
     limit: int = DEFAULT_LIMIT
 
     def matches(self, e: AuditEvent) -> bool:
+        return (e.kind == self.kind if self.kind is not None else e.kind != CHALLENGED) and self.fits(e)
+
+    def fits(self, e: AuditEvent) -> bool:
+        """Every condition but the kind."""
         return ((self.since is None or e.time >= self.since)
                 and (self.until is None or e.time <= self.until)
-                and (self.kind is None or e.kind == self.kind)
                 and (self.repo is None or e.repo == self.repo)
                 and (self.user is None or self.user in (e.user, e.claimed)))
+
+
+class Found(NamedTuple):
+    events: list[AuditEvent]   # newest first
+    more: bool                 # more matched than the limit
+    challenged: int            # challenged events left out over the period the events span (no kind asked)
 
 
 class AuditLog:
@@ -268,15 +283,16 @@ class AuditLog:
                     found.append((r.name, m.group(1), Path(f.path)))
         return found
 
-    async def query(self, q: AuditQuery) -> tuple[list[AuditEvent], bool]:
-        """Matching events of the whole cluster, newest first; and whether more matched than `limit`.
+    async def query(self, q: AuditQuery) -> Found:
+        """Matching events of the whole cluster, newest first; whether more matched than `limit`;
+        and how many challenged events were left out on the way.
 
         Our own queue is flushed first, so a caller sees what it just did.
         """
         await self.flush()
         return await asyncio.to_thread(self._query, q)
 
-    def _query(self, q: AuditQuery) -> tuple[list[AuditEvent], bool]:
+    def _query(self, q: AuditQuery) -> Found:
         first = day_of(q.since) if q.since is not None else ""
         last = day_of(q.until) if q.until is not None else "9999-12-31"
         days: dict[str, list[tuple[str, Path]]] = {}
@@ -287,14 +303,17 @@ class AuditLog:
         # order); merged across replicas by time, read lazily from the end.
         streams = [_newest_first(sorted(files, reverse=True)) for files in days.values()]
         found: list[AuditEvent] = []
+        challenged = 0
         for event in heapq.merge(*streams, key=lambda e: -e.time):
             if q.since is not None and event.time < q.since:
                 break  # merged newest first: nothing older can match
             if q.matches(event):
                 if len(found) == q.limit:
-                    return found, True
+                    return Found(found, True, challenged)
                 found.append(event)
-        return found, False
+            elif q.kind is None and event.kind == CHALLENGED and q.fits(event):
+                challenged += 1
+        return Found(found, False, challenged)
 
 
 def _newest_first(files: list[tuple[str, Path]]) -> Iterator[AuditEvent]:

@@ -205,6 +205,11 @@ class Collector:
         run.blobs_kept = sum(1 for d in snap.blobs if d in live)
 
         cutoff = now - policy.grace_seconds
+        young = [rec for d, (rec, _) in snap.blobs.items() if d not in live and rec.created > cutoff]
+        if young:
+            run.blobs_young, run.bytes_young = len(young), sum(rec.size for rec in young)
+            run.young_collectable_from = min(rec.created for rec in young) + policy.grace_seconds
+            run.young_collectable_until = max(rec.created for rec in young) + policy.grace_seconds
         await self._phase("blobs")
         swept = await self._sweep_blobs(snap, live, cutoff)
         await self._phase("links")
