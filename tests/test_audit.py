@@ -26,7 +26,7 @@ from moorage.registry.audit import MAX_LIMIT, AuditEvent, AuditLog, AuditQuery, 
 pytestmark = pytest.mark.security
 
 FIELDS = {"time", "replica", "kind", "method", "path", "status", "user", "claimed", "remote",
-          "forwarded", "agent", "repo", "detail"}
+          "forwarded", "agent", "repo", "detail", "via"}
 
 
 def audit(registry, *args: str) -> dict:

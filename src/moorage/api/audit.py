@@ -62,7 +62,7 @@ class RequestAudit:
             time=time.time(), replica=self.log.replica, kind=kind, method=bounded(request.method, 16),
             path=bounded(path, MAX_PATH), status=status, user=user,
             claimed=None if user is not None else (claimed or claimed_name(request)),
-            remote=request.remote, forwarded=bounded(headers.get("X-Forwarded-For")),
+            remote=request.remote, via=_via(request), forwarded=bounded(headers.get("X-Forwarded-For")),
             agent=bounded(headers.get("User-Agent")),
             repo=repo if repo is not None else repo_of(path), detail=bounded(detail, MAX_DETAIL))
 
@@ -105,6 +105,14 @@ class RequestAudit:
             return self.denied(request, response.status, error_reason(response))
         detail = error_reason(response) if response.status >= 400 else None
         self.record(request, "admin", response.status, detail=detail)
+
+
+def _via(request: web.BaseRequest) -> str | None:
+    """The load balancer's address, when it named the client in a PROXY protocol header."""
+    peer = request.transport.get_extra_info("peername") if request.transport is not None else None
+    if isinstance(peer, tuple) and peer and str(peer[0]) != request.remote:
+        return str(peer[0])
+    return None
 
 
 def _digest_param(request: web.BaseRequest) -> str | None:

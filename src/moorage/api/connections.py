@@ -57,6 +57,10 @@ class GuardedServer(web.Server):
 class GuardedHandler(RequestHandler):
     """RequestHandler with a deadline on each request head and a per-address count."""
 
+    # The client a load balancer named in a PROXY protocol header (proxy_protocol.py), set
+    # before the connection is made; it stands for the TCP peer everywhere (request.remote).
+    client: tuple[str, int] | None = None
+
     def __init__(self, manager: GuardedServer, **kwargs):
         super().__init__(manager, **kwargs)
         self._guard = manager
@@ -64,8 +68,12 @@ class GuardedHandler(RequestHandler):
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_count = 0
 
+    @property
+    def peername(self):  # type: ignore[override]
+        return self.client if self.client is not None else super().peername
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        peer = transport.get_extra_info("peername")
+        peer = self.client or transport.get_extra_info("peername")
         client = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
         super().connection_made(transport)
         if self._guard.per_client[client] >= self._guard.max_per_client:

@@ -171,6 +171,8 @@ def _row(e: dict) -> list[str]:
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e["time"]))
     user = e.get("user") or (f"{e['claimed']} (refused)" if e.get("claimed") else "anonymous")
     remote = e.get("remote") or "-"
+    if e.get("via"):
+        remote += f" (via {e['via']})"
     if e.get("forwarded"):
         remote += f" (for {e['forwarded']})"
     request = f"{e['method']} {e['path']}"

@@ -232,6 +232,8 @@ def run_status(args: argparse.Namespace) -> int:
         print("no quorum: writes are refused until a majority of replicas is back")
     if status.get("ca_fingerprint"):
         print(f"cluster CA {status['ca_fingerprint']} (clients: --ca-fingerprint, or GET /ca)")
+    if status.get("proxy_protocol_from"):
+        print(f"PROXY protocol v2 required from {status['proxy_protocol_from']} (the load balancers)")
     if status.get("storage"):
         used = status["storage"]
         print(f"storage: {used['blobs']} blob{'s' * (used['blobs'] != 1)}, {human_bytes(used['bytes'])} "

@@ -53,8 +53,10 @@ def register(commands) -> None:
                     "health checks on /_ping. HAProxy passes TLS through to the replicas (give each one "
                     "the load balancer's name with --tls-name) and checks them over TLS against the "
                     "cluster CA: the --ca-cert file, or with --ca-fingerprint a copy written next to "
-                    "--output. With --watch, write it to --output, run HAProxy (or --reload-command) and "
-                    "rewrite and reload it whenever replicas join or are removed.")
+                    "--output. When the cluster setting proxy_protocol.from is set, HAProxy sends the PROXY "
+                    "protocol v2 (send-proxy-v2) so replicas see each client's address. With --watch, write "
+                    "it to --output, run HAProxy (or --reload-command) and rewrite and reload it whenever "
+                    "replicas join or are removed, or that setting changes.")
     add_cluster_options(h)
     h.add_argument("--watch", action="store_true",
                    help="keep the file current and HAProxy running until SIGTERM or Ctrl-C")
@@ -119,7 +121,7 @@ def ca_file(args: argparse.Namespace, admin: AdminClient, status: dict) -> str |
 
 def render(args: argparse.Namespace, status: dict, stats_socket: str | None, ca_file: str | None) -> str:
     options = haproxy.Options(bind=args.bind, stats_socket=stats_socket, ca_file=ca_file,
-                              verify_tls=not args.insecure_tls)
+                              verify_tls=not args.insecure_tls, send_proxy=haproxy.sends_proxy(status))
     try:
         return haproxy.render(haproxy.backends(status), options)
     except haproxy.ConfigError as e:
@@ -312,7 +314,8 @@ class Watch:
             self._start_or_reload()
         else:
             change = ", ".join([f"+{n}" for n in added] + [f"-{n}" for n in gone])
-            _say(f"replicas changed ({change}); rewrote {self.output}")
+            what = f"replicas changed ({change})" if change else "the PROXY protocol setting changed"
+            _say(f"{what}; rewrote {self.output}")
             self._reload()
 
     def _validate(self, text: str) -> str | None:

@@ -21,6 +21,7 @@ from moorage import __version__, logs
 from moorage.api.admin import AdminApi
 from moorage.api.app import create_server
 from moorage.api.auth import Auth
+from moorage.api.proxy_protocol import ApiSite
 from moorage.api.audit import RequestAudit
 from moorage.cli import tls
 from moorage.cli.main import CliError
@@ -29,7 +30,7 @@ from moorage.cluster.etcd_member import EtcdError, EtcdMember, node_tls
 from moorage.cluster.identity import Identity, load_or_create
 from moorage.cluster.membership import track_solo
 from moorage.cluster.service import ClusterService
-from moorage.cluster.settings import SETTINGS, ClusterSettings
+from moorage.cluster.settings import SETTINGS, ClusterSettings, Network, parse_networks
 from moorage.meta import keys
 from moorage.meta.etcd import EtcdClient, EtcdUnavailable, Event
 from moorage.meta.index import Index
@@ -138,6 +139,7 @@ class Replica:
         self.index: Index | None = None
         self.access: Access | None = None  # users, teams, grants, visibility (in memory)
         self.settings = ClusterSettings()
+        self.proxy_from: tuple[Network, ...] = ()  # the setting proxy_protocol.from, parsed
         self.started = time.time()
         self.quorum_ok_at = 0.0
         self.stop = asyncio.Event()
@@ -190,6 +192,8 @@ class Replica:
             registry.limits = replace(registry.limits, max_blob_bytes=value)
         elif key == "upload.max_manifest_bytes":
             registry.limits = replace(registry.limits, max_manifest_bytes=value)
+        elif key == "proxy_protocol.from":
+            self.proxy_from = parse_networks(value)
         log.info("cluster setting applied", extra={"key": key, "value": value})
 
     def _replica_event(self, event: Event) -> None:
@@ -287,8 +291,9 @@ class Replica:
                                    ca_pem=pki_paths.ca_cert.read_bytes(), auth=auth)
             runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=5.0)
             await runner.setup()
-            site = web.TCPSite(runner, self.host, self.port, backlog=1024, reuse_address=True,
-                               ssl_context=api_ssl)
+            # Also reads the PROXY protocol header from the load balancers that proxy_protocol.from names.
+            site = ApiSite(runner, self.host, self.port, ssl_context=api_ssl, backlog=1024,
+                           trusted=lambda: self.proxy_from)
             try:
                 await site.start()
             except OSError as e:

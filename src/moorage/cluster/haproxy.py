@@ -58,6 +58,10 @@ class Options:
     # certificates). An absolute path: HAProxy resolves it, not us.
     ca_file: str | None = None
     verify_tls: bool = True
+    # The replicas expect a PROXY protocol v2 header from the load balancer
+    # (the cluster setting proxy_protocol.from): client connections and health
+    # checks both start with one, so replicas see each client's own address.
+    send_proxy: bool = False
 
 
 def check_bind(bind: str) -> str:
@@ -69,6 +73,11 @@ def check_bind(bind: str) -> str:
     if host.startswith("["):  # HAProxy writes IPv6 unbracketed: the last colon ends the address
         host = host[1:-1]
     return f"{host}:{port}"
+
+
+def sends_proxy(status: dict) -> bool:
+    """Whether the replicas expect the PROXY protocol from the load balancer (a cluster setting)."""
+    return bool(status.get("proxy_protocol_from"))
 
 
 def backends(status: dict) -> list[Backend]:
@@ -99,6 +108,8 @@ def _server_line(b: Backend, opts: Options) -> str:
     hostname = parts.hostname or ""
     host = f"[{hostname}]" if ":" in hostname else hostname
     line = f"    server {b.replica_id} {host}:{port}"
+    if opts.send_proxy:
+        line += " send-proxy-v2 check-send-proxy"
     if parts.scheme == "https":
         # Only the health check speaks TLS here; client traffic passes through untouched.
         if not opts.verify_tls:
@@ -124,6 +135,11 @@ def render(replicas: list[Backend], opts: Options = Options()) -> str:
     """The whole haproxy.cfg for `replicas`, sorted so that order in the status never matters."""
     bind = check_bind(opts.bind)
     servers = "\n".join(_server_line(b, opts) for b in sorted(set(replicas)))
+    proxy = ""
+    if opts.send_proxy:
+        proxy = ("    # Each connection (health checks too) starts with a PROXY protocol v2 header\n"
+                 "    # naming the client: the replicas audit, and slow down failed logins of,\n"
+                 "    # the client's own address (cluster setting proxy_protocol.from).\n")
     stats = ""
     if opts.stats_socket:
         stats = f"    stats socket {opts.stats_socket} mode 600 level operator\n"
@@ -189,7 +205,7 @@ backend replicas
     # to a healthy one. A name that does not resolve leaves that one
     # replica out, not HAProxy down.
     default-server check inter 500ms fastinter 250ms downinter 1s fall 2 rise 2 observe layer4 error-limit 1 on-error mark-down on-marked-down shutdown-sessions init-addr last,libc,none
-{servers}
+{proxy}{servers}
 
 backend degraded
     balance leastconn

@@ -167,6 +167,8 @@ class ClusterService:
                 "tolerates_when_healthy": membership.tolerates(len(voters)),
                 "quorum": healthy_voters >= membership.quorum(len(voters)),
                 "ca_fingerprint": self._ca_fingerprint,
+                # `moorage lb haproxy` sends the PROXY protocol when this is set.
+                "proxy_protocol_from": self.settings["proxy_protocol.from"],
                 # What blob storage holds by the records (what GC frees shows here).
                 "storage": {"blobs": len(self.index.blobs),
                             "bytes": sum(b.size for b in self.index.blobs.values())},

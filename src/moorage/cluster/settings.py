@@ -8,6 +8,7 @@ revision it has applied in /health.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -78,6 +79,35 @@ def _check_duration(value: str) -> str | None:
     return None
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+MAX_NETWORKS = 64
+
+
+def parse_networks(value: str | None) -> tuple[Network, ...]:
+    """Comma-separated addresses and CIDRs; ValueError names the bad one."""
+    found = []
+    for part in (value or "").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            found.append(ipaddress.ip_network(part, strict=False))
+        except ValueError:
+            raise ValueError(f"has {part[:60]!r}, which is not an address or CIDR") from None
+    if len(found) > MAX_NETWORKS:
+        raise ValueError(f"takes at most {MAX_NETWORKS} addresses or CIDRs")
+    return tuple(found)
+
+
+def _check_networks(value: str) -> str | None:
+    try:
+        if not parse_networks(value):
+            return "takes addresses or CIDRs, comma-separated (unset it to turn the PROXY protocol off)"
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 SETTINGS: dict[str, Setting] = {
     "log.level": Setting(str, "info", "how much every replica logs",
                          choices=("debug", "info", "warning", "error")),
@@ -94,6 +124,11 @@ SETTINGS: dict[str, Setting] = {
                                          "this; unset: never", minimum=0),
     "gc.upload_max_age_seconds": Setting(int, 86400, "collect upload sessions idle longer than this",
                                          minimum=0),
+    # The load balancers' addresses (api/proxy_protocol.py): connections from them must start with a
+    # PROXY protocol v2 header naming the client; `moorage lb haproxy` then sends one.
+    "proxy_protocol.from": Setting(str, None, "addresses or CIDRs (comma-separated) of load balancers that "
+                                   "send the PROXY protocol v2; their connections must; unset: off",
+                                   check=_check_networks),
     "gc.debug_delay_ms": Setting(int, 0, "debugging and tests only: GC pauses this long between batches",
                                  minimum=0),
 }

@@ -57,9 +57,11 @@ class AuditEvent(msgspec.Struct, frozen=True):
 
     `user` is the authenticated user (None: anonymous or not authenticated);
     `claimed` is the name given in credentials that were refused, so failed
-    attempts against one account can be found. `remote` is the TCP peer, the
-    only address we can vouch for; `forwarded` is the client-supplied
-    X-Forwarded-For, kept apart because anyone can write it.
+    attempts against one account can be found. `remote` is the client's
+    address: the TCP peer, or the client a load balancer named in a PROXY
+    protocol header, which only trusted addresses may send (`via`: that load
+    balancer); `forwarded` is the client-supplied X-Forwarded-For, kept apart
+    because anyone can write it.
     """
 
     time: float
@@ -75,6 +77,7 @@ class AuditEvent(msgspec.Struct, frozen=True):
     agent: str | None = None
     repo: str | None = None
     detail: str | None = None
+    via: str | None = None
 
 
 def bounded(value: str | None, limit: int = MAX_FIELD) -> str | None:

@@ -1,0 +1,220 @@
+"""The PROXY protocol (version 2) between the load balancer and the replicas.
+
+HAProxy passes TLS through (`mode tcp`), so a replica's TCP peer is the load
+balancer and every client would look like it: one address in the audit log,
+one failed-login slowdown shared by everybody. With `send-proxy-v2` HAProxy
+starts each connection with a binary header naming the real client, before
+the first byte of TLS. A replica reads it when, and only when, the connection
+comes from an address of the cluster setting `proxy_protocol.from`:
+
+- from such an address the header is required: a connection without a valid
+  one is closed before TLS, never served as if the load balancer were the
+  client (a load balancer that forgot `send-proxy-v2` shows at once);
+- from any other address nothing is read: a header there is bytes that fail
+  the TLS handshake (or the HTTP parse), so nobody else can claim an address.
+
+The header is read with exact-length reads on the raw socket, so not a byte
+of the TLS handshake behind it is consumed, within HEADER_SECONDS and at most
+MAX_HEADER bytes; then the socket goes to asyncio's TLS and the HTTP server,
+which knows the client's address from then on. A LOCAL header (HAProxy's
+health checks, `moorage lb haproxy` talking to the replicas from the load
+balancer) means the connection is the proxy's own: its address stands.
+
+The listener accepts connections itself (asyncio's create_server would read
+the header's bytes together with the TLS handshake's) and is the one
+listener of the API, whether the setting is set or not, so the setting
+applies to the next connection without a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+import ssl
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from aiohttp import web
+
+from moorage.cluster.settings import Network
+
+log = logging.getLogger(__name__)
+
+SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+# Version 2, command LOCAL, family UNSPEC, no addresses: "this connection is the proxy's own".
+LOCAL_HEADER = SIGNATURE + b"\x20\x00\x00\x00"
+HEADER_SECONDS = 5.0
+# HAProxy's header is 16 bytes plus 12 (IPv4) or 36 (IPv6) of addresses and a
+# few TLVs; far more than that is not a load balancer talking.
+MAX_HEADER = 16 + 2048
+WARN_SECONDS = 60.0
+
+
+class ProxyError(ValueError):
+    """A connection from a trusted address whose PROXY header is missing or malformed."""
+
+
+def header(client: tuple[str, int], proxy: tuple[str, int]) -> bytes:
+    """A PROXY v2 header for a TCP connection from `client` to `proxy`, as HAProxy sends it (for tests)."""
+    src, dst = ipaddress.ip_address(client[0]), ipaddress.ip_address(proxy[0])
+    family = b"\x11" if src.version == 4 else b"\x21"
+    body = src.packed + dst.packed + client[1].to_bytes(2, "big") + proxy[1].to_bytes(2, "big")
+    return SIGNATURE + b"\x21" + family + len(body).to_bytes(2, "big") + body
+
+
+def parse(head: bytes, body: bytes) -> tuple[str, int] | None:
+    """The client's (address, port) from a v2 header's 16 fixed bytes and the rest; None for the
+    connection's own (LOCAL, or a family without addresses)."""
+    if head[:12] != SIGNATURE:
+        raise ProxyError("no PROXY protocol v2 header")
+    version, command = head[12] >> 4, head[12] & 0x0F
+    if version != 2:
+        raise ProxyError(f"PROXY protocol version {version}, not 2")
+    if command == 0:  # LOCAL: the proxy's own connection (a health check)
+        return None
+    if command != 1:
+        raise ProxyError(f"unknown PROXY command {command}")
+    family, transport = head[13] >> 4, head[13] & 0x0F
+    if family == 0 or family == 3:  # UNSPEC, UNIX: nothing to use, the connection's address stands
+        return None
+    if transport != 1:
+        raise ProxyError("the PROXY header is not for a stream (TCP) connection")
+    if family == 1 and len(body) >= 12:
+        return str(ipaddress.IPv4Address(body[0:4])), int.from_bytes(body[8:10], "big")
+    if family == 2 and len(body) >= 36:
+        return str(ipaddress.IPv6Address(body[0:16])), int.from_bytes(body[32:34], "big")
+    raise ProxyError("a PROXY header too short for its addresses")
+
+
+def address_of(peer: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        ip = ipaddress.ip_address(peer[0])
+    except (TypeError, ValueError, IndexError):
+        return None
+    if ip.version == 6 and ip.ipv4_mapped is not None:  # a dual-stack listener's IPv4 peer
+        return ip.ipv4_mapped
+    return ip
+
+
+class _Listener:
+    """What BaseSite.stop() closes: the listening socket and its accept loop."""
+
+    def __init__(self, sock: socket.socket, task: asyncio.Task):
+        self.sock, self.task = sock, task
+
+    def close(self) -> None:
+        self.task.cancel()
+        self.sock.close()
+
+
+class ApiSite(web.BaseSite):
+    """The API's listener: TCPSite's job, plus the PROXY header from the addresses `trusted()` names."""
+
+    def __init__(self, runner: web.BaseRunner, host: str, port: int, *, trusted: Callable[[], Sequence[Network]],
+                 ssl_context: ssl.SSLContext | None = None, backlog: int = 1024):
+        super().__init__(runner, ssl_context=ssl_context, backlog=backlog)
+        self.host, self.port = host, port
+        self.trusted = trusted
+        self.refused = 0              # connections from trusted addresses without a valid header
+        self._warned_at = 0.0
+        self._tasks: set[asyncio.Task] = set()
+
+    @property
+    def name(self) -> str:
+        scheme = "https" if self._ssl_context else "http"
+        return f"{scheme}://{f'[{self.host}]' if ':' in self.host else self.host}:{self.port}"
+
+    async def start(self) -> None:
+        await super().start()
+        sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.host, self.port))
+            sock.listen(self._backlog)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        self._server = _Listener(sock, asyncio.create_task(self._accept(sock)))  # type: ignore[assignment]
+
+    async def _accept(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        failed_at = 0.0
+        while True:
+            try:
+                conn, peer = await loop.sock_accept(sock)
+            except OSError as e:  # out of file descriptors, say: a later accept may do
+                if time.monotonic() - failed_at >= WARN_SECONDS:
+                    failed_at = time.monotonic()
+                    log.warning("accepting connections fails", extra={"error": str(e)})
+                await asyncio.sleep(0.1)
+                continue
+            task = loop.create_task(self._connection(conn, peer))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _connection(self, conn: socket.socket, peer: Any) -> None:
+        loop = asyncio.get_running_loop()
+        client = None
+        try:
+            trusted = self.trusted()
+            ip = address_of(peer) if trusted else None
+            if ip is not None and any(ip in net for net in trusted):
+                try:
+                    client = await asyncio.wait_for(self._header(loop, conn), HEADER_SECONDS)
+                except (ProxyError, asyncio.TimeoutError, OSError) as e:
+                    self._refuse(peer, e)
+                    conn.close()
+                    return
+            await loop.connect_accepted_socket(lambda: self._protocol(client), conn, ssl=self._ssl_context)
+        except asyncio.CancelledError:
+            conn.close()
+            raise
+        except (OSError, asyncio.TimeoutError) as e:  # a failed TLS handshake (ssl.SSLError): the client's
+            log.debug("connection failed before its first request", extra={"peer": str(peer), "error": str(e)})
+            conn.close()
+        except Exception:
+            log.exception("handing a connection to the HTTP server failed", extra={"peer": str(peer)})
+            conn.close()
+
+    def _protocol(self, client: tuple[str, int] | None) -> asyncio.Protocol:
+        server = self._runner.server
+        assert server is not None
+        handler = server()
+        if client is not None:
+            handler.client = client  # type: ignore[attr-defined]  # GuardedHandler (connections.py)
+        return handler
+
+    @staticmethod
+    async def _header(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> tuple[str, int] | None:
+        head = await _read_exact(loop, conn, 16)
+        if head[:12] != SIGNATURE:
+            raise ProxyError("no PROXY protocol v2 header")
+        length = int.from_bytes(head[14:16], "big")
+        if 16 + length > MAX_HEADER:
+            raise ProxyError(f"a PROXY header of {16 + length} bytes, over {MAX_HEADER}")
+        return parse(head, await _read_exact(loop, conn, length))
+
+    def _refuse(self, peer: Any, error: BaseException) -> None:
+        self.refused += 1
+        now = time.monotonic()
+        if now - self._warned_at >= WARN_SECONDS:  # one line a minute, not one per connection
+            self._warned_at = now
+            reason = "no header within 5 seconds" if isinstance(error, asyncio.TimeoutError) else str(error)
+            log.warning("closed a connection from a proxy_protocol.from address without a valid PROXY v2 "
+                        "header (is the load balancer sending send-proxy-v2?)",
+                        extra={"peer": str(peer[0]) if peer else "?", "reason": reason, "refused": self.refused})
+
+
+async def _read_exact(loop: asyncio.AbstractEventLoop, conn: socket.socket, n: int) -> bytes:
+    """Exactly `n` bytes: never one more, which would belong to the TLS handshake."""
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = await loop.sock_recv(conn, n - len(buf))
+        if not chunk:
+            raise ProxyError("the connection closed before its PROXY header was whole")
+        buf += chunk
+    return bytes(buf)
