@@ -9,18 +9,24 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
 RUN_DEPS := etcd-server:etcd etcd-client:etcdctl
-TEST_DEPS := skopeo:skopeo haproxy:haproxy docker.io:dockerd
+TEST_DEPS := skopeo:skopeo haproxy:haproxy docker.io:dockerd chromium:chromium npm:npm
 BENCH_DEPS := docker-registry:docker-registry wrk:wrk curl:curl
 
 .PHONY: install run test bench bench-cluster bench-gc bench-s3-clients clean
 
-## install: set up everything `run` and `test` need (virtualenv, Python and Debian packages)
-install: $(VENV)/.installed
+## install: set up everything `run` and `test` need (virtualenv, Python, Debian and npm packages)
+install: $(VENV)/.installed node_modules/.installed
 	@scripts/system-deps.sh $(RUN_DEPS) $(TEST_DEPS)
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -e '.[test]'
+	@touch $@
+
+# Test tools from npm (axe-core for the console's browser tests), exactly as package-lock.json pins them.
+node_modules/.installed: package.json package-lock.json
+	@scripts/system-deps.sh npm:npm
+	npm ci --no-audit --no-fund --loglevel=error
 	@touch $@
 
 ## run: start a registry on 127.0.0.1:5000 with its data in ./moorage-data
@@ -51,4 +57,4 @@ bench-s3-clients: install
 	$(BIN)/python bench/s3_clients.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info
+	rm -rf $(VENV) build src/*.egg-info node_modules

@@ -7,6 +7,7 @@ objects with one sentence in `error`, which the CLI prints as is.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import msgspec
 from aiohttp import web
@@ -24,6 +25,7 @@ from moorage.registry.errors import TooLarge
 from moorage.registry.gc_runner import GcRunner
 
 MAX_BODY = 64 << 10
+_READ: Any = object()  # dispatch(): read the body from the request
 STATUS = {"invalid": 400, "unknown": 404, "refused": 409, "unavailable": 503}
 
 
@@ -104,16 +106,27 @@ class AdminApi:
         if not admin:
             return _error(401, "admin credentials are required",
                           {"WWW-Authenticate": 'Basic realm="moorage admin"'})
+        return await self.dispatch(request, path)
+
+    async def dispatch(self, request: web.BaseRequest, path: str, body: Any = _READ) -> web.Response:
+        """Run the route for `path` for a caller already known to be a cluster admin.
+
+        Over HTTP after `_handle`'s check, the body read from the request; the
+        web console calls it with its own signed-in admin and a body built
+        from a form, so both get the same handlers, validation and errors.
+        """
         for method, pattern, handler in self.routes:
             m = pattern.match(path)
             if m is None:
                 continue
             if request.method != method:
                 continue
-            try:
-                body = msgspec.json.decode(await read_bounded(request, MAX_BODY)) if request.can_read_body else {}
-            except (msgspec.DecodeError, TooLarge):
-                return _error(400, "the request body must be a JSON object of at most 64 KiB")
+            if body is _READ:
+                try:
+                    body = msgspec.json.decode(await read_bounded(request, MAX_BODY)) \
+                        if request.can_read_body else {}
+                except (msgspec.DecodeError, TooLarge):
+                    return _error(400, "the request body must be a JSON object of at most 64 KiB")
             try:
                 result = await handler(request, body, *m.groups())
                 # A streamed answer (a backup's snapshot or blobs) goes out as it is.

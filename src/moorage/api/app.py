@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from moorage.api import openapi
+from moorage.api import console, openapi
 from moorage.api.admin import AdminApi
 from moorage.api.audit import USER_KEY, RequestAudit
 from moorage.api.auth import CATALOG_SCOPE, Auth, Denied, Need
@@ -89,6 +89,8 @@ class Dispatcher:
         self.ca_pem = ca_pem  # served at /ca so clients can bootstrap trust
         self.auth = auth  # None only where nothing needs protecting (unit tests of the routing)
         self.token = TokenEndpoint(auth, auth.tokens, audit) if auth is not None else None
+        self.console = console.build(registry, auth, admin, audit, self._refuse_writes) \
+            if auth is not None and admin is not None else None  # the web console: api/console/
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         path = request.rel_url.raw_path
@@ -205,6 +207,8 @@ class Dispatcher:
             return web.Response(body=openapi.document_json(), content_type="application/json")
         if path.startswith("/_admin/") and self.admin is not None:
             return await self.admin(request, path)
+        if self.console is not None and (path in ("/", "/console") or path.startswith("/console/")):
+            return await self.console(request, path)
         return web.json_response({"error": "not found"}, status=404)
 
 

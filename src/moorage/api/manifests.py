@@ -8,6 +8,7 @@ from urllib.parse import quote
 import msgspec
 from aiohttp import web
 
+from moorage.api.audit import USER_KEY
 from moorage.api.http import page_args, read_bounded
 from moorage.registry.errors import ManifestUnknown
 from moorage.registry.manifests import MANIFEST_TYPES, OCI_INDEX
@@ -57,7 +58,7 @@ class ManifestHandlers:
     async def put(self, request: web.Request, name: str, reference: str) -> web.Response:
         body = await read_bounded(request, self.registry.limits.max_manifest_bytes)
         digest, subject = await self.registry.put_manifest(
-            name, reference, request.headers.get("Content-Type"), body)
+            name, reference, request.headers.get("Content-Type"), body, request.get(USER_KEY))
         headers = {"Location": f"/v2/{name}/manifests/{digest}", "Docker-Content-Digest": digest}
         if subject:
             headers["OCI-Subject"] = subject

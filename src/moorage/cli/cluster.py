@@ -19,6 +19,7 @@ from moorage.cli.serve import Replica, add_replica_options, check_ports_free, pa
 from moorage.cluster import pki
 from moorage.cluster.identity import Identity
 from moorage.cluster.membership import tolerates
+from moorage.units import human_bytes
 
 _REPLICA_ID = re.compile(r"^[0-9a-f]{1,64}$")
 
@@ -239,15 +240,6 @@ def run_status(args: argparse.Namespace) -> int:
         print(f"storage: {used['blobs']} blob{'s' * (used['blobs'] != 1)}, {human_bytes(used['bytes'])} "
               "(deleted images are freed by `moorage gc`)")
     return 0
-
-
-def human_bytes(n: int) -> str:
-    size = float(n)
-    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{n} bytes" if unit == "bytes" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} bytes"
 
 
 def print_table(header: list[str], rows: list[list[str]]) -> None:

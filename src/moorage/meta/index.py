@@ -47,6 +47,9 @@ class Repo:
     tags: dict[str, str] = field(default_factory=dict)
     referrers: dict[str, dict[str, Referrer]] = field(default_factory=dict)
     _sorted_tags: list[str] | None = None
+    # Counts every change applied, so that what is derived from the repository
+    # (the console's summaries) is recomputed only when it changed.
+    version: int = 0
 
     def empty(self) -> bool:
         return not (self.blobs or self.manifests or self.tags or self.referrers)
@@ -203,6 +206,7 @@ class Index:
         if ev.deleted and rk.repo not in self.repos:
             return
         repo = self._repo(rk.repo)
+        repo.version += 1
         if rk.kind == "blob":
             if ev.deleted:
                 repo.blobs.discard(rk.name)

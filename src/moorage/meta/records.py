@@ -18,6 +18,10 @@ class BlobRecord(msgspec.Struct, frozen=True):
 
 
 class ManifestRecord(msgspec.Struct, frozen=True):
+    """A manifest in one repository. `created` is when it was last pushed
+    (each push writes the record again) and `pushed_by` by whom: None for an
+    anonymous push, and in records written before pushers were recorded."""
+
     media_type: str
     size: int
     created: float
@@ -26,6 +30,7 @@ class ManifestRecord(msgspec.Struct, frozen=True):
     subject: str | None = None
     artifact_type: str | None = None
     annotations: dict[str, str] | None = None
+    pushed_by: str | None = None
 
 
 class Referrer(msgspec.Struct, frozen=True, omit_defaults=True, rename="camel"):

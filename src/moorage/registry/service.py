@@ -107,6 +107,13 @@ class Registry:
             self.bodies.put(digest, body)
         return body
 
+    async def small_blob(self, digest: str, max_bytes: int) -> bytes | None:
+        """A small blob's bytes (an image's configuration, to show); None when unknown or larger."""
+        record = self.index.blobs.get(digest)
+        if record is None or record.size > max_bytes:
+            return None
+        return await self.storage.read(digest)
+
     async def blob(self, repo_name: str, digest: str) -> BlobRecord:
         digests.parse(digest)
         repo = await self._repo(repo_name)
@@ -145,8 +152,8 @@ class Registry:
     # -- writes --------------------------------------------------------------
 
     async def put_manifest(self, repo_name: str, reference: str, content_type: str | None,
-                           body: bytes) -> tuple[str, str | None]:
-        """Validate and store a manifest; returns its digest and subject."""
+                           body: bytes, pushed_by: str | None = None) -> tuple[str, str | None]:
+        """Validate and store a manifest pushed by `pushed_by`; returns its digest and subject."""
         if len(body) > self.limits.max_manifest_bytes:
             raise TooLarge(f"manifest over {self.limits.max_manifest_bytes} bytes",
                            {"size": len(body), "limit": self.limits.max_manifest_bytes})
@@ -164,7 +171,7 @@ class Registry:
         record = ManifestRecord(
             media_type=parsed.media_type, size=len(body), created=time.time(),
             blobs=parsed.blobs, children=parsed.children, subject=parsed.subject,
-            artifact_type=parsed.artifact_type, annotations=parsed.annotations)
+            artifact_type=parsed.artifact_type, annotations=parsed.annotations, pushed_by=pushed_by)
         await self._check_references(repo_name, record)
         self.bodies.put(digest, body)
         if not await self._write(place_and_commit(

@@ -6,10 +6,12 @@ good on all of them without a network round trip. Verified tokens are cached
 by their string until they expire: a manifest GET, the hottest request,
 then costs a dictionary lookup instead of an HMAC and a JSON decode.
 
-Two kinds of token, told apart by their audience so that neither can stand in
-for the other: access tokens (audience = the service, short-lived, carrying
-`access`) and refresh tokens (audience = "<service>:refresh", long-lived,
-carrying no access at all, only who the subject is).
+Three kinds of token, told apart by their audience so that none can stand in
+for another: access tokens (audience = the service, short-lived, carrying
+`access`), refresh tokens (audience = "<service>:refresh", long-lived,
+carrying no access at all, only who the subject is) and the web console's
+session tokens (audience = "<service>:console", the access tokens' lifetime,
+naming the user and the session).
 """
 
 from __future__ import annotations
@@ -62,6 +64,17 @@ class Claims:
 
 
 @dataclass(frozen=True, slots=True)
+class SessionClaims:
+    """What a verified console session token says."""
+
+    subject: str
+    session_id: str      # stays the same when the console renews the token
+    version: str         # the user's password version when signing in
+    signed_in: float     # epoch seconds of the sign-in the session started with
+    expires: float
+
+
+@dataclass(frozen=True, slots=True)
 class Issued:
     token: str
     expires_in: int
@@ -111,6 +124,7 @@ class Tokens:
         self.lifetime = lifetime
         self.service = service
         self.refresh_audience = f"{service}:refresh"
+        self.session_audience = f"{service}:console"
         self.cache_size = cache_size
         self.clock = clock
         self._cache: OrderedDict[str, Claims] = OrderedDict()
@@ -133,6 +147,13 @@ class Tokens:
     def issue_refresh(self, subject: str, version: str) -> str:
         """A long-lived refresh token; `version` ties it to the user's current password."""
         return self._sign(self.refresh_audience, subject, REFRESH_SECONDS, {"ver": version})[0]
+
+    def issue_session(self, subject: str, session_id: str, version: str, signed_in: float) -> Issued:
+        """A console session token of the configured lifetime (the console renews it while in use)."""
+        lifetime = int(self.lifetime())
+        token, now = self._sign(self.session_audience, subject, lifetime,
+                                {"sid": session_id, "ver": version, "sat": signed_in})
+        return Issued(token, lifetime, _rfc3339(now))
 
     # -- verifying ---------------------------------------------------------------
 
@@ -159,6 +180,15 @@ class Tokens:
         if not isinstance(subject, str) or not subject or not isinstance(version, str):
             raise TokenError("the refresh token names no user")
         return subject, version
+
+    def verify_session(self, token: str) -> SessionClaims:
+        payload = self._decode(token, self.session_audience)
+        subject, sid, version, signed_in = payload.get("sub"), payload.get("sid"), payload.get("ver"), \
+            payload.get("sat")
+        if not (isinstance(subject, str) and subject and isinstance(sid, str) and isinstance(version, str)
+                and isinstance(signed_in, (int, float))):
+            raise TokenError("the session token is malformed")
+        return SessionClaims(subject, sid, version, float(signed_in), float(payload["exp"]))
 
     def _decode(self, token: str, audience: str) -> dict:
         try:
