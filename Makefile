@@ -12,7 +12,7 @@ RUN_DEPS := etcd-server:etcd etcd-client:etcdctl
 TEST_DEPS := skopeo:skopeo haproxy:haproxy docker.io:dockerd chromium:chromium npm:npm
 BENCH_DEPS := docker-registry:docker-registry wrk:wrk curl:curl
 
-.PHONY: install run test bench bench-cluster bench-gc bench-s3-clients clean
+.PHONY: install run test bench bench-console bench-cluster bench-gc bench-s3-clients clean
 
 ## install: set up everything `run` and `test` need (virtualenv, Python, Debian and npm packages)
 install: $(VENV)/.installed node_modules/.installed
@@ -37,10 +37,15 @@ run: install
 test: install
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-## bench: Moorage against the reference registry (Debian docker-registry), same workload, alternating
+## bench: Moorage against the reference registry (Debian docker-registry), same workload, alternating; then the console
 bench: install
 	@scripts/system-deps.sh $(BENCH_DEPS)
 	$(BIN)/python bench/bench.py $(BENCH_ARGS)
+	$(BIN)/python bench/console_bench.py $(filter --quick --insecure-http,$(BENCH_ARGS))
+
+## bench-console: the web console's server time at 10,000 repositories and 10,000 tags
+bench-console: install
+	$(BIN)/python bench/console_bench.py $(BENCH_ARGS)
 
 ## bench-cluster: push and pull through HAProxy over 3 replicas against 1, and failover
 bench-cluster: install

@@ -92,15 +92,20 @@ class Content:
         return digest
 
     def write_files(self, storage: Path) -> None:
-        for digest, data in self.files.items():
-            hexdigest = digest.removeprefix("sha256:")
-            d = storage / "blobs" / "sha256" / hexdigest[:2]
-            d.mkdir(parents=True, exist_ok=True)
-            (d / hexdigest).write_bytes(data)
+        write_blob_files(storage, self.files)
 
     async def write_records(self, client: EtcdClient) -> None:
         for i in range(0, len(self.kvs), OPS_PER_TXN):
             await client.txn([], [op_put(k, v) for k, v in self.kvs[i:i + OPS_PER_TXN]])
+
+
+def write_blob_files(storage: Path, files: dict[str, bytes]) -> None:
+    """Blob files where the filesystem driver keeps them (also used by console_bench.py)."""
+    for digest, data in files.items():
+        hexdigest = digest.removeprefix("sha256:")
+        d = storage / "blobs" / "sha256" / hexdigest[:2]
+        d.mkdir(parents=True, exist_ok=True)
+        (d / hexdigest).write_bytes(data)
 
 
 def rss_kib(pid: int, field: str) -> int:

@@ -24,8 +24,10 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
+from moorage.meta.records import ManifestRecord, decoder
+
 from browser import axe_violations, launch, new_context, screenshot, sign_in
-from conftest import ADMIN_PASSWORD, Cluster, Registry, free_port, moorage
+from conftest import ADMIN_PASSWORD, Cluster, Registry, free_port, moorage, wait_for
 from layout import Layout
 from oci import (OCI_EMPTY, OCI_INDEX, OCI_MANIFEST, canonical, descriptor, make_image, push_blob, push_image,
                  push_manifest, sha256)
@@ -150,6 +152,7 @@ def test_find_a_skopeo_pushed_image_its_layers_and_referrer_then_pull_as_shown(a
     row = page.get_by_role("row").filter(has=page.get_by_role("link", name="multi", exact=True))
     expect(row).to_contain_text("linux/amd64")
     expect(row).to_contain_text("linux/arm64/v8")
+    expect(row.get_by_role("cell").nth(5)).to_have_text("admin")  # who pushed it (skopeo, as admin)
     page.get_by_role("link", name="1.0", exact=True).click()
 
     expect(page.get_by_role("heading", level=1)).to_have_text("demo/hello:1.0")
@@ -355,6 +358,23 @@ def test_a_removed_user_is_signed_out_at_once(browser, reg, content, tmp_path):
     context.close()
 
 
+def test_signing_out_revokes_the_session_on_every_replica(reader, cluster3, reg):
+    cookie = {c["name"]: c["value"] for c in reader.context.cookies()}["__Host-moorage-session"]
+    other = cluster3.replicas[1]
+
+    def status_with(registry: Registry) -> int:
+        with httpx.Client(base_url=registry.url, verify=registry.ssl_context(),
+                          cookies={"__Host-moorage-session": cookie}) as c:
+            return c.get("/console/").status_code
+
+    assert status_with(reg) == 200 and status_with(other) == 200  # any replica serves any session
+    reader.get_by_role("button", name="Sign out").click()
+    expect(reader.get_by_role("status")).to_have_text("You are signed out.")
+    assert "__Host-moorage-session" not in {c["name"] for c in reader.context.cookies()}
+    assert status_with(reg) == 303  # a copy of the cookie is worthless now, here and elsewhere
+    wait_for(lambda: status_with(other) == 303, 5, "the sign-out to reach another replica")
+
+
 def test_failed_sign_ins_are_slowed_down_and_audited(browser, reg, content):
     context = new_context(browser)
     page = context.new_page()
@@ -506,9 +526,9 @@ def test_every_page_passes_axe_and_is_photographed(browser, admin, reg, content)
                        ("not-found", "/console/r/demo/nothing-here/-/manifest/sha256:" + "0" * 64)):
         page.goto(f"{reg.url}{path}")
         if name == "repository":
-            page.get_by_text("Pull", exact=True).first.click()  # the copy-able commands open
+            page.locator("details.pull summary").first.click()  # the copy-able commands open
         pages[name] = axe_violations(page)
-        screenshot(page, name)
+        screenshot(page, name, full_page=name not in ("repositories", "audit"))
     page.set_viewport_size({"width": 390, "height": 844})  # a phone
     page.goto(f"{reg.url}/console/r/demo/hello")
     pages["repository-narrow"] = axe_violations(page)
@@ -550,3 +570,9 @@ def test_over_insecure_http_on_loopback_the_cookie_cannot_be_secure_but_is_other
         context.close()
     finally:
         plain.stop()
+
+
+def test_manifest_records_from_before_pushers_were_recorded_still_read():
+    old = b'{"media_type": "application/vnd.oci.image.manifest.v1+json", "size": 2, "created": 1.5, "blobs": []}'
+    record = decoder(ManifestRecord).decode(old)
+    assert record.pushed_by is None and record.created == 1.5

@@ -18,6 +18,8 @@
     /moorage/gc/lock                                 the collector's lease: one GC run at a time
     /moorage/gc/deleting/<digest>                    a blob file GC is deleting (leased marker)
     /moorage/gc/run/<id>                             a GC run's summary and progress
+    /moorage/session-revoked/<id>                    a signed-out console session (leased: gone
+                                                     once its token would have expired anyway)
 
 Repository names may contain "/", never "@", so "@" ends the name and a
 prefix scan of "<name>@" never strays into "<name>/other".
@@ -50,6 +52,7 @@ GC = ROOT + b"gc/"
 GC_LOCK = GC + b"lock"
 GC_DELETING = GC + b"deleting/"
 GC_RUN = GC + b"run/"
+SESSION_REVOKED = ROOT + b"session-revoked/"
 
 
 def blob(digest: str) -> bytes:
@@ -141,6 +144,10 @@ def gc_deleting(digest: str) -> bytes:
 
 def gc_run(run_id: str) -> bytes:
     return GC_RUN + run_id.encode()
+
+
+def session_revoked(session_id: str) -> bytes:
+    return SESSION_REVOKED + session_id.encode()
 
 
 def repo_manifests(repo: str) -> bytes:

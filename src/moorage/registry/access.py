@@ -129,6 +129,7 @@ class Access:
         index.subscribe(keys.MEMBER, self._on_member)
         index.subscribe(keys.GRANT, self._on_grant)
         index.subscribe(keys.VISIBILITY, self._on_visibility)
+        index.subscribe(keys.SESSION_REVOKED, self._on_session_revoked)
 
     # -- decisions (the hot path: dict lookups only) -------------------------------
 
@@ -170,6 +171,10 @@ class Access:
                         allowed |= ROLES[role]
         return frozenset(allowed) if len(allowed) != len(base) else base
 
+    def session_revoked(self, session_id: str) -> bool:
+        """Whether a console session was signed out (api/console/session.py)."""
+        return session_id in self._revoked_sessions
+
     # -- the watch ------------------------------------------------------------------
 
     def _reset(self) -> None:
@@ -178,6 +183,7 @@ class Access:
         self._memberships: dict[str, set[str]] = {}               # user -> teams
         self._grants: dict[tuple[str, str], dict[str, str]] = {}  # (user|team, name) -> pattern -> role
         self._visibility: dict[str, bool] = {}
+        self._revoked_sessions: set[str] = set()
 
     def _on_user(self, ev: Event) -> None:
         name = ev.kv.key[len(keys.USER):].decode(errors="replace")
@@ -237,6 +243,13 @@ class Access:
             self._visibility.pop(pattern, None)
         else:
             self._visibility[pattern] = _visibility.decode(ev.kv.value).public
+
+    def _on_session_revoked(self, ev: Event) -> None:
+        session_id = ev.kv.key[len(keys.SESSION_REVOKED):].decode(errors="replace")
+        if ev.deleted:
+            self._revoked_sessions.discard(session_id)
+        else:
+            self._revoked_sessions.add(session_id)
 
     # -- listings (after a sync, so another replica's write just acknowledged shows) ---
 
@@ -371,6 +384,12 @@ class Access:
             return {"repo": pattern, "visibility": "inherited"}
         await self._txn([], [op_put(key, _encode(VisibilityRecord(public=public)))])
         return {"repo": pattern, "visibility": "public" if public else "private"}
+
+    async def revoke_session(self, session_id: str, seconds: int) -> None:
+        """Sign a console session out on every replica, for `seconds` (past its token's expiry:
+        then the key's lease ends and it goes by itself)."""
+        lease = await self.client.grant_lease(max(int(seconds), 1))
+        await self._txn([], [op_put(keys.session_revoked(session_id), b"", lease)])
 
     @staticmethod
     def _grant_key(kind: str, name: str, pattern: str) -> tuple[bytes, bytes]:

@@ -17,6 +17,7 @@ any signed-in browser.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import cast
 
 from aiohttp import web
 
@@ -25,6 +26,7 @@ from moorage.api.audit import RequestAudit
 from moorage.api.auth import Auth
 from moorage.api.console import manage, repos, signin
 from moorage.api.console.app import Console
+from moorage.registry.access import Access
 from moorage.registry.service import Registry
 
 __all__ = ["Console", "build"]
@@ -33,6 +35,7 @@ __all__ = ["Console", "build"]
 def build(registry: Registry, auth: Auth, admin: AdminApi, audit: RequestAudit | None,
           refuse_writes: Callable[[], web.Response | None]) -> Console:
     """The console with all its routes; `refuse_writes` is the API's own check (read-only, no quorum)."""
-    console = Console(registry, auth, admin, audit, refuse_writes)
+    # Auth knows Access through a protocol; the console uses more of it (session revocation).
+    console = Console(registry, auth, cast(Access, auth.access), admin, audit, refuse_writes)
     console.add(signin.routes() + repos.routes() + manage.routes())
     return console

@@ -30,6 +30,7 @@ from moorage.api.console.render import STATIC_PREFIX, Renderer, secure_headers
 from moorage.api.console.session import Session, Sessions, same_origin
 from moorage.api.http import read_bounded
 from moorage.meta.etcd import EtcdUnavailable
+from moorage.registry.access import Access
 from moorage.registry.browse import Browser
 from moorage.registry.errors import MetadataUnavailable, RegistryError, TooLarge
 from moorage.registry.service import Registry
@@ -128,16 +129,16 @@ def admin_error(answer: Any) -> str:
 
 
 class Console:
-    def __init__(self, registry: Registry, auth: Auth, admin: AdminApi, audit: RequestAudit | None,
-                 refuse_writes: Callable[[], web.Response | None]):
+    def __init__(self, registry: Registry, auth: Auth, access: Access, admin: AdminApi,
+                 audit: RequestAudit | None, refuse_writes: Callable[[], web.Response | None]):
         self.registry = registry
         self.auth = auth
-        self.access = auth.access
+        self.access = access
         self.admin = admin
         self.audit = audit
         self.refuse_writes = refuse_writes
         self.renderer = Renderer()
-        self.sessions = Sessions(auth)
+        self.sessions = Sessions(auth, access)
         self.browser = Browser(registry)
         self._flash_key = hmac.new(auth.tokens.secret, b"moorage console flash", "sha256").digest()
         self.routes: list[Route] = []

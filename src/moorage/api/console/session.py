@@ -5,7 +5,9 @@ audience) of the cluster's `token.lifetime_seconds`, renewed while the
 console is used and never past MAX_SESSION_SECONDS after sign-in. Nothing is
 kept on the server, so any replica serves any session; and as for the API,
 the user is looked up on every request: a removed user, or one whose
-password changed, is signed out at once on every replica.
+password changed, is signed out at once on every replica. Signing out
+records the session as revoked in etcd (leased: the record goes once the
+token would have expired anyway), so a copy of the cookie is worthless too.
 
 Cookies are HttpOnly and SameSite=Strict. Over HTTPS they are Secure and
 named with the `__Host-` prefix (no Domain, Path=/, Secure: no other host
@@ -32,7 +34,8 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from moorage.api.auth import Auth, Denied, password_version
-from moorage.registry.tokens import SessionClaims, TokenError
+from moorage.registry.access import Access
+from moorage.registry.tokens import BACKDATE_SECONDS, SessionClaims, TokenError
 
 # However active, a session ends this long after its sign-in.
 MAX_SESSION_SECONDS = 12 * 3600
@@ -84,10 +87,10 @@ def same_origin(request: web.BaseRequest) -> bool:
 
 
 class Sessions:
-    def __init__(self, auth: Auth, clock=time.time):
+    def __init__(self, auth: Auth, access: Access, clock=time.time):
         self.auth = auth
         self.tokens = auth.tokens
-        self.access = auth.access
+        self.access = access
         self.clock = clock
         # CSRF tokens are MACs under a key of their own, derived from the cluster's signing secret.
         self._csrf_key = hmac.new(self.tokens.secret, b"moorage console csrf", hashlib.sha256).digest()
@@ -106,7 +109,7 @@ class Sessions:
         record = self.access.user(claims.subject)
         now = self.clock()
         if record is None or password_version(record) != claims.version \
-                or now - claims.signed_in > MAX_SESSION_SECONDS:
+                or now - claims.signed_in > MAX_SESSION_SECONDS or self.access.session_revoked(claims.session_id):
             return None
         session = Session(claims.subject, claims.session_id, record.admin, self.csrf(claims.session_id))
         lifetime = int(self.tokens.lifetime())
@@ -132,6 +135,10 @@ class Sessions:
         sid = secrets.token_urlsafe(16)
         issued = self.tokens.issue_session(name, sid, password_version(record), self.clock())
         return Session(name, sid, record.admin, self.csrf(sid), issued.token, issued.expires_in)
+
+    async def sign_out(self, session: Session) -> None:
+        """Revoke the session everywhere until its token (renewed at most now) has expired."""
+        await self.access.revoke_session(session.session_id, int(self.tokens.lifetime()) + 2 * BACKDATE_SECONDS)
 
     # -- cookies -----------------------------------------------------------------------
 

@@ -51,6 +51,9 @@ async def sign_in(ctx: Ctx) -> web.StreamResponse:
 
 
 async def sign_out(ctx: Ctx) -> web.StreamResponse:
+    assert ctx.session is not None  # the route needs a signed-in user
+    await ctx.console.sessions.sign_out(ctx.session)
+    ctx.session.renewed = None  # a renewal due now must not set the cookie again
     response = ctx.redirect(f"{PREFIX}/sign-in", "You are signed out.")
     ctx.console.sessions.clear_cookie(response, ctx.request)
     return response

@@ -145,3 +145,17 @@
     }, 1000);
   }
 })();
+
+// Pull-command popovers close on Escape and on a click elsewhere, as menus do.
+document.addEventListener("click", function (event) {
+  document.querySelectorAll("details.pull[open]").forEach(function (d) {
+    if (!d.contains(event.target)) d.removeAttribute("open");
+  });
+});
+document.addEventListener("keydown", function (event) {
+  if (event.key !== "Escape") return;
+  document.querySelectorAll("details.pull[open]").forEach(function (d) {
+    d.removeAttribute("open");
+    d.querySelector("summary").focus();
+  });
+});
