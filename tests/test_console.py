@@ -251,7 +251,7 @@ def test_payloads_in_labels_annotations_and_tags_render_as_text(admin, reg, cont
                     headers={"Content-Type": OCI_MANIFEST})
         assert bad.status_code == 400, bad.text
     with httpx.Client(base_url=reg.url, verify=reg.ssl_context(), headers={"User-Agent": IMG}) as anonymous:
-        assert anonymous.get("/v2/demo/xss/tags/list").status_code == 401  # audited, with its User-Agent
+        assert anonymous.get("/v2/demo/xss/tags/list").status_code == 401  # audited (challenged), with its agent
 
     page = admin
     dialogs: list[str] = []
@@ -266,7 +266,7 @@ def test_payloads_in_labels_annotations_and_tags_render_as_text(admin, reg, cont
     expect(page.get_by_role("main")).to_contain_text(IMG)
     checks = [f"{reg.url}/console/r/demo/xss/-/manifest/{digest}", f"{reg.url}/console/?q={SCRIPT}",
               f"{reg.url}/console/r/demo/xss?q={IMG}", f"{reg.url}/console/r/demo/xss/-/manifest/{SCRIPT}",
-              f"{reg.url}/console/audit?repo=demo/xss"]
+              f"{reg.url}/console/audit?repo=demo/xss&kind=challenged"]
     for url in checks:
         page.goto(url)
         assert page.evaluate("window.__pwned") is None, url

@@ -269,18 +269,19 @@ async def audit(ctx: Ctx) -> web.StreamResponse:
     query = {k: v for k, v in filters.items() if v}
     query["limit"] = str(AUDIT_PAGE)
     code, answer = await ctx.admin_call("GET", "/_admin/audit", query=query)
-    errors, events, older = {}, [], None
+    errors, events, older, challenged = {}, [], None, 0
     if code >= 400:
         message = admin_error(answer)
         field = next((k for k in filters if message.startswith(k)), "since")
         errors = {"audit": {field: message}}
     else:
-        events = answer["events"]
+        events, challenged = answer["events"], answer.get("challenged", 0)
         if answer.get("truncated") and events:
             # The next page: strictly older than the last event shown.
             older = str(ctx.request.rel_url.update_query(until=f"{events[-1]['time'] - 1e-6:.6f}"))
     return ctx.page("audit.html", 400 if errors else 200, title="Audit log", section="audit", events=events,
-                    filters=filters, kinds=KINDS, older=older, errors=errors,
+                    filters=filters, kinds=KINDS, older=older, errors=errors, challenged=challenged,
+                    challenged_url=str(ctx.request.rel_url.update_query(kind="challenged")),
                     newest=_without(ctx, "until") if filters["until"] else None)
 
 
