@@ -334,8 +334,10 @@ def test_cookie_flags_and_security_headers(admin, reg, content):
         form = c.get("/console/sign-in")
         token = re.search(r'name="csrf" value="([^"]+)"', form.text).group(1)
         signed_in = c.post("/console/sign-in", headers={"Origin": reg.url},
-                           data={"csrf": token, "username": "admin", "password": ADMIN_PASSWORD})
+                           data={"csrf": token, "username": "admin", "password": ADMIN_PASSWORD,
+                                 "next": "//evil.example/console/"})
         assert signed_in.status_code == 303, signed_in.text
+        assert signed_in.headers["location"] == "/console/"  # never elsewhere
         cookie = next(v for v in signed_in.headers.get_list("set-cookie") if v.startswith("__Host-moorage-session="))
         assert {"HttpOnly", "Secure", "SameSite=Strict", "Path=/"} <= {p.strip() for p in cookie.split(";")}, cookie
         assert "Domain" not in cookie and "Max-Age=300" in cookie  # token.lifetime_seconds
@@ -532,8 +534,18 @@ def test_every_page_passes_axe_and_is_photographed(browser, admin, reg, content)
     page.set_viewport_size({"width": 390, "height": 844})  # a phone
     page.goto(f"{reg.url}/console/r/demo/hello")
     pages["repository-narrow"] = axe_violations(page)
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390  # only the table scrolls sideways
     screenshot(page, "repository-narrow")
     context.close()
+    dark = new_context(browser, color_scheme="dark")  # the same pages for people who asked for dark
+    page = dark.new_page()
+    sign_in(page, reg.url, "admin", ADMIN_PASSWORD)
+    for name, path in (("repositories", "/console/"), ("image", f"/console/r/demo/hello/-/manifest/{content.sbom}"),
+                       ("cluster", "/console/cluster"), ("settings", "/console/settings")):
+        page.goto(f"{reg.url}{path}")
+        pages[f"{name}-dark"] = axe_violations(page)
+    screenshot(page, "settings-dark", full_page=False)
+    dark.close()
     assert {name: found for name, found in pages.items() if found} == {}
 
 
