@@ -82,7 +82,7 @@ def raw_tls(reg: Registry, source: str, prefix: bytes = b"") -> bytes:
 
 
 def audited(reg: Registry, repo: str) -> list[dict]:
-    # From 127.0.0.1, a trusted address: the CLI tries again with a LOCAL header by itself.
+    # From 127.0.0.1, a trusted address: a connection without a header is the load balancer host's own.
     out = moorage("audit", "--repo", repo, "--json", "--existing", reg.url)
     return json.loads(out.stdout)["events"]
 
@@ -130,10 +130,14 @@ def test_the_audit_and_the_login_slowdown_see_the_client_through_haproxy(proxied
                                             "--json", "--existing", reg.url).stdout)["events"]]
     assert {e["remote"] for e in denied} == {"127.0.0.2"}, denied
 
-    # Straight to the replica: from the trusted address, no header is no service; a header from
-    # elsewhere is never read (it breaks the TLS handshake); from elsewhere without one, served.
-    assert raw_tls(reg, LB_SOURCE) == b""
-    assert raw_tls(reg, "127.0.0.2", header(("203.0.113.7", 4000), ("127.0.0.1", reg.port))) == b""
+    # Straight to the replica: from the trusted address without a header, the load balancer host's
+    # own connection, served; a broken header there closes it; a header from elsewhere is never read
+    # (it breaks the TLS handshake); from elsewhere without one, served.
+    assert raw_tls(reg, LB_SOURCE) == b"HTTP/1.1 200 OK"
+    v2 = header(("203.0.113.7", 4000), ("127.0.0.1", reg.port))
+    for broken in (v2[:12] + b"\x11" + v2[13:], SIGNATURE[:5], v2[:14] + b"\x10\x00" + v2[16:]):
+        assert raw_tls(reg, LB_SOURCE, broken) == b"", broken
+    assert raw_tls(reg, "127.0.0.2", v2) == b""
     assert raw_tls(reg, "127.0.0.2") == b"HTTP/1.1 200 OK"
     # A well-formed header from the trusted address names the client, whoever sends it.
     assert raw_tls(reg, LB_SOURCE, header(("198.51.100.20", 4000), ("127.0.0.1", reg.port))) == b"HTTP/1.1 200 OK"

@@ -7,18 +7,23 @@ starts each connection with a binary header naming the real client, before
 the first byte of TLS. A replica reads it when, and only when, the connection
 comes from an address of the cluster setting `proxy_protocol.from`:
 
-- from such an address the header is required: a connection without a valid
-  one is closed before TLS, never served as if the load balancer were the
-  client (a load balancer that forgot `send-proxy-v2` shows at once);
+- from such an address the header is read when the connection starts with
+  one: its first byte (a header begins with "\\r", a TLS handshake with
+  0x16, an HTTP request with a letter) is peeked at, never consumed. A
+  header that starts but is malformed, late or oversized closes the
+  connection. A connection without one is the load balancer host's own
+  (HAProxy's health checks, `moorage` commands or skopeo run there) and is
+  served under that address: requiring the header would break every tool
+  on that host that does not speak the protocol;
 - from any other address nothing is read: a header there is bytes that fail
   the TLS handshake (or the HTTP parse), so nobody else can claim an address.
 
 The header is read with exact-length reads on the raw socket, so not a byte
 of the TLS handshake behind it is consumed, within HEADER_SECONDS and at most
 MAX_HEADER bytes; then the socket goes to asyncio's TLS and the HTTP server,
-which knows the client's address from then on. A LOCAL header (HAProxy's
-health checks, `moorage lb haproxy` talking to the replicas from the load
-balancer) means the connection is the proxy's own: its address stands.
+which knows the client's address from then on. A LOCAL header (what HAProxy's
+`check-send-proxy` health checks send) means the connection is the proxy's
+own: its address stands.
 
 The listener accepts connections itself (asyncio's create_server would read
 the header's bytes together with the TLS handshake's) and is the one
@@ -54,7 +59,11 @@ WARN_SECONDS = 60.0
 
 
 class ProxyError(ValueError):
-    """A connection from a trusted address whose PROXY header is missing or malformed."""
+    """A connection from a trusted address whose PROXY header is malformed, cut short or too long."""
+
+
+class _NoHeader(Exception):
+    """A connection from a trusted address that does not start with a PROXY header."""
 
 
 def header(client: tuple[str, int], proxy: tuple[str, int]) -> bytes:
@@ -118,7 +127,7 @@ class ApiSite(web.BaseSite):
         super().__init__(runner, ssl_context=ssl_context, backlog=backlog)
         self.host, self.port = host, port
         self.trusted = trusted
-        self.refused = 0              # connections from trusted addresses without a valid header
+        self.refused = 0              # connections from trusted addresses with a broken header
         self._warned_at = 0.0
         self._tasks: set[asyncio.Task] = set()
 
@@ -165,6 +174,8 @@ class ApiSite(web.BaseSite):
             if ip is not None and any(ip in net for net in trusted):
                 try:
                     client = await asyncio.wait_for(self._header(loop, conn), HEADER_SECONDS)
+                except _NoHeader:
+                    pass  # the load balancer host's own connection: served under its address
                 except (ProxyError, asyncio.TimeoutError, OSError) as e:
                     self._refuse(peer, e)
                     conn.close()
@@ -190,6 +201,8 @@ class ApiSite(web.BaseSite):
 
     @staticmethod
     async def _header(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> tuple[str, int] | None:
+        if await _peek_byte(loop, conn) != SIGNATURE[:1]:
+            raise _NoHeader
         head = await _read_exact(loop, conn, 16)
         if head[:12] != SIGNATURE:
             raise ProxyError("no PROXY protocol v2 header")
@@ -203,10 +216,24 @@ class ApiSite(web.BaseSite):
         now = time.monotonic()
         if now - self._warned_at >= WARN_SECONDS:  # one line a minute, not one per connection
             self._warned_at = now
-            reason = "no header within 5 seconds" if isinstance(error, asyncio.TimeoutError) else str(error)
-            log.warning("closed a connection from a proxy_protocol.from address without a valid PROXY v2 "
-                        "header (is the load balancer sending send-proxy-v2?)",
+            reason = "no whole header within 5 seconds" if isinstance(error, asyncio.TimeoutError) else str(error)
+            log.warning("closed a connection from a proxy_protocol.from address with a broken PROXY v2 header",
                         extra={"peer": str(peer[0]) if peer else "?", "reason": reason, "refused": self.refused})
+
+
+async def _peek_byte(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> bytes:
+    """The connection's first byte, left in the socket for whoever reads next (b"" at end of stream)."""
+    while True:
+        try:
+            return conn.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            pass
+        readable = loop.create_future()
+        loop.add_reader(conn.fileno(), lambda: readable.done() or readable.set_result(None))
+        try:
+            await readable
+        finally:
+            loop.remove_reader(conn.fileno())
 
 
 async def _read_exact(loop: asyncio.AbstractEventLoop, conn: socket.socket, n: int) -> bytes:

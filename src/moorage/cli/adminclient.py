@@ -28,10 +28,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import httpcore
 import httpx
 
-from moorage.api.proxy_protocol import LOCAL_HEADER
 from moorage.cli.main import CliError
 from moorage.cluster import endpoint, pki
 
@@ -131,7 +129,7 @@ class AdminClient:
             local_ca if not getattr(args, "ca_fingerprint", None) and not getattr(args, "insecure_tls", False)
             else None)
         verify, self.ca_pem = trust(args, url, self.ca_file)
-        self.http = httpx.Client(base_url=url, auth=credentials(args), transport=Transport(verify), timeout=TIMEOUT)
+        self.http = httpx.Client(base_url=url, auth=credentials(args), verify=verify, timeout=TIMEOUT)
 
     def call(self, method: str, path: str, body: Any = None) -> Any:
         try:
@@ -157,55 +155,6 @@ class AdminClient:
 
     def close(self) -> None:
         self.http.close()
-
-
-# -- from a load balancer ----------------------------------------------------------
-
-class _LocalHeader(httpcore.SyncBackend):
-    """Connections that start with a PROXY protocol v2 LOCAL header: "this is the proxy's own"."""
-
-    def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):  # type: ignore[override]
-        stream = super().connect_tcp(host, port, timeout, local_address, socket_options)
-        stream.write(LOCAL_HEADER, timeout)
-        return stream
-
-
-class Transport(httpx.HTTPTransport):
-    """httpx's transport, which also works from a load balancer's address.
-
-    Replicas close connections from the addresses of the cluster setting
-    proxy_protocol.from that do not start with a PROXY protocol header, and
-    `moorage lb haproxy` runs there. So a connection closed before TLS is
-    tried once more with a LOCAL header, and if that works, every later
-    connection starts with one. Nothing of a request had been sent then, so
-    trying again is safe; from any other address the header is refused just
-    the same, and the first error is the one reported.
-    """
-
-    def __init__(self, verify: ssl.SSLContext | bool):
-        super().__init__(verify=verify)
-        context = verify if isinstance(verify, ssl.SSLContext) else httpx.create_ssl_context(verify=verify)
-        self._local = httpx.HTTPTransport(verify=context)
-        # httpx takes no network backend; its pool does (httpx 0.27 and 0.28 keep it in _pool).
-        self._local._pool = httpcore.ConnectionPool(ssl_context=context, network_backend=_LocalHeader())
-        self.proxied = False
-
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
-        if self.proxied:
-            return self._local.handle_request(request)
-        try:
-            return super().handle_request(request)
-        except httpx.ConnectError as first:
-            try:
-                response = self._local.handle_request(request)
-            except httpx.HTTPError:
-                raise first from None
-            self.proxied = True
-            return response
-
-    def close(self) -> None:
-        super().close()
-        self._local.close()
 
 
 # -- TLS trust -------------------------------------------------------------------
@@ -251,7 +200,7 @@ def _fetch_ca(url: str, expected: str) -> bytes:
     """The replica's CA, unverified (that is what the fingerprint is for), checked by its fingerprint."""
     want = _normal_fingerprint(expected)
     try:
-        with httpx.Client(transport=Transport(False), timeout=TIMEOUT) as http:
+        with httpx.Client(verify=False, timeout=TIMEOUT) as http:
             r = http.get(url + "/ca")
     except httpx.HTTPError as e:
         raise CliError(f"cannot fetch the cluster CA from {url}/ca: {e}") from None
