@@ -193,7 +193,7 @@ class Console:
         request[USER_KEY] = session.user if session else None
         ctx = Ctx(self, request, session)
         if route.who != ANYONE and session is None:
-            if request.method == "GET" and not route.pattern.pattern.endswith(r"\.json$"):
+            if request.method == "GET" and not _json_path(request):
                 target = request.rel_url.raw_path_qs
                 return web.Response(status=303, headers={"Location": f"{PREFIX}/sign-in?next={quote(target)}"})
             raise Refused(401, "Your session has ended; sign in again.")
@@ -230,7 +230,7 @@ class Console:
     # -- errors -------------------------------------------------------------------------
 
     def _refused(self, request: web.BaseRequest, e: Refused) -> web.Response:
-        if request.path.endswith(".json"):
+        if _json_path(request):
             return web.json_response({"error": e.message}, status=e.status)
         return self._error_page(request, e.status, e.message)
 
@@ -268,6 +268,20 @@ class Console:
     def clear_flash(self, response: web.StreamResponse, request: web.BaseRequest) -> None:
         response.del_cookie(self._flash_cookie(request), path="/", secure=request.secure, httponly=True,
                             samesite="Strict")
+
+
+# A place to send the browser next: a console page of this host, nothing else (no scheme, no
+# other host, no header-breaking characters).
+_LOCAL = re.compile(r"^/console/[A-Za-z0-9._~/%:@!$&'()*+,;=?-]*$")
+
+
+def console_path(value: str, default: str = PREFIX + "/") -> str:
+    return value if _LOCAL.match(value) and "//" not in value and len(value) < 2048 else default
+
+
+def _json_path(request: web.BaseRequest) -> bool:
+    """The pages' own fetches (cluster.json, gc.json) get JSON, errors included, never a redirect."""
+    return request.path.endswith(".json")
 
 
 _TITLES = {400: "Bad request", 401: "Signed out", 403: "Not allowed", 404: "Not found",

@@ -18,7 +18,7 @@ from aiohttp import web
 from yarl import URL
 
 from moorage.api.audit import error_reason
-from moorage.api.console.app import ADMIN, PREFIX, Ctx, Refused, Route, admin_error
+from moorage.api.console.app import ADMIN, PREFIX, Ctx, Refused, Route, admin_error, console_path
 from moorage.api.errors import from_error
 from moorage.registry import digest as digests
 from moorage.registry.browse import REPO_SORTS, TAG_SORTS
@@ -235,11 +235,11 @@ async def delete(ctx: Ctx, name: str) -> web.StreamResponse:
     reference = tag or digest
     if not (tag and is_valid_tag(tag)) and not (digest and digests.is_digest(digest)):
         raise Refused(400, "Name a tag or a manifest digest to delete.")
-    back = ctx.form.get("back") if ctx.form.get("back", "").startswith(f"{PREFIX}/r/") else repo_url(name)
+    back = console_path(ctx.form.get("back", ""), repo_url(name))
     sub = ctx.request.clone(method="DELETE", rel_url=URL.build(path=f"/v2/{name}/manifests/{reference}"))
     if not ctx.may(name, "delete"):
-        response: web.StreamResponse = web.Response(status=403)
-        _audit_v2(ctx, sub, response, "console: delete refused")
+        if ctx.console.audit is not None:
+            ctx.console.audit.denied(sub, 403, "the user may not delete in this repository (console)")
         raise Refused(403, "You may not delete in this repository.")
     refused = ctx.console.refuse_writes()
     if refused is not None:
@@ -255,10 +255,10 @@ async def delete(ctx: Ctx, name: str) -> web.StreamResponse:
     return ctx.redirect(back if tag else repo_url(name), f"Deleted {what} from {name}.")
 
 
-def _audit_v2(ctx: Ctx, sub: web.BaseRequest, response: web.StreamResponse, detail: str | None = None) -> None:
+def _audit_v2(ctx: Ctx, sub: web.BaseRequest, response: web.StreamResponse) -> None:
     """As the distribution API audits the same DELETE."""
     if ctx.console.audit is not None:
-        ctx.console.audit.v2(sub, response, detail)
+        ctx.console.audit.v2(sub, response)
 
 
 async def visibility(ctx: Ctx, name: str) -> web.StreamResponse:

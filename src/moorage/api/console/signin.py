@@ -6,21 +6,15 @@ import re
 
 from aiohttp import web
 
-from moorage.api.console.app import ANYONE, PREFIX, Ctx, Route
+from moorage.api.console.app import ANYONE, PREFIX, Ctx, Route, console_path
 from moorage.api.console.session import SignInRefused
 
-# Where a sign-in may send the browser next: a console page of this host, nothing else.
-_NEXT = re.compile(r"^/console/[A-Za-z0-9._~/%:@!$&'()*+,;=?-]*$")
 MAX_NAME = 64
-
-
-def _next(value: str) -> str:
-    return value if _NEXT.match(value) and "//" not in value and len(value) < 2048 else f"{PREFIX}/"
 
 
 async def sign_in_page(ctx: Ctx) -> web.StreamResponse:
     if ctx.session is not None:
-        return ctx.redirect(_next(ctx.query("next", limit=2048)))
+        return ctx.redirect(console_path(ctx.query("next", limit=2048)))
     return _form(ctx, 200)
 
 
@@ -28,7 +22,7 @@ def _form(ctx: Ctx, status: int, error: str | None = None, name: str = "",
           retry_after: str | None = None) -> web.Response:
     token, nonce = ctx.console.sessions.sign_in_csrf(ctx.request)
     response = ctx.page("sign_in.html", status, title="Sign in", sign_in_csrf=token, error=error,
-                        name=name, next=_next(ctx.form.get("next") or ctx.query("next", limit=2048)))
+                        name=name, next=console_path(ctx.form.get("next") or ctx.query("next", limit=2048)))
     if nonce is not None:
         ctx.console.sessions.set_pre_session(response, ctx.request, nonce)
     if retry_after:
@@ -45,7 +39,7 @@ async def sign_in(ctx: Ctx) -> web.StreamResponse:
         if ctx.console.audit is not None and e.status in (401, 429):
             ctx.console.audit.login_failed(ctx.request, name or None, f"console: {e.message}", e.status)
         return _form(ctx, e.status, e.message, name, e.retry_after)
-    response = ctx.redirect(_next(ctx.form.get("next", "")))
+    response = ctx.redirect(console_path(ctx.form.get("next", "")))
     sessions.set_cookie(response, ctx.request, session)
     return response
 
