@@ -560,6 +560,7 @@ def test_a_killed_replica_turns_red_on_the_cluster_page_within_3_seconds(admin, 
     killed = time.monotonic()
     expect(row.locator(".health")).to_have_text("down", timeout=3000)
     took = time.monotonic() - killed
+    print(f"the killed replica turned red {took:.2f} s after SIGKILL")
     assert took < 3.0, took
     expect(page.locator("#cluster-warnings")).to_contain_text(f"Replica {victim.replica_id} is down")
     expect(page.locator('[data-field="tolerates"]')).to_have_text("0 failures")
