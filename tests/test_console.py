@@ -453,6 +453,34 @@ def test_users_teams_grants_and_what_a_user_may_do(admin, reg, content):
     with admin_api(reg) as api:  # the same answer as the admin API gives
         assert api.get("/_admin/access", params={"user": "carol", "repo": "ci/app"}).json()["actions"] == [
             "pull", "push"]
+    page.get_by_label("New password for carol").fill("carol-new-password")
+    page.get_by_role("button", name="Set password for carol").click()
+    expect(page.get_by_role("status")).to_have_text("Set a new password for carol.")
+    with admin_api(reg, "carol", "carol-new-password") as api:  # the new password is hers now (not an admin)
+        assert api.get("/_admin/users").status_code == 403
+    page.get_by_role("button", name="Revoke write on ci/* from builders").click()
+    expect(page.get_by_role("status")).to_have_text("Revoked the grant on ci/* of the team builders.")
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.get_by_role("button", name="Remove carol", exact=True).click()
+    expect(page.get_by_role("status")).to_have_text("Removed the user carol.")
+    with admin_api(reg) as api:
+        assert "carol" not in [u["name"] for u in api.get("/_admin/users").json()["users"]]
+        assert api.get("/_admin/grants", params={"team": "builders"}).json()["grants"] == []
+
+
+def test_an_admin_makes_a_repository_public_from_its_page(admin, reg, content):
+    with reg.client() as c:
+        push_image(c, "demo/opened", "v1", make_image(n_layers=1, layer_size=64))
+    with reg.client(user=None) as anonymous:
+        assert anonymous.get("/v2/demo/opened/tags/list").status_code == 401
+    page = admin
+    page.goto(f"{reg.url}/console/r/demo/opened")
+    page.get_by_label("Visibility").select_option("public")
+    page.get_by_role("button", name="Change").click()
+    expect(page.get_by_role("status")).to_have_text("demo/opened is now public.")
+    expect(page.locator(".facts .pill")).to_have_text("public")
+    with reg.client(user=None) as anonymous:  # the registry's own rule now lets anyone pull it
+        assert anonymous.get("/v2/demo/opened/tags/list").json()["tags"] == ["v1"]
 
 
 def test_garbage_collection_dry_run_with_progress_and_history(admin, reg, content):

@@ -181,7 +181,7 @@ def _access_call(form: str, f: dict[str, str]) -> tuple[str, str, dict, str]:
         if form == "grant":
             body["role"] = f.get("role", "")
             return "PUT", "/_admin/grants", body, f"Granted {body['role']} on {body['repo']} to {body[kind]}."
-        return "DELETE", "/_admin/grants", body, f"Revoked {body[kind]}'s grant on {body['repo']}."
+        return "DELETE", "/_admin/grants", body, f"Revoked the grant on {body['repo']} of the {kind} {body[kind]}."
     if form == "visibility":
         body = {"repo": f.get("repo", ""), "visibility": f.get("visibility", "")}
         return "PUT", "/_admin/visibility", body, f"{body['repo']}: visibility set to {body['visibility']}."
