@@ -1,7 +1,9 @@
 """Test harness: real `moorage serve` processes with their own etcd members.
 
 Nothing here is mocked. Each `Registry` is a child process started exactly as a
-user would start it, on free loopback ports, with its own data directory.
+user would start it, with its own data directory: on free loopback ports, or
+on a host of its own (tests/hosts.py: a network namespace with the HA guide's
+addresses and default ports) for anything that depends on addresses.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import ClassVar, Iterator
 import httpx
 import pytest
 
+import hosts
 from auth import BearerAuth, fetch_token, scopes_for
 
 MOORAGE = [sys.executable, "-m", "moorage"]
@@ -51,13 +54,23 @@ class Registry:
     proc: subprocess.Popen | None = None
     log_path: Path | None = None
     trust: Path | None = None  # the CA clients trust, when not the cluster CA (an operator's certificate)
+    on: hosts.Host | None = None  # its own host (network namespace); None: this machine's loopback
+    wrapper: list[str] = field(default_factory=list)  # put before the command (e.g. faketime)
+    listen: str | None = None  # --listen when not HOST:PORT (e.g. 0.0.0.0:5000)
     # Every registry started so far, by URL: `moorage(..., "--existing", URL)`
     # trusts the CA of the one it names.
     started: ClassVar[dict[str, "Registry"]] = {}
 
     @property
+    def ip(self) -> str:
+        if self.on is None:
+            return "127.0.0.1"
+        self.on.network.require_client()
+        return self.on.ip
+
+    @property
     def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.ip}:{self.port}"
 
     @property
     def tls(self) -> bool:
@@ -83,8 +96,8 @@ class Registry:
     def connection(self, timeout: float = 30) -> http.client.HTTPConnection:
         """A raw http.client connection, for requests httpx would rewrite."""
         if not self.tls:
-            return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        return http.client.HTTPSConnection("127.0.0.1", self.port, timeout=timeout,
+            return http.client.HTTPConnection(self.ip, self.port, timeout=timeout)
+        return http.client.HTTPSConnection(self.ip, self.port, timeout=timeout,
                                            context=self.ssl_context())
 
     @property
@@ -95,7 +108,7 @@ class Registry:
         joining = self.join is not None and not (self.data_dir / "replica.json").exists()
         cmd = MOORAGE + (["join", "--existing", self.join] if joining else ["serve"]) + [
             "--data-dir", str(self.data_dir),
-            "--listen", self.host,
+            "--listen", self.listen or self.host,
             "--etcd-client-port", str(self.etcd_client_port),
             "--etcd-peer-port", str(self.etcd_peer_port),
         ]
@@ -109,7 +122,7 @@ class Registry:
         log = open(self.log_path, "ab")
         cmd = self.command()
         self.proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=cli_env(cmd),
+            (self.on.run_prefix() if self.on else []) + self.wrapper + cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=cli_env(cmd),
             stdin=subprocess.DEVNULL,
         )
         self.wait_ready(timeout)
@@ -205,10 +218,12 @@ def cli_env(args, env: dict | None = None) -> dict:
     return out
 
 
-def moorage(*args: str, timeout: float = 60, check: bool = True,
-            env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run a `moorage` command as a user would, with the admin's credentials in the environment."""
-    out = subprocess.run(MOORAGE + list(args), capture_output=True, text=True, timeout=timeout,
+def moorage(*args: str, timeout: float = 60, check: bool = True, env: dict | None = None,
+            on: hosts.Host | None = None) -> subprocess.CompletedProcess:
+    """Run a `moorage` command as a user would, with the admin's credentials in the environment
+    (`on`: on that host, e.g. a replica's own for emergency-repair)."""
+    out = subprocess.run((on.run_prefix() if on else []) + MOORAGE + list(args), capture_output=True,
+                         text=True, timeout=timeout,
                          env=cli_env(args, env), stdin=subprocess.DEVNULL)
     if check:
         assert out.returncode == 0, f"moorage {' '.join(args)} exited {out.returncode}:\n{out.stderr}"
@@ -238,20 +253,36 @@ def client(registry) -> Iterator[httpx.Client]:
         yield c
 
 
+def on_host(host: hosts.Host, data_dir: Path, **kw) -> Registry:
+    """A replica on a host of its own, on the default ports as the HA guide runs them."""
+    return Registry(data_dir, on=host, port=5000, etcd_client_port=2379, etcd_peer_port=2380, **kw)
+
+
 class Cluster:
-    def __init__(self, root):
+    """Replicas sharing one storage directory: on loopback, or with `network`, replica i
+    on host registry-(i+1) at 10.0.0.(11+i) on the guide's default ports, one host each."""
+
+    def __init__(self, root, network: hosts.Network | None = None):
         self.root = root
         self.storage = root / "blobs"
+        self.network = network
         self.replicas: list[Registry] = []
 
+    def new(self, **kw) -> Registry:
+        i = len(self.replicas)
+        if self.network is not None:
+            return on_host(self.network.host(f"registry-{i + 1}", f"10.0.0.{11 + i}"), self.root / f"r{i}",
+                           storage_dir=self.storage, **kw)
+        return Registry(self.root / f"r{i}", storage_dir=self.storage, **kw)
+
     def start_first(self) -> Registry:
-        first = Registry(self.root / "r0", storage_dir=self.storage).start()
+        first = self.new().start()
         self.replicas.append(first)
         return first
 
     def join(self, via: Registry | None = None) -> Registry:
         via = via or next(r for r in self.replicas if r.proc and r.proc.poll() is None)
-        new = Registry(self.root / f"r{len(self.replicas)}", storage_dir=self.storage, join=via.url)
+        new = self.new(join=via.url)
         new.start(timeout=90)
         self.replicas.append(new)
         return new
@@ -269,6 +300,22 @@ class Cluster:
 def cluster(tmp_path) -> Iterator[Cluster]:
     """An empty cluster on loopback; `start_first()` then `join()` replicas into it."""
     c = Cluster(tmp_path)
+    yield c
+    c.stop()
+
+
+@pytest.fixture
+def network() -> Iterator[hosts.Network]:
+    """A network of separate hosts; the test runs on its client host (tests/hosts.py)."""
+    with hosts.network() as net:
+        yield net
+
+
+@pytest.fixture
+def hosts_cluster(tmp_path, network) -> Iterator[Cluster]:
+    """An empty cluster whose replicas each run on a host of their own; a module that
+    depends on addresses names it `cluster` (`three` then builds on it)."""
+    c = Cluster(tmp_path, network)
     yield c
     c.stop()
 

@@ -1,8 +1,10 @@
 """Replicas: join, status, settings that spread, remove, failure of one.
 
-Real clusters on loopback: every replica a `moorage` process with its own
-etcd member on its own ports, all sharing one storage directory, exactly as
-the high-availability guide sets them up on one machine.
+Real clusters on separate hosts: every replica a `moorage` process with its
+own etcd member on a host of its own (a network namespace at the guide's
+addresses, 10.0.0.11, .12, ..., on the default ports), all sharing one storage
+directory, as the high-availability guide sets them up; the test is a client
+host on the same network.
 """
 
 from __future__ import annotations
@@ -19,6 +21,12 @@ from conftest import Registry, moorage, wait_for
 from oci import OCI_MANIFEST, new_repo, push_blob, push_image, sha256, with_digest
 
 pytestmark = pytest.mark.cluster
+
+
+@pytest.fixture
+def cluster(hosts_cluster: Cluster) -> Cluster:
+    """Each replica on a host of its own (conftest's `three` builds on this)."""
+    return hosts_cluster
 
 
 def test_three_replicas_by_join_are_healthy_and_tolerate_one(three):

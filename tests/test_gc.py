@@ -465,3 +465,33 @@ def test_writer_and_sweeper_file_protocol(fresh_registry):
         for digest, data in blobs.items():
             r = c.get(f"/v2/gc/protocol/blobs/{digest}")
             assert r.status_code == 200 and r.content == data
+
+
+def test_the_cluster_clock_is_the_slowest_running_replicas():
+    """GC measures ages with it (cluster/clock.py): alone, its own clock; with others, the slowest
+    one whose heartbeat it saw change, never a dead replica's stale record."""
+    import msgspec
+    from moorage.cluster.clock import ClusterClock
+    from moorage.cluster.replicas import new_record
+    from moorage.meta import keys
+    from moorage.meta.etcd import KV, Event
+
+    now = [1000.0]
+    clock = ClusterClock("self", clock=lambda: now[0])
+    assert clock.now() == 1000.0 and clock.settled()
+
+    def beat(rid: str, seen: float) -> None:
+        record = msgspec.structs.replace(new_record(rid, "u", "p", "c"), seen=seen)
+        clock.observe(Event(False, KV(keys.replica(rid), msgspec.json.encode(record), 1, 1)))
+
+    beat("dead", 400.0)              # read at start-up: a record that never changes again
+    beat("behind", 700.0)
+    beat("ahead", 1200.0)
+    assert clock.now() == 1000.0 and not clock.settled()
+    beat("behind", 760.0)            # seen changing: it runs 240 s behind us
+    beat("ahead", 1205.0)
+    assert clock.now() == 760.0 and clock.offset("ahead") == 205.0 and clock.offset("dead") is None
+    now[0] += 10
+    assert clock.now() == 770.0
+    clock.observe(Event(True, KV(keys.replica("behind"), b"", 2, 1)))
+    assert clock.now() == 1010.0

@@ -1,9 +1,12 @@
-"""docs/high-availability.md, run: every command in it, in order, on one machine.
+"""docs/high-availability.md, run: every command in it, in order, each on its own node.
 
-The guide's nodes (registry-1 at 10.0.0.11, ...) become loopback replicas on
-free ports, its paths become temporary directories; nothing else is changed.
-Long-running commands (serve, join, lb --watch) run in the background, as on
-their own nodes. Each command's printed lines must match the guide's, once
+The guide's nodes are hosts of their own (tests/hosts.py): registry-1 at
+10.0.0.11, registry-2 at .12, registry-3 at .13 and the load balancer at
+10.0.0.10, named registry.example.com, each a network namespace with the
+guide's addresses and default ports, so every command runs as written but for
+its paths, which become temporary directories (the shared storage one
+directory all nodes see, as over NFS). Long-running commands (serve, join, lb
+--watch) run in the background, as on their own nodes. Each command's printed lines must match the guide's, once
 ids, numbers and addresses are set aside. HTML comments `<!-- test: kill
 registry-2 -->` and `<!-- test: stop registry-1 -->` stand for what a person
 does with their hands: a machine lost, a service stopped.
@@ -24,7 +27,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import ENV, free_port
+import hosts
+from conftest import ENV
 
 pytestmark = pytest.mark.cluster
 
@@ -35,10 +39,7 @@ BACKGROUND = ("moorage serve", "moorage join")
 @dataclass
 class Node:
     name: str
-    ip: str
-    port: int = field(default_factory=free_port)
-    etcd_client: int = field(default_factory=free_port)
-    etcd_peer: int = field(default_factory=free_port)
+    host: hosts.Host
     proc: subprocess.Popen | None = None
     log: Path | None = None
 
@@ -88,28 +89,23 @@ def shape(text: str) -> str:
 
 
 class Guide:
-    def __init__(self, tmp: Path):
+    def __init__(self, tmp: Path, net: hosts.Network):
         self.tmp = tmp
-        self.nodes = {f"registry-{i}": Node(f"registry-{i}", f"10.0.0.1{i}") for i in (1, 2, 3)}
-        self.nodes["the load balancer"] = Node("lb", "127.0.0.1")
+        self.nodes = {f"registry-{i}": Node(f"registry-{i}", net.host(f"registry-{i}", f"10.0.0.1{i}"))
+                      for i in (1, 2, 3)}
+        self.nodes["the load balancer"] = Node("lb", net.host("lb", "10.0.0.10"))
+        net.name("registry.example.com", "10.0.0.10")
         self.ids: dict[str, str] = {}  # the guide's sample replica ids and CA fingerprint -> the real ones
-        self.lb_port = free_port()
         self.env = {k: v for k, v in ENV.items() if not k.startswith("MOORAGE_")}
         self.env["PATH"] = f"{Path(sys.executable).parent}:{self.env['PATH']}"
         self.background: list[subprocess.Popen] = []
 
     def translate(self, node: Node, command: str) -> str:
-        for other in self.nodes.values():
-            command = command.replace(f"{other.ip}:5000", f"127.0.0.1:{other.port}")
-            command = command.replace(other.ip, "127.0.0.1")
-        command = command.replace("0.0.0.0:5000", f"127.0.0.1:{self.lb_port}")
         command = command.replace("/mnt/registry", str(self.tmp / "shared-storage"))
         command = command.replace("/etc/haproxy/", f"{self.tmp}/haproxy-")
         command = re.sub(r"/var/lib/(moorage[\w-]*)", lambda m: f"{self.tmp}/{node.name}/{m.group(1)}", command)
         for sample, real in self.ids.items():
             command = command.replace(sample, real)
-        if command.startswith(BACKGROUND):
-            command += f" --etcd-client-port {node.etcd_client} --etcd-peer-port {node.etcd_peer}"
         if command.startswith("moorage lb haproxy") and "--watch" in command:
             command += f" --pidfile {self.tmp}/haproxy.pid"
         return command
@@ -125,7 +121,7 @@ class Guide:
         if command.startswith(BACKGROUND) or "--watch" in command:
             self.start(node, command, step)
             return
-        out = subprocess.run(["bash", "-c", command], capture_output=True, text=True, env=self.env,
+        out = subprocess.run(node.host.run_prefix() + ["bash", "-c", command], capture_output=True, text=True, env=self.env,
                              timeout=120, stdin=subprocess.DEVNULL)
         assert out.returncode == 0, f"{command}\nexited {out.returncode}\n{out.stdout}\n{out.stderr}"
         self.expect(step, out.stdout + out.stderr, command)
@@ -133,7 +129,7 @@ class Guide:
     def start(self, node: Node, command: str, step: Step) -> None:
         node.log = self.tmp / f"{node.name}-{len(self.background)}.log"
         with open(node.log, "wb") as log:
-            proc = subprocess.Popen(["bash", "-c", f"exec {command}"], stdout=log, stderr=subprocess.STDOUT,
+            proc = subprocess.Popen(node.host.run_prefix() + ["bash", "-c", f"exec {command}"], stdout=log, stderr=subprocess.STDOUT,
                                     env=self.env, start_new_session=True, stdin=subprocess.DEVNULL)
         self.background.append(proc)
         if "--watch" in command:
@@ -148,7 +144,7 @@ class Guide:
         while True:
             assert proc.poll() is None, f"{command}\n{node.log.read_text()}"
             try:  # readiness only: whose certificate it is, is the commands' business
-                if httpx.get(f"https://127.0.0.1:{node.port}/_ping", timeout=1, verify=False).status_code == 200:
+                if httpx.get(f"https://{node.host.ip}:5000/_ping", timeout=1, verify=False).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
@@ -190,10 +186,10 @@ class Guide:
                     os.killpg(proc.pid, signal.SIGKILL)
 
 
-def test_guide_commands_run_as_written(tmp_path):
+def test_guide_commands_run_as_written(tmp_path, network):
     found = steps()
     assert sum(s.kind == "run" for s in found) >= 15, "the guide lost its commands"
-    guide = Guide(tmp_path)
+    guide = Guide(tmp_path, network)
     try:
         for step in found:
             if step.kind == "run":
@@ -201,10 +197,19 @@ def test_guide_commands_run_as_written(tmp_path):
             else:
                 guide.directive(step)
         # The end state the guide promises: the repaired replica serves with new ones joined.
-        status = subprocess.run(["moorage", "status", "--existing",
-                                 f"https://127.0.0.1:{guide.nodes['registry-1'].port}", "--json"],
-                                capture_output=True, text=True, env=guide.env, timeout=60)
+        one = guide.nodes["registry-1"].host
+        status = subprocess.run(one.run_prefix() + ["moorage", "status", "--existing", "https://10.0.0.11:5000",
+                                                    "--json"], capture_output=True, text=True, env=guide.env,
+                                timeout=60)
         assert status.returncode == 0, status.stderr
         assert '"voters": 2' in status.stdout, status.stdout
+        # A client reaches the cluster through the load balancer by its name, verifying the
+        # replica's certificate for that name against the cluster CA.
+        ca = tmp_path / "registry-1" / "moorage" / "tls" / "ca.crt"
+        probe = ("import httpx, sys; r = httpx.get('https://registry.example.com:5000/v2/', verify=sys.argv[1]); "
+                 "print(r.status_code)")
+        out = subprocess.run(network.client_host.run_prefix() + [sys.executable, "-c", probe, str(ca)],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and out.stdout.strip() == "401", out.stderr
     finally:
         guide.close()

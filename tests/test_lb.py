@@ -5,9 +5,11 @@ operator would, on a free loopback port, and talks to the cluster only
 through it: kills, removals and joins happen underneath while clients push
 and pull.
 
-HAProxy passes TLS through (mode tcp): clients speak HTTPS to the replicas
-themselves and trust the cluster CA, and the load balancer's address
-(127.0.0.1) is one every replica certificate covers.
+The replicas run on hosts of their own (tests/hosts.py); HAProxy runs on the
+test's client host and binds its loopback. HAProxy passes TLS through (mode
+tcp): clients speak HTTPS to the replicas themselves and trust the cluster CA,
+and the load balancer's address (127.0.0.1) is one every replica certificate
+covers. The guide's test runs HAProxy on a host of its own under its name.
 """
 
 from __future__ import annotations
@@ -36,6 +38,12 @@ from oci import OCI_MANIFEST, Image, make_image, new_repo, pull_blob, pull_manif
 from test_skopeo import skopeo
 
 pytestmark = pytest.mark.lb
+
+
+@pytest.fixture
+def cluster(hosts_cluster: Cluster) -> Cluster:
+    """Each replica on a host of its own (conftest's `three` builds on this)."""
+    return hosts_cluster
 
 HAPROXY = "/usr/sbin/haproxy"
 RETRY_PAUSE = 0.5

@@ -1,6 +1,7 @@
 """Disaster recovery: `moorage emergency-repair` after a majority of replicas is lost for good.
 
-Real processes throughout: a three-replica cluster made with `moorage join`,
+Real processes throughout: a three-replica cluster made with `moorage join`, each
+replica on a host of its own (the repair runs on the survivor's),
 two of its replicas killed with SIGKILL (replica and etcd member at once), the
 survivor stopped, repaired, restarted, and grown back to three.
 """
@@ -22,6 +23,12 @@ from oci import OCI_MANIFEST, Image, new_repo, push_image, sha256
 pytestmark = pytest.mark.cluster
 
 
+@pytest.fixture
+def cluster(hosts_cluster: Cluster) -> Cluster:
+    """Each replica on a host of its own (conftest's `three` builds on this)."""
+    return hosts_cluster
+
+
 def tree(path: Path) -> dict[str, tuple[int, int]]:
     """Every file under `path` with its size and mtime: proof a refusal changed nothing."""
     return {str(p.relative_to(path)): (p.stat().st_size, p.stat().st_mtime_ns)
@@ -36,10 +43,10 @@ def one_sentence_refusal(out: subprocess.CompletedProcess, *words: str) -> None:
         assert word in lines[0], lines[0]
 
 
-def at_terminal(args: list[str], answer: str, timeout: float = 60) -> tuple[int, str]:
+def at_terminal(args: list[str], answer: str, prefix: list[str], timeout: float = 60) -> tuple[int, str]:
     """Run a command with a pseudo-terminal as stdin/stdout, answer its prompt, return (code, output)."""
     main, child = pty.openpty()
-    proc = subprocess.Popen(MOORAGE + args, stdin=child, stdout=child, stderr=child, env=ENV)
+    proc = subprocess.Popen(prefix + MOORAGE + args, stdin=child, stdout=child, stderr=child, env=ENV)
     os.close(child)
     out, answered, deadline = b"", False, time.monotonic() + timeout
     try:
@@ -86,10 +93,10 @@ def test_repair_after_losing_two_of_three_then_grow_back(three: Cluster):
     data = str(survivor.data_dir)
 
     # A running replica is refused, and so is one whose cluster still has quorum.
-    one_sentence_refusal(moorage("emergency-repair", "--data-dir", data, "--yes", check=False),
+    one_sentence_refusal(moorage("emergency-repair", "--data-dir", data, "--yes", check=False, on=survivor.on),
                          "seems to be running", "stop it first")
     survivor.stop()
-    one_sentence_refusal(moorage("emergency-repair", "--data-dir", data, "--yes", check=False),
+    one_sentence_refusal(moorage("emergency-repair", "--data-dir", data, "--yes", check=False, on=survivor.on),
                          "still has quorum", "moorage remove")
     survivor.start()
     assert three.status(survivor)["voters"] == 3
@@ -102,16 +109,16 @@ def test_repair_after_losing_two_of_three_then_grow_back(three: Cluster):
 
     # Without --yes and without a terminal: one sentence, nothing touched.
     before = tree(survivor.data_dir)
-    one_sentence_refusal(moorage("emergency-repair", "--data-dir", data, check=False), "--yes")
+    one_sentence_refusal(moorage("emergency-repair", "--data-dir", data, check=False, on=survivor.on), "--yes")
     assert tree(survivor.data_dir) == before
 
     # At a terminal it says what it drops, and "no" cancels.
-    code, shown = at_terminal(["emergency-repair", "--data-dir", data], "no")
+    code, shown = at_terminal(["emergency-repair", "--data-dir", data], "no", survivor.on.run_prefix())
     assert code == 1 and "cancelled; nothing was changed" in shown, shown
     assert all(rid in shown for rid in lost) and "--force-new-cluster" in shown
     assert "may be missing" in shown and "no longer be part of the cluster" in shown
 
-    out = moorage("emergency-repair", "--data-dir", data, "--yes", timeout=90)
+    out = moorage("emergency-repair", "--data-dir", data, "--yes", timeout=90, on=survivor.on)
     assert "is now a cluster of one" in out.stdout and f"moorage serve --data-dir {data}" in out.stdout
     assert all(rid in out.stdout for rid in lost), out.stdout
     print(out.stdout)

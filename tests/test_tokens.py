@@ -10,7 +10,7 @@ import pytest
 
 from moorage.api.throttle import LoginThrottle
 from moorage.api.token_endpoint import BadRequest, parse_scopes
-from moorage.registry.tokens import Scope, TokenError, Tokens
+from moorage.registry.tokens import CLOCK_SKEW_SECONDS, Scope, TokenError, Tokens
 
 pytestmark = pytest.mark.security
 
@@ -105,11 +105,27 @@ def _tamper(token: str) -> str:
     return f"{head}.{body}.{sig}"
 
 
-def test_a_token_from_a_replica_whose_clock_runs_ahead_is_accepted():
-    issuer, verifier = tokens(Clock(1000.0)), tokens(Clock(995.0))
-    assert verifier.verify(issuer.issue("a", []).token).subject == "a"
+def test_a_token_from_a_replica_whose_clock_runs_minutes_ahead():
+    token = tokens(Clock(1000.0), lifetime=60, replica="fast").issue("a", []).token  # exp 1060
+    assert payload(token)["rep"] == "fast"
+    # A verifier 4 minutes behind that knows it (from heartbeats) checks times on the issuer's clock:
+    clock = Clock(760.0)
+    knows = tokens(clock, replica="slow", offset=lambda r: 240.0 if r == "fast" else None)
+    assert knows.verify(token).subject == "a"
+    clock.now = 760.0 + 59
+    assert knows.verify(token).subject == "a"
+    clock.now = 760.0 + 60  # expired exactly when its lifetime is over, skew or not (cached or not)
+    with pytest.raises(TokenError, match="expired"):
+        knows.verify(token)
+    with pytest.raises(TokenError, match="expired"):
+        tokens(clock, replica="slow", offset=lambda r: 240.0).verify(token)
+    # Before it knows the offset (just started), it allows CLOCK_SKEW_SECONDS either side.
+    assert tokens(Clock(760.0), replica="slow").verify(token).subject == "a"
+    assert tokens(Clock(1060.0 + CLOCK_SKEW_SECONDS - 1), replica="slow").verify(token).subject == "a"
     with pytest.raises(TokenError, match="not valid yet"):
-        tokens(Clock(900.0)).verify(issuer.issue("a", []).token)
+        tokens(Clock(1000.0 - 10 - CLOCK_SKEW_SECONDS - 1), replica="slow").verify(token)
+    with pytest.raises(TokenError, match="expired"):
+        tokens(Clock(1060.0 + CLOCK_SKEW_SECONDS), replica="slow").verify(token)
 
 
 def test_the_cache_is_bounded():

@@ -60,8 +60,10 @@ def register(commands) -> None:
     p.add_argument("--storage-dir", type=Path, default=None,
                    help="blob storage directory (default: DATA_DIR/blobs); the archive's blobs go there, "
                         "else it must already hold the cluster's blobs")
-    p.add_argument("--advertise", default="127.0.0.1",
-                   help="host the new replica's etcd member is reached at (default: 127.0.0.1)")
+    p.add_argument("--advertise", default="127.0.0.1", metavar="IP",
+                   help="address the new replica advertises (default: 127.0.0.1): its etcd member listens "
+                        "there while restore runs it, and the printed `moorage serve` listens there; a serve "
+                        "with another --listen host moves the member to it")
     p.add_argument("--etcd-client-port", type=int, default=2379, help="etcd client port (default: 2379)")
     p.add_argument("--etcd-peer-port", type=int, default=2380, help="etcd peer port (default: 2380)")
     p.add_argument("--listen", default=None, metavar="HOST:PORT",
@@ -281,8 +283,9 @@ def run_restore(args: argparse.Namespace) -> int:
         print(f"blobs: {written} written to {storage_dir}, {present} already there")
     else:
         print(f"the archive has no blobs: {storage_dir} must hold the cluster's blob storage")
-    # The etcd ports, the advertised host and the storage directory are in DATA_DIR/replica.json
-    # now; the API address is not, and the default one may be another registry's.
+    # The etcd ports and the storage directory are in DATA_DIR/replica.json now; the API address is
+    # not (the advertised address follows --listen at every start), and the default one may be
+    # another registry's.
     print(f"start it with `moorage serve --data-dir {args.data_dir} --listen {listen}`, then join replicas "
           f"with `moorage join --existing https://{listen}`; the cluster CA is the old one, so clients trust "
           "it as before")

@@ -15,8 +15,10 @@ from moorage import logs
 from moorage.cli import tls
 from moorage.cli.adminclient import AdminClient, add_cluster_options, ask
 from moorage.cli.main import CliError
-from moorage.cli.serve import Replica, add_replica_options, check_ports_free, parse_listen, run_replica
+from moorage.cli.serve import (Replica, add_replica_options, advertise_of, check_ports_free, parse_listen,
+                               run_replica)
 from moorage.cluster import pki
+from moorage.cluster.addresses import url_host
 from moorage.cluster.identity import Identity
 from moorage.cluster.membership import tolerates
 from moorage.units import human_bytes
@@ -93,9 +95,7 @@ def run_join(args: argparse.Namespace) -> int:
         raise CliError("--replica-id takes lowercase hex digits")
     host, port = parse_listen(args.listen)
     tls.check_options(args, host)
-    advertise = args.advertise or host
-    if advertise in ("0.0.0.0", "::"):
-        raise CliError("listening on all addresses: pass --advertise with the address other replicas reach")
+    advertise = advertise_of(host, args).host
     client_port, peer_port = args.etcd_client_port or 2379, args.etcd_peer_port or 2380
     check_ports_free([(host, port, "the listen address"), (advertise, client_port, "the etcd client port"),
                       (advertise, peer_port, "the etcd peer port")])
@@ -105,7 +105,7 @@ def run_join(args: argparse.Namespace) -> int:
                        "existing replica with --ca-cert FILE or --ca-fingerprint sha256:HEX")
     admin = AdminClient(args)
     plan = admin.call("POST", "/_admin/cluster/join",
-                      {"replica_id": replica_id, "peer_url": f"https://{advertise}:{peer_port}"})
+                      {"replica_id": replica_id, "peer_url": f"https://{url_host(advertise)}:{peer_port}"})
     served = False
     ours = [d for d in ("tls", "pki") if not (data_dir / d).exists()]  # what a failed join removes
 
@@ -204,10 +204,14 @@ def run_remove(args: argparse.Namespace) -> int:
 
 # -- status ----------------------------------------------------------------------
 
-def _ago(ts: float | None) -> str:
-    if ts is None:
-        return "-"
-    seconds = max(time.time() - ts, 0)
+def _ago(row: dict) -> str:
+    # Measured by the replica that answered, corrected for the heartbeat writer's clock
+    # (cluster/clock.py); an older replica sends only the writer's timestamp.
+    seconds = row.get("seen_seconds_ago")
+    if seconds is None:
+        if row.get("last_seen") is None:
+            return "-"
+        seconds = max(time.time() - row["last_seen"], 0)
     return f"{seconds:.0f}s ago" if seconds < 120 else f"{seconds / 60:.0f}m ago"
 
 
@@ -223,7 +227,7 @@ def run_status(args: argparse.Namespace) -> int:
     header = ["REPLICA", "URL", "API", "ETCD", "LAG", "VERSION", "LAST SEEN"]
     rows = [[r["id"], r["url"] or "-", "healthy" if r["healthy"] else (r["api"] or "down"),
              r["role"] + ("" if r["etcd_reachable"] else " (unreachable)"),
-             "-" if r["lag"] is None else str(r["lag"]), r["version"] or "-", _ago(r["last_seen"])]
+             "-" if r["lag"] is None else str(r["lag"]), r["version"] or "-", _ago(r)]
             for r in status["replicas"]]
     print_table(header, rows)
     n, healthy = status["voters"], status["healthy"]

@@ -25,7 +25,8 @@ from moorage.api.proxy_protocol import ApiSite
 from moorage.api.audit import RequestAudit
 from moorage.cli import tls
 from moorage.cli.main import CliError
-from moorage.cluster import endpoint, pki, replicas
+from moorage.cluster import addresses, endpoint, membership, pki, replicas
+from moorage.cluster.clock import ClusterClock
 from moorage.cluster.etcd_member import EtcdError, EtcdMember, node_tls
 from moorage.cluster.identity import Identity, load_or_create
 from moorage.cluster.membership import track_solo
@@ -53,14 +54,18 @@ QUORUM_PROBE_SECONDS = 1.0
 # itself unhealthy and refuses writes at once instead of letting them time out.
 QUORUM_GRACE_SECONDS = 3.0
 PROMOTE_SECONDS = 120.0
+# A member that just started may be refused a membership change for a few seconds.
+MOVE_SECONDS = 30.0
 
 
 def add_replica_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", type=Path, default=Path("./moorage-data"),
                    help="where this replica keeps its identity and etcd data (default: ./moorage-data)")
     p.add_argument("--listen", default="127.0.0.1:5000", help="HOST:PORT to serve on (default: 127.0.0.1:5000)")
-    p.add_argument("--advertise", default=None,
-                   help="host other replicas and clients reach this one at (default: the listen host)")
+    p.add_argument("--advertise", default=None, metavar="IP",
+                   help="address other replicas and clients reach this one at; etcd binds its ports to it "
+                        "(default: the listen host; with --listen 0.0.0.0 or [::], this host's one routable "
+                        "address, else pass it)")
     p.add_argument("--etcd-client-port", type=int, default=None, help="etcd client port (default: 2379)")
     p.add_argument("--etcd-peer-port", type=int, default=None, help="etcd peer port (default: 2380)")
     p.add_argument("--storage-dir", type=Path, default=None,
@@ -84,6 +89,14 @@ def parse_listen(value: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
         raise CliError(f"--listen takes HOST:PORT, not {value!r}")
     return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def advertise_of(listen_host: str, args: argparse.Namespace) -> addresses.Advertised:
+    """This start's advertised address (cluster/addresses.py), its refusal as one sentence."""
+    try:
+        return addresses.advertised(listen_host, args.advertise)
+    except addresses.AddressError as e:
+        raise CliError(str(e)) from None
 
 
 def check_ports_free(ports: list[tuple[str, int, str]]) -> None:
@@ -133,6 +146,7 @@ class Replica:
         self.data_dir = args.data_dir.resolve()
         self.host, self.port = parse_listen(args.listen)
         tls.check_options(args, self.host)
+        self.advertised = advertise_of(self.host, args)
         self.promote = promote
         self.on_serving = on_serving
         self.identity: Identity | None = None
@@ -211,8 +225,11 @@ class Replica:
 
     async def run(self) -> int:
         args = self.args
+        if self.advertised.resolved_from is not None:
+            log.info("advertising this host's one routable address", extra={
+                "advertise": self.advertised.host, "listen": self.advertised.resolved_from})
         identity, created = load_or_create(self.data_dir, args.storage_dir, args.etcd_client_port,
-                                           args.etcd_peer_port, args.advertise)
+                                           args.etcd_peer_port, self.advertised.host)
         self.identity = identity
         check_ports_free([(self.host, self.port, "the listen address"),
                           (identity.advertise, identity.etcd_client_port, "the etcd client port"),
@@ -221,7 +238,7 @@ class Replica:
         pki_paths = pki.Paths(self.data_dir)
         tls.ensure_ca(pki_paths, identity.cluster_token, joining=identity.initial_cluster is not None)
         api_ssl = tls.api_context(args, pki_paths, pki.replica_names(
-            self.host, self._advertised_host(), extra=tuple(args.tls_name)))
+            self.host, self.advertised.host, extra=tuple(args.tls_name)))
         storage = FilesystemDriver(Path(identity.storage_dir))
         # etcd's mutual TLS: the node certificate covers the advertised address (peers and the
         # members' client URLs) and loopback; it is reissued when --advertise changes.
@@ -245,9 +262,13 @@ class Replica:
         try:
             if self.promote is not None and identity.member_id is not None:
                 await self._await_promotion(identity.member_id, client)
+            else:
+                await self._move_member(client, member)
             self.index = Index(client)
             self.index.subscribe(keys.CONFIG, self.settings.apply)
             self.index.subscribe(keys.REPLICA, self._replica_event)
+            clock = ClusterClock(identity.replica_id)
+            self.index.subscribe(keys.REPLICA, clock.observe)
             self.access = Access(client, self.index)  # subscribes: must come before start()
             await self.index.start()
             self.quorum_ok_at = time.monotonic()  # the index just read from etcd
@@ -265,13 +286,18 @@ class Replica:
             uploads = Uploads(registry, Sessions(store, await store.secret("upload-state")))
             # Every replica signs with the same secret, so each verifies any replica's tokens locally.
             tokens = Tokens(await store.secret("token-signing"),
-                            lambda: self.settings["token.lifetime_seconds"])
+                            lambda: self.settings["token.lifetime_seconds"], replica=identity.replica_id,
+                            offset=clock.offset)
             auth = Auth(self.access, tokens)
             cluster = ClusterService(client, self.index, self.settings, Path(identity.storage_dir),
-                                     identity.replica_id, identity.cluster_token, pki_paths=pki_paths)
-            url = f"{'https' if api_ssl else 'http'}://{self._url_host()}:{self.port}"
+                                     identity.replica_id, identity.cluster_token, pki_paths=pki_paths,
+                                     clock=clock)
+            url = f"{'https' if api_ssl else 'http'}://{addresses.url_host(self.advertised.host)}:{self.port}"
             record = replicas.new_record(identity.replica_id, url, member.peer_url, member.client_url)
-            gc = GcRunner(store, storage, self.settings, identity.replica_id, uploads.sessions)
+            for field, (old, new) in replicas.moved(await replicas.record(client, identity.replica_id),
+                                                    record).items():
+                log.info("this replica's address changed", extra={"field": field, "old": old, "new": new})
+            gc = GcRunner(store, storage, self.settings, identity.replica_id, uploads.sessions, clock)
             tasks = [
                 asyncio.create_task(track_solo(client, self.index, identity.replica_id)),
                 asyncio.create_task(self._probe_quorum(client)),
@@ -329,15 +355,23 @@ class Replica:
         log.info("moorage stopped", extra={"removed": self.removed})
         return 0
 
-    def _advertised_host(self) -> str:
-        assert self.identity is not None
-        if self.args.advertise:
-            return self.args.advertise
-        return self.host if self.host not in ("0.0.0.0", "::") else self.identity.advertise
-
-    def _url_host(self) -> str:
-        host = self._advertised_host()
-        return f"[{host}]" if ":" in host else host
+    async def _move_member(self, client: EtcdClient, member: EtcdMember) -> None:
+        """Bring this replica's etcd member entry to this start's advertised address (a new
+        --advertise, or a cluster an old version created advertising loopback)."""
+        deadline = time.monotonic() + MOVE_SECONDS
+        while True:
+            try:
+                old = await membership.move_peer_url(client, member.name, member.peer_url)
+                break
+            except EtcdUnavailable as e:
+                if time.monotonic() > deadline:
+                    raise CliError(f"this replica's etcd member could not change its peer URL to "
+                                   f"{member.peer_url} ({e}); start it again with the --advertise it had, "
+                                   "or see DATA_DIR/etcd.log") from None
+                await asyncio.sleep(0.5)
+        if old is not None:
+            log.info("this replica's address changed", extra={"field": "etcd peer_url", "old": old,
+                                                               "new": member.peer_url})
 
     async def _await_promotion(self, member_id: int, client: EtcdClient) -> None:
         """As a new learner: ask the cluster to promote us until it has caught us up,

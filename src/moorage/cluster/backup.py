@@ -54,6 +54,7 @@ from typing import IO, Any
 
 from moorage import __version__
 from moorage.cluster import pki
+from moorage.cluster.addresses import url_host
 from moorage.cluster.identity import Identity
 from moorage.meta import keys
 from moorage.meta.etcd import EtcdClient, EtcdUnavailable, op_delete
@@ -440,7 +441,7 @@ def restore_snapshot(snapshot: Path, identity: Identity, etcd_dir: Path) -> None
     etcdctl = shutil.which("etcdctl")
     if etcdctl is None:
         raise BackupError("etcdctl is not installed (Debian package etcd-client); restore needs it")
-    peer = f"https://{identity.advertise}:{identity.etcd_peer_port}"
+    peer = f"https://{url_host(identity.advertise)}:{identity.etcd_peer_port}"
     cmd = [etcdctl, "snapshot", "restore", str(snapshot), "--name", identity.replica_id,
            "--data-dir", str(etcd_dir), "--initial-cluster", f"{identity.replica_id}={peer}",
            "--initial-cluster-token", identity.cluster_token, "--initial-advertise-peer-urls", peer]

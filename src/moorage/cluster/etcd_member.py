@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from moorage.cluster import pki
+from moorage.cluster.addresses import url_host
 from moorage.meta.etcd import EtcdClient, EtcdTls, EtcdUnavailable
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ class EtcdMember:
     tls: EtcdTls
     client_port: int
     peer_port: int
-    host: str = "127.0.0.1"
+    host: str                               # the replica's advertised address (cluster/addresses.py)
     cluster_token: str = "moorage"
     initial_cluster: str | None = None      # None: this member alone
     log_path: Path | None = None
@@ -70,15 +71,15 @@ class EtcdMember:
 
     @property
     def client_url(self) -> str:
-        return f"https://{self.host}:{self.client_port}"
+        return f"https://{url_host(self.host)}:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
-        return f"https://{self.host}:{self.peer_port}"
+        return f"https://{url_host(self.host)}:{self.peer_port}"
 
     @property
     def endpoint(self) -> str:
-        return f"{self.host}:{self.client_port}"
+        return f"{url_host(self.host)}:{self.client_port}"
 
     def command(self) -> list[str]:
         binary = shutil.which("etcd")

@@ -24,7 +24,10 @@ class Identity:
     storage_dir: str
     etcd_client_port: int
     etcd_peer_port: int
-    advertise: str = "127.0.0.1"
+    # The address this replica last advertised: `serve` and `join` compute it
+    # from their flags at every start (cluster/addresses.py) and save it here
+    # for the commands that run without them (emergency-repair).
+    advertise: str
     # Set by `join` for the first start only: how to reach the existing members.
     initial_cluster: str | None = None
     member_id: int | None = None
@@ -48,8 +51,9 @@ class Identity:
 
 
 def load_or_create(data_dir: Path, storage_dir: Path | None, client_port: int | None,
-                   peer_port: int | None, advertise: str | None = None) -> tuple[Identity, bool]:
-    """The replica's identity; flags given on this start override what was saved."""
+                   peer_port: int | None, advertise: str) -> tuple[Identity, bool]:
+    """The replica's identity; flags given on this start override what was saved, and the
+    advertised address is always this start's (a saved one may be an old version's loopback)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     found = Identity.load(data_dir)
     created = found is None
@@ -59,10 +63,9 @@ def load_or_create(data_dir: Path, storage_dir: Path | None, client_port: int | 
             replica_id=replica_id, cluster_token=f"moorage-{replica_id}", created=time.time(),
             storage_dir=str((storage_dir or data_dir / "blobs").resolve()),
             etcd_client_port=client_port or 2379, etcd_peer_port=peer_port or 2380,
-            advertise=advertise or "127.0.0.1")
+            advertise=advertise)
     else:
-        if advertise is not None:
-            found.advertise = advertise
+        found.advertise = advertise
         if storage_dir is not None:
             found.storage_dir = str(storage_dir.resolve())
         if client_port is not None:

@@ -60,6 +60,23 @@ async def promote(client: EtcdClient, member_id: int) -> bool:
         raise
 
 
+async def move_peer_url(client: EtcdClient, name: str, peer_url: str) -> str | None:
+    """Make member `name`'s peer URL `peer_url`; returns the URL it had, None if it had it already.
+
+    etcd ignores --initial-advertise-peer-urls once its data exists, so a
+    replica that starts with a new advertised address (or one that an old
+    version wrongly advertised on loopback) changes its membership entry
+    itself, through its own member; a cluster of one has quorum alone.
+    Client URLs need no such call: etcd publishes them at every start.
+    """
+    members = await client.members()
+    ours = next((m for m in members if m.name == name), None)
+    if ours is None or list(ours.peerURLs) == [peer_url]:
+        return None
+    await client.call_cluster("MemberUpdate", rpc.MemberUpdateRequest(ID=ours.ID, peerURLs=[peer_url]))
+    return ", ".join(ours.peerURLs) or "(none)"
+
+
 async def remove(client: EtcdClient, member_id: int) -> None:
     await client.call_cluster("MemberRemove", rpc.MemberRemoveRequest(ID=member_id))
 

@@ -63,6 +63,24 @@ def new_record(replica_id: str, url: str, peer_url: str, client_url: str) -> Rep
                          version=__version__, started=now, seen=now)
 
 
+async def record(client: EtcdClient, replica_id: str) -> ReplicaRecord | None:
+    kv = await client.get(keys.replica(replica_id), serializable=True)
+    if kv is None:
+        return None
+    try:
+        return _decode(kv.value)
+    except msgspec.DecodeError:
+        return None
+
+
+def moved(old: ReplicaRecord | None, new: ReplicaRecord) -> dict[str, tuple[str, str]]:
+    """The addresses that differ between a replica's previous record and its new one."""
+    if old is None:
+        return {}
+    return {f: (getattr(old, f), getattr(new, f)) for f in ("url", "peer_url", "client_url")
+            if getattr(old, f) != getattr(new, f)}
+
+
 async def all_records(client: EtcdClient) -> dict[str, ReplicaRecord]:
     # Serializable: the local member answers even without quorum, which is
     # when an admin most needs to see the replicas.

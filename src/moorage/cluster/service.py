@@ -18,6 +18,7 @@ import aiohttp
 import msgspec
 
 from moorage.cluster import membership, pki, replicas, settings
+from moorage.cluster.clock import ClusterClock
 from moorage.cluster.settings import ClusterSettings, SettingError
 from moorage.meta.etcd import EtcdClient, EtcdUnavailable
 from moorage.meta.index import Index
@@ -42,7 +43,7 @@ def proof_name(replica_id: str) -> str:
 class ClusterService:
     def __init__(self, client: EtcdClient, index: Index, cluster_settings: ClusterSettings,
                  storage_root: Path, replica_id: str, cluster_token: str,
-                 pki_paths: pki.Paths | None = None):
+                 pki_paths: pki.Paths | None = None, clock: ClusterClock | None = None):
         self.client = client
         self.index = index
         self.settings = cluster_settings
@@ -50,6 +51,7 @@ class ClusterService:
         self.replica_id = replica_id
         self.cluster_token = cluster_token
         self.pki_paths = pki_paths
+        self.clock = clock or ClusterClock(replica_id)
 
     async def _etcd(self, operation):
         try:
@@ -140,6 +142,12 @@ class ClusterService:
         leader_index = max((s.raft_index for s in states if s.leader), default=0)
         rows = []
         names = {s.name for s in states}
+        now = time.time()
+
+        def seen_ago(record: replicas.ReplicaRecord) -> float:
+            # On this replica's clock scale: the heartbeat was stamped with the writer's.
+            return max(now - (record.seen - (self.clock.offset(record.id) or 0.0)), 0.0)
+
         for s in states:
             record = records.get(s.name)
             api = pings.get(record.url) if record else None
@@ -150,6 +158,9 @@ class ClusterService:
                 "etcd_reachable": s.reachable, "lag": max(leader_index - s.raft_index, 0) if s.reachable else None,
                 "version": record.version if record else None,
                 "last_seen": record.seen if record else None,
+                "seen_seconds_ago": seen_ago(record) if record else None,
+                # Its clock minus the answering replica's, from its heartbeats (None: not known yet).
+                "clock_offset_seconds": self.clock.offset(s.name),
                 "member_id": f"{s.id:x}",
             })
         for rid, record in records.items():  # a record without a member: being removed or joining
@@ -158,7 +169,8 @@ class ClusterService:
                 rows.append({"id": rid, "url": record.url, "healthy": False,
                              "api": api[1] if api else "unknown", "role": "none", "etcd_reachable": False,
                              "lag": None, "version": record.version, "last_seen": record.seen,
-                             "member_id": None})
+                             "seen_seconds_ago": seen_ago(record),
+                             "clock_offset_seconds": self.clock.offset(rid), "member_id": None})
         voters = [s for s in states if not s.learner]
         healthy_voters = sum(1 for r, s in zip(rows, states) if not s.learner and r["healthy"])
         return {"replicas": rows, "voters": len(voters),

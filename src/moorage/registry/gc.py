@@ -153,7 +153,8 @@ class Collector:
 
     def __init__(self, gc_store: GcStore, meta: MetaStore, storage: BlobDriver, run: GcRun, lease: int,
                  policy: Policy, report: Callable[[GcRun], Awaitable[None]],
-                 closed: Callable[[str], None] = lambda upload_id: None):
+                 closed: Callable[[str], None] = lambda upload_id: None,
+                 now: Callable[[], float] = time.time):
         self.gcs = gc_store
         self.meta = meta
         self.storage = storage
@@ -162,6 +163,9 @@ class Collector:
         self.policy = policy
         self._report = report
         self._closed = closed   # tells this replica's sessions an upload is over (they cache while solo)
+        # Records carry their writers' clocks: ages are measured against the slowest clock of
+        # the cluster (cluster/clock.py), so a replica whose clock runs ahead collects nothing early.
+        self._now = now
         self._reported = 0.0
 
     async def progress(self, force: bool = False) -> None:
@@ -183,7 +187,9 @@ class Collector:
 
     async def collect(self) -> GcRun:
         run, policy = self.run, self.policy
-        now = time.time()
+        now = self._now()
+        # Files carry the storage's clock: their ages are measured on its scale.
+        file_now = time.time() + await self.storage.clock_offset()
         await self._phase("mark")
         snap = await self.gcs.snapshot()
         run.revision = snap.revision
@@ -207,17 +213,20 @@ class Collector:
         cutoff = now - policy.grace_seconds
         young = [rec for d, (rec, _) in snap.blobs.items() if d not in live and rec.created > cutoff]
         if young:
+            # When, on this replica's clock (ages run on the slowest one's, `now`).
+            late = time.time() - now + policy.grace_seconds
             run.blobs_young, run.bytes_young = len(young), sum(rec.size for rec in young)
-            run.young_collectable_from = min(rec.created for rec in young) + policy.grace_seconds
-            run.young_collectable_until = max(rec.created for rec in young) + policy.grace_seconds
+            run.young_collectable_from = min(rec.created for rec in young) + late
+            run.young_collectable_until = max(rec.created for rec in young) + late
         await self._phase("blobs")
         swept = await self._sweep_blobs(snap, live, cutoff)
         await self._phase("links")
         await self._sweep_links(snap, live, used, cutoff)
         await self._phase("uploads")
-        await self._sweep_uploads(snap, now - policy.upload_max_age_seconds)
+        await self._sweep_uploads(snap, now - policy.upload_max_age_seconds,
+                                  file_now - policy.upload_max_age_seconds)
         await self._phase("orphans")
-        await self._sweep_orphans(snap, swept, cutoff)
+        await self._sweep_orphans(snap, swept, file_now - policy.grace_seconds)
         run.phase = "done"
         return run
 
@@ -295,7 +304,7 @@ class Collector:
             self.run.links_swept += count
             await self._step()
 
-    async def _sweep_uploads(self, snap: Snapshot, cutoff: float) -> None:
+    async def _sweep_uploads(self, snap: Snapshot, cutoff: float, file_cutoff: float) -> None:
         idle = [(uid, mod) for uid, (rec, mod) in snap.uploads.items() if rec is not None and rec.updated <= cutoff]
         active = {uid for uid, (rec, _) in snap.uploads.items() if rec is not None and rec.updated > cutoff}
         for uid, mod in idle:
@@ -310,13 +319,13 @@ class Collector:
             await self.progress()
         closed = {uid for uid, _ in idle}
         for uid, size, stamp in await self.storage.upload_files():
-            if uid not in active and uid not in closed and stamp <= cutoff:
+            if uid not in active and uid not in closed and stamp <= file_cutoff:
                 if not self.policy.dry_run:
                     await self.storage.delete_upload(uid)
                 self.run.uploads_swept += 1
                 self.run.bytes_freed += size
         for name, size, stamp in await self.storage.tmp_files():
-            if stamp <= cutoff:
+            if stamp <= file_cutoff:
                 if not self.policy.dry_run:
                     await self.storage.delete_tmp(name)
                 self.run.tmp_swept += 1

@@ -16,6 +16,7 @@ import time
 
 import msgspec
 
+from moorage.cluster.clock import ClusterClock
 from moorage.cluster.service import ClusterError
 from moorage.cluster.settings import ClusterSettings, duration_seconds
 from moorage.meta.etcd import EtcdUnavailable
@@ -37,8 +38,9 @@ def summary(run: GcRun) -> dict:
 
 class GcRunner:
     def __init__(self, meta: MetaStore, storage: BlobDriver, settings: ClusterSettings, replica_id: str,
-                 sessions: Sessions | None = None):
+                 sessions: Sessions | None = None, clock: ClusterClock | None = None):
         self.meta = meta
+        self.clock = clock
         self.gcs = GcStore(meta.client)
         self.storage = storage
         self.settings = settings
@@ -92,7 +94,8 @@ class GcRunner:
     async def _run(self, run: GcRun, lease: int) -> None:
         log.info("garbage collection started", extra={"run": run.id, "dry_run": run.dry_run})
         collector = Collector(self.gcs, self.meta, self.storage, run, lease, self.policy(run.dry_run),
-                              self.gcs.save, self.sessions.forget if self.sessions else lambda _: None)
+                              self.gcs.save, self.sessions.forget if self.sessions else lambda _: None,
+                              now=self.clock.now if self.clock else time.time)
         work = asyncio.create_task(self._collect(collector))
         keeper = asyncio.create_task(self._keep_lease(lease, work))
         try:
@@ -112,6 +115,8 @@ class GcRunner:
         run = collector.run
         try:
             await self._abandon_others(run)
+            if self.clock is not None:  # just started: learn the others' clocks first
+                await self.clock.settle()
             await collector.collect()
             run.state = "done"
         except asyncio.CancelledError:

@@ -6,6 +6,13 @@ good on all of them without a network round trip. Verified tokens are cached
 by their string until they expire: a manifest GET, the hottest request,
 then costs a dictionary lookup instead of an HMAC and a JSON decode.
 
+Replicas' clocks may disagree by minutes (no NTP, a VM paused and resumed).
+A token names the replica that issued it (`rep`), and a verifier that knows
+that replica's clock offset (cluster/clock.py, from its heartbeats) checks
+the token's times on the issuer's clock: expiry stays exact whatever the skew.
+While the offset is unknown (the verifier just started), it allows
+CLOCK_SKEW_SECONDS either side instead.
+
 Three kinds of token, told apart by their audience so that none can stand in
 for another: access tokens (audience = the service, short-lived, carrying
 `access`), refresh tokens (audience = "<service>:refresh", long-lived,
@@ -30,9 +37,13 @@ SERVICE = "moorage"
 REPO_ACTIONS = frozenset({"pull", "push", "delete"})
 CATALOG = ("registry", "catalog")
 REFRESH_SECONDS = 30 * 24 * 3600
-# Replicas' clocks differ a little: a token is valid from a moment before it
-# was issued, so the replica next door does not refuse it as "not yet valid".
+# A token is valid from a moment before it was issued: the issuer's clock as
+# another replica estimates it may be that much behind the truth.
 BACKDATE_SECONDS = 10
+# The leeway on a token's times while its issuer's clock offset is unknown: the
+# usual bound on clock skew (Kerberos's). What a token lets a caller do is
+# checked per request anyway.
+CLOCK_SKEW_SECONDS = 300
 CACHE_SIZE = 8192
 _ALGORITHMS = ["HS256"]
 
@@ -60,7 +71,7 @@ class Claims:
     subject: str | None                      # None: an anonymous token
     repositories: Mapping[str, frozenset[str]]
     catalog: bool
-    expires: float                           # epoch seconds
+    expires: float                           # epoch seconds on the verifier's clock: good until then
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +100,7 @@ def _access_claim(scopes: Iterable[Scope]) -> list[dict]:
     return [{"type": s.type, "name": s.name, "actions": sorted(s.actions)} for s in scopes if s.actions]
 
 
-def _claims(payload: dict) -> Claims:
+def _claims(payload: dict, expires: float) -> Claims:
     repos: dict[str, frozenset[str]] = {}
     catalog = False
     access = payload.get("access")
@@ -108,18 +119,20 @@ def _claims(payload: dict) -> Claims:
     subject = payload.get("sub")
     if not isinstance(subject, str):
         raise TokenError("the token has no subject")
-    return Claims(subject or None, repos, catalog, float(payload["exp"]))
+    return Claims(subject or None, repos, catalog, expires)
 
 
 class Tokens:
     """Issues and verifies this cluster's tokens.
 
     `lifetime` is read on every issue, so a change of the cluster setting
-    applies to the next token without a restart.
+    applies to the next token without a restart. `offset(replica)` is that
+    replica's clock minus ours (None while unknown); `replica` is ours.
     """
 
     def __init__(self, secret: bytes, lifetime: Callable[[], int], service: str = SERVICE,
-                 cache_size: int = CACHE_SIZE, clock: Callable[[], float] = time.time):
+                 cache_size: int = CACHE_SIZE, clock: Callable[[], float] = time.time,
+                 replica: str = "", offset: Callable[[str], float | None] = lambda replica: None):
         self.secret = secret
         self.lifetime = lifetime
         self.service = service
@@ -127,6 +140,8 @@ class Tokens:
         self.session_audience = f"{service}:console"
         self.cache_size = cache_size
         self.clock = clock
+        self.replica = replica
+        self.offset = offset
         self._cache: OrderedDict[str, Claims] = OrderedDict()
 
     # -- issuing ---------------------------------------------------------------
@@ -135,7 +150,7 @@ class Tokens:
         now = int(self.clock())
         payload = {"iss": ISSUER, "aud": audience, "sub": subject, "iat": now,
                    "nbf": now - BACKDATE_SECONDS, "exp": now + lifetime,
-                   "jti": secrets.token_urlsafe(12), **extra}
+                   "jti": secrets.token_urlsafe(12), "rep": self.replica, **extra}
         return jwt.encode(payload, self.secret, algorithm="HS256"), now
 
     def issue(self, subject: str | None, granted: Iterable[Scope]) -> Issued:
@@ -167,7 +182,8 @@ class Tokens:
                 return claims
             del cache[token]
             raise TokenError("the token has expired")
-        claims = _claims(self._decode(token, self.service))
+        payload, expires = self._decode(token, self.service)
+        claims = _claims(payload, expires)
         cache[token] = claims
         if len(cache) > self.cache_size:
             cache.popitem(last=False)
@@ -175,22 +191,23 @@ class Tokens:
 
     def verify_refresh(self, token: str) -> tuple[str, str]:
         """(subject, password version) of a valid refresh token."""
-        payload = self._decode(token, self.refresh_audience)
+        payload, _ = self._decode(token, self.refresh_audience)
         subject, version = payload.get("sub"), payload.get("ver")
         if not isinstance(subject, str) or not subject or not isinstance(version, str):
             raise TokenError("the refresh token names no user")
         return subject, version
 
     def verify_session(self, token: str) -> SessionClaims:
-        payload = self._decode(token, self.session_audience)
+        payload, expires = self._decode(token, self.session_audience)
         subject, sid, version, signed_in = payload.get("sub"), payload.get("sid"), payload.get("ver"), \
             payload.get("sat")
         if not (isinstance(subject, str) and subject and isinstance(sid, str) and isinstance(version, str)
                 and isinstance(signed_in, (int, float))):
             raise TokenError("the session token is malformed")
-        return SessionClaims(subject, sid, version, float(signed_in), float(payload["exp"]))
+        return SessionClaims(subject, sid, version, float(signed_in), expires)
 
-    def _decode(self, token: str, audience: str) -> dict:
+    def _decode(self, token: str, audience: str) -> tuple[dict, float]:
+        """The payload of a valid token, and until when (our clock) it stays valid."""
         try:
             payload = jwt.decode(token, self.secret, algorithms=_ALGORITHMS, audience=audience, issuer=ISSUER,
                                  options={"require": ["exp", "iat", "nbf", "sub", "aud", "iss"],
@@ -206,9 +223,15 @@ class Tokens:
         exp, nbf = payload["exp"], payload["nbf"]
         if not isinstance(exp, (int, float)) or not isinstance(nbf, (int, float)):
             raise TokenError("the token's times are not numbers")
-        now = self.clock()
-        if exp <= now:
+        issuer = payload.get("rep")
+        offset = self.offset(issuer) if isinstance(issuer, str) and issuer else None
+        if issuer == self.replica:
+            offset = 0.0
+        # On the issuer's clock when we know it, else with the leeway of the largest skew we allow.
+        early, late = (BACKDATE_SECONDS, 0.0) if offset is not None else (CLOCK_SKEW_SECONDS,) * 2
+        now = self.clock() + (offset or 0.0)
+        if exp + late <= now:
             raise TokenError("the token has expired")
-        if nbf > now + BACKDATE_SECONDS:
+        if nbf > now + early:
             raise TokenError("the token is not valid yet")
-        return payload
+        return payload, exp + late - (offset or 0.0)

@@ -18,6 +18,7 @@ import asyncio
 import ctypes
 import hashlib
 import os
+import time
 import uuid
 from pathlib import Path
 
@@ -323,6 +324,21 @@ class FilesystemDriver:
 
     async def tmp_files(self) -> list[tuple[str, int, float]]:
         return await asyncio.get_running_loop().run_in_executor(None, self._scan, self.tmp, 0)
+
+    def _probe_clock(self) -> float:
+        # A shared filesystem stamps files with its server's clock (the kernel's, locally), which
+        # need not be this process's: garbage collection compares file ages on the storage's scale.
+        probe = self.tmp / f"clock-{uuid.uuid4().hex}"
+        try:
+            before = time.time()
+            probe.write_bytes(b"")
+            stamp = probe.stat().st_mtime
+            return stamp - (before + time.time()) / 2
+        finally:
+            probe.unlink(missing_ok=True)
+
+    async def clock_offset(self) -> float:
+        return await asyncio.get_running_loop().run_in_executor(None, self._probe_clock)
 
     async def delete_tmp(self, name: str) -> None:
         if "/" not in name and name not in ("", ".", ".."):
