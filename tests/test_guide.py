@@ -2,7 +2,7 @@
 
 The guide's nodes are hosts of their own (tests/hosts.py): registry-1 at
 10.0.0.11, registry-2 at .12, registry-3 at .13 and the load balancer at
-10.0.0.10, named registry.example.com, each a network namespace with the
+10.0.0.5, named registry.example.com, each a network namespace with the
 guide's addresses and default ports, so every command runs as written but for
 its paths, which become temporary directories (the shared storage one
 directory all nodes see, as over NFS). Long-running commands (serve, join, lb
@@ -28,7 +28,7 @@ import httpx
 import pytest
 
 import hosts
-from conftest import ENV
+from conftest import ENV, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -93,8 +93,8 @@ class Guide:
         self.tmp = tmp
         self.nodes = {f"registry-{i}": Node(f"registry-{i}", net.host(f"registry-{i}", f"10.0.0.1{i}"))
                       for i in (1, 2, 3)}
-        self.nodes["the load balancer"] = Node("lb", net.host("lb", "10.0.0.10"))
-        net.name("registry.example.com", "10.0.0.10")
+        self.nodes["the load balancer"] = Node("lb", net.host("lb", "10.0.0.5"))
+        net.name("registry.example.com", "10.0.0.5")
         self.ids: dict[str, str] = {}  # the guide's sample replica ids and CA fingerprint -> the real ones
         self.env = {k: v for k, v in ENV.items() if not k.startswith("MOORAGE_")}
         self.env["PATH"] = f"{Path(sys.executable).parent}:{self.env['PATH']}"
@@ -204,12 +204,21 @@ def test_guide_commands_run_as_written(tmp_path, network):
         assert status.returncode == 0, status.stderr
         assert '"voters": 2' in status.stdout, status.stdout
         # A client reaches the cluster through the load balancer by its name, verifying the
-        # replica's certificate for that name against the cluster CA.
+        # replica's certificate for that name against the cluster CA; the replica sees the
+        # client's own address through the PROXY header (the guide's proxy_protocol.from step).
         ca = tmp_path / "registry-1" / "moorage" / "tls" / "ca.crt"
-        probe = ("import httpx, sys; r = httpx.get('https://registry.example.com:5000/v2/', verify=sys.argv[1]); "
-                 "print(r.status_code)")
+        probe = ("import httpx, sys; r = httpx.get('https://registry.example.com:5000/token?service=moorage', "
+                 "verify=sys.argv[1], auth=('admin', 'not-the-password')); print(r.status_code)")
         out = subprocess.run(network.client_host.run_prefix() + [sys.executable, "-c", probe, str(ca)],
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 0 and out.stdout.strip() == "401", out.stderr
+
+        def failed_login_seen() -> str | None:
+            audit = subprocess.run(one.run_prefix() + ["moorage", "audit", "--existing", "https://10.0.0.11:5000",
+                                                       "--kind", "login-failed", "--json"],
+                                   capture_output=True, text=True, env=guide.env, timeout=60)
+            assert audit.returncode == 0, audit.stderr
+            return audit.stdout if re.search(r'"remote":\s*"10\.0\.0\.100"', audit.stdout) else None
+        wait_for(failed_login_seen, 15, "the failed login, from the client's own address, in the audit")
     finally:
         guide.close()
