@@ -87,6 +87,15 @@ def audited(reg: Registry, repo: str) -> list[dict]:
     return json.loads(out.stdout)["events"]
 
 
+def _seen_from(reg: Registry, lb: LoadBalancer, address: str) -> bool:
+    """Whether a request through the load balancer from `address` reaches the replica under it."""
+    with httpx.Client(base_url=lb.url, timeout=10, verify=reg.ssl_context(),
+                      transport=httpx.HTTPTransport(local_address=address, verify=reg.ssl_context())) as c:
+        assert c.get("/v2/probe/tags/list").status_code == 401  # no credentials: audited as challenged
+    out = moorage("audit", "--kind", "challenged", "--since", "5m", "--json", "--existing", reg.url)
+    return any(e["remote"] == address for e in json.loads(out.stdout)["events"])
+
+
 @pytest.fixture
 def proxied(tmp_path: Path):
     reg = Registry(tmp_path / "data").start()
@@ -110,6 +119,9 @@ def test_the_audit_and_the_login_slowdown_see_the_client_through_haproxy(proxied
     # and reloads HAProxy with send-proxy-v2; until then HAProxy's checks fail, as they should.
     wait_for(lambda: "send-proxy-v2" in lb.config.read_text(), 15, "lb haproxy --watch to send the PROXY header")
     wait_for(lambda: lb.up() == {reg.replica_id}, 15, f"HAProxy's checks to pass:\n{lb.log()}")
+    # The replica serves header-less connections from the load balancer too, so HAProxy's
+    # workers from before the reload still get through: wait until the reloaded one carries us.
+    wait_for(lambda: _seen_from(reg, lb, "127.0.0.2"), 30, f"HAProxy to reload with send-proxy-v2:\n{lb.log()}")
 
     repo = new_repo("pp")
     with client_from("127.0.0.2", lb) as c:
