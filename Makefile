@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
 RUN_DEPS := etcd-server:etcd etcd-client:etcdctl
-TEST_DEPS := skopeo:skopeo haproxy:haproxy docker.io:dockerd chromium:chromium npm:npm iproute2:ip iptables:iptables faketime:faketime
+TEST_DEPS := skopeo:skopeo haproxy:haproxy docker.io:dockerd chromium:chromium npm:npm iproute2:ip iptables:iptables faketime:faketime prometheus:promtool
 BENCH_DEPS := docker-registry:docker-registry wrk:wrk curl:curl
 
 .PHONY: install run test bench bench-console bench-cluster bench-gc bench-s3-clients clean
