@@ -35,7 +35,7 @@ T = TypeVar("T")
 
 
 class PrometheusError(Exception):
-    """The API answered with an error (a bad query, a refused reload)."""
+    """The API answered with an error (a query that does not parse, say)."""
 
 
 @dataclass
@@ -44,13 +44,13 @@ class ScrapeJob:
 
     name: str
     targets: list[str] = field(default_factory=list)    # HOST:PORT each
-    file_sd: Path | None = None                         # a file_sd list (JSON or YAML) instead of, or besides, targets
+    file_sd: Path | None = None                         # a file_sd list (JSON or YAML), besides or instead of targets
     scheme: str = "http"
     metrics_path: str = "/metrics"
     bearer_token_file: Path | None = None               # Authorization: Bearer <the file's content>
     ca_file: Path | None = None                         # the CA the targets' certificates must chain to
     server_name: str | None = None                      # the name their certificates must carry, if not the address
-    labels: dict[str, str] = field(default_factory=dict)  # added to every target (e.g. cluster)
+    labels: dict[str, str] = field(default_factory=dict)  # added to the static targets (a file_sd list has its own)
 
     def config(self) -> dict[str, Any]:
         job: dict[str, Any] = {"job_name": self.name, "scheme": self.scheme, "metrics_path": self.metrics_path}
@@ -58,8 +58,6 @@ class ScrapeJob:
             job["static_configs"] = [{"targets": self.targets, "labels": self.labels}]
         if self.file_sd is not None:
             job["file_sd_configs"] = [{"files": [str(self.file_sd)], "refresh_interval": INTERVAL}]
-            if self.labels:  # file_sd lists carry their own labels; these apply on top
-                job["relabel_configs"] = [{"target_label": k, "replacement": v} for k, v in self.labels.items()]
         if self.bearer_token_file is not None:
             job["authorization"] = {"type": "Bearer", "credentials_file": str(self.bearer_token_file)}
         tls: dict[str, str] = {}
@@ -110,7 +108,6 @@ class Prometheus:
         return [PROMETHEUS, f"--config.file={self.config_path}",
                 f"--storage.tsdb.path={self.root / 'tsdb'}",
                 f"--web.listen-address=127.0.0.1:{self.port}",
-                "--web.enable-lifecycle",  # POST /-/reload: `reload` after the jobs change
                 "--log.level=info"]
 
     def start(self, timeout: float = START_TIMEOUT) -> "Prometheus":
@@ -143,13 +140,6 @@ class Prometheus:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-5000:] if self.log_path.exists() else ""
-
-    def reload(self) -> None:
-        """Rewrite the configuration from `jobs` and `rule_files` and make Prometheus load it."""
-        self.write_config()
-        r = httpx.post(self.url + "/-/reload", timeout=10)
-        if r.status_code != 200:
-            raise PrometheusError(f"reload refused ({r.status_code}): {r.text.strip()}")
 
     # -- the HTTP API ----------------------------------------------------------------
 

@@ -296,9 +296,14 @@ def test_prometheus_scrapes_replicas_and_fires_alerts(tmp_path: Path) -> None:
             e.start()
         for e in exporters:
             e.wait_ready()
-        replicas = ScrapeJob("moorage", [e.address for e in exporters], scheme="https",
-                             bearer_token_file=token_file, ca_file=paths.ca_cert, labels={"cluster": "test"})
-        tokenless = ScrapeJob("without-token", [exporters[0].address], scheme="https", ca_file=paths.ca_cert)
+        # The replicas from a file_sd list, as `moorage status --prometheus-targets` is to write it.
+        targets_file = tmp_path / "moorage-targets.json"
+        targets_file.write_text(json.dumps([{"targets": [e.address for e in exporters],
+                                             "labels": {"cluster": "test"}}]))
+        replicas = ScrapeJob("moorage", file_sd=targets_file, scheme="https",
+                             bearer_token_file=token_file, ca_file=paths.ca_cert)
+        tokenless = ScrapeJob("without-token", [exporters[0].address], scheme="https", ca_file=paths.ca_cert,
+                              labels={"cluster": "test"})
         rule_file = fast_rules(ALERTS, tmp_path / "alerts.yml")
         with Prometheus(tmp_path / "prometheus", [replicas, tokenless], [rule_file]) as prom:
             def health() -> dict[tuple[str, str], dict]:
@@ -310,6 +315,7 @@ def test_prometheus_scrapes_replicas_and_fires_alerts(tmp_path: Path) -> None:
             assert all(targets[("moorage", e.address)]["health"] == "up" for e in exporters), targets
             refused = targets[("without-token", exporters[0].address)]
             assert refused["health"] == "down" and "401" in refused["lastError"], refused
+            assert all(t["labels"]["cluster"] == "test" for t in targets.values()), targets
 
             # The spec's series, with the target's labels; the recording rules ran on them.
             assert prom.values('moorage_failures_tolerated{job="moorage", cluster="test"}') == {
