@@ -62,7 +62,10 @@ def measure(sc: Scenario, server: Server, rnd: int, quiet_wait: float) -> Run:
         wait_for_quiet(quiet_wait)
         meter = CpuMeter(server)
         m = sc.run(server, ctx)
-        return Run(m.value, m.p99_ms, None, m.note, **meter.stop())
+        cpu = meter.stop()
+        busy = (cpu["cpu_server"] + cpu["cpu_children"]) * cpu["seconds"]
+        per_op = busy / m.ops * 1e6 if m.ops else None
+        return Run(m.value, m.p99_ms, None, m.note, cpu_us_per_op=per_op, **cpu)
     except Exception as exc:  # noqa: BLE001 - one row's failure must not end the bench
         alive = server.proc is not None and server.proc.poll() is None
         msg = f"{type(exc).__name__}: {exc}".splitlines()[0][:160]

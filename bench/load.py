@@ -312,6 +312,9 @@ class Measurement:
     value: float
     p99_ms: float | None = None
     note: str = ""
+    # The units of work the run did (requests, MiB, operations: the row's unit
+    # without "/s"), so that the server's CPU time can be given per unit.
+    ops: float | None = None
 
 
 def parse_wrk(output: str) -> Measurement:
@@ -332,7 +335,8 @@ def parse_wrk(output: str) -> Measurement:
         raise BenchError("wrk: no request completed")
     if errors > 0.01 * int(total.group(1)):
         raise BenchError(f"wrk: {errors} errors of {total.group(1)} requests")
-    return Measurement(float(rps.group(1)), p99, f"{errors} errors" if errors else "")
+    return Measurement(float(rps.group(1)), p99, f"{errors} errors" if errors else "",
+                       ops=int(total.group(1)))
 
 
 def wrk(server: Server, target: str, cfg: Config, headers: dict[str, str] | None = None,

@@ -26,6 +26,9 @@ class Run:
     cpu_children: float | None = None   # cores busy in its children (Moorage: etcd)
     cpu_bench: float | None = None      # cores busy in the load generators
     cpu_other: float | None = None      # cores busy in anything else on the machine
+    # CPU time of the server and its children per unit of the row (request, MiB,
+    # operation), in microseconds: the figure that carries to a machine with more cores.
+    cpu_us_per_op: float | None = None
 
 
 def median_of(runs: list[Run], attr: str) -> float | None:
@@ -38,7 +41,8 @@ def summarize(sc: Scenario, runs: dict[str, list[Run]]) -> dict[str, Any]:
     for name, rs in runs.items():
         row[name] = {
             "median": median_of(rs, "value"), "p99_ms": median_of(rs, "p99_ms"),
-            **{k: median_of(rs, k) for k in ("cpu_server", "cpu_children", "cpu_bench", "cpu_other")},
+            **{k: median_of(rs, k) for k in ("cpu_server", "cpu_children", "cpu_bench", "cpu_other",
+                                             "cpu_us_per_op")},
             "errors": [r.error for r in rs if r.error], "runs": [asdict(r) for r in rs],
         }
     m = row.get("moorage", {}).get("median")
@@ -61,6 +65,16 @@ def fmt_value(side: dict | None) -> str:
     return text
 
 
+def fmt_cpu(side: dict | None) -> str:
+    if not side or side.get("cpu_us_per_op") is None:
+        return "-"
+    return f"{side['cpu_us_per_op']:,.0f}"
+
+
+def cpu_unit(unit: str) -> str:
+    return {"req/s": "request", "MiB/s": "MiB", "ops/s": "op"}.get(unit, unit.removesuffix("/s"))
+
+
 def render(head: list[str], body: list[list[str]]) -> None:
     """A plain fixed-width table: readable in a terminal and in a CI log alike."""
     widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
@@ -74,9 +88,14 @@ def print_table(rows: list[dict], names: list[str]) -> None:
         ratio = f"{row['ratio']:.2f}x" if row["ratio"] is not None else "-"
         status = {True: "met", False: "NOT met", None: "-" if len(names) < 2 else "error"}[row["met"]]
         body.append([row["scenario"], row["unit"], *(fmt_value(row.get(n)) for n in names),
-                     ratio, f">={row['target']:g}x", status])
+                     ratio, f">={row['target']:g}x", status,
+                     cpu_unit(row["unit"]), *(fmt_cpu(row.get(n)) for n in names)])
     print()
-    render(["scenario", "unit", *names, "ratio M/D", "target", "status"], body)
+    # CPU per unit: the server's own time (Moorage: every process of the replica, etcd
+    # included) per request, MiB or operation; unlike the rates it does not depend on how
+    # many cores the machine has or how much of them the load generator took.
+    render(["scenario", "unit", *names, "ratio M/D", "target", "status", "per",
+            *(f"{n[0].upper()} CPU us" for n in names)], body)
     print_errors(rows, names)
     print_cpu(rows, names)
 
@@ -101,7 +120,7 @@ def print_cpu(rows: list[dict], names: list[str]) -> None:
     children high: etcd is. other > 0: something outside the bench competed.
     """
     print(f"\nCPU during the runs, cores busy (the machine has {os.cpu_count()}); "
-          "children = etcd for Moorage; bench = curl/wrk/the Python clients:")
+          "children = etcd and the worker processes for Moorage; bench = curl/wrk/the Python clients:")
     head, body = ["scenario"], []
     for n in names:
         head += [f"{n[0].upper()} {label}" for label in CPU_COLUMNS.values()]

@@ -128,7 +128,11 @@ class Scenario:
 def timed_mib_s(size: int, action: Callable[[], None]) -> Measurement:
     start = time.perf_counter()
     action()
-    return Measurement(size / MiB / (time.perf_counter() - start))
+    return Measurement(size / MiB / (time.perf_counter() - start), ops=size / MiB)
+
+
+def pulled(server: Server, target: str, streams: int, size: int) -> Measurement:
+    return Measurement(curl_pull(server, target, streams, size), ops=streams * size / MiB)
 
 
 def fresh_source(src: SourceFile) -> Callable[[Server, int], Any]:
@@ -158,7 +162,7 @@ def small_jobs(server: Server, rnd: int, cfg: Config) -> list[Job]:
 def run_small(server: Server, jobs: list[Job], cfg: Config) -> Measurement:
     start = time.perf_counter()
     ops = asyncio.run(run_clients(jobs, cfg.small_clients, timeout=600, ssl_context=server.ssl_context()))
-    return Measurement(ops / (time.perf_counter() - start))
+    return Measurement(ops / (time.perf_counter() - start), ops=ops)
 
 
 def scenarios(cfg: Config, src: SourceFile, seed: Seed, head_lua: Path) -> list[Scenario]:
@@ -173,12 +177,11 @@ def scenarios(cfg: Config, src: SourceFile, seed: Seed, head_lua: Path) -> list[
                                           lambda: push_chunked(s, PUSH_REPO, src, cfg.chunk_size)),
                  prepare=fresh_source(src), needs_seed=False),
         Scenario("pull_1", f"blob pull {size_label}, 1 stream", "MiB/s", 0.95,
-                 lambda s, _: Measurement(curl_pull(
-                     s, f"/v2/{PULL_REPO}/blobs/{seed.pull_digest}", 1, src.size)),
+                 lambda s, _: pulled(s, f"/v2/{PULL_REPO}/blobs/{seed.pull_digest}", 1, src.size),
                  prepare=logged_in(PULL_REPO)),
         Scenario("pull_n", f"blob pull {size_label}, {cfg.pull_streams} streams", "MiB/s", 0.95,
-                 lambda s, _: Measurement(curl_pull(
-                     s, f"/v2/{PULL_REPO}/blobs/{seed.pull_digest}", cfg.pull_streams, src.size)),
+                 lambda s, _: pulled(s, f"/v2/{PULL_REPO}/blobs/{seed.pull_digest}", cfg.pull_streams,
+                                     src.size),
                  prepare=logged_in(PULL_REPO)),
         Scenario("manifest_get", f"manifest GET by tag, {cfg.wrk_conns} conns", "req/s", 5.0,
                  lambda s, _: wrk(s, f"/v2/{IMAGE_REPO}/manifests/latest", cfg,
