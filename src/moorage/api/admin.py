@@ -23,6 +23,7 @@ from moorage.meta.etcd import EtcdUnavailable
 from moorage.registry.access import Access, AccessError
 from moorage.registry.errors import TooLarge
 from moorage.registry.gc_runner import GcRunner
+from moorage.registry.service import Registry
 
 MAX_BODY = 64 << 10
 _READ: Any = object()  # dispatch(): read the body from the request
@@ -42,7 +43,7 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 
 class AdminApi:
     def __init__(self, cluster: ClusterService, auth: Auth, audit: RequestAudit | None = None,
-                 access: Access | None = None, gc: GcRunner | None = None):
+                 access: Access | None = None, gc: GcRunner | None = None, registry: Registry | None = None):
         self.cluster = cluster
         self.auth = auth  # shared with /v2/: Basic parsing, the verification cache, the login slowdown
         self.audit = audit
@@ -68,7 +69,7 @@ class AdminApi:
             self.routes += access_routes(access)
         if gc is not None:  # garbage collection runs: see api/gcadmin.py
             self.routes += gc_routes(gc)
-        self.routes += backup_routes(cluster)  # snapshot, blobs: see api/backup.py
+        self.routes += backup_routes(cluster, registry)  # snapshot, blobs: see api/backup.py
 
     @staticmethod
     async def _promoted(operation) -> dict:

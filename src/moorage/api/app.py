@@ -29,6 +29,7 @@ from moorage.registry.errors import RegistryError
 from moorage.registry.names import check_name
 from moorage.registry.service import Registry
 from moorage.registry.uploads import Uploads
+from moorage.storage.errors import StorageError, StorageUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -110,9 +111,10 @@ class Dispatcher:
                 self.audit.record(request, "write", 499, detail="no response: the client went away "
                                   "or the replica shut down")
             raise  # the client went away, or we are shutting down
-        except OSError as e:
+        except StorageError as e:
             log.exception("storage error", extra={"path": path[:200]})
-            response = error_response(500, "UNKNOWN", f"storage error: {e.strerror or e}")
+            response = error_response(503, "UNAVAILABLE", str(e)) if isinstance(e, StorageUnavailable) \
+                else error_response(500, "UNKNOWN", str(e))
         except Exception:
             log.exception("unhandled error", extra={"method": request.method, "path": path[:200]})
             response = error_response(500, "UNKNOWN", "internal error; the replica's log has the details")

@@ -28,13 +28,14 @@ from typing import Any
 from aiohttp import web
 
 from moorage import __version__
-from moorage.api.blobfile import BlobFileResponse, send_mapped
+from moorage.api.blobfile import blob_response, send_mapped
 from moorage.cluster import backup, pki
 from moorage.cluster.service import ClusterError, ClusterService
 from moorage.meta import keys
 from moorage.meta.etcd import EtcdUnavailable
 from moorage.meta.records import BlobRecord
-from moorage.storage.filesystem import FilesystemDriver
+from moorage.registry.errors import BlobUnknown
+from moorage.registry.service import Registry
 
 import msgspec
 
@@ -42,9 +43,8 @@ _DIGEST = r"((?:sha256:[0-9a-f]{64})|(?:sha384:[0-9a-f]{96})|(?:sha512:[0-9a-f]{
 _decode_blob = msgspec.json.Decoder(BlobRecord).decode
 
 
-def backup_routes(cluster: ClusterService) -> list[tuple[str, re.Pattern, Any]]:
+def backup_routes(cluster: ClusterService, registry: Registry | None) -> list[tuple[str, re.Pattern, Any]]:
     c = cluster
-    drivers: list[FilesystemDriver] = []  # made on first use: the routes are also listed without a cluster
 
     async def snapshot(request: web.BaseRequest, body: Any) -> web.StreamResponse:
         if c.pki_paths is None:
@@ -109,12 +109,12 @@ def backup_routes(cluster: ClusterService) -> list[tuple[str, re.Pattern, Any]]:
                 "ca_cert": ca_cert.decode("ascii"), "ca_key": ca_key.decode("ascii"), "blobs": blobs}
 
     async def blob(request: web.BaseRequest, body: Any, digest: str) -> web.StreamResponse:
-        if not drivers:
-            drivers.append(FilesystemDriver(c.storage_root))
-        path = drivers[0].local_path(digest)
-        if not path.is_file():
-            raise ClusterError("unknown", f"blob {digest} is not in the storage (deleted since the snapshot?)")
-        return BlobFileResponse(path, headers={"Content-Type": "application/octet-stream"})
+        assert registry is not None  # listed without one only to be documented (tests/test_openapi.py)
+        try:
+            found = await registry.blob_body(digest)
+        except BlobUnknown:
+            raise ClusterError("unknown", f"blob {digest} is not in the storage (deleted since the snapshot?)") from None
+        return blob_response(found, {"Content-Type": "application/octet-stream"})
 
     return [
         ("GET", re.compile(r"^/_admin/backup/snapshot$"), snapshot),

@@ -1,4 +1,12 @@
-"""A blob's body over HTTPS: slices of a memory map, encrypted straight from the page cache.
+"""A blob's body: its file by sendfile or a memory map, or the storage driver's stream.
+
+`blob_response` answers a GET with whichever the driver allows. A driver with
+local files (the filesystem driver) gives a path, sent as below; one without
+(an object store) gives a stream, sent chunk by chunk, with Range answered
+the way aiohttp's FileResponse answers it (206, 416, a suffix range).
+
+The rest of this note is about the file's body over HTTPS: slices of a
+memory map, encrypted straight from the page cache.
 
 Over plain HTTP aiohttp's FileResponse sends with sendfile(2). Through TLS
 there is no sendfile for Python (no kTLS in Python 3.11's ssl module, and no
@@ -35,8 +43,56 @@ from typing import IO, Any
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
+from moorage.registry.service import BlobBody
+
 SLICE = 1 << 20
 WINDOW = 8 << 20  # a multiple of SLICE and of mmap.ALLOCATIONGRANULARITY
+
+
+def blob_response(body: BlobBody, headers: dict[str, str]) -> web.StreamResponse:
+    """A GET's answer with the blob's bytes: Range and HEAD included."""
+    if body.path is not None:
+        # FileResponse answers Range with 206 / 416 and sends with sendfile; over TLS,
+        # where sendfile cannot be used, BlobFileResponse writes slices of an mmap.
+        return BlobFileResponse(body.path, headers=headers)
+    return BlobStreamResponse(body, headers)
+
+
+class BlobStreamResponse(web.StreamResponse):
+    """A blob without a local file: the driver's stream, one range of it when asked."""
+
+    def __init__(self, body: BlobBody, headers: dict[str, str]):
+        super().__init__(headers=headers)
+        self._body = body
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        size = self._body.size
+        start, end = 0, size
+        try:
+            rng = request.http_range
+        except ValueError:   # a Range we cannot serve
+            return await self._unsatisfiable(request, size)
+        if rng.start is not None:
+            if rng.start < 0 and rng.stop is None:   # the last -start bytes
+                start = max(size + rng.start, 0)
+            else:
+                start, end = rng.start, min(size if rng.stop is None else rng.stop, size)
+            if start >= size:
+                return await self._unsatisfiable(request, size)
+            self.set_status(206)
+            self.headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+        self.headers["Accept-Ranges"] = "bytes"
+        self.content_length = end - start
+        writer = await super().prepare(request)
+        if request.method != "HEAD" and end > start:
+            async for chunk in self._body.chunks(start, end):
+                await self.write(chunk)
+        return writer
+
+    async def _unsatisfiable(self, request: web.BaseRequest, size: int) -> AbstractStreamWriter | None:
+        self.headers["Content-Range"] = f"bytes */{size}"
+        self.set_status(416)
+        return await super().prepare(request)
 
 
 class BlobFileResponse(web.FileResponse):

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from moorage.api.blobfile import BlobFileResponse
+from moorage.api.blobfile import blob_response
 from moorage.api.errors import from_error
 from moorage.api.http import body_chunks, content_range, has_body, upload_range
-from moorage.registry import digest as digests
-from moorage.registry.errors import BlobUnknown, DigestInvalid, RangeInvalid
-from moorage.registry.names import check_name
+from moorage.registry.errors import DigestInvalid, RangeInvalid
+from moorage.registry.names import check_digest, check_name
 from moorage.registry.service import Registry
 from moorage.registry.sessions import Session
 from moorage.registry.uploads import Uploads
@@ -56,11 +55,7 @@ class BlobHandlers:
         if request.method == "HEAD":
             headers["Content-Length"] = str(record.size)
             return web.Response(headers=headers)
-        if await self.registry.storage.exists(digest) is None:
-            raise BlobUnknown(f"blob {digest} is recorded but its data is missing", {"digest": digest})
-        # FileResponse answers Range with 206 / 416 and sends with sendfile; over TLS,
-        # where sendfile cannot be used, BlobFileResponse writes slices of an mmap.
-        return BlobFileResponse(self.registry.blob_path(digest), headers=headers)
+        return blob_response(await self.registry.blob_body(digest), headers)
 
     async def delete(self, request: web.Request, name: str, digest: str) -> web.Response:
         await self.registry.delete_blob(name, digest)
@@ -69,7 +64,7 @@ class BlobHandlers:
     async def start_upload(self, request: web.Request, name: str) -> web.Response:
         mount, source = request.query.get("mount"), request.query.get("from")
         if mount is not None:
-            digests.parse(mount)
+            check_digest(mount)
             # The dispatcher sets moorage.mount to False when the caller may not pull the source.
             if source and request.get("moorage.mount", True) and check_name(source) \
                     and await self.registry.mount(name, mount, source):

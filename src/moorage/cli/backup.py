@@ -30,6 +30,7 @@ from moorage.cluster.backup import BackupError
 from moorage.cluster.etcd_member import EtcdError
 from moorage.cluster.identity import Identity
 from moorage.meta.etcd import EtcdClient
+from moorage.storage.drivers import storage_at
 
 MiB = 1 << 20
 QUIET_SECONDS = 2.0
@@ -330,10 +331,18 @@ def _restore(checked: backup.Checked, data_dir: Path, storage_dir: Path,
     written = present = 0
     if checked.blobs:
         progress = Progress("blobs", sum(checked.files[n]["size"] for n in checked.blobs))
-        written, present = backup.restore_blobs(checked, storage_dir, progress)
+        written, present = asyncio.run(_restore_blobs(checked, storage_dir, progress))
         progress.finish()
     identity.save(data_dir)  # last: a replica.json means the restore completed
     return revision, dropped, written, present
+
+
+async def _restore_blobs(checked: backup.Checked, storage_dir: Path, progress: Progress) -> tuple[int, int]:
+    storage = await storage_at(storage_dir).open()
+    try:
+        return await backup.restore_blobs(checked, storage, progress)
+    finally:
+        await storage.close()
 
 
 async def _forget(data_dir: Path, identity: Identity) -> tuple[int, list[str]]:

@@ -21,6 +21,8 @@ from moorage.cluster import pki
 from moorage.cluster.addresses import url_host
 from moorage.cluster.identity import Identity
 from moorage.cluster.membership import tolerates
+from moorage.cluster.service import proof_name
+from moorage.storage.drivers import storage_at
 from moorage.units import human_bytes
 
 _REPLICA_ID = re.compile(r"^[0-9a-f]{1,64}$")
@@ -126,7 +128,7 @@ def run_join(args: argparse.Namespace) -> int:
 
     try:
         storage_dir = (args.storage_dir or data_dir / "blobs").resolve()
-        _check_storage(plan, storage_dir)
+        _check_storage(plan, storage_dir, replica_id)
         _install_ca(plan, data_dir)
         Identity(replica_id=replica_id, cluster_token=plan["cluster_token"], created=time.time(),
                  storage_dir=str(storage_dir), etcd_client_port=client_port, etcd_peer_port=peer_port,
@@ -160,17 +162,22 @@ def _install_ca(plan: dict, data_dir: Path) -> None:
         raise CliError(str(e)) from None
 
 
-def _check_storage(plan: dict, storage_dir: Path) -> None:
+def _check_storage(plan: dict, storage_dir: Path, replica_id: str) -> None:
     """The new replica must see the very storage the cluster writes to."""
     proof = plan["storage_proof"]
-    try:
-        seen = (storage_dir / proof["file"]).read_text().strip()
-    except OSError:
-        seen = None
-    if seen != proof["nonce"]:
+    seen = asyncio.run(_read_proof(storage_dir, proof_name(replica_id)))
+    if seen is None or seen.decode(errors="replace").strip() != proof["nonce"]:
         raise CliError(f"this node does not see the cluster's blob storage at {storage_dir} (the file "
                        f"{proof['file']} the cluster just wrote there is missing or different); mount the "
                        "shared storage and pass its path with --storage-dir")
+
+
+async def _read_proof(storage_dir: Path, name: str) -> bytes | None:
+    storage = await storage_at(storage_dir).open()
+    try:
+        return await storage.read_proof(name)
+    finally:
+        await storage.close()
 
 
 # -- remove ----------------------------------------------------------------------

@@ -44,7 +44,7 @@ from moorage.registry.tokens import Tokens
 from moorage.registry.uploads import Uploads
 from moorage.registry.access import Access
 from moorage.registry.users import Users
-from moorage.storage.filesystem import FilesystemDriver
+from moorage.storage.drivers import storage_at
 
 log = logging.getLogger("moorage.serve")
 
@@ -239,7 +239,7 @@ class Replica:
         tls.ensure_ca(pki_paths, identity.cluster_token, joining=identity.initial_cluster is not None)
         api_ssl = tls.api_context(args, pki_paths, pki.replica_names(
             self.host, self.advertised.host, extra=tuple(args.tls_name)))
-        storage = FilesystemDriver(Path(identity.storage_dir))
+        storage = await storage_at(identity.storage_dir).open()
         # etcd's mutual TLS: the node certificate covers the advertised address (peers and the
         # members' client URLs) and loopback; it is reissued when --advertise changes.
         try:
@@ -289,7 +289,7 @@ class Replica:
                             lambda: self.settings["token.lifetime_seconds"], replica=identity.replica_id,
                             offset=clock.offset)
             auth = Auth(self.access, tokens)
-            cluster = ClusterService(client, self.index, self.settings, Path(identity.storage_dir),
+            cluster = ClusterService(client, self.index, self.settings, storage,
                                      identity.replica_id, identity.cluster_token, pki_paths=pki_paths,
                                      clock=clock)
             url = f"{'https' if api_ssl else 'http'}://{addresses.url_host(self.advertised.host)}:{self.port}"
@@ -311,7 +311,8 @@ class Replica:
             request_audit = RequestAudit(audit)
             server = create_server(registry, uploads, self.health, self.ping,
                                    logging.getLogger("aiohttp.access") if debug else None,
-                                   admin=AdminApi(cluster, auth, audit=request_audit, access=self.access, gc=gc),
+                                   admin=AdminApi(cluster, auth, audit=request_audit, access=self.access, gc=gc,
+                                                  registry=registry),
                                    writable=self.writable,
                                    readonly=lambda: self.settings["readonly"], audit=request_audit,
                                    ca_pem=pki_paths.ca_cert.read_bytes(), auth=auth)
@@ -352,6 +353,7 @@ class Replica:
                 await self.index.stop()
             await client.close()
             await member.stop()
+            await storage.close()
         log.info("moorage stopped", extra={"removed": self.removed})
         return 0
 

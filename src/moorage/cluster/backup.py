@@ -58,7 +58,7 @@ from moorage.cluster.addresses import url_host
 from moorage.cluster.identity import Identity
 from moorage.meta import keys
 from moorage.meta.etcd import EtcdClient, EtcdUnavailable, op_delete
-from moorage.storage.filesystem import FilesystemDriver
+from moorage.storage.base import BlobDriver
 
 FORMAT = 1
 KIND = "moorage-backup"
@@ -487,33 +487,39 @@ def install_ca(checked: Checked, data_dir: Path) -> None:
         raise BackupError(f"the archive's cluster CA cannot be used: {e}") from None
 
 
-def restore_blobs(checked: Checked, storage_dir: Path, progress: Progress | None = None) -> tuple[int, int]:
-    """Put the archive's blobs into the storage directory: each written aside, checked, then renamed.
+async def restore_blobs(checked: Checked, storage: BlobDriver, progress: Progress | None = None) -> tuple[int, int]:
+    """Put the archive's blobs into the storage: each one an upload, checked, then committed
+    (the driver makes it appear whole or not at all), as a push would.
 
     A blob already there is kept (blobs are content-addressed and immutable).
     Returns (written, already present).
     """
     written = present = 0
-    driver = FilesystemDriver(storage_dir)  # its layout, and its tmp/ on the same filesystem for renames
     for name, f in read_member(checked, checked.blobs):
         digest = digest_of(name)
         assert digest is not None
-        target = driver.local_path(digest)
-        if target.exists() and target.stat().st_size == checked.files[name]["size"]:
+        size = checked.files[name]["size"]
+        if await storage.exists(digest) == size:
             present += 1
             if progress is not None:
-                progress(checked.files[name]["size"])
+                progress(size)
             continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=driver.tmp, prefix="restore-")
+        upload = storage.new_upload_id()
+        sha = hashlib.sha256()
+        appender = await storage.open_upload(upload, 0, sha)
         try:
-            with os.fdopen(fd, "wb") as out:
-                copy_checked(f, out, name, checked, progress)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, target)
+            while chunk := f.read(CHUNK):  # a local archive: the command has nothing else to do meanwhile
+                await appender.write(chunk)
+                if progress is not None:
+                    progress(len(chunk))
+            await appender.finish()
+            # Checked again: the archive could have changed since it was checked.
+            if sha.hexdigest() != checked.files[name]["sha256"]:
+                raise _damaged(checked.path, f"{name} changed while it was being restored")
+            await storage.commit_upload(upload, digest)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            await appender.abort()
+            await storage.delete_upload(upload)
             raise
         written += 1
     return written, present

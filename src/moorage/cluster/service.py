@@ -11,7 +11,6 @@ import secrets
 import ssl
 import time
 from functools import cached_property
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -22,6 +21,7 @@ from moorage.cluster.clock import ClusterClock
 from moorage.cluster.settings import ClusterSettings, SettingError
 from moorage.meta.etcd import EtcdClient, EtcdUnavailable
 from moorage.meta.index import Index
+from moorage.storage.base import BlobDriver
 
 PING_TIMEOUT = 1.5
 RECONFIGURE_SECONDS = 30.0
@@ -42,12 +42,12 @@ def proof_name(replica_id: str) -> str:
 
 class ClusterService:
     def __init__(self, client: EtcdClient, index: Index, cluster_settings: ClusterSettings,
-                 storage_root: Path, replica_id: str, cluster_token: str,
+                 storage: BlobDriver, replica_id: str, cluster_token: str,
                  pki_paths: pki.Paths | None = None, clock: ClusterClock | None = None):
         self.client = client
         self.index = index
         self.settings = cluster_settings
-        self.storage_root = storage_root
+        self.storage = storage
         self.replica_id = replica_id
         self.cluster_token = cluster_token
         self.pki_paths = pki_paths
@@ -84,9 +84,7 @@ class ClusterService:
         # From now on other processes will write metadata: reads must check.
         self.index.leave_solo()
         nonce = secrets.token_hex(16)
-        proof = self.storage_root / "cluster" / proof_name(replica_id)
-        proof.parent.mkdir(parents=True, exist_ok=True)
-        await asyncio.get_running_loop().run_in_executor(None, proof.write_text, nonce)
+        await self.storage.write_proof(proof_name(replica_id), nonce.encode())
         member_id, members = await self._add_learner(peer_url)
         initial = ",".join(f"{m.name or replica_id}={m.peerURLs[0]}" for m in members if m.peerURLs)
         return {"member_id": member_id, "initial_cluster": initial, "cluster_token": self.cluster_token,

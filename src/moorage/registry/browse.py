@@ -20,9 +20,9 @@ from typing import Any, Generic, TypeVar
 
 from moorage.meta.index import Repo
 from moorage.meta.records import ManifestRecord, Referrer
-from moorage.registry import digest as digests
 from moorage.registry.errors import ManifestUnknown, NameUnknown
 from moorage.registry.manifests import IMAGE_TYPES, INDEX_TYPES
+from moorage.registry.names import check_digest
 from moorage.registry.service import Registry
 
 log = logging.getLogger(__name__)
@@ -278,7 +278,7 @@ class Browser:
 
     async def image(self, name: str, digest: str) -> ImageDetail:
         """A manifest with what people want to know about it: its JSON, config, layers, children, referrers."""
-        digests.parse(digest)
+        check_digest(digest)
         repo = await self._repo(name)
         record = repo.manifests.get(digest)
         if record is None:

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from moorage.meta.records import Referrer
-from moorage.registry import digest as digests
-from moorage.registry.errors import DigestInvalid, ManifestInvalid
+from moorage import digest as digests
+from moorage.registry.errors import ManifestInvalid
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -56,7 +56,7 @@ def _descriptor(value: Any, where: str) -> dict:
         raise ManifestInvalid(f"{where} has no digest")
     try:
         digests.parse(digest)
-    except DigestInvalid as e:
+    except digests.DigestError as e:
         raise ManifestInvalid(f"{where}: {e.message}") from None
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise ManifestInvalid(f"{where} has no valid size")

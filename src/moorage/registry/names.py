@@ -1,14 +1,16 @@
-"""Repository and tag name grammar of the OCI distribution spec.
+"""What clients name things by: repository names, tags and digests, checked at the edge.
 
-Names never reach the filesystem (blobs are addressed by digest only), but
-they are keys in etcd and parts of URLs, so they are checked at the edge.
+Names never reach the storage (blobs are addressed by digest only), but
+they are keys in etcd and parts of URLs. A digest's grammar is moorage/digest.py's;
+here a bad one becomes the spec's DIGEST_INVALID.
 """
 
 from __future__ import annotations
 
 import re
 
-from moorage.registry.errors import ManifestInvalid, NameInvalid
+from moorage import digest
+from moorage.registry.errors import DigestInvalid, ManifestInvalid, NameInvalid
 
 _COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
 _NAME = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")
@@ -38,3 +40,11 @@ def check_tag(tag: str) -> str:
 
 def is_valid_tag(tag: str) -> bool:
     return bool(_TAG.match(tag))
+
+
+def check_digest(value: str) -> tuple[str, str]:
+    """(algorithm, hex) of a digest a client sent; DigestInvalid with the reason otherwise."""
+    try:
+        return digest.parse(value)
+    except digest.DigestError as e:
+        raise DigestInvalid(e.message, e.detail) from None

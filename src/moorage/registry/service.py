@@ -10,21 +10,22 @@ from __future__ import annotations
 import bisect
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from moorage.meta.etcd import EtcdUnavailable
 from moorage.meta.index import Repo
 from moorage.meta.records import BlobRecord, ManifestRecord, Referrer
 from moorage.meta.store import MetaStore
-from moorage.registry import digest as digests
+from moorage import digest as digests
 from moorage.registry import manifests
 from moorage.registry.errors import (
     BlobUnknown, DigestInvalid, ManifestBlobUnknown, ManifestUnknown, MetadataUnavailable,
     NameUnknown, TooLarge,
 )
-from moorage.registry.names import check_tag, is_valid_tag
+from moorage.registry.names import check_digest, check_tag, is_valid_tag
 from moorage.registry.placement import place_and_commit
 from moorage.storage.base import BlobDriver
 
@@ -34,6 +35,17 @@ class Limits:
     max_manifest_bytes: int = 4 << 20
     max_blob_bytes: int = 1 << 40
     max_page: int = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class BlobBody:
+    """A stored blob's bytes as the api sends them: its local file when the driver
+    keeps one (sendfile, a memory map), else the driver's stream."""
+
+    digest: str
+    size: int
+    path: Path | None
+    chunks: Callable[[int, int | None], AsyncIterator[bytes]]   # (start, end) -> the bytes [start, end)
 
 
 class BodyCache:
@@ -88,7 +100,7 @@ class Registry:
     async def manifest(self, repo_name: str, reference: str) -> tuple[str, ManifestRecord]:
         repo = await self._repo(repo_name)
         if digests.is_digest(reference):
-            digests.parse(reference)
+            check_digest(reference)
             digest = reference
         else:
             # A tag that could never exist is simply not found (the spec and
@@ -115,15 +127,19 @@ class Registry:
         return await self.storage.read(digest)
 
     async def blob(self, repo_name: str, digest: str) -> BlobRecord:
-        digests.parse(digest)
+        check_digest(digest)
         repo = await self._repo(repo_name)
         record = self.index.blobs.get(digest) if repo and digest in repo.blobs else None
         if record is None:
             raise BlobUnknown(f"blob {digest} not found in {repo_name}", {"digest": digest})
         return record
 
-    def blob_path(self, digest: str) -> Path:
-        return self.storage.local_path(digest)
+    async def blob_body(self, digest: str) -> BlobBody:
+        """The stored bytes of a recorded blob; BlobUnknown when its data is missing."""
+        size = await self.storage.exists(digest)
+        if size is None:
+            raise BlobUnknown(f"blob {digest} is recorded but its data is missing", {"digest": digest})
+        return BlobBody(digest, size, self.storage.local_path(digest), partial(self.storage.stream, digest))
 
     async def tags(self, repo_name: str, n: int | None, last: str | None) -> tuple[list[str], bool]:
         repo = await self._repo(repo_name)
@@ -142,7 +158,7 @@ class Registry:
 
     async def referrers(self, repo_name: str, digest: str, artifact_type: str | None
                         ) -> list[Referrer]:
-        digests.parse(digest)
+        check_digest(digest)
         repo = await self._repo(repo_name)
         found = list(repo.referrers.get(digest, {}).values()) if repo else []
         if artifact_type is not None:
@@ -159,7 +175,7 @@ class Registry:
                            {"size": len(body), "limit": self.limits.max_manifest_bytes})
         tag = None
         if digests.is_digest(reference):
-            algorithm, _ = digests.parse(reference)
+            algorithm, _ = check_digest(reference)
             digest = digests.of(body, algorithm)
             if digest != reference:
                 raise DigestInvalid("manifest body does not match its digest",
@@ -206,7 +222,7 @@ class Registry:
             raise ManifestUnknown(f"manifest {reference} not found in {repo_name}")
 
     async def delete_blob(self, repo_name: str, digest: str) -> None:
-        digests.parse(digest)
+        check_digest(digest)
         if not await self._write(self.meta.unlink_blob(repo_name, digest)):
             raise BlobUnknown(f"blob {digest} not found in {repo_name}", {"digest": digest})
 

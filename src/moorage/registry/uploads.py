@@ -20,14 +20,15 @@ from collections.abc import AsyncIterator
 from contextlib import contextmanager
 
 from moorage.meta.etcd import EtcdUnavailable
-from moorage.registry import digest as digests
+from moorage import digest as digests
 from moorage.registry.errors import (
     BlobUploadInvalid, DigestInvalid, MetadataUnavailable, RangeInvalid, TooLarge,
 )
+from moorage.registry.names import check_digest
 from moorage.registry.placement import place_and_commit
 from moorage.registry.service import Registry
 from moorage.registry.sessions import Session, Sessions
-from moorage.storage.base import UploadDataLost
+from moorage.storage.errors import UploadDataLost
 
 Body = AsyncIterator[bytes]
 
@@ -87,7 +88,7 @@ class Uploads:
 
         `size` is the body's declared length, when the request declared one.
         """
-        algorithm, hexdigest = digests.parse(digest)
+        algorithm, hexdigest = check_digest(digest)
         with self._exclusive(upload_id):
             session = await self.sessions.get(repo, upload_id, state)
             if (body is not None and session.offset == 0 and start in (None, 0)
@@ -124,7 +125,7 @@ class Uploads:
 
     async def monolithic(self, repo: str, digest: str, body: Body, size: int | None) -> str:
         """A whole blob in one request (POST ?digest=): no session at all."""
-        algorithm, hexdigest = digests.parse(digest)
+        algorithm, hexdigest = check_digest(digest)
         if size is not None and size > self.limits.max_blob_bytes:
             raise TooLarge(f"blob over {self.limits.max_blob_bytes} bytes")
         upload_id = None
@@ -222,7 +223,7 @@ class Uploads:
 
 
 def _verify(digest: str, data: bytes) -> None:
-    algorithm, hexdigest = digests.parse(digest)
+    algorithm, hexdigest = check_digest(digest)
     actual = digests.new_hasher(algorithm)
     actual.update(data)
     if actual.hexdigest() != hexdigest:

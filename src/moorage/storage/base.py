@@ -2,25 +2,30 @@
 
 Drivers store immutable blobs by digest and the mutable data of upload
 sessions. They never see repository names: a name can't steer a path.
+Everything above storage/ reaches blobs through this interface only.
+
+A driver may keep blobs as local files (the filesystem driver) or not at all
+(an object store): `local_path` is then None, and every reader streams
+instead (`stream`): blob GETs and backups. Writers never need a path: a blob
+is written whole (`write`, small ones) or through an upload (`open_upload`,
+then `commit_upload`), which is also how restore puts blobs back. Errors are
+the storage layer's own (storage/errors.py).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Protocol
 
 # Upload ids are minted by the driver (`new_upload_id`): 32 lowercase hex
-# digits, so an id is always safe as a file name and cheap to reject.
+# digits, so an id is always safe as a file name or a key, and cheap to reject.
 _UPLOAD_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
 def is_upload_id(upload_id: str) -> bool:
     return bool(_UPLOAD_ID.match(upload_id))
-
-
-class UploadDataLost(Exception):
-    """An upload's data is shorter than its acknowledged offset (lost in a crash)."""
 
 
 class Appender(Protocol):
@@ -34,22 +39,41 @@ class Appender(Protocol):
 
 
 class BlobDriver(Protocol):
+    # -- life: between open() and close() (an object store's connection pool) -------
+
+    async def open(self) -> "BlobDriver": ...
+
+    async def close(self) -> None: ...
+
+    # -- blobs by digest ---------------------------------------------------------
+
     def local_path(self, digest: str) -> Path | None:
-        """A file to `sendfile` the blob from, or None for drivers without one."""
+        """A file to `sendfile` the blob from, or None for drivers without local files."""
 
     async def exists(self, digest: str) -> int | None:
         """The blob's size, or None."""
 
-    async def read(self, digest: str) -> bytes: ...
+    async def read(self, digest: str) -> bytes:
+        """A small blob whole (a manifest, an image configuration)."""
+
+    def stream(self, digest: str, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        """The blob's bytes [start, end) (to its end when `end` is None), chunk by chunk."""
 
     async def write(self, digest: str, data: bytes) -> None:
         """Store a small blob whose digest the caller has verified."""
 
     async def delete(self, digest: str) -> None: ...
 
+    async def delete_many(self, digests: list[str]) -> None: ...
+
+    # -- uploads -------------------------------------------------------------------
+
+    def new_upload_id(self) -> str: ...
+
     async def open_upload(self, upload_id: str, offset: int, hasher=None) -> Appender:
         """Append at `offset` (creating the upload's data on first use),
-        cutting off anything past it left by a crash."""
+        cutting off anything past it left by a crash; UploadDataLost when
+        less than `offset` is there."""
 
     async def hash_upload(self, upload_id: str, algorithm: str, length: int) -> str:
         """Hex digest of the first `length` bytes of an upload."""
@@ -60,16 +84,19 @@ class BlobDriver(Protocol):
 
     async def delete_upload(self, upload_id: str) -> None: ...
 
-    def new_upload_id(self) -> str: ...
+    # -- the proof that a joining replica sees this very storage (join) -------------
 
-    # Garbage collection (registry/gc.py): what is stored, and removing it.
+    async def write_proof(self, name: str, data: bytes) -> None: ...
+
+    async def read_proof(self, name: str) -> bytes | None: ...
+
+    # -- garbage collection (registry/gc.py): what is stored, and removing it --------
     # Each listing is (name, size, a time no older than its last write or rename).
 
     async def blob_files(self) -> list[tuple[str, int, float]]: ...
     async def upload_files(self) -> list[tuple[str, int, float]]: ...
     async def tmp_files(self) -> list[tuple[str, int, float]]: ...
     async def delete_tmp(self, name: str) -> None: ...
-    async def delete_many(self, digests: list[str]) -> None: ...
 
     async def clock_offset(self) -> float:
         """The storage's clock (what stamps those times) minus this process's, measured now."""

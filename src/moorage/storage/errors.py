@@ -35,3 +35,7 @@ class ObjectMissing(StorageError):
 
 class UploadInvalid(StorageError):
     """An upload broke the store's rules (part sizes, part count) or is no longer there."""
+
+
+class UploadDataLost(UploadInvalid):
+    """An upload's data is shorter than its acknowledged offset (lost in a crash)."""

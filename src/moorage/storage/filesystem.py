@@ -5,11 +5,13 @@ Layout (all on one filesystem, so renames are atomic):
     blobs/<algorithm>/<2 hex>/<hex>   immutable blob data
     uploads/<upload id>               data of an upload in progress
     tmp/                              files being written
+    cluster/<name>                    a joining replica's proof that it sees this directory
 
 A blob appears under blobs/ only by rename, after its data is fsynced and its
 digest verified, so a crash leaves either the whole blob or nothing there.
 Blocking file work runs in the default thread pool; hashlib and os.write drop
-the GIL, so hashing and writing overlap the event loop's network reads.
+the GIL, so hashing and writing overlap the event loop's network reads. A
+failing file system (no space, an I/O error) raises StorageError, saying so.
 """
 
 from __future__ import annotations
@@ -20,12 +22,16 @@ import hashlib
 import os
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import TypeVar
 
-from moorage.registry.digest import parse
-from moorage.registry.errors import DigestInvalid
-from moorage.storage.base import UploadDataLost, is_upload_id
+from moorage.digest import DigestError, parse
+from moorage.storage.base import is_upload_id
 from moorage.storage.durable import fsync_dir, write_all
+from moorage.storage.errors import StorageError, UploadDataLost
+
+T = TypeVar("T")
 
 # How much of an upload is buffered before it goes to the writer thread: big
 # enough that thread hand-offs are rare, small enough to bound memory per upload.
@@ -49,6 +55,16 @@ def _start_writeback(fd: int, offset: int, length: int) -> None:
         os.fdatasync(fd)
 
 
+def _failed(e: OSError) -> StorageError:
+    return StorageError(f"storage error: {e.strerror or e}")
+
+
+async def _io(work: Callable[..., T], *args) -> T:
+    """Blocking file work in the thread pool; what the file system refuses, as the storage's error."""
+    try:
+        return await asyncio.get_running_loop().run_in_executor(None, work, *args)
+    except OSError as e:
+        raise _failed(e) from e
 
 
 class FileAppender:
@@ -97,7 +113,10 @@ class FileAppender:
             fut = getattr(self, lane)
             if fut is not None:
                 setattr(self, lane, None)
-                await fut
+                try:
+                    await fut
+                except OSError as e:
+                    raise _failed(e) from e
 
     async def _flush(self) -> None:
         await self._wait()
@@ -131,7 +150,7 @@ class FileAppender:
     async def abort(self) -> None:
         try:
             await self._wait()
-        except OSError:
+        except StorageError:
             pass
         if self._fd >= 0:
             os.close(self._fd)
@@ -144,10 +163,20 @@ class FilesystemDriver:
         self.blobs = self.root / "blobs"
         self.uploads = self.root / "uploads"
         self.tmp = self.root / "tmp"
+        self.proofs = self.root / "cluster"
         for d in (self.blobs, self.uploads, self.tmp):
             d.mkdir(parents=True, exist_ok=True)
 
+    async def open(self) -> "FilesystemDriver":
+        return self  # nothing to connect: every call opens what it needs
+
+    async def close(self) -> None:
+        pass
+
     def local_path(self, digest: str) -> Path:
+        return self._path(digest)
+
+    def _path(self, digest: str) -> Path:
         algorithm, hexdigest = parse(digest)
         return self.blobs / algorithm / hexdigest[:2] / hexdigest
 
@@ -159,16 +188,26 @@ class FilesystemDriver:
         return self.uploads / upload_id
 
     async def exists(self, digest: str) -> int | None:
-        path = self.local_path(digest)
-        try:
-            st = await asyncio.get_running_loop().run_in_executor(None, path.stat)
-        except FileNotFoundError:
-            return None
-        return st.st_size
+        return await _io(_size, self._path(digest))
 
     async def read(self, digest: str) -> bytes:
-        path = self.local_path(digest)
-        return await asyncio.get_running_loop().run_in_executor(None, path.read_bytes)
+        return await _io(self._path(digest).read_bytes)
+
+    async def stream(self, digest: str, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        """Reads of READ_BYTES in the thread pool: for readers that cannot send the file itself."""
+        f = await _io(open, self._path(digest), "rb")
+        try:
+            await _io(f.seek, start)
+            left = None if end is None else end - start
+            while left is None or left > 0:
+                chunk = await _io(f.read, READ_BYTES if left is None else min(READ_BYTES, left))
+                if not chunk:
+                    return
+                if left is not None:
+                    left -= len(chunk)
+                yield chunk
+        finally:
+            f.close()
 
     def _sync_and_place(self, src: Path, digest: str, keep: bool = False) -> None:
         # O_CREAT: an empty upload never wrote a byte, so it has no file yet.
@@ -189,7 +228,7 @@ class FilesystemDriver:
             self._place(src, digest)
 
     def _place(self, src: Path, digest: str) -> None:
-        dest = self.local_path(digest)
+        dest = self._path(digest)
         dest.parent.mkdir(parents=True, exist_ok=True)
         # Same digest, same bytes: replacing a concurrent twin is harmless, and
         # readers holding the old inode keep reading it.
@@ -210,10 +249,10 @@ class FilesystemDriver:
             raise
 
     async def write(self, digest: str, data: bytes) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, self._write_small, digest, data)
+        await _io(self._write_small, digest, data)
 
     async def delete(self, digest: str) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, self._unlink, self.local_path(digest))
+        await _io(self._unlink, self._path(digest))
 
     @staticmethod
     def _unlink(path: Path) -> None:
@@ -242,7 +281,7 @@ class FilesystemDriver:
         Like every file operation here it runs off the event loop: creating a
         file can wait behind a journal commit, and the loop must not.
         """
-        fd = await asyncio.get_running_loop().run_in_executor(None, self._open_at, upload_id, offset)
+        fd = await _io(self._open_at, upload_id, offset)
         return FileAppender(fd, offset, hasher)
 
     def _hash_file(self, path: Path, algorithm: str, length: int) -> str:
@@ -260,22 +299,43 @@ class FilesystemDriver:
         return h.hexdigest()
 
     async def hash_upload(self, upload_id: str, algorithm: str, length: int) -> str:
-        return await asyncio.get_running_loop().run_in_executor(
-            None, self._hash_file, self.upload_path(upload_id), algorithm, length)
+        return await _io(self._hash_file, self.upload_path(upload_id), algorithm, length)
 
     async def commit_upload(self, upload_id: str, digest: str, keep: bool = False) -> None:
-        await asyncio.get_running_loop().run_in_executor(
-            None, self._sync_and_place, self.upload_path(upload_id), digest, keep)
+        await _io(self._sync_and_place, self.upload_path(upload_id), digest, keep)
 
     async def delete_upload(self, upload_id: str) -> None:
         try:
             path = self.upload_path(upload_id)
         except ValueError:
             return
-        await asyncio.get_running_loop().run_in_executor(None, self._unlink, path)
+        await _io(self._unlink, path)
 
     def new_upload_id(self) -> str:
         return uuid.uuid4().hex
+
+    # -- the join proof: a file the admitting replica writes and the joining one reads ---
+
+    def _proof_path(self, name: str) -> Path:
+        if "/" in name or name in ("", ".", ".."):
+            raise ValueError(f"bad proof name {name[:40]!r}")
+        return self.proofs / name
+
+    def _write_proof(self, name: str, data: bytes) -> None:
+        self.proofs.mkdir(parents=True, exist_ok=True)
+        self._proof_path(name).write_bytes(data)
+
+    async def write_proof(self, name: str, data: bytes) -> None:
+        await _io(self._write_proof, name, data)
+
+    def _read_proof(self, name: str) -> bytes | None:
+        try:
+            return self._proof_path(name).read_bytes()
+        except OSError:  # missing or unreadable: either way this node does not see the proof
+            return None
+
+    async def read_proof(self, name: str) -> bytes | None:
+        return await _io(self._read_proof, name)
 
     # -- garbage collection: what is on disk, and removing it --------------------
 
@@ -306,24 +366,24 @@ class FilesystemDriver:
 
     async def blob_files(self) -> list[tuple[str, int, float]]:
         """(digest, size, age stamp) of every blob file, records or not."""
-        found = await asyncio.get_running_loop().run_in_executor(None, self._scan, self.blobs, 2)
+        found = await _io(self._scan, self.blobs, 2)
         out = []
         for name, size, ts in found:
             algorithm, _, hexdigest = name.split("/")
             digest = f"{algorithm}:{hexdigest}"
             try:
                 parse(digest)
-            except DigestInvalid:
+            except DigestError:
                 continue  # not a blob's name: not ours to judge
             out.append((digest, size, ts))
         return out
 
     async def upload_files(self) -> list[tuple[str, int, float]]:
-        found = await asyncio.get_running_loop().run_in_executor(None, self._scan, self.uploads, 0)
+        found = await _io(self._scan, self.uploads, 0)
         return [f for f in found if is_upload_id(f[0])]
 
     async def tmp_files(self) -> list[tuple[str, int, float]]:
-        return await asyncio.get_running_loop().run_in_executor(None, self._scan, self.tmp, 0)
+        return await _io(self._scan, self.tmp, 0)
 
     def _probe_clock(self) -> float:
         # A shared filesystem stamps files with its server's clock (the kernel's, locally), which
@@ -338,13 +398,20 @@ class FilesystemDriver:
             probe.unlink(missing_ok=True)
 
     async def clock_offset(self) -> float:
-        return await asyncio.get_running_loop().run_in_executor(None, self._probe_clock)
+        return await _io(self._probe_clock)
 
     async def delete_tmp(self, name: str) -> None:
         if "/" not in name and name not in ("", ".", ".."):
-            await asyncio.get_running_loop().run_in_executor(None, self._unlink, self.tmp / name)
+            await _io(self._unlink, self.tmp / name)
 
     async def delete_many(self, digests: list[str]) -> None:
         """Remove blob files, in one trip to the thread pool."""
-        paths = [self.local_path(d) for d in digests]
-        await asyncio.get_running_loop().run_in_executor(None, lambda: [p.unlink(missing_ok=True) for p in paths])
+        paths = [self._path(d) for d in digests]
+        await _io(lambda: [p.unlink(missing_ok=True) for p in paths])
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return None

@@ -50,6 +50,8 @@ import aiohttp
 import botocore.config
 import botocore.exceptions as bce
 
+from moorage import digest as digests
+from moorage.storage.base import is_upload_id
 from moorage.storage.errors import (
     ObjectMissing,
     StorageError,
@@ -68,10 +70,6 @@ MAX_PARTS = 10_000
 DELETE_BATCH = 1000         # keys per DeleteObjects request
 READ_CHUNK = MiB
 
-# Blob digests as the registry accepts them; the storage layer checks its own
-# keys rather than import the registry's parser (layers import downwards only).
-_DIGEST = re.compile(r"^(sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128})$")
-_UPLOAD_ID = re.compile(r"^[0-9a-f]{32}$")
 # https://docs.aws.amazon.com/AmazonS3/latest/userguide/bucketnamingrules.html
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
@@ -253,9 +251,7 @@ class S3Driver:
     # -- keys ------------------------------------------------------------------
 
     def blob_key(self, digest: str) -> str:
-        if not _DIGEST.match(digest):
-            raise ValueError(f"not a blob digest: {digest[:80]!r}")
-        algorithm, hexdigest = digest.split(":")
+        algorithm, hexdigest = digests.parse(digest)  # a ValueError (DigestError) for anything else
         return f"{self.config.prefix}blobs/{algorithm}/{hexdigest[:2]}/{hexdigest}"
 
     def session_key(self, upload_id: str) -> str:
@@ -268,7 +264,7 @@ class S3Driver:
 
     @staticmethod
     def _checked(upload_id: str) -> str:
-        if not _UPLOAD_ID.match(upload_id):
+        if not is_upload_id(upload_id):
             raise ValueError(f"bad upload id {upload_id[:40]!r}")
         return upload_id
 
@@ -594,7 +590,7 @@ class S3Driver:
             r = await self._call("list multipart uploads", "list_multipart_uploads", **params)
             for u in r.get("Uploads", ()):
                 upload_id = u["Key"].rsplit("/", 1)[-1]
-                if _UPLOAD_ID.match(upload_id):
+                if is_upload_id(upload_id):
                     out.append(MultipartUpload(upload_id, u["UploadId"], u["Key"], u["Initiated"].timestamp()))
             if not r.get("IsTruncated"):
                 return out

@@ -20,7 +20,7 @@ from yarl import URL
 from moorage.api.audit import error_reason
 from moorage.api.console.app import ADMIN, PREFIX, Ctx, Refused, Route, admin_error, console_path
 from moorage.api.errors import from_error
-from moorage.registry import digest as digests
+from moorage import digest as digests
 from moorage.registry.browse import REPO_SORTS, TAG_SORTS
 from moorage.registry.errors import NameInvalid, RegistryError
 from moorage.registry.names import check_name, is_valid_tag
