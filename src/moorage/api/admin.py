@@ -17,9 +17,9 @@ from moorage.api.accessadmin import access_routes
 from moorage.api.backup import backup_routes
 from moorage.api.auth import Auth, Denied
 from moorage.api.gcadmin import gc_routes
+from moorage.api.errors import ERRORS, as_registry_error
 from moorage.api.http import read_bounded
 from moorage.cluster.service import ClusterError, ClusterService
-from moorage.meta.etcd import EtcdUnavailable
 from moorage.registry.access import Access, AccessError
 from moorage.registry.errors import TooLarge
 from moorage.registry.gc_runner import GcRunner
@@ -102,8 +102,6 @@ class AdminApi:
             admin = await self._is_admin(request)
         except _Refused as e:
             return e.response
-        except EtcdUnavailable as e:
-            return _error(503, f"cannot check credentials: this replica's etcd does not answer ({e})")
         if not admin:
             return _error(401, "admin credentials are required",
                           {"WWW-Authenticate": 'Basic realm="moorage admin"'})
@@ -134,8 +132,9 @@ class AdminApi:
                 return result if isinstance(result, web.StreamResponse) else _json(result)
             except (ClusterError, AccessError) as e:
                 return _error(STATUS.get(e.kind, 500), e.message)
-            except EtcdUnavailable as e:
-                return _error(503, f"the cluster's metadata store cannot be reached: {e}")
+            except ERRORS as e:
+                error = as_registry_error(e)
+                return _error(error.status, error.message)
             except _BadField as e:
                 return _error(400, str(e))
         if any(p.match(path) for _, p, _ in self.routes):

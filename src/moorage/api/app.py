@@ -22,14 +22,12 @@ from moorage.api.audit import USER_KEY, RequestAudit
 from moorage.api.auth import CATALOG_SCOPE, Auth, Denied, Need
 from moorage.api.blobs import BlobHandlers
 from moorage.api.connections import GuardedServer
-from moorage.api.errors import error_response, from_error
+from moorage.api.errors import ERRORS, error_response, from_error
 from moorage.api.manifests import ManifestHandlers
 from moorage.api.token_endpoint import TokenEndpoint
-from moorage.registry.errors import RegistryError
 from moorage.registry.names import check_name
 from moorage.registry.service import Registry
 from moorage.registry.uploads import Uploads
-from moorage.storage.errors import StorageError, StorageUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -98,11 +96,11 @@ class Dispatcher:
         if not path.startswith("/v2"):
             try:
                 return await self._other(request, path)
-            except RegistryError as e:  # a body that stalled (BodyTimeout) on /token or /_admin/
+            except ERRORS as e:  # a body that stalled (BodyTimeout) on /token or /_admin/
                 return from_error(e)
         try:
             response = await self._v2(request, path)
-        except RegistryError as e:
+        except ERRORS as e:
             response = from_error(e)
         except Denied as e:
             response = e.response
@@ -111,10 +109,6 @@ class Dispatcher:
                 self.audit.record(request, "write", 499, detail="no response: the client went away "
                                   "or the replica shut down")
             raise  # the client went away, or we are shutting down
-        except StorageError as e:
-            log.exception("storage error", extra={"path": path[:200]})
-            response = error_response(503, "UNAVAILABLE", str(e)) if isinstance(e, StorageUnavailable) \
-                else error_response(500, "UNKNOWN", str(e))
         except Exception:
             log.exception("unhandled error", extra={"method": request.method, "path": path[:200]})
             response = error_response(500, "UNKNOWN", "internal error; the replica's log has the details")

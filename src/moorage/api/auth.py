@@ -34,7 +34,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from moorage.api.errors import error_response
 from moorage.api.throttle import LoginThrottle
 from moorage.registry.tokens import SERVICE, Claims, TokenError, Tokens
-from moorage.registry.users import UserRecord
+from moorage.meta.records import UserRecord
 
 VERIFIED_TTL_SECONDS = 30.0
 VERIFIED_MAX = 1024

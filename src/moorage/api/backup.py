@@ -27,29 +27,19 @@ from typing import Any
 
 from aiohttp import web
 
-from moorage import __version__
 from moorage.api.blobfile import blob_response, send_mapped
-from moorage.cluster import backup, pki
 from moorage.cluster.service import ClusterError, ClusterService
-from moorage.meta import keys
-from moorage.meta.etcd import EtcdUnavailable
-from moorage.meta.records import BlobRecord
 from moorage.registry.errors import BlobUnknown
 from moorage.registry.service import Registry
 
-import msgspec
-
 _DIGEST = r"((?:sha256:[0-9a-f]{64})|(?:sha384:[0-9a-f]{96})|(?:sha512:[0-9a-f]{128}))"
-_decode_blob = msgspec.json.Decoder(BlobRecord).decode
 
 
 def backup_routes(cluster: ClusterService, registry: Registry | None) -> list[tuple[str, re.Pattern, Any]]:
     c = cluster
 
     async def snapshot(request: web.BaseRequest, body: Any) -> web.StreamResponse:
-        if c.pki_paths is None:
-            raise ClusterError("unavailable", "this replica has no data directory to spool a snapshot in")
-        snap = await backup.take_snapshot(c.client, c.pki_paths.data_dir / "tmp")
+        snap = await c.snapshot()
         try:
             response = web.StreamResponse(headers={
                 "Content-Type": "application/octet-stream",
@@ -77,36 +67,7 @@ def backup_routes(cluster: ClusterService, registry: Registry | None) -> list[tu
             through = int(request.query.get("through", str(revision)))
         except ValueError:
             revision = through = -1
-        if revision < 0 or through < 0:
-            raise ClusterError("invalid", "revision and through take whole numbers (0: the current one)")
-        current = await c.client.revision()
-        if max(revision, through) > current:
-            raise ClusterError("invalid", f"revision {max(revision, through)} is in the future: "
-                                          f"the cluster is at {current}")
-        if c.pki_paths is None or not c.pki_paths.has_ca():
-            raise ClusterError("unavailable", "this replica does not hold the cluster CA; back up through "
-                                              "another one")
-        ca_cert, ca_key = pki.ca_pem(c.pki_paths)
-        try:
-            # A snapshot is taken at some revision between the two: a blob it
-            # knows existed at the first or was created by the second.
-            _, kvs = await c.client.range_prefix(keys.BLOB, revision=revision)
-            if through != revision:
-                _, later = await c.client.range_prefix(keys.BLOB, revision=through)
-                kvs = list({kv.key: kv for kv in [*kvs, *later]}.values())
-        except EtcdUnavailable as e:
-            if "compacted" not in str(e):
-                raise
-            raise ClusterError("refused", f"revision {revision} is compacted away (the backup took too long "
-                                          "between its snapshot and its blob list); run it again") from None
-        blobs = []
-        for kv in kvs:
-            try:
-                blobs.append({"digest": kv.key[len(keys.BLOB):].decode(), "size": _decode_blob(kv.value).size})
-            except (msgspec.DecodeError, UnicodeDecodeError):
-                continue
-        return {"replica": c.replica_id, "cluster_token": c.cluster_token, "moorage_version": __version__,
-                "ca_cert": ca_cert.decode("ascii"), "ca_key": ca_key.decode("ascii"), "blobs": blobs}
+        return await c.backup_info(revision, through)
 
     async def blob(request: web.BaseRequest, body: Any, digest: str) -> web.StreamResponse:
         assert registry is not None  # listed without one only to be documented (tests/test_openapi.py)

@@ -1,4 +1,4 @@
-"""OCI error bodies and the statuses the spec pairs with each code."""
+"""OCI error bodies: every error a client hears becomes a response here, by the registry's one table."""
 
 from __future__ import annotations
 
@@ -6,38 +6,10 @@ import msgspec
 from aiohttp import web
 
 from moorage.api.http import BodyTimeout
-from moorage.registry.errors import BadParameter, MetadataUnavailable, RangeInvalid, RegistryError, TooLarge
+from moorage.registry.errors import BELOW, RegistryError, from_below
 
-STATUS = {
-    "BLOB_UNKNOWN": 404,
-    "BLOB_UPLOAD_INVALID": 400,
-    "BLOB_UPLOAD_UNKNOWN": 404,
-    "DIGEST_INVALID": 400,
-    "MANIFEST_BLOB_UNKNOWN": 400,
-    "MANIFEST_INVALID": 400,
-    "MANIFEST_UNKNOWN": 404,
-    "NAME_INVALID": 400,
-    "NAME_UNKNOWN": 404,
-    "SIZE_INVALID": 400,
-    "UNAUTHORIZED": 401,
-    "DENIED": 403,
-    "UNSUPPORTED": 405,
-    "TOOMANYREQUESTS": 429,
-}
-
-
-def status_of(error: RegistryError) -> int:
-    if isinstance(error, BodyTimeout):
-        return 408
-    if isinstance(error, RangeInvalid):
-        return 416
-    if isinstance(error, TooLarge):
-        return 413
-    if isinstance(error, MetadataUnavailable):
-        return 503
-    if isinstance(error, BadParameter):
-        return 400
-    return STATUS.get(error.code, 400)
+# Every error answered by `from_error`: the registry's, and those of the layers below it.
+ERRORS = (RegistryError, *BELOW)
 
 
 def error_response(status: int, code: str, message: str, detail=None,
@@ -49,9 +21,16 @@ def error_response(status: int, code: str, message: str, detail=None,
                         content_type="application/json", headers=headers)
 
 
-def from_error(error: RegistryError, headers: dict[str, str] | None = None) -> web.Response:
-    response = error_response(status_of(error), error.code, error.message, error.detail, headers)
-    if isinstance(error, BodyTimeout):
+def as_registry_error(error: BaseException) -> RegistryError:
+    """One of ERRORS, as the registry error a client hears."""
+    return error if isinstance(error, RegistryError) else from_below(error)  # type: ignore[arg-type]
+
+
+def from_error(error: BaseException, headers: dict[str, str] | None = None) -> web.Response:
+    """The response to one of ERRORS: its code, the status its code is registered with, its message."""
+    e = as_registry_error(error)
+    response = error_response(e.status, e.code, e.message, e.detail, headers)
+    if isinstance(e, BodyTimeout):
         # The rest of the body may still come, or never: the connection cannot be reused.
         response.force_close()
     return response

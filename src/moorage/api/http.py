@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from moorage.registry.errors import BadParameter, BlobUploadInvalid, RegistryError, TooLarge
+from moorage.registry.errors import BLOB_UPLOAD_INVALID, BadParameter, BlobUploadInvalid, RegistryError, TooLarge
 
 _CONTENT_RANGE = re.compile(r"^(?:bytes[ =])?(\d+)-(\d+)(?:/(?:\d+|\*))?$")
 
@@ -26,7 +26,8 @@ BODY_RATE_GRACE_SECONDS = 20.0
 class BodyTimeout(RegistryError):
     """The client stopped sending its body, or sends it too slowly (answered 408, then closed)."""
 
-    code = "BLOB_UPLOAD_INVALID"
+    code = BLOB_UPLOAD_INVALID
+    status = 408
 
 
 async def _continue(request: web.BaseRequest) -> None:

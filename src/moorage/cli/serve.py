@@ -12,7 +12,6 @@ import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
 from pathlib import Path
 
 from aiohttp import web
@@ -34,10 +33,13 @@ from moorage.cluster.service import ClusterService
 from moorage.cluster.settings import SETTINGS, ClusterSettings, Network, parse_networks
 from moorage.meta import keys
 from moorage.meta.etcd import EtcdClient, EtcdUnavailable, Event
+from moorage.meta.gc_store import GcStore
 from moorage.meta.index import Index
 from moorage.meta.store import MetaStore
 from moorage.registry.audit import AuditLog
 from moorage.registry.gc_runner import GcRunner
+from moorage.registry.limits import Limits
+from moorage.registry.placement import Placement
 from moorage.registry.service import Registry
 from moorage.registry.sessions import STATE_SECONDS, Sessions
 from moorage.registry.tokens import Tokens
@@ -199,13 +201,13 @@ class Replica:
 
     # -- settings and removal ----------------------------------------------------
 
-    def _apply_setting(self, registry: Registry, key: str, value) -> None:
+    def _apply_setting(self, limits: Limits, key: str, value) -> None:
         if key == "log.level":
             logging.getLogger().setLevel(value.upper())
         elif key == "upload.max_blob_bytes":
-            registry.limits = replace(registry.limits, max_blob_bytes=value)
+            limits.max_blob_bytes = value
         elif key == "upload.max_manifest_bytes":
-            registry.limits = replace(registry.limits, max_manifest_bytes=value)
+            limits.max_manifest_bytes = value
         elif key == "proxy_protocol.from":
             self.proxy_from = parse_networks(value)
         log.info("cluster setting applied", extra={"key": key, "value": value})
@@ -269,21 +271,23 @@ class Replica:
             self.index.subscribe(keys.REPLICA, self._replica_event)
             clock = ClusterClock(identity.replica_id)
             self.index.subscribe(keys.REPLICA, clock.observe)
-            self.access = Access(client, self.index)  # subscribes: must come before start()
+            store = MetaStore(client, self.index, tombstone_seconds=2 * STATE_SECONDS)
+            self.access = Access(store, self.index)  # subscribes: must come before start()
             await self.index.start()
             self.quorum_ok_at = time.monotonic()  # the index just read from etcd
-            store = MetaStore(client, self.index, tombstone_seconds=2 * STATE_SECONDS)
-            registry = Registry(store, storage)
+            limits = Limits()
+            placement = Placement(store, storage)
+            registry = Registry(store, storage, placement, limits)
             for key, value in self.settings.values.items():  # what the index loaded
                 if value != SETTINGS[key].default:
-                    self._apply_setting(registry, key, value)
-            self.settings.on_change(lambda k, v: self._apply_setting(registry, k, v))
+                    self._apply_setting(limits, key, value)
+            self.settings.on_change(lambda k, v: self._apply_setting(limits, k, v))
             users: Users = self.access.users
             generated = await users.ensure_admin(admin_password(args))
             if generated:
                 print(f"moorage: created the user admin with the password {generated} "
                       "(shown once; keep it safe)", file=sys.stderr, flush=True)
-            uploads = Uploads(registry, Sessions(store, await store.secret("upload-state")))
+            uploads = Uploads(storage, Sessions(store, await store.secret("upload-state")), placement, limits)
             # Every replica signs with the same secret, so each verifies any replica's tokens locally.
             tokens = Tokens(await store.secret("token-signing"),
                             lambda: self.settings["token.lifetime_seconds"], replica=identity.replica_id,
@@ -297,7 +301,7 @@ class Replica:
             for field, (old, new) in replicas.moved(await replicas.record(client, identity.replica_id),
                                                     record).items():
                 log.info("this replica's address changed", extra={"field": field, "old": old, "new": new})
-            gc = GcRunner(store, storage, self.settings, identity.replica_id, uploads.sessions, clock)
+            gc = GcRunner(store, GcStore(client), storage, self.settings, identity.replica_id, uploads.sessions, clock)
             tasks = [
                 asyncio.create_task(track_solo(client, self.index, identity.replica_id)),
                 asyncio.create_task(self._probe_quorum(client)),

@@ -52,12 +52,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+import msgspec
+
 from moorage import __version__
 from moorage.cluster import pki
 from moorage.cluster.addresses import url_host
 from moorage.cluster.identity import Identity
 from moorage.meta import keys
 from moorage.meta.etcd import EtcdClient, EtcdUnavailable, op_delete
+from moorage.meta.records import BlobRecord, decoder
 from moorage.storage.base import BlobDriver
 
 FORMAT = 1
@@ -76,10 +79,15 @@ _BLOB_NAME = re.compile(r"^blobs/(sha256|sha384|sha512)/([0-9a-f]{64,128})$")
 _HEX_LENGTH = {"sha256": 64, "sha384": 96, "sha512": 128}
 
 Progress = Callable[[int], None]
+_blob_record = decoder(BlobRecord)
 
 
 class BackupError(Exception):
     """A backup or restore that cannot go on; the message is one sentence."""
+
+
+class Compacted(Exception):
+    """etcd no longer holds the revision asked for (compacted away)."""
 
 
 def blob_name(digest: str) -> str:
@@ -161,6 +169,27 @@ async def take_snapshot(client: EtcdClient, spool_dir: Path) -> Snapshot:
     except BaseException:
         f.close()
         raise
+
+
+async def blobs_between(client: EtcdClient, revision: int, through: int) -> list[dict[str, Any]]:
+    """Every blob recorded at `revision` or at `through`, with its size: a snapshot taken between
+    the two knows no other (a blob it knows existed at the first or was created by the second)."""
+    try:
+        _, kvs = await client.range_prefix(keys.BLOB, revision=revision)
+        if through != revision:
+            _, later = await client.range_prefix(keys.BLOB, revision=through)
+            kvs = list({kv.key: kv for kv in [*kvs, *later]}.values())
+    except EtcdUnavailable as e:
+        if "compacted" in str(e):
+            raise Compacted(str(e)) from None
+        raise
+    blobs = []
+    for kv in kvs:
+        try:
+            blobs.append({"digest": kv.key[len(keys.BLOB):].decode(), "size": _blob_record.decode(kv.value).size})
+        except (msgspec.DecodeError, UnicodeDecodeError):
+            continue
+    return blobs
 
 
 # -- writing an archive (the CLI's side) -----------------------------------------------

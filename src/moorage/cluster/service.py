@@ -16,7 +16,8 @@ from typing import Any
 import aiohttp
 import msgspec
 
-from moorage.cluster import membership, pki, replicas, settings
+from moorage import __version__
+from moorage.cluster import backup, membership, pki, replicas, settings
 from moorage.cluster.clock import ClusterClock
 from moorage.cluster.settings import ClusterSettings, SettingError
 from moorage.meta.etcd import EtcdClient, EtcdUnavailable
@@ -201,6 +202,36 @@ class ClusterService:
         if self.pki_paths is not None and self.pki_paths.ca_cert.exists():
             ctx.load_verify_locations(cafile=str(self.pki_paths.ca_cert))
         return ctx
+
+    # -- backup (api/backup.py streams what these return) --------------------------
+
+    async def snapshot(self) -> backup.Snapshot:
+        """A consistent etcd snapshot, spooled in the data directory (it holds every secret)."""
+        if self.pki_paths is None:
+            raise ClusterError("unavailable", "this replica has no data directory to spool a snapshot in")
+        return await self._etcd(backup.take_snapshot(self.client, self.pki_paths.data_dir / "tmp"))
+
+    async def backup_info(self, revision: int, through: int) -> dict[str, Any]:
+        """Who took the backup, the cluster CA, and the blobs a snapshot taken between the two revisions knows."""
+        if revision < 0 or through < 0:
+            raise ClusterError("invalid", "revision and through take whole numbers (0: the current one)")
+        current = await self._etcd(self.client.revision())
+        if max(revision, through) > current:
+            raise ClusterError("invalid", f"revision {max(revision, through)} is in the future: "
+                                          f"the cluster is at {current}")
+        if self.pki_paths is None or not self.pki_paths.has_ca():
+            raise ClusterError("unavailable", "this replica does not hold the cluster CA; back up through "
+                                              "another one")
+        ca_cert, ca_key = pki.ca_pem(self.pki_paths)
+        try:
+            blobs = await backup.blobs_between(self.client, revision, through)
+        except backup.Compacted:
+            raise ClusterError("refused", f"revision {revision} is compacted away (the backup took too long "
+                                          "between its snapshot and its blob list); run it again") from None
+        except EtcdUnavailable as e:
+            raise ClusterError("unavailable", f"the cluster's metadata store cannot be reached: {e}") from None
+        return {"replica": self.replica_id, "cluster_token": self.cluster_token, "moorage_version": __version__,
+                "ca_cert": ca_cert.decode("ascii"), "ca_key": ca_key.decode("ascii"), "blobs": blobs}
 
     # -- settings ------------------------------------------------------------
 

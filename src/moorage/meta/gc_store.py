@@ -3,7 +3,8 @@ its lock and its run records. The collector's reasoning is in registry/gc.py.
 
 Every sweep transaction compares that this run still holds the lock, so a
 collector that lost its lease (and may be running beside its successor)
-changes nothing more.
+changes nothing more. Like MetaStore's, every method raises
+MetadataUnavailable when etcd does not answer.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from moorage.meta import keys
+from moorage.meta.errors import boundary
 from moorage.meta.etcd import (
     EtcdClient, cmp_absent, cmp_mod_revision, cmp_prefix_unchanged, cmp_value, op_delete, op_get, op_put,
 )
@@ -100,6 +102,7 @@ class GcStore:
 
     # -- the snapshot --------------------------------------------------------
 
+    @boundary
     async def snapshot(self) -> Snapshot:
         """Read page by page and decoded as it comes: memory holds the decoded records only."""
         snap = Snapshot(await self.client.revision())
@@ -163,6 +166,7 @@ class GcStore:
         return Unit((cmp_value(keys.GC_LOCK, run_id.encode()), cmp_absent(keys.blob(digest))),
                     (op_put(keys.gc_deleting(digest), b"", lease),))
 
+    @boundary
     async def apply(self, units: Sequence[Unit]) -> list[bool]:
         """Each unit's outcome. Many go in one transaction; if that one loses a race,
         each is tried on its own, so one conflict costs only its own item."""
@@ -188,12 +192,14 @@ class GcStore:
             return [False]
         return [(await self.client.txn(u.compare, u.ops)).succeeded for u in batch]
 
+    @boundary
     async def clear_markers(self, digests: Sequence[str]) -> None:
         for i in range(0, len(digests), BATCH_OPS):
             await self.client.txn([], [op_delete(keys.gc_deleting(d)) for d in digests[i:i + BATCH_OPS]])
 
     # -- the lock --------------------------------------------------------------
 
+    @boundary
     async def acquire(self, run: GcRun, ttl: int) -> tuple[int | None, str | None]:
         """(lease, None) when this run now holds the lock; (None, holder's run id) otherwise."""
         lease = await self.client.grant_lease(ttl)
@@ -207,29 +213,40 @@ class GcStore:
         kvs = result.responses[0].response_range.kvs
         return None, kvs[0].value.decode() if kvs else "?"
 
+    @boundary
     async def release(self, run_id: str, lease: int) -> None:
         """Let go of the lock; revoking the lease also drops any marker left behind."""
         await self.client.txn([cmp_value(keys.GC_LOCK, run_id.encode())], [op_delete(keys.GC_LOCK)])
         await self.client.revoke_lease(lease)
 
+    @boundary
+    async def keep_alive(self, lease: int) -> int:
+        """Renew the lock's lease; its new TTL (0: it has expired, and the lock with it)."""
+        return await self.client.keep_alive(lease)
+
+    @boundary
     async def holder(self) -> str | None:
         kv = await self.client.get(keys.GC_LOCK)
         return kv.value.decode() if kv else None
 
     # -- run records -----------------------------------------------------------
 
+    @boundary
     async def save(self, run: GcRun) -> None:
         await self.client.put(keys.gc_run(run.id), encode(run))
 
+    @boundary
     async def run(self, run_id: str) -> GcRun | None:
         kv = await self.client.get(keys.gc_run(run_id))
         return _run.decode(kv.value) if kv else None
 
+    @boundary
     async def runs(self) -> list[GcRun]:
         """Every kept run, oldest first."""
         _, kvs = await self.client.range_prefix(keys.GC_RUN)
         return [_run.decode(kv.value) for kv in kvs]
 
+    @boundary
     async def prune(self, runs: list[GcRun]) -> None:
         old = runs[:max(len(runs) - KEEP_RUNS, 0)]
         if old:

@@ -2,7 +2,8 @@
 
 They are written once per change and decoded by every replica's watch, so
 they hold only what reads need; manifest bodies themselves live in blob
-storage, addressed by digest.
+storage, addressed by digest. (GC's run records are meta/gc_store.py's,
+the replicas' and settings' cluster/'s.)
 """
 
 from __future__ import annotations
@@ -48,6 +49,26 @@ class UploadRecord(msgspec.Struct, frozen=True):
     offset: int
     created: float
     updated: float
+
+
+# -- who may do what (meta/access.py keeps them in memory, registry/access.py decides) --
+
+class UserRecord(msgspec.Struct, frozen=True):
+    password_hash: str          # argon2id
+    admin: bool
+    created: float
+
+
+class TeamRecord(msgspec.Struct, frozen=True):
+    created: float
+
+
+class GrantRecord(msgspec.Struct, frozen=True):
+    role: str                   # read, write or admin
+
+
+class VisibilityRecord(msgspec.Struct, frozen=True):
+    public: bool
 
 
 _encoder = msgspec.json.Encoder()

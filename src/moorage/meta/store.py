@@ -1,31 +1,55 @@
-"""Metadata writes: each change is one etcd transaction.
+"""The registry's door to etcd: every metadata write, each change one etcd transaction.
 
 Preconditions travel inside the transaction as comparisons (a manifest's
-blobs are still linked, an upload has not moved on), so two replicas racing
-each other, or a push racing a delete, are ordered by etcd and one of them
-wins cleanly. A write is acknowledged only after this replica's index has
-applied it, so the writer's next read sees it.
+blobs are still linked, an upload has not moved on, a grant's user still
+exists), so two replicas racing each other, or a push racing a delete, are
+ordered by etcd and one of them wins cleanly. A write is acknowledged only
+after this replica's index has applied it, so the writer's next read sees it.
+
+Every method raises MetadataUnavailable when etcd does not answer (`boundary`,
+meta/errors.py): nothing above meta/ handles etcd's own errors. Reads of what
+the watch keeps in memory are the Index's (meta/index.py) and AccessRecords'
+(meta/access.py).
 """
 
 from __future__ import annotations
 
+import enum
 import secrets
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import msgspec
+
 from moorage.meta import keys
+from moorage.meta.access import TEAM, USER, decode_user
+from moorage.meta.errors import boundary
 from moorage.meta.etcd import (
-    EtcdClient, EtcdUnavailable, Event, TxnResult, cmp_absent, cmp_exists, cmp_mod_revision, cmp_value, op_delete,
-    op_get, op_put, op_txn,
+    KV, EtcdClient, EtcdUnavailable, Event, TxnResult, cmp_absent, cmp_exists, cmp_mod_revision,
+    cmp_prefix_unchanged, cmp_value, op_delete, op_get, op_put, op_txn,
 )
 from moorage.meta.index import Index
-from moorage.meta.records import BlobRecord, ManifestRecord, Referrer, UploadRecord, decoder, encode
+from moorage.meta.records import (
+    BlobRecord, GrantRecord, ManifestRecord, Referrer, TeamRecord, UploadRecord, UserRecord, VisibilityRecord, decoder,
+    encode,
+)
 
 _upload = decoder(UploadRecord)
 
 
 TOMBSTONE = b"closed"
+# Optimistic writes (read, then compare what was read) retry this often when another writer got in between.
+RETRIES = 5
+
+
+class Change(enum.Enum):
+    """How a write that reads before it compares ended."""
+
+    DONE = enum.auto()
+    MISSING = enum.auto()      # what it would change does not exist
+    CONFLICT = enum.auto()     # it kept changing under the write, RETRIES times
+    LAST_ADMIN = enum.auto()   # the user is the cluster's last admin
 
 
 class BlobBeingCollected(Exception):
@@ -68,11 +92,16 @@ class MetaStore:
         # them as newer than anything placed before the reload.
         self.marker_revision = max(self.marker_revision, self.index.applied + 1)
 
+    def applied(self) -> int:
+        """The newest revision this replica's index has applied: a writer notes it before it places a file."""
+        return self.index.applied
+
     def file_may_be_collected(self, placed_after: int) -> bool:
         """Whether a GC sweep may have deleted a blob file placed after the index
         had applied `placed_after` (then the writer checks and puts it back)."""
         return self.marker_revision > placed_after or self.index.applied < self._unapplied
 
+    @boundary
     async def collecting(self, digest: str) -> bool:
         return await self.client.get(keys.gc_deleting(digest)) is not None
 
@@ -90,6 +119,7 @@ class MetaStore:
     # every token that could name it has expired. A compare on the key's
     # mod_revision (0 when absent) orders every change.
 
+    @boundary
     async def get_upload(self, upload_id: str) -> UploadState:
         kv = await self.client.get(keys.upload(upload_id))
         if kv is None:
@@ -98,6 +128,7 @@ class MetaStore:
             return UploadState(None, kv.mod_revision, True)
         return UploadState(_upload.decode(kv.value), kv.mod_revision, False)
 
+    @boundary
     async def advance_upload(self, upload_id: str, seen_revision: int, record: UploadRecord
                              ) -> int | None:
         """Record a new offset unless the upload changed since `seen_revision`;
@@ -108,6 +139,7 @@ class MetaStore:
                                        [op_put(key, encode(record))])
         return result.revision if result.succeeded else None
 
+    @boundary
     async def close_upload(self, upload_id: str, seen_revision: int) -> bool:
         key = keys.upload(upload_id)
         return (await self._with_tombstone(
@@ -128,6 +160,7 @@ class MetaStore:
             self._lease = None  # a lease etcd no longer knows fails every put under it
             raise
 
+    @boundary
     async def secret(self, name: str) -> bytes:
         """A cluster-wide random secret, created by whichever replica asks first."""
         key = keys.secret(name)
@@ -138,6 +171,7 @@ class MetaStore:
 
     # -- blobs -------------------------------------------------------------
 
+    @boundary
     async def commit_blob(self, repo: str, digest: str, size: int,
                           upload: tuple[str, int] | None = None) -> bool:
         """Record a verified blob and link it into `repo`, closing its upload.
@@ -157,6 +191,7 @@ class MetaStore:
             [cmp_mod_revision(key, upload[1]), cmp_absent(marker)], ops + [op_put(key, TOMBSTONE, lease)],
             [op_get(marker)])))
 
+    @boundary
     async def mount_blob(self, repo: str, source: str, digest: str) -> bool:
         # The blob record is written again (and dated now) so that a GC sweep that
         # marked it before this mount sees it changed and keeps it.
@@ -169,12 +204,14 @@ class MetaStore:
              op_put(keys.blob(digest), encode(BlobRecord(size=record.size, created=time.time())))])
         return result.succeeded
 
+    @boundary
     async def unlink_blob(self, repo: str, digest: str) -> bool:
         key = keys.repo_blob(repo, digest)
         return (await self._txn([cmp_exists(key)], [op_delete(key)])).succeeded
 
     # -- manifests and tags --------------------------------------------------
 
+    @boundary
     async def put_manifest(self, repo: str, digest: str, record: ManifestRecord,
                            tag: str | None, referrer: Referrer | None) -> bool:
         """Store a manifest record (and tag, and referrer entry) atomically.
@@ -198,6 +235,7 @@ class MetaStore:
             ops.append(op_put(keys.referrer(repo, record.subject, digest), encode(referrer)))
         return await self._committed(digest, await self._txn(compare, ops, [op_get(marker)]))
 
+    @boundary
     async def delete_manifest(self, repo: str, digest: str, record: ManifestRecord,
                               tags: Iterable[str]) -> bool:
         """Delete a manifest, the tags that name it and its referrer entry.
@@ -213,6 +251,143 @@ class MetaStore:
             ops.append(op_delete(keys.referrer(repo, record.subject, digest)))
         return (await self._txn([cmp_exists(key)], ops)).succeeded
 
+    @boundary
     async def delete_tag(self, repo: str, tag: str) -> bool:
         key = keys.tag(repo, tag)
         return (await self._txn([cmp_exists(key)], [op_delete(key)])).succeeded
+
+    # -- users, teams, grants, visibility and console sessions ----------------------
+    #
+    # registry/access.py and registry/users.py decide and validate; meta/access.py
+    # keeps what these write in memory. Each write is acknowledged once this
+    # replica's index has applied it (read-your-writes).
+
+    async def _changed(self, compare: Iterable = (), success: Iterable = ()) -> bool:
+        result = await self.client.txn(list(compare), list(success))
+        if result.succeeded:
+            await self.index.wait_applied(result.revision)
+        return result.succeeded
+
+    @boundary
+    async def user_exists(self, name: str) -> bool:
+        """Read from etcd, not the watch's copy: for the answer to a write that failed."""
+        return await self.client.get(keys.user(name)) is not None
+
+    @boundary
+    async def team_exists(self, name: str) -> bool:
+        return await self.client.get(keys.team(name)) is not None
+
+    @boundary
+    async def add_user(self, name: str, record: UserRecord) -> bool:
+        """Create a user; False when the name is taken."""
+        return await self._changed([cmp_absent(keys.user(name))], [op_put(keys.user(name), encode(record))])
+
+    @boundary
+    async def set_password_hash(self, name: str, password_hash: str) -> Change:
+        key = keys.user(name)
+        for _ in range(RETRIES):
+            kv = await self.client.get(key)
+            if kv is None:
+                return Change.MISSING
+            record = msgspec.structs.replace(decode_user(kv.value), password_hash=password_hash)
+            if await self._changed([cmp_mod_revision(key, kv.mod_revision)], [op_put(key, encode(record))]):
+                return Change.DONE
+        return Change.CONFLICT
+
+    @boundary
+    async def remove_user(self, name: str) -> Change:
+        """Delete a user with its memberships and grants, in one transaction; never the last cluster admin."""
+        key = keys.user(name)
+        for _ in range(RETRIES):
+            kv = await self.client.get(key)
+            if kv is None:
+                return Change.MISSING
+            compare = [cmp_mod_revision(key, kv.mod_revision)]
+            if decode_user(kv.value).admin:
+                other = await self._other_admin(name)
+                if other is None:
+                    return Change.LAST_ADMIN
+                # Two admins removing each other at once: one of these compares fails.
+                compare.append(cmp_mod_revision(other.key, other.mod_revision))
+            ops = [op_delete(key), op_delete(keys.memberships(name), prefix=True),
+                   op_delete(keys.user_grants(name), prefix=True)]
+            if await self._changed(compare, ops):
+                return Change.DONE
+        return Change.CONFLICT
+
+    async def _other_admin(self, name: str) -> KV | None:
+        _, kvs = await self.client.range_prefix(keys.USER)
+        for kv in kvs:
+            if kv.key != keys.user(name):
+                try:
+                    if decode_user(kv.value).admin:
+                        return kv
+                except msgspec.DecodeError:
+                    continue
+        return None
+
+    @boundary
+    async def add_team(self, name: str, record: TeamRecord) -> bool:
+        """Create a team; False when the name is taken."""
+        return await self._changed([cmp_absent(keys.team(name))], [op_put(keys.team(name), encode(record))])
+
+    @boundary
+    async def remove_team(self, name: str) -> Change:
+        """Delete a team, its memberships and its grants in one transaction."""
+        for _ in range(RETRIES):
+            revision, kvs = await self.client.range_prefix(keys.MEMBER)
+            members = [kv.key for kv in kvs if (keys.split_pair(kv.key, keys.MEMBER) or ("", ""))[1] == name]
+            # A membership added after our read fails the range compare, so none is left behind.
+            if await self._changed(
+                    [cmp_exists(keys.team(name)), cmp_prefix_unchanged(keys.MEMBER, revision)],
+                    [op_delete(keys.team(name)), op_delete(keys.team_grants(name), prefix=True)]
+                    + [op_delete(k) for k in members]):
+                return Change.DONE
+            if await self.client.get(keys.team(name)) is None:
+                return Change.MISSING
+        return Change.CONFLICT
+
+    @boundary
+    async def add_member(self, team: str, user: str) -> bool:
+        """False when the team or the user does not exist."""
+        return await self._changed([cmp_exists(keys.team(team)), cmp_exists(keys.user(user))],
+                                   [op_put(keys.member(user, team), b"")])
+
+    @boundary
+    async def remove_member(self, team: str, user: str) -> bool:
+        """False when the user is not a member of the team."""
+        key = keys.member(user, team)
+        return await self._changed([cmp_exists(key)], [op_delete(key)])
+
+    @staticmethod
+    def _grant_keys(kind: str, name: str, pattern: str) -> tuple[bytes, bytes]:
+        """The grant's key and its subject's (a user or a team)."""
+        if kind == USER:
+            return keys.user_grant(name, pattern), keys.user(name)
+        assert kind == TEAM, kind
+        return keys.team_grant(name, pattern), keys.team(name)
+
+    @boundary
+    async def put_grant(self, kind: str, name: str, pattern: str, role: str) -> bool:
+        """Give the user or team `role` on `pattern`; False when it does not exist."""
+        key, subject = self._grant_keys(kind, name, pattern)
+        return await self._changed([cmp_exists(subject)], [op_put(key, encode(GrantRecord(role=role)))])
+
+    @boundary
+    async def delete_grant(self, kind: str, name: str, pattern: str) -> bool:
+        """False when there was no such grant."""
+        key, _ = self._grant_keys(kind, name, pattern)
+        return await self._changed([cmp_exists(key)], [op_delete(key)])
+
+    @boundary
+    async def set_visibility(self, pattern: str, public: bool | None) -> None:
+        """None forgets the pattern's setting (the next broader pattern decides)."""
+        key = keys.visibility(pattern)
+        await self._changed([], [op_delete(key)] if public is None
+                            else [op_put(key, encode(VisibilityRecord(public=public)))])
+
+    @boundary
+    async def revoke_session(self, session_id: str, seconds: int) -> None:
+        """A signed-out console session, for `seconds` (then its key's lease ends and it goes by itself)."""
+        lease = await self.client.grant_lease(max(int(seconds), 1))
+        await self._changed([], [op_put(keys.session_revoked(session_id), b"", lease)])

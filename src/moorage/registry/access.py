@@ -15,32 +15,27 @@ says anything decides (the exact name, then the longest namespace, then `*`),
 and a repository nothing speaks for is private. Anyone, even anonymous, may
 pull a public repository.
 
-Writes are etcd transactions whose comparisons carry their preconditions (a
-grant names a user or team that exists, a member joins a team that exists),
-so a write racing a deletion can never leave a dangling record behind.
+Writes are etcd transactions (MetaStore) whose comparisons carry their
+preconditions (a grant names a user or team that exists, a member joins a
+team that exists), so a write racing a deletion can never leave a dangling
+record behind. The records themselves are kept in memory by meta/access.py;
+this module decides with them.
 """
 
 from __future__ import annotations
 
-import logging
 import time
-from collections.abc import Iterable
 from typing import Any
 
-import msgspec
-
-from moorage.meta import keys
-from moorage.meta.etcd import (
-    EtcdClient, Event, TxnResult, cmp_absent, cmp_exists, cmp_prefix_unchanged, op_delete, op_put,
-)
+from moorage.meta.access import TEAM, USER, AccessRecords
 from moorage.meta.index import Index
+from moorage.meta.records import TeamRecord, UserRecord
+from moorage.meta.store import Change, MetaStore
 from moorage.registry.errors import NameInvalid
 from moorage.registry.names import check_name
-from moorage.registry.users import RETRIES, AccessError, UserRecord, Users, check_principal, decode_user
+from moorage.registry.users import AccessError, Users, check_principal
 
-__all__ = ["Access", "AccessError", "ROLES", "check_pattern", "patterns_for"]
-
-log = logging.getLogger(__name__)
+__all__ = ["Access", "AccessError", "ROLES", "TEAM", "USER", "check_pattern", "patterns_for"]
 
 PULL, PUSH, DELETE = "pull", "push", "delete"
 ROLES: dict[str, frozenset[str]] = {
@@ -51,26 +46,6 @@ ROLES: dict[str, frozenset[str]] = {
 EVERYTHING = ROLES["admin"]
 NOTHING: frozenset[str] = frozenset()
 PUBLIC = ROLES["read"]
-# Subjects of grants, as spelled in keys and in the admin API.
-USER, TEAM = "user", "team"
-
-
-class TeamRecord(msgspec.Struct, frozen=True):
-    created: float
-
-
-class GrantRecord(msgspec.Struct, frozen=True):
-    role: str
-
-
-class VisibilityRecord(msgspec.Struct, frozen=True):
-    public: bool
-
-
-_team = msgspec.json.Decoder(TeamRecord)
-_grant = msgspec.json.Decoder(GrantRecord)
-_visibility = msgspec.json.Decoder(VisibilityRecord)
-_encode = msgspec.json.encode
 
 
 def check_pattern(pattern: object) -> str:
@@ -112,37 +87,31 @@ def _covers(pattern: str, repo: str) -> bool:
 
 
 class Access:
-    """The in-memory access model of one replica, and the writes that change it.
+    """Who may do what on this replica, and the changes to it.
 
-    Construct it before `index.start()`: it subscribes to the index, which
-    feeds it the records already in etcd on load and every change after.
+    Construct it before `index.start()`: its records (meta/access.py) subscribe
+    to the index, which feeds them what is already in etcd and every change after.
     """
 
-    def __init__(self, client: EtcdClient, index: Index):
-        self.client = client
+    def __init__(self, meta: MetaStore, index: Index):
+        self.meta = meta
         self.index = index
-        self.users = Users(client, index)
-        self._reset()
-        # One reset for all: a reload after compaction must forget what was deleted meanwhile.
-        index.subscribe(keys.USER, self._on_user, reset=self._reset)
-        index.subscribe(keys.TEAM, self._on_team)
-        index.subscribe(keys.MEMBER, self._on_member)
-        index.subscribe(keys.GRANT, self._on_grant)
-        index.subscribe(keys.VISIBILITY, self._on_visibility)
-        index.subscribe(keys.SESSION_REVOKED, self._on_session_revoked)
+        self.records = AccessRecords(index, ROLES)
+        self.users = Users(meta)
 
     # -- decisions (the hot path: dict lookups only) -------------------------------
 
     def user(self, name: str) -> UserRecord | None:
-        return self._users.get(name)
+        return self.records.users.get(name)
 
     def is_admin(self, name: str | None) -> bool:
-        record = self._users.get(name) if name is not None else None
+        record = self.records.users.get(name) if name is not None else None
         return record is not None and record.admin
 
     def is_public(self, repo: str, covering: list[str] | None = None) -> bool:
+        visibility = self.records.visibility
         for pattern in covering or patterns_for(repo):
-            public = self._visibility.get(pattern)
+            public = visibility.get(pattern)
             if public is not None:
                 return public
         return False
@@ -155,15 +124,16 @@ class Access:
         """
         covering = patterns_for(repo)
         base = PUBLIC if self.is_public(repo, covering) else NOTHING
-        record = self._users.get(user) if user is not None else None
+        r = self.records
+        record = r.users.get(user) if user is not None else None
         if record is None or user is None:
             return base
         if record.admin:
             return EVERYTHING
         allowed = set(base)
-        subjects = [(USER, user)] + [(TEAM, t) for t in self._memberships.get(user, ()) if t in self._teams]
+        subjects = [(USER, user)] + [(TEAM, t) for t in r.memberships.get(user, ()) if t in r.teams]
         for subject in subjects:
-            grants = self._grants.get(subject)
+            grants = r.grants.get(subject)
             if grants:
                 for pattern in covering:
                     role = grants.get(pattern)
@@ -173,100 +143,25 @@ class Access:
 
     def session_revoked(self, session_id: str) -> bool:
         """Whether a console session was signed out (api/console/session.py)."""
-        return session_id in self._revoked_sessions
-
-    # -- the watch ------------------------------------------------------------------
-
-    def _reset(self) -> None:
-        self._users: dict[str, UserRecord] = {}
-        self._teams: dict[str, TeamRecord] = {}
-        self._memberships: dict[str, set[str]] = {}               # user -> teams
-        self._grants: dict[tuple[str, str], dict[str, str]] = {}  # (user|team, name) -> pattern -> role
-        self._visibility: dict[str, bool] = {}
-        self._revoked_sessions: set[str] = set()
-
-    def _on_user(self, ev: Event) -> None:
-        name = ev.kv.key[len(keys.USER):].decode(errors="replace")
-        if ev.deleted:
-            self._users.pop(name, None)
-        else:
-            self._users[name] = decode_user(ev.kv.value)
-
-    def _on_team(self, ev: Event) -> None:
-        name = ev.kv.key[len(keys.TEAM):].decode(errors="replace")
-        if ev.deleted:
-            self._teams.pop(name, None)
-        else:
-            self._teams[name] = _team.decode(ev.kv.value)
-
-    def _on_member(self, ev: Event) -> None:
-        pair = keys.split_pair(ev.kv.key, keys.MEMBER)
-        if pair is None:
-            return
-        user, team = pair
-        if ev.deleted:
-            teams = self._memberships.get(user)
-            if teams is not None:
-                teams.discard(team)
-                if not teams:
-                    del self._memberships[user]
-        else:
-            self._memberships.setdefault(user, set()).add(team)
-
-    def _on_grant(self, ev: Event) -> None:
-        key = ev.kv.key
-        if key.startswith(keys.USER_GRANT):
-            kind, pair = USER, keys.split_pair(key, keys.USER_GRANT)
-        elif key.startswith(keys.TEAM_GRANT):
-            kind, pair = TEAM, keys.split_pair(key, keys.TEAM_GRANT)
-        else:
-            return
-        if pair is None:
-            return
-        subject, pattern = (kind, pair[0]), pair[1]
-        if ev.deleted:
-            grants = self._grants.get(subject)
-            if grants is not None:
-                grants.pop(pattern, None)
-                if not grants:
-                    del self._grants[subject]
-            return
-        role = _grant.decode(ev.kv.value).role
-        if role not in ROLES:
-            log.warning("ignoring a grant with an unknown role", extra={"key": key[:200], "role": role[:20]})
-            return
-        self._grants.setdefault(subject, {})[pattern] = role
-
-    def _on_visibility(self, ev: Event) -> None:
-        pattern = ev.kv.key[len(keys.VISIBILITY):].decode(errors="replace")
-        if ev.deleted:
-            self._visibility.pop(pattern, None)
-        else:
-            self._visibility[pattern] = _visibility.decode(ev.kv.value).public
-
-    def _on_session_revoked(self, ev: Event) -> None:
-        session_id = ev.kv.key[len(keys.SESSION_REVOKED):].decode(errors="replace")
-        if ev.deleted:
-            self._revoked_sessions.discard(session_id)
-        else:
-            self._revoked_sessions.add(session_id)
+        return session_id in self.records.revoked_sessions
 
     # -- listings (after a sync, so another replica's write just acknowledged shows) ---
 
     async def list_users(self) -> list[dict[str, Any]]:
         await self.index.sync()
-        return [{"name": name, "admin": r.admin, "created": r.created,
-                 "teams": sorted(t for t in self._memberships.get(name, ()) if t in self._teams)}
-                for name, r in sorted(self._users.items())]
+        r = self.records
+        return [{"name": name, "admin": u.admin, "created": u.created,
+                 "teams": sorted(t for t in r.memberships.get(name, ()) if t in r.teams)}
+                for name, u in sorted(r.users.items())]
 
     async def list_teams(self) -> list[dict[str, Any]]:
         await self.index.sync()
         members: dict[str, list[str]] = {}
-        for user, teams in self._memberships.items():
+        for user, teams in self.records.memberships.items():
             for team in teams:
                 members.setdefault(team, []).append(user)
-        return [{"name": name, "created": r.created, "members": sorted(members.get(name, []))}
-                for name, r in sorted(self._teams.items())]
+        return [{"name": name, "created": t.created, "members": sorted(members.get(name, []))}
+                for name, t in sorted(self.records.teams.items())]
 
     async def list_grants(self, user: str | None = None, team: str | None = None,
                           repo: str | None = None) -> list[dict[str, str]]:
@@ -280,7 +175,7 @@ class Access:
             check_pattern(repo)
         await self.index.sync()
         out = []
-        for (kind, name), grants in sorted(self._grants.items()):
+        for (kind, name), grants in sorted(self.records.grants.items()):
             if (user is not None and (kind, name) != (USER, user)) or \
                     (team is not None and (kind, name) != (TEAM, team)):
                 continue
@@ -293,7 +188,7 @@ class Access:
     async def list_visibility(self) -> list[dict[str, str]]:
         await self.index.sync()
         return [{"repo": p, "visibility": "public" if public else "private"}
-                for p, public in sorted(self._visibility.items())]
+                for p, public in sorted(self.records.visibility.items())]
 
     async def explain(self, user: str | None, repo: str) -> dict[str, Any]:
         """What `user` may do to `repo` and why it may pull anonymously or not."""
@@ -306,107 +201,81 @@ class Access:
         # Sync before any lookup: a user deleted through another replica a
         # moment ago must not still be found here.
         await self.index.sync()
-        if user is not None and self._users.get(user) is None:
+        if user is not None and self.records.users.get(user) is None:
             raise AccessError("unknown", f"no user {user}")
         return {"user": user, "repo": repo, "public": self.is_public(repo),
                 "actions": sorted(self.actions(user, repo))}
 
     # -- writes -----------------------------------------------------------------------
 
-    async def _txn(self, compare: Iterable = (), success: Iterable = ()) -> TxnResult:
-        result = await self.client.txn(list(compare), list(success))
-        if result.succeeded:
-            await self.index.wait_applied(result.revision)
-        return result
-
     async def create_team(self, name: str) -> dict[str, Any]:
         check_principal(name, "team")
         created = time.time()
-        result = await self._txn([cmp_absent(keys.team(name))],
-                                 [op_put(keys.team(name), _encode(TeamRecord(created=created)))])
-        if not result.succeeded:
+        if not await self.meta.add_team(name, TeamRecord(created=created)):
             raise AccessError("refused", f"the team {name} already exists")
         return {"name": name, "created": created, "members": []}
 
     async def delete_team(self, name: str) -> None:
         """Delete a team, its memberships and its grants in one transaction."""
         check_principal(name, "team")
-        for _ in range(RETRIES):
-            revision, kvs = await self.client.range_prefix(keys.MEMBER)
-            members = [kv.key for kv in kvs if (keys.split_pair(kv.key, keys.MEMBER) or ("", ""))[1] == name]
-            # A membership added after our read fails the range compare, so none is left behind.
-            result = await self._txn(
-                [cmp_exists(keys.team(name)), cmp_prefix_unchanged(keys.MEMBER, revision)],
-                [op_delete(keys.team(name)), op_delete(keys.team_grants(name), prefix=True)]
-                + [op_delete(k) for k in members])
-            if result.succeeded:
-                return
-            if await self.client.get(keys.team(name)) is None:
-                raise AccessError("unknown", f"no team {name}")
-        raise AccessError("refused", f"the team {name} kept changing while being deleted; try again")
+        done = await self.meta.remove_team(name)
+        if done is Change.MISSING:
+            raise AccessError("unknown", f"no team {name}")
+        if done is Change.CONFLICT:
+            raise AccessError("refused", f"the team {name} kept changing while being deleted; try again")
 
     async def add_member(self, team: str, user: str) -> None:
         check_principal(team, "team")
         check_principal(user)
-        result = await self._txn([cmp_exists(keys.team(team)), cmp_exists(keys.user(user))],
-                                 [op_put(keys.member(user, team), b"")])
-        if not result.succeeded:
+        if not await self.meta.add_member(team, user):
             await self._missing(team=team, user=user)
 
     async def remove_member(self, team: str, user: str) -> None:
         check_principal(team, "team")
         check_principal(user)
-        key = keys.member(user, team)
-        if not (await self._txn([cmp_exists(key)], [op_delete(key)])).succeeded:
+        if not await self.meta.remove_member(team, user):
             await self._missing(team=team, user=user, otherwise=AccessError(
                 "unknown", f"the user {user} is not a member of the team {team}"))
 
     async def grant(self, kind: str, name: str, pattern: str, role: str) -> dict[str, str]:
         """Give a user or team `role` on `pattern`, replacing the role it had there."""
-        key, subject = self._grant_key(kind, name, pattern)
+        self._check_grant(kind, name, pattern)
         check_role(role)
-        result = await self._txn([cmp_exists(subject)], [op_put(key, _encode(GrantRecord(role=role)))])
-        if not result.succeeded:
+        if not await self.meta.put_grant(kind, name, pattern, role):
             await self._missing(**{kind: name})
         return {kind: name, "repo": pattern, "role": role}
 
     async def revoke(self, kind: str, name: str, pattern: str) -> None:
-        key, _ = self._grant_key(kind, name, pattern)
-        if not (await self._txn([cmp_exists(key)], [op_delete(key)])).succeeded:
+        self._check_grant(kind, name, pattern)
+        if not await self.meta.delete_grant(kind, name, pattern):
             raise AccessError("unknown", f"the {kind} {name} has no grant on {pattern}")
 
     async def set_visibility(self, pattern: str, public: bool | None) -> dict[str, str]:
         """Mark `pattern` public or private; None forgets it (the next broader pattern decides)."""
         check_pattern(pattern)
-        key = keys.visibility(pattern)
-        if public is None:
-            await self._txn([], [op_delete(key)])
-            return {"repo": pattern, "visibility": "inherited"}
-        await self._txn([], [op_put(key, _encode(VisibilityRecord(public=public)))])
-        return {"repo": pattern, "visibility": "public" if public else "private"}
+        await self.meta.set_visibility(pattern, public)
+        return {"repo": pattern, "visibility": "inherited" if public is None else "public" if public else "private"}
 
     async def revoke_session(self, session_id: str, seconds: int) -> None:
         """Sign a console session out on every replica, for `seconds` (past its token's expiry:
         then the key's lease ends and it goes by itself)."""
-        lease = await self.client.grant_lease(max(int(seconds), 1))
-        await self._txn([], [op_put(keys.session_revoked(session_id), b"", lease)])
+        await self.meta.revoke_session(session_id, seconds)
 
     @staticmethod
-    def _grant_key(kind: str, name: str, pattern: str) -> tuple[bytes, bytes]:
+    def _check_grant(kind: str, name: str, pattern: str) -> None:
         check_pattern(pattern)
         if kind == USER:
             check_principal(name)
-            return keys.user_grant(name, pattern), keys.user(name)
-        if kind == TEAM:
+        elif kind == TEAM:
             check_principal(name, "team")
-            return keys.team_grant(name, pattern), keys.team(name)
-        raise AccessError("invalid", "a grant needs either user or team")
+        else:
+            raise AccessError("invalid", "a grant needs either user or team")
 
     async def _missing(self, team: str | None = None, user: str | None = None,
                        otherwise: AccessError | None = None) -> None:
         """Raise AccessError(unknown) for whichever of `team` and `user` does not exist."""
-        if team is not None and await self.client.get(keys.team(team)) is None:
+        if team is not None and not await self.meta.team_exists(team):
             raise AccessError("unknown", f"no team {team}")
-        if user is not None and await self.client.get(keys.user(user)) is None:
+        if user is not None and not await self.meta.user_exists(user):
             raise AccessError("unknown", f"no user {user}")
         raise otherwise or AccessError("refused", "the change collided with another one; try again")

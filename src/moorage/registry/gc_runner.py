@@ -19,7 +19,7 @@ import msgspec
 from moorage.cluster.clock import ClusterClock
 from moorage.cluster.service import ClusterError
 from moorage.cluster.settings import ClusterSettings, duration_seconds
-from moorage.meta.etcd import EtcdUnavailable
+from moorage.meta.errors import MetadataUnavailable
 from moorage.meta.gc_store import GcRun, GcStore, new_run_id
 from moorage.meta.store import MetaStore
 from moorage.registry.gc import Collector, Policy
@@ -37,11 +37,11 @@ def summary(run: GcRun) -> dict:
 
 
 class GcRunner:
-    def __init__(self, meta: MetaStore, storage: BlobDriver, settings: ClusterSettings, replica_id: str,
-                 sessions: Sessions | None = None, clock: ClusterClock | None = None):
+    def __init__(self, meta: MetaStore, gcs: GcStore, storage: BlobDriver, settings: ClusterSettings,
+                 replica_id: str, sessions: Sessions | None = None, clock: ClusterClock | None = None):
         self.meta = meta
         self.clock = clock
-        self.gcs = GcStore(meta.client)
+        self.gcs = gcs
         self.storage = storage
         self.settings = settings
         self.replica_id = replica_id
@@ -107,7 +107,7 @@ class GcRunner:
             keeper.cancel()
             try:
                 await self.gcs.release(run.id, lease)
-            except EtcdUnavailable as e:
+            except MetadataUnavailable as e:
                 log.warning("garbage collection lock not released; it expires with its lease",
                             extra={"run": run.id, "error": str(e)})
 
@@ -127,7 +127,7 @@ class GcRunner:
         run.finished = time.time()
         try:
             await self.gcs.save(run)
-        except EtcdUnavailable:
+        except MetadataUnavailable:
             pass
         log.info("garbage collection finished", extra=summary(run))
 
@@ -136,11 +136,11 @@ class GcRunner:
         while True:
             await asyncio.sleep(LOCK_TTL / 4)
             try:
-                if await self.meta.client.keep_alive(lease) > 0:
+                if await self.gcs.keep_alive(lease) > 0:
                     last_ok = time.monotonic()
                     continue
                 expired = True
-            except EtcdUnavailable:
+            except MetadataUnavailable:
                 expired = time.monotonic() - last_ok > LOCK_TTL * 0.75
             if expired:  # the lock is gone, or soon will be: every further sweep would be refused
                 work.cancel()
@@ -167,7 +167,7 @@ class GcRunner:
                 period = min(max(seconds / 4, 0.5), SCHEDULE_CHECK_SECONDS)
                 try:
                     await self._maybe_run(seconds)
-                except EtcdUnavailable as e:
+                except MetadataUnavailable as e:
                     log.debug("scheduled garbage collection skipped", extra={"error": str(e)})
             try:
                 await asyncio.wait_for(self._wake.wait(), period * random.uniform(0.75, 1.25))

@@ -2,11 +2,14 @@
 
 A writer places the file first and commits the etcd record second; a GC
 sweep of the same digest commits first (deleting the record, leaving a
-marker) and deletes the file second. `place_and_commit` is the writer's half
-of the protocol registry/gc.py explains: a commit refused because a marker is
+marker) and deletes the file second. `Placement` is the writer's half of the
+protocol registry/gc.py explains: a commit refused because a marker is
 present waits for the marker to go and places the file again; a commit that
 succeeded after a marker came and went since the file was placed checks the
 file and puts it back if the sweep took it.
+
+It calls only downwards: the blob driver to place a file, MetaStore to
+commit; what to place and what to commit are its arguments.
 """
 
 from __future__ import annotations
@@ -15,11 +18,12 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import TypeVar
 
-from moorage.meta.etcd import EtcdUnavailable
+from moorage.meta.records import ManifestRecord, Referrer
 from moorage.meta.store import BlobBeingCollected, MetaStore
-from moorage.registry.errors import MetadataUnavailable
+from moorage.registry.errors import Unavailable
 from moorage.storage.base import BlobDriver
 
 T = TypeVar("T")
@@ -31,11 +35,34 @@ MARKER_WAIT_SECONDS = 30.0
 ATTEMPTS = 5
 
 
+class Placement:
+    def __init__(self, meta: MetaStore, storage: BlobDriver):
+        self.meta = meta
+        self.storage = storage
+
+    async def blob(self, repo: str, digest: str, size: int, *, data: bytes | None = None,
+                   upload: str | None = None, session: tuple[str, int] | None = None) -> bool:
+        """Place a verified blob, from `data` or from the data of `upload` (which stays, to be
+        placed again from), and record it in `repo`; with `session` (id, revision seen) its upload
+        session closes in the same transaction. False when the session had changed meanwhile."""
+        place = partial(self.storage.write, digest, data) if data is not None \
+            else partial(self.storage.commit_upload, upload, digest, keep=True)
+        return await place_and_commit(self.meta, self.storage, digest, place,
+                                      partial(self.meta.commit_blob, repo, digest, size, session))
+
+    async def manifest(self, repo: str, digest: str, body: bytes, record: ManifestRecord, tag: str | None,
+                       referrer: Referrer | None) -> bool:
+        """Store a manifest's body as a blob and its record (tag, referrer entry); False when a blob or
+        manifest it names left the repository before etcd ordered the write."""
+        return await place_and_commit(self.meta, self.storage, digest, partial(self.storage.write, digest, body),
+                                      partial(self.meta.put_manifest, repo, digest, record, tag, referrer))
+
+
 async def place_and_commit(meta: MetaStore, storage: BlobDriver, digest: str,
                            place: Callable[[], Awaitable[None]], commit: Callable[[], Awaitable[T]]) -> T:
     """Run `place` (write the file) then `commit` (the etcd transaction that records it)."""
     for _ in range(ATTEMPTS):
-        placed_after = meta.index.applied
+        placed_after = meta.applied()
         await place()
         try:
             result = await commit()
@@ -47,18 +74,15 @@ async def place_and_commit(meta: MetaStore, storage: BlobDriver, digest: str,
             log.info("blob file placed again after a GC sweep", extra={"digest": digest})
             await place()
         return result
-    raise MetadataUnavailable(f"blob {digest} is being garbage-collected again and again; push it again")
+    raise Unavailable(f"blob {digest} is being garbage-collected again and again; push it again")
 
 
 async def _wait_marker_gone(meta: MetaStore, digest: str) -> None:
     deadline = time.monotonic() + MARKER_WAIT_SECONDS
     delay = 0.02
     while time.monotonic() < deadline:
-        try:
-            if not await meta.collecting(digest):
-                return
-        except EtcdUnavailable as e:
-            raise MetadataUnavailable.because(e) from None
+        if not await meta.collecting(digest):
+            return
         await asyncio.sleep(delay)
         delay = min(delay * 2, 0.5)
-    raise MetadataUnavailable(f"blob {digest} is still being garbage-collected; push it again")
+    raise Unavailable(f"blob {digest} is still being garbage-collected; push it again")

@@ -15,26 +15,16 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from moorage.meta.etcd import EtcdUnavailable
 from moorage.meta.index import Repo
 from moorage.meta.records import BlobRecord, ManifestRecord, Referrer
 from moorage.meta.store import MetaStore
 from moorage import digest as digests
 from moorage.registry import manifests
-from moorage.registry.errors import (
-    BlobUnknown, DigestInvalid, ManifestBlobUnknown, ManifestUnknown, MetadataUnavailable,
-    NameUnknown, TooLarge,
-)
+from moorage.registry.errors import BlobUnknown, DigestInvalid, ManifestBlobUnknown, ManifestUnknown, NameUnknown, TooLarge
+from moorage.registry.limits import Limits
 from moorage.registry.names import check_digest, check_tag, is_valid_tag
-from moorage.registry.placement import place_and_commit
+from moorage.registry.placement import Placement
 from moorage.storage.base import BlobDriver
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    max_manifest_bytes: int = 4 << 20
-    max_blob_bytes: int = 1 << 40
-    max_page: int = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,10 +74,11 @@ def page(items: list[str], n: int | None, last: str | None, max_page: int) -> tu
 
 
 class Registry:
-    def __init__(self, meta: MetaStore, storage: BlobDriver, limits: Limits = Limits()):
+    def __init__(self, meta: MetaStore, storage: BlobDriver, placement: Placement, limits: Limits):
         self.meta = meta
         self.index = meta.index
         self.storage = storage
+        self.placement = placement
         self.limits = limits
         self.bodies = BodyCache()
 
@@ -190,10 +181,7 @@ class Registry:
             artifact_type=parsed.artifact_type, annotations=parsed.annotations, pushed_by=pushed_by)
         await self._check_references(repo_name, record)
         self.bodies.put(digest, body)
-        if not await self._write(place_and_commit(
-                self.meta, self.storage, digest, lambda: self.storage.write(digest, body),
-                lambda: self.meta.put_manifest(repo_name, digest, record, tag,
-                                               parsed.referrer(digest, len(body))))):
+        if not await self.placement.manifest(repo_name, digest, body, record, tag, parsed.referrer(digest, len(body))):
             # A reference vanished between our check and etcd's: say which.
             await self._check_references(repo_name, record)
             raise ManifestBlobUnknown("a referenced blob was deleted while the manifest was pushed")
@@ -211,19 +199,19 @@ class Registry:
 
     async def delete_manifest(self, repo_name: str, reference: str) -> None:
         if not digests.is_digest(reference):
-            if not is_valid_tag(reference) or not await self._write(self.meta.delete_tag(repo_name, reference)):
+            if not is_valid_tag(reference) or not await self.meta.delete_tag(repo_name, reference):
                 raise ManifestUnknown(f"tag {reference} not found in {repo_name}",
                                       {"name": repo_name, "reference": reference})
             return
         digest, record = await self.manifest(repo_name, reference)
         repo = self.index.repos.get(repo_name)
         tags = [t for t, d in repo.tags.items() if d == digest] if repo else []
-        if not await self._write(self.meta.delete_manifest(repo_name, digest, record, tags)):
+        if not await self.meta.delete_manifest(repo_name, digest, record, tags):
             raise ManifestUnknown(f"manifest {reference} not found in {repo_name}")
 
     async def delete_blob(self, repo_name: str, digest: str) -> None:
         check_digest(digest)
-        if not await self._write(self.meta.unlink_blob(repo_name, digest)):
+        if not await self.meta.unlink_blob(repo_name, digest):
             raise BlobUnknown(f"blob {digest} not found in {repo_name}", {"digest": digest})
 
     async def mount(self, repo_name: str, digest: str, source: str) -> bool:
@@ -231,11 +219,4 @@ class Registry:
         repo = await self._repo(source)
         if repo is None or digest not in repo.blobs:
             return False
-        return await self._write(self.meta.mount_blob(repo_name, source, digest))
-
-    @staticmethod
-    async def _write(operation):
-        try:
-            return await operation
-        except EtcdUnavailable as e:
-            raise MetadataUnavailable.because(e) from None
+        return await self.meta.mount_blob(repo_name, source, digest)

@@ -19,10 +19,10 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 
-from moorage.meta.etcd import EtcdUnavailable
+from moorage.meta.errors import MetadataUnavailable
 from moorage.meta.records import UploadRecord
 from moorage.meta.store import MetaStore, UploadState
-from moorage.registry.errors import BlobUploadUnknown, MetadataUnavailable, RangeInvalid
+from moorage.registry.errors import BlobUploadUnknown, RangeInvalid
 from moorage.storage.base import is_upload_id
 
 # How long a session that never received a chunk stays valid. Tombstones live
@@ -111,10 +111,7 @@ class Sessions:
             raise _unknown(repo, upload_id)
         found = self._cached(upload_id)
         if found is None:
-            try:
-                found = await self.meta.get_upload(upload_id)
-            except EtcdUnavailable as e:
-                raise MetadataUnavailable.because(e) from None
+            found = await self.meta.get_upload(upload_id)
             self._remember(upload_id, found)
         if found.closed:
             raise _unknown(repo, upload_id)
@@ -135,9 +132,9 @@ class Sessions:
                               updated=time.time())
         try:
             revision = await self.meta.advance_upload(session.id, session.revision, record)
-        except EtcdUnavailable as e:
-            self.forget(session.id)
-            raise MetadataUnavailable.because(e) from None
+        except MetadataUnavailable:
+            self.forget(session.id)  # it may or may not have been written
+            raise
         if revision is None:
             self.forget(session.id)
             raise RangeInvalid("the upload was changed concurrently; resume from its current offset",
@@ -145,24 +142,25 @@ class Sessions:
         self._remember(session.id, UploadState(record, revision, False))
         return replace(session, offset=offset, revision=revision)
 
-    async def commit(self, session: Session, digest: str, size: int) -> None:
-        """Record the verified blob and close the session, atomically."""
-        await self._end(session, self.meta.commit_blob(session.repo, digest, size,
-                                                       (session.id, session.revision)),
-                        "was closed concurrently")
+    def committed(self, session: Session, done: bool | None) -> None:
+        """The outcome of the commit that closes the session: None when it is unknown
+        (etcd did not answer), False when the session had changed meanwhile."""
+        self._ended(session, done, "was closed concurrently")
 
     async def close(self, session: Session) -> None:
-        await self._end(session, self.meta.close_upload(session.id, session.revision),
-                        "was changed concurrently")
-
-    async def _end(self, session: Session, transaction, conflict: str) -> None:
-        """Run a transaction that leaves the session's tombstone behind."""
+        """Close the session without a blob (cancelled, or its digest did not match)."""
         try:
-            done = await transaction
-        except EtcdUnavailable as e:
-            self.forget(session.id)
-            raise MetadataUnavailable.because(e) from None
+            done = await self.meta.close_upload(session.id, session.revision)
+        except MetadataUnavailable:
+            self._ended(session, None, "")
+            raise
+        self._ended(session, done, "was changed concurrently")
+
+    def _ended(self, session: Session, done: bool | None, conflict: str) -> None:
+        """Remember a session's tombstone; forget what we knew when the ending failed or is unknown."""
         if not done:
             self.forget(session.id)
-            raise BlobUploadUnknown(f"upload {session.id} {conflict}")
+            if done is False:
+                raise BlobUploadUnknown(f"upload {session.id} {conflict}")
+            return
         self._remember(session.id, UploadState(None, 0, True))

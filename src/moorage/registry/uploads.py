@@ -19,15 +19,14 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import contextmanager
 
-from moorage.meta.etcd import EtcdUnavailable
 from moorage import digest as digests
-from moorage.registry.errors import (
-    BlobUploadInvalid, DigestInvalid, MetadataUnavailable, RangeInvalid, TooLarge,
-)
+from moorage.meta.errors import MetadataUnavailable
+from moorage.registry.errors import BlobUploadInvalid, DigestInvalid, RangeInvalid, TooLarge
+from moorage.registry.limits import Limits
 from moorage.registry.names import check_digest
-from moorage.registry.placement import place_and_commit
-from moorage.registry.service import Registry
+from moorage.registry.placement import Placement
 from moorage.registry.sessions import Session, Sessions
+from moorage.storage.base import BlobDriver
 from moorage.storage.errors import UploadDataLost
 
 Body = AsyncIterator[bytes]
@@ -43,11 +42,11 @@ MAX_HASHERS = 4096
 
 
 class Uploads:
-    def __init__(self, registry: Registry, sessions: Sessions):
-        self.registry = registry
+    def __init__(self, storage: BlobDriver, sessions: Sessions, placement: Placement, limits: Limits):
+        self.storage = storage
         self.sessions = sessions
-        self.storage = registry.storage
-        self.limits = registry.limits
+        self.placement = placement
+        self.limits = limits
         self._hashers: OrderedDict[str, tuple[object, int]] = OrderedDict()
         self._writing: set[str] = set()
 
@@ -101,8 +100,7 @@ class Uploads:
                 except DigestInvalid:
                     await self._close(session)
                     raise
-                await self._place_and_commit(digest, lambda: self.storage.write(digest, data),
-                                             lambda: self.sessions.commit(session, digest, len(data)))
+                await self._commit(session, digest, len(data), data=data)
                 return digest
             offset = session.offset
             if body is not None:
@@ -117,9 +115,7 @@ class Uploads:
                 await self._close(session)
                 raise DigestInvalid("uploaded content does not match the digest",
                                     {"expected": digest, "actual": f"{algorithm}:{actual}"})
-            # The upload's data stays until the commit: a GC sweep may make us place it twice.
-            await self._place_and_commit(digest, lambda: self.storage.commit_upload(upload_id, digest, keep=True),
-                                         lambda: self.sessions.commit(session, digest, offset))
+            await self._commit(session, digest, offset)
             await self.storage.delete_upload(upload_id)
             return digest
 
@@ -128,11 +124,11 @@ class Uploads:
         algorithm, hexdigest = check_digest(digest)
         if size is not None and size > self.limits.max_blob_bytes:
             raise TooLarge(f"blob over {self.limits.max_blob_bytes} bytes")
-        upload_id = None
+        upload_id = data = None
         if size is not None and size <= SMALL_BLOB:
             data = await _read_all(body)
             _verify(digest, data)
-            place = lambda: self.storage.write(digest, data)  # noqa: E731
+            size = len(data)
         else:
             upload_id = self.storage.new_upload_id()
             hasher = digests.new_hasher(algorithm)
@@ -144,20 +140,24 @@ class Uploads:
             except BaseException:
                 await self.storage.delete_upload(upload_id)
                 raise
-            place = lambda: self.storage.commit_upload(upload_id, digest, keep=True)  # noqa: E731
         try:
-            await self._place_and_commit(digest, place,
-                                         lambda: self.registry.meta.commit_blob(repo, digest, size))
+            await self.placement.blob(repo, digest, size, data=data, upload=upload_id)
         finally:
             if upload_id is not None:
                 await self.storage.delete_upload(upload_id)
         return digest
 
-    async def _place_and_commit(self, digest: str, place, commit) -> None:
+    async def _commit(self, session: Session, digest: str, size: int, data: bytes | None = None) -> None:
+        """Place the verified blob (from `data`, else from the upload's data, which stays until
+        the commit: a GC sweep may make us place it twice) and record it, closing the session."""
         try:
-            await place_and_commit(self.registry.meta, self.storage, digest, place, commit)
-        except EtcdUnavailable as e:
-            raise MetadataUnavailable.because(e) from None
+            done = await self.placement.blob(session.repo, digest, size, data=data,
+                                             upload=None if data is not None else session.id,
+                                             session=(session.id, session.revision))
+        except MetadataUnavailable:
+            self.sessions.committed(session, None)
+            raise
+        self.sessions.committed(session, done)
 
     async def cancel(self, repo: str, upload_id: str, state: str | None) -> None:
         with self._exclusive(upload_id):

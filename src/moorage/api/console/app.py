@@ -28,11 +28,11 @@ from moorage.api.audit import USER_KEY, RequestAudit
 from moorage.api.auth import Auth, Caller
 from moorage.api.console.render import STATIC_PREFIX, Renderer, secure_headers
 from moorage.api.console.session import Session, Sessions, same_origin
+from moorage.api.errors import ERRORS, as_registry_error
 from moorage.api.http import read_bounded
-from moorage.meta.etcd import EtcdUnavailable
 from moorage.registry.access import Access
 from moorage.registry.browse import Browser
-from moorage.registry.errors import MetadataUnavailable, RegistryError, TooLarge
+from moorage.registry.errors import TooLarge
 from moorage.registry.service import Registry
 
 log = logging.getLogger(__name__)
@@ -154,10 +154,12 @@ class Console:
             response = await self._route(request, path)
         except Refused as e:
             response = self._refused(request, e)
-        except (MetadataUnavailable, EtcdUnavailable) as e:
-            response = self._error_page(request, 503, f"The cluster's metadata store cannot be reached now: {e}")
-        except RegistryError as e:
-            response = self._error_page(request, 404 if "UNKNOWN" in e.code else 400, e.message)
+        except ERRORS as e:
+            error = as_registry_error(e)
+            if error.status >= 500:  # the metadata store or the blob storage failed, not the request
+                response = self._error_page(request, error.status, f"The cluster cannot do this now: {error.message}")
+            else:
+                response = self._error_page(request, 404 if "UNKNOWN" in error.code else 400, error.message)
         except Exception:
             log.exception("console error", extra={"method": request.method, "path": path[:200]})
             response = self._error_page(request, 500, "Something went wrong; the replica's log has the details.")
