@@ -24,15 +24,13 @@ echoed back.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
+from moorage.api.routes import ADMIN, Route, route
 from moorage.registry.access import TEAM, USER, Access, AccessError
-
-Route = tuple[str, re.Pattern, Callable[..., Awaitable[Any]]]
 
 _SEGMENT = r"([^/]+)"
 
@@ -96,21 +94,21 @@ def access_routes(access: Access) -> list[Route]:
         return await a.explain(request.query.get("user") or None, request.query.get("repo", ""))
 
     return [
-        ("GET", re.compile(r"^/_admin/users$"), lambda r, b: _wrap("users", a.list_users())),
-        ("PUT", re.compile(rf"^/_admin/users/{_SEGMENT}$"), _body(put_user)),
-        ("DELETE", re.compile(rf"^/_admin/users/{_SEGMENT}$"), _body(delete_user)),
-        ("PUT", re.compile(rf"^/_admin/users/{_SEGMENT}/password$"), _body(put_password)),
-        ("GET", re.compile(r"^/_admin/teams$"), lambda r, b: _wrap("teams", a.list_teams())),
-        ("PUT", re.compile(rf"^/_admin/teams/{_SEGMENT}$"), _body(put_team)),
-        ("DELETE", re.compile(rf"^/_admin/teams/{_SEGMENT}$"), _body(delete_team)),
-        ("PUT", re.compile(rf"^/_admin/teams/{_SEGMENT}/members/{_SEGMENT}$"), _body(put_member)),
-        ("DELETE", re.compile(rf"^/_admin/teams/{_SEGMENT}/members/{_SEGMENT}$"), _body(delete_member)),
-        ("GET", re.compile(r"^/_admin/grants$"), _body(get_grants)),
-        ("PUT", re.compile(r"^/_admin/grants$"), _body(put_grant)),
-        ("DELETE", re.compile(r"^/_admin/grants$"), _body(delete_grant)),
-        ("GET", re.compile(r"^/_admin/visibility$"), lambda r, b: _wrap("visibility", a.list_visibility())),
-        ("PUT", re.compile(r"^/_admin/visibility$"), _body(put_visibility)),
-        ("GET", re.compile(r"^/_admin/access$"), _body(get_access)),
+        route("GET", r"^/_admin/users$", lambda r, b: _wrap("users", a.list_users()), ADMIN),
+        route("PUT", rf"^/_admin/users/{_SEGMENT}$", _body(put_user), ADMIN),
+        route("DELETE", rf"^/_admin/users/{_SEGMENT}$", _body(delete_user), ADMIN),
+        route("PUT", rf"^/_admin/users/{_SEGMENT}/password$", _body(put_password), ADMIN),
+        route("GET", r"^/_admin/teams$", lambda r, b: _wrap("teams", a.list_teams()), ADMIN),
+        route("PUT", rf"^/_admin/teams/{_SEGMENT}$", _body(put_team), ADMIN),
+        route("DELETE", rf"^/_admin/teams/{_SEGMENT}$", _body(delete_team), ADMIN),
+        route("PUT", rf"^/_admin/teams/{_SEGMENT}/members/{_SEGMENT}$", _body(put_member), ADMIN),
+        route("DELETE", rf"^/_admin/teams/{_SEGMENT}/members/{_SEGMENT}$", _body(delete_member), ADMIN),
+        route("GET", r"^/_admin/grants$", _body(get_grants), ADMIN),
+        route("PUT", r"^/_admin/grants$", _body(put_grant), ADMIN),
+        route("DELETE", r"^/_admin/grants$", _body(delete_grant), ADMIN),
+        route("GET", r"^/_admin/visibility$", lambda r, b: _wrap("visibility", a.list_visibility()), ADMIN),
+        route("PUT", r"^/_admin/visibility$", _body(put_visibility), ADMIN),
+        route("GET", r"^/_admin/access$", _body(get_access), ADMIN),
     ]
 
 

@@ -6,7 +6,6 @@ objects with one sentence in `error`, which the CLI prints as is.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import msgspec
@@ -19,6 +18,7 @@ from moorage.api.auth import Auth, Denied
 from moorage.api.gcadmin import gc_routes
 from moorage.api.errors import ERRORS, as_registry_error
 from moorage.api.http import read_bounded
+from moorage.api.routes import ADMIN, Routes, route
 from moorage.cluster.service import ClusterError, ClusterService
 from moorage.registry.access import Access, AccessError
 from moorage.registry.errors import TooLarge
@@ -48,28 +48,28 @@ class AdminApi:
         self.auth = auth  # shared with /v2/: Basic parsing, the verification cache, the login slowdown
         self.audit = audit
         c = cluster
-        self.routes: list[tuple[str, re.Pattern, object]] = [
-            ("GET", re.compile(r"^/_admin/cluster/status$"), lambda r, b: c.status()),
-            ("POST", re.compile(r"^/_admin/cluster/join$"),
-             lambda r, b: c.join(_str(b, "replica_id"), _str(b, "peer_url"))),
-            ("POST", re.compile(r"^/_admin/cluster/promote$"),
-             lambda r, b: self._promoted(c.promote(_int(b, "member_id")))),
-            ("POST", re.compile(r"^/_admin/cluster/abandon$"),
-             lambda r, b: self._done(c.abandon_join(_int(b, "member_id")))),
-            ("DELETE", re.compile(r"^/_admin/cluster/replicas/([0-9a-f]{1,64})$"),
-             lambda r, b, rid: c.remove(rid, r.query.get("force", "") in ("1", "true", "yes"))),
-            ("GET", re.compile(r"^/_admin/config$"), lambda r, b: _now(c.settings_view())),
-            ("PUT", re.compile(r"^/_admin/config/([a-z0-9_.]{1,64})$"),
-             lambda r, b, key: c.set_setting(key, b.get("value") if isinstance(b, dict) else None)),
-            ("DELETE", re.compile(r"^/_admin/config/([a-z0-9_.]{1,64})$"),
-             lambda r, b, key: c.unset_setting(key)),
-            ("GET", re.compile(r"^/_admin/audit$"), lambda r, b: self._audit_query(r)),
-        ]
+        # Every route needs a cluster admin; its handler takes (request, JSON body, *path parts).
+        self.routes = Routes([
+            route("GET", r"^/_admin/cluster/status$", lambda r, b: c.status(), ADMIN),
+            route("POST", r"^/_admin/cluster/join$",
+                  lambda r, b: c.join(_str(b, "replica_id"), _str(b, "peer_url")), ADMIN),
+            route("POST", r"^/_admin/cluster/promote$",
+                  lambda r, b: self._promoted(c.promote(_int(b, "member_id"))), ADMIN),
+            route("POST", r"^/_admin/cluster/abandon$",
+                  lambda r, b: self._done(c.abandon_join(_int(b, "member_id"))), ADMIN),
+            route("DELETE", r"^/_admin/cluster/replicas/([0-9a-f]{1,64})$",
+                  lambda r, b, rid: c.remove(rid, r.query.get("force", "") in ("1", "true", "yes")), ADMIN),
+            route("GET", r"^/_admin/config$", lambda r, b: _now(c.settings_view()), ADMIN),
+            route("PUT", r"^/_admin/config/([a-z0-9_.]{1,64})$",
+                  lambda r, b, key: c.set_setting(key, b.get("value") if isinstance(b, dict) else None), ADMIN),
+            route("DELETE", r"^/_admin/config/([a-z0-9_.]{1,64})$", lambda r, b, key: c.unset_setting(key), ADMIN),
+            route("GET", r"^/_admin/audit$", lambda r, b: self._audit_query(r), ADMIN),
+        ])
         if access is not None:  # users, teams, grants, visibility: see api/accessadmin.py
-            self.routes += access_routes(access)
+            self.routes.add(access_routes(access))
         if gc is not None:  # garbage collection runs: see api/gcadmin.py
-            self.routes += gc_routes(gc)
-        self.routes += backup_routes(cluster, registry)  # snapshot, blobs: see api/backup.py
+            self.routes.add(gc_routes(gc))
+        self.routes.add(backup_routes(cluster, registry))  # snapshot, blobs: see api/backup.py
 
     @staticmethod
     async def _promoted(operation) -> dict:
@@ -114,32 +114,28 @@ class AdminApi:
         web console calls it with its own signed-in admin and a body built
         from a form, so both get the same handlers, validation and errors.
         """
-        for method, pattern, handler in self.routes:
-            m = pattern.match(path)
-            if m is None:
-                continue
-            if request.method != method:
-                continue
-            if body is _READ:
-                try:
-                    body = msgspec.json.decode(await read_bounded(request, MAX_BODY)) \
-                        if request.can_read_body else {}
-                except (msgspec.DecodeError, TooLarge):
-                    return _error(400, "the request body must be a JSON object of at most 64 KiB")
+        found, m, allowed = self.routes.match(request.method, path)
+        if found is None:
+            if allowed:
+                return _error(405, f"{request.method} is not allowed on {path}")
+            return _error(404, f"no admin endpoint {path}")
+        assert m is not None
+        if body is _READ:
             try:
-                result = await handler(request, body, *m.groups())
-                # A streamed answer (a backup's snapshot or blobs) goes out as it is.
-                return result if isinstance(result, web.StreamResponse) else _json(result)
-            except (ClusterError, AccessError) as e:
-                return _error(STATUS.get(e.kind, 500), e.message)
-            except ERRORS as e:
-                error = as_registry_error(e)
-                return _error(error.status, error.message)
-            except _BadField as e:
-                return _error(400, str(e))
-        if any(p.match(path) for _, p, _ in self.routes):
-            return _error(405, f"{request.method} is not allowed on {path}")
-        return _error(404, f"no admin endpoint {path}")
+                body = msgspec.json.decode(await read_bounded(request, MAX_BODY)) if request.can_read_body else {}
+            except (msgspec.DecodeError, TooLarge):
+                return _error(400, "the request body must be a JSON object of at most 64 KiB")
+        try:
+            result = await found.handler(request, body, *m.groups())
+            # A streamed answer (a backup's snapshot or blobs) goes out as it is.
+            return result if isinstance(result, web.StreamResponse) else _json(result)
+        except (ClusterError, AccessError) as e:
+            return _error(STATUS.get(e.kind, 500), e.message)
+        except ERRORS as e:
+            error = as_registry_error(e)
+            return _error(error.status, error.message)
+        except _BadField as e:
+            return _error(400, str(e))
 
     async def _is_admin(self, request: web.BaseRequest) -> bool:
         header = request.headers.get("Authorization", "")

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -24,6 +23,7 @@ from moorage.api.blobs import BlobHandlers
 from moorage.api.connections import GuardedServer
 from moorage.api.errors import ERRORS, error_response, from_error
 from moorage.api.manifests import ManifestHandlers
+from moorage.api.routes import ANY, DELETE, PULL, PUSH, Route, Routes, route
 from moorage.api.token_endpoint import TokenEndpoint
 from moorage.registry.names import check_name
 from moorage.registry.service import Registry
@@ -45,9 +45,8 @@ MAX_HEADERS = 100
 # front keeps its own idle connections for 30 s, so it always closes first.
 KEEPALIVE_SECONDS = 75.0
 
-Handler = Callable[..., Awaitable[web.StreamResponse]]
 _READS = ("GET", "HEAD")
-PULL, PUSH, DELETE = "pull", "push", "delete"
+_ACTIONS = (PULL, PUSH, DELETE)
 
 
 class Dispatcher:
@@ -55,6 +54,8 @@ class Dispatcher:
 
     Bypassing aiohttp's Application (router, middleware chain, signals) is
     worth a fifth of the CPU of a manifest GET, the hottest request there is.
+    Each surface is a table of routes (api/routes.py): the distribution API
+    here, the admin API (api/admin.py) and the web console (api/console/).
     """
 
     def __init__(self, registry: Registry, uploads: Uploads, health: Callable[[], dict],
@@ -64,20 +65,30 @@ class Dispatcher:
                  ca_pem: bytes | None = None, auth: Auth | None = None):
         m = ManifestHandlers(registry)
         b = BlobHandlers(registry, uploads)
-        # Each route with, per method, its handler and the action it needs on the repository.
-        self.table: list[tuple[re.Pattern, dict[str, tuple[Handler, str]]]] = [
-            (re.compile(r"^/v2/(.+)/manifests/([^/]+)$"),
-             {"GET": (m.get, PULL), "HEAD": (m.get, PULL), "PUT": (m.put, PUSH),
-              "DELETE": (m.delete, DELETE)}),
-            (re.compile(r"^/v2/(.+)/tags/list$"), {"GET": (m.tags, PULL)}),
-            (re.compile(r"^/v2/(.+)/referrers/([^/]+)$"), {"GET": (m.referrers, PULL)}),
-            (re.compile(r"^/v2/(.+)/blobs/uploads/?$"), {"POST": (b.start_upload, PUSH)}),
-            (re.compile(r"^/v2/(.+)/blobs/uploads/([^/]+)$"),
-             {"GET": (b.status, PUSH), "PATCH": (b.patch, PUSH), "PUT": (b.put, PUSH),
-              "DELETE": (b.cancel, PUSH)}),
-            (re.compile(r"^/v2/(.+)/blobs/([^/]+)$"),
-             {"GET": (b.get, PULL), "HEAD": (b.get, PULL), "DELETE": (b.delete, DELETE)}),
-        ]
+        manifest, upload, blob = (r"^/v2/(.+)/manifests/([^/]+)$", r"^/v2/(.+)/blobs/uploads/([^/]+)$",
+                                  r"^/v2/(.+)/blobs/([^/]+)$")
+        # The distribution API. A repository's routes name the action they need on it; the
+        # base and the catalog authenticate their callers themselves.
+        self.v2 = Routes([
+            route("GET", manifest, m.get, PULL), route("HEAD", manifest, m.get, PULL),
+            route("PUT", manifest, m.put, PUSH), route("DELETE", manifest, m.delete, DELETE),
+            route("GET", r"^/v2/(.+)/tags/list$", m.tags, PULL),
+            route("GET", r"^/v2/(.+)/referrers/([^/]+)$", m.referrers, PULL),
+            route("POST", r"^/v2/(.+)/blobs/uploads/?$", b.start_upload, PUSH),
+            route("GET", upload, b.status, PUSH), route("PATCH", upload, b.patch, PUSH),
+            route("PUT", upload, b.put, PUSH), route("DELETE", upload, b.cancel, PUSH),
+            route("GET", blob, b.get, PULL), route("HEAD", blob, b.get, PULL), route("DELETE", blob, b.delete, DELETE),
+            route("GET", r"^/v2/_catalog$", self._catalog),
+            route(ANY, r"^/v2/?$", self._base),
+        ])
+        # The other fixed paths: anyone may ask.
+        self.other = Routes([
+            route(ANY, r"^/token$", self._token),
+            route("GET", r"^/_ping$", self._ping), route("HEAD", r"^/_ping$", self._ping),
+            route("GET", r"^/ca$", self._ca), route("HEAD", r"^/ca$", self._ca),
+            route("GET", r"^/health$", self._health),
+            route("GET", r"^/openapi\.json$", self._openapi), route("HEAD", r"^/openapi\.json$", self._openapi),
+        ])
         self.catalog = m.catalog
         self.health = health
         self.ping = ping
@@ -90,6 +101,11 @@ class Dispatcher:
         self.token = TokenEndpoint(auth, auth.tokens, audit) if auth is not None else None
         self.console = console.build(registry, auth, admin, audit, self._refuse_writes) \
             if auth is not None and admin is not None else None  # the web console: api/console/
+
+    def routes(self) -> list[Route]:
+        """Every route of every surface, the admin API's and the console's included."""
+        return [*self.v2, *self.other, *(self.admin.routes if self.admin else ()),
+                *(self.console.routes if self.console else ())]
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         path = request.rel_url.raw_path
@@ -125,45 +141,46 @@ class Dispatcher:
         # Authorization comes before anything that could tell a stranger about
         # the registry (existence, read-only mode, quorum); only the route's
         # shape and the name's grammar are checked first, as they say nothing.
+        found, m, allowed = self.v2.match(request.method, path)
+        if found is None:
+            if allowed:
+                return _method_not_allowed(allowed)
+            return error_response(404, "NAME_UNKNOWN" if path.count("/") > 2 else "UNSUPPORTED",
+                                  f"no such endpoint: {request.method} {path[:200]}")
+        action = found.need
+        if action not in _ACTIONS:
+            return await found.handler(request)
+        assert m is not None
+        name, *rest = m.groups()
+        check_name(name)
         auth = self.auth
-        if path in ("/v2/", "/v2"):
-            if auth is not None:
-                auth.require_credentials(request, await self._caller(request))
-            return web.Response(body=b"{}", content_type="application/json")
-        if path == "/v2/_catalog":
-            if request.method != "GET":
-                return _method_not_allowed(("GET",))
-            visible = None
-            if auth is not None:
-                visible = auth.authorize_catalog(request, await self._caller(request, CATALOG_SCOPE))
-            return await self.catalog(request, visible)
-        for pattern, methods in self.table:
-            m = pattern.match(path)
-            if m is None:
-                continue
-            route = methods.get(request.method)
-            if route is None:
-                return _method_not_allowed(methods)
-            handler, action = route
-            name, *rest = m.groups()
-            check_name(name)
-            if auth is not None:
-                # The hot path (a token, or nothing) awaits nothing.
-                need = (name, action)
-                caller = auth.quick(request, need) or await auth.authenticate(request, need)
-                request[USER_KEY] = caller.user
-                auth.authorize(request, caller, name, action)
-                if request.method == "POST" and "mount" in request.query:
-                    # Mounting reads the source: without pull there, a plain upload session instead.
-                    source = request.query.get("from", "")
-                    request["moorage.mount"] = bool(source) and auth.may(caller, source, PULL)
-            if request.method not in _READS:
-                refused = self._refuse_writes()
-                if refused is not None:
-                    return refused
-            return await handler(request, name, *rest)
-        return error_response(404, "NAME_UNKNOWN" if path.count("/") > 2 else "UNSUPPORTED",
-                              f"no such endpoint: {request.method} {path[:200]}")
+        if auth is not None:
+            # The hot path (a token, or nothing) awaits nothing.
+            need = (name, action)
+            caller = auth.quick(request, need) or await auth.authenticate(request, need)
+            request[USER_KEY] = caller.user
+            auth.authorize(request, caller, name, action)
+            if request.method == "POST" and "mount" in request.query:
+                # Mounting reads the source: without pull there, a plain upload session instead.
+                source = request.query.get("from", "")
+                request["moorage.mount"] = bool(source) and auth.may(caller, source, PULL)
+        if request.method not in _READS:
+            refused = self._refuse_writes()
+            if refused is not None:
+                return refused
+        return await found.handler(request, name, *rest)
+
+    async def _base(self, request: web.BaseRequest) -> web.StreamResponse:
+        """`/v2/`: clients ask it first, for the auth challenge."""
+        if self.auth is not None:
+            self.auth.require_credentials(request, await self._caller(request))
+        return web.Response(body=b"{}", content_type="application/json")
+
+    async def _catalog(self, request: web.BaseRequest) -> web.StreamResponse:
+        visible = None
+        if self.auth is not None:
+            visible = self.auth.authorize_catalog(request, await self._caller(request, CATALOG_SCOPE))
+        return await self.catalog(request, visible)
 
     async def _caller(self, request: web.BaseRequest, scope: Need = None):
         assert self.auth is not None
@@ -184,28 +201,40 @@ class Dispatcher:
         return None
 
     async def _other(self, request: web.BaseRequest, path: str) -> web.StreamResponse:
-        if path == "/token" and self.token is not None:
-            return await self.token(request)
-        if path == "/_ping" and request.method in ("GET", "HEAD"):
-            ok, reason = self.ping()
-            if request.query.get("reads"):
-                # A running replica can always serve what it knows: load
-                # balancers fall back to this when no replica has quorum.
-                return web.json_response({"ok": True, "writes": ok, "reason": reason})
-            return web.json_response({"ok": ok, "reason": reason}, status=200 if ok else 503)
-        if path == "/ca" and request.method in ("GET", "HEAD"):
-            if self.ca_pem is None:
-                return web.json_response({"error": "this replica has no cluster CA"}, status=404)
-            return web.Response(body=self.ca_pem, content_type="application/x-pem-file")
-        if path == "/health" and request.method == "GET":
-            return web.json_response({**self.health(), "time": time.time()})
-        if path == "/openapi.json" and request.method in ("GET", "HEAD"):
-            return web.Response(body=openapi.document_json(), content_type="application/json")
+        found, _, _ = self.other.match(request.method, path)
+        if found is not None:
+            return await found.handler(request)
         if path.startswith("/_admin/") and self.admin is not None:
             return await self.admin(request, path)
         if self.console is not None and (path in ("/", "/console") or path.startswith("/console/")):
             return await self.console(request, path)
-        return web.json_response({"error": "not found"}, status=404)
+        return _not_found()
+
+    async def _token(self, request: web.BaseRequest) -> web.StreamResponse:
+        return await self.token(request) if self.token is not None else _not_found()
+
+    async def _ping(self, request: web.BaseRequest) -> web.StreamResponse:
+        ok, reason = self.ping()
+        if request.query.get("reads"):
+            # A running replica can always serve what it knows: load
+            # balancers fall back to this when no replica has quorum.
+            return web.json_response({"ok": True, "writes": ok, "reason": reason})
+        return web.json_response({"ok": ok, "reason": reason}, status=200 if ok else 503)
+
+    async def _ca(self, request: web.BaseRequest) -> web.StreamResponse:
+        if self.ca_pem is None:
+            return web.json_response({"error": "this replica has no cluster CA"}, status=404)
+        return web.Response(body=self.ca_pem, content_type="application/x-pem-file")
+
+    async def _health(self, request: web.BaseRequest) -> web.StreamResponse:
+        return web.json_response({**self.health(), "time": time.time()})
+
+    async def _openapi(self, request: web.BaseRequest) -> web.StreamResponse:
+        return web.Response(body=openapi.document_json(), content_type="application/json")
+
+
+def _not_found() -> web.Response:
+    return web.json_response({"error": "not found"}, status=404)
 
 
 def _method_not_allowed(methods) -> web.Response:

@@ -22,12 +22,12 @@ cluster admin in, as it does for `join`, which hands out the same CA.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from aiohttp import web
 
 from moorage.api.blobfile import blob_response, send_mapped
+from moorage.api.routes import ADMIN, Route, route
 from moorage.cluster.service import ClusterError, ClusterService
 from moorage.registry.errors import BlobUnknown
 from moorage.registry.service import Registry
@@ -35,7 +35,7 @@ from moorage.registry.service import Registry
 _DIGEST = r"((?:sha256:[0-9a-f]{64})|(?:sha384:[0-9a-f]{96})|(?:sha512:[0-9a-f]{128}))"
 
 
-def backup_routes(cluster: ClusterService, registry: Registry | None) -> list[tuple[str, re.Pattern, Any]]:
+def backup_routes(cluster: ClusterService, registry: Registry | None) -> list[Route]:
     c = cluster
 
     async def snapshot(request: web.BaseRequest, body: Any) -> web.StreamResponse:
@@ -78,7 +78,7 @@ def backup_routes(cluster: ClusterService, registry: Registry | None) -> list[tu
         return blob_response(found, {"Content-Type": "application/octet-stream"})
 
     return [
-        ("GET", re.compile(r"^/_admin/backup/snapshot$"), snapshot),
-        ("GET", re.compile(r"^/_admin/backup/info$"), info),
-        ("GET", re.compile(rf"^/_admin/backup/blobs/{_DIGEST}$"), blob),
+        route("GET", r"^/_admin/backup/snapshot$", snapshot, ADMIN),
+        route("GET", r"^/_admin/backup/info$", info, ADMIN),
+        route("GET", rf"^/_admin/backup/blobs/{_DIGEST}$", blob, ADMIN),
     ]

@@ -10,21 +10,16 @@ Any replica answers GET for any run: the records are in etcd.
 
 from __future__ import annotations
 
-import re
-from collections.abc import Awaitable, Callable
-from typing import Any
-
+from moorage.api.routes import ADMIN, Route, route
 from moorage.cluster.service import ClusterError
 from moorage.registry.gc_runner import GcRunner
-
-Route = tuple[str, re.Pattern, Callable[..., Awaitable[Any]]]
 
 
 def gc_routes(runner: GcRunner) -> list[Route]:
     return [
-        ("POST", re.compile(r"^/_admin/gc$"), lambda r, b: runner.start(dry_run=_dry_run(b))),
-        ("GET", re.compile(r"^/_admin/gc$"), lambda r, b: runner.history()),
-        ("GET", re.compile(r"^/_admin/gc/([0-9A-Za-z-]{1,64})$"), lambda r, b, run_id: runner.get(run_id)),
+        route("POST", r"^/_admin/gc$", lambda r, b: runner.start(dry_run=_dry_run(b)), ADMIN),
+        route("GET", r"^/_admin/gc$", lambda r, b: runner.history(), ADMIN),
+        route("GET", r"^/_admin/gc/([0-9A-Za-z-]{1,64})$", lambda r, b, run_id: runner.get(run_id), ADMIN),
     ]
 
 

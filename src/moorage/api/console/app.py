@@ -14,7 +14,7 @@ import hmac
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, quote
@@ -30,6 +30,7 @@ from moorage.api.console.render import STATIC_PREFIX, Renderer, secure_headers
 from moorage.api.console.session import Session, Sessions, same_origin
 from moorage.api.errors import ERRORS, as_registry_error
 from moorage.api.http import read_bounded
+from moorage.api.routes import ADMIN, ANYONE, Route, Routes
 from moorage.registry.access import Access
 from moorage.registry.browse import Browser
 from moorage.registry.errors import TooLarge
@@ -38,18 +39,7 @@ from moorage.registry.service import Registry
 log = logging.getLogger(__name__)
 
 MAX_FORM = 64 << 10
-ANYONE, USER, ADMIN = "anyone", "user", "admin"
 PREFIX = "/console"
-
-Handler = Callable[..., Awaitable[web.StreamResponse]]
-
-
-@dataclass(frozen=True, slots=True)
-class Route:
-    method: str
-    pattern: re.Pattern
-    handler: Handler
-    who: str = USER            # anyone, user (signed in) or admin (a cluster admin)
 
 
 class Refused(Exception):
@@ -141,10 +131,11 @@ class Console:
         self.sessions = Sessions(auth, access)
         self.browser = Browser(registry)
         self._flash_key = hmac.new(auth.tokens.secret, b"moorage console flash", "sha256").digest()
-        self.routes: list[Route] = []
+        # Each route's need is who may reach it: anyone, a signed-in user, or a cluster admin.
+        self.routes = Routes()
 
     def add(self, routes: list[Route]) -> None:
-        self.routes.extend(routes)
+        self.routes.add(routes)
 
     # -- dispatch ---------------------------------------------------------------------
 
@@ -177,15 +168,10 @@ class Console:
             if found is None:
                 raise Refused(404, "No such file.")
             return found
-        allowed = []
-        for route in self.routes:
-            m = route.pattern.match(path)
-            if m is None:
-                continue
-            if route.method != request.method:
-                allowed.append(route.method)
-                continue
-            return await self._run(request, route, m)
+        found, m, allowed = self.routes.match(request.method, path)
+        if found is not None:
+            assert m is not None
+            return await self._run(request, found, m)
         if allowed:
             raise Refused(405, f"{request.method} is not allowed here.")
         raise Refused(404, "There is no such page.")
@@ -194,19 +180,19 @@ class Console:
         session = self.sessions.current(request)
         request[USER_KEY] = session.user if session else None
         ctx = Ctx(self, request, session)
-        if route.who != ANYONE and session is None:
+        if route.need != ANYONE and session is None:
             if request.method == "GET" and not _json_path(request):
                 target = request.rel_url.raw_path_qs
                 return web.Response(status=303, headers={"Location": f"{PREFIX}/sign-in?next={quote(target)}"})
             raise Refused(401, "Your session has ended; sign in again.")
-        if route.who == ADMIN and not (session and session.admin):
+        if route.need == ADMIN and not (session and session.admin):
             if self.audit is not None:
                 self.audit.denied(request, 403, "the console's admin pages need a cluster admin")
             raise Refused(403, "This page is for cluster admins.")
         if request.method == "POST":
             ctx.form = await self._form(request)
             # The sign-in form's token is bound to its pre-session cookie; every other form's to the session.
-            expected = self.sessions.sign_in_csrf(request)[0] if route.who == ANYONE or session is None \
+            expected = self.sessions.sign_in_csrf(request)[0] if route.need == ANYONE or session is None \
                 else session.csrf
             if not same_origin(request) or not self.sessions.csrf_matches(expected, ctx.form.get("csrf")):
                 if self.audit is not None:

@@ -7,13 +7,13 @@ so a value refused here is refused with the same sentence as by
 
 from __future__ import annotations
 
-import re
 import time
 from typing import Any
 
 from aiohttp import web
 
-from moorage.api.console.app import ADMIN, PREFIX, Ctx, Refused, Route, admin_error
+from moorage.api.console.app import PREFIX, Ctx, Refused, admin_error
+from moorage.api.routes import ADMIN, Route, route
 from moorage.cluster.settings import SETTINGS
 from moorage.registry.access import ROLES
 from moorage.registry.audit import KINDS
@@ -191,7 +191,7 @@ def _access_call(form: str, f: dict[str, str]) -> tuple[str, str, dict, str]:
 def _access_route(form: str) -> Route:
     async def handler(ctx: Ctx) -> web.StreamResponse:
         return await access_change(ctx, form)
-    return Route("POST", re.compile(rf"^/console/users/{form}$"), handler, ADMIN)
+    return route("POST", rf"^/console/users/{form}$", handler, ADMIN)
 
 
 # -- settings -----------------------------------------------------------------------------
@@ -292,14 +292,14 @@ def _without(ctx: Ctx, name: str) -> str:
 
 def routes() -> list[Route]:
     return [
-        Route("GET", re.compile(r"^/console/cluster$"), cluster, ADMIN),
-        Route("GET", re.compile(r"^/console/cluster\.json$"), cluster_json, ADMIN),
-        Route("GET", re.compile(r"^/console/users$"), users, ADMIN),
+        route("GET", r"^/console/cluster$", cluster, ADMIN),
+        route("GET", r"^/console/cluster\.json$", cluster_json, ADMIN),
+        route("GET", r"^/console/users$", users, ADMIN),
         *[_access_route(form) for form in _ACCESS_FORMS],
-        Route("GET", re.compile(r"^/console/settings$"), settings, ADMIN),
-        Route("POST", re.compile(r"^/console/settings$"), settings_change, ADMIN),
-        Route("GET", re.compile(r"^/console/gc$"), gc, ADMIN),
-        Route("GET", re.compile(r"^/console/gc\.json$"), gc_json, ADMIN),
-        Route("POST", re.compile(r"^/console/gc$"), gc_start, ADMIN),
-        Route("GET", re.compile(r"^/console/audit$"), audit, ADMIN),
+        route("GET", r"^/console/settings$", settings, ADMIN),
+        route("POST", r"^/console/settings$", settings_change, ADMIN),
+        route("GET", r"^/console/gc$", gc, ADMIN),
+        route("GET", r"^/console/gc\.json$", gc_json, ADMIN),
+        route("POST", r"^/console/gc$", gc_start, ADMIN),
+        route("GET", r"^/console/audit$", audit, ADMIN),
     ]

@@ -18,8 +18,9 @@ from aiohttp import web
 from yarl import URL
 
 from moorage.api.audit import error_reason
-from moorage.api.console.app import ADMIN, PREFIX, Ctx, Refused, Route, admin_error, console_path
+from moorage.api.console.app import PREFIX, Ctx, Refused, admin_error, console_path
 from moorage.api.errors import from_error
+from moorage.api.routes import ADMIN, USER, Route, route
 from moorage import digest as digests
 from moorage.registry.browse import REPO_SORTS, TAG_SORTS
 from moorage.registry.errors import NameInvalid, RegistryError
@@ -272,10 +273,10 @@ async def visibility(ctx: Ctx, name: str) -> web.StreamResponse:
 
 def routes() -> list[Route]:
     return [
-        Route("GET", re.compile(r"^/console/$"), repositories),
-        Route("GET", re.compile(r"^/console/r/(.+)/-/manifest/([^/]+)$"), image),
-        Route("POST", re.compile(r"^/console/r/(.+)/-/delete$"), delete),
-        Route("POST", re.compile(r"^/console/r/(.+)/-/visibility$"), visibility, ADMIN),
-        Route("GET", re.compile(r"^/console/r/(.+)$"), repository),
+        route("GET", r"^/console/$", repositories, USER),
+        route("GET", r"^/console/r/(.+)/-/manifest/([^/]+)$", image, USER),
+        route("POST", r"^/console/r/(.+)/-/delete$", delete, USER),
+        route("POST", r"^/console/r/(.+)/-/visibility$", visibility, ADMIN),
+        route("GET", r"^/console/r/(.+)$", repository, USER),
     ]
 

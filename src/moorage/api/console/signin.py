@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import re
 
 from aiohttp import web
 
-from moorage.api.console.app import ANYONE, PREFIX, Ctx, Route, console_path
+from moorage.api.console.app import PREFIX, Ctx, console_path
 from moorage.api.console.session import SignInRefused
+from moorage.api.routes import ANYONE, USER, Route, route
 
 MAX_NAME = 64
 
@@ -55,7 +55,7 @@ async def sign_out(ctx: Ctx) -> web.StreamResponse:
 
 def routes() -> list[Route]:
     return [
-        Route("GET", re.compile(r"^/console/sign-in$"), sign_in_page, ANYONE),
-        Route("POST", re.compile(r"^/console/sign-in$"), sign_in, ANYONE),
-        Route("POST", re.compile(r"^/console/sign-out$"), sign_out),
+        route("GET", r"^/console/sign-in$", sign_in_page, ANYONE),
+        route("POST", r"^/console/sign-in$", sign_in, ANYONE),
+        route("POST", r"^/console/sign-out$", sign_out, USER),
     ]
