@@ -17,8 +17,8 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 from moorage.cli.adminclient import AdminClient, add_cluster_options
-from moorage.cli.cluster import print_table
-from moorage.cli.main import CliError
+from moorage.cli.errors import CliError
+from moorage.cli.tables import print_table
 from moorage.registry.users import AccessError, check_principal
 
 def register(commands) -> None:

@@ -30,7 +30,7 @@ from typing import Any
 
 import httpx
 
-from moorage.cli.main import CliError
+from moorage.cli.errors import CliError
 from moorage.cluster import endpoint, pki
 
 TIMEOUT = httpx.Timeout(30.0, connect=5.0)

@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from urllib.parse import urlencode
 
 from moorage.cli.adminclient import AdminClient, add_cluster_options
-from moorage.cli.main import CliError
+from moorage.cli.errors import CliError
 from moorage.registry.audit import KINDS, MAX_LIMIT
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")

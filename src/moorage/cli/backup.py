@@ -23,9 +23,9 @@ import httpx
 
 from moorage import logs
 from moorage.cli.adminclient import AdminClient, add_cluster_options, untrusted, _cert_failed
-from moorage.cli.main import CliError
-from moorage.cli.serve import check_ports_free, parse_listen
+from moorage.cli.errors import CliError
 from moorage.cluster import backup, pki, repair
+from moorage.cluster.addresses import AddressError, check_ports_free, parse_listen
 from moorage.cluster.backup import BackupError
 from moorage.cluster.etcd_member import EtcdError
 from moorage.cluster.identity import Identity
@@ -303,7 +303,7 @@ def _listen(given: str | None, host: str, etcd_ports: tuple[int, ...]) -> str:
         if 5000 not in etcd_ports:
             check_ports_free([(host, 5000, "the default API port")])
             return _join(host, 5000)
-    except CliError:
+    except AddressError:
         pass
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.bind((host, 0))

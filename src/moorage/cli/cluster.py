@@ -12,13 +12,12 @@ import time
 from pathlib import Path
 
 from moorage import logs
-from moorage.cli import tls
 from moorage.cli.adminclient import AdminClient, add_cluster_options, ask
-from moorage.cli.main import CliError
-from moorage.cli.serve import (Replica, add_replica_options, advertise_of, check_ports_free, parse_listen,
-                               run_replica)
-from moorage.cluster import pki
-from moorage.cluster.addresses import url_host
+from moorage.cli.errors import CliError
+from moorage.cli.serve import add_replica_options, https_options, replica_config, run_replica
+from moorage.cli.tables import print_table
+from moorage.cluster import https, pki
+from moorage.cluster.addresses import advertised, check_ports_free, parse_listen, url_host
 from moorage.cluster.identity import Identity
 from moorage.cluster.membership import tolerates
 from moorage.cluster.service import proof_name
@@ -96,8 +95,8 @@ def run_join(args: argparse.Namespace) -> int:
     if not _REPLICA_ID.match(replica_id):
         raise CliError("--replica-id takes lowercase hex digits")
     host, port = parse_listen(args.listen)
-    tls.check_options(args, host)
-    advertise = advertise_of(host, args).host
+    https.check_options(https_options(args), host)
+    advertise = advertised(host, args.advertise).host
     client_port, peer_port = args.etcd_client_port or 2379, args.etcd_peer_port or 2380
     check_ports_free([(host, port, "the listen address"), (advertise, client_port, "the etcd client port"),
                       (advertise, peer_port, "the etcd peer port")])
@@ -134,7 +133,7 @@ def run_join(args: argparse.Namespace) -> int:
                  storage_dir=str(storage_dir), etcd_client_port=client_port, etcd_peer_port=peer_port,
                  advertise=advertise, initial_cluster=plan["initial_cluster"],
                  member_id=plan["member_id"]).save(data_dir)
-        return run_replica(Replica(args, promote=promote, on_serving=on_serving))
+        return run_replica(replica_config(args), promote=promote, on_serving=on_serving)
     except BaseException:
         if not served:  # leave neither a half member in the cluster nor a half replica here
             try:
@@ -156,10 +155,7 @@ def _install_ca(plan: dict, data_dir: Path) -> None:
     if not isinstance(cert, str) or not isinstance(key, str):
         raise CliError("the existing replica did not hand over the cluster CA; upgrade it to this "
                        "version of moorage first")
-    try:
-        pki.install_ca(pki.Paths(data_dir), cert.encode(), key.encode())
-    except pki.PkiError as e:
-        raise CliError(str(e)) from None
+    pki.install_ca(pki.Paths(data_dir), cert.encode(), key.encode())
 
 
 def _check_storage(plan: dict, storage_dir: Path, replica_id: str) -> None:
@@ -251,12 +247,6 @@ def run_status(args: argparse.Namespace) -> int:
         print(f"storage: {used['blobs']} blob{'s' * (used['blobs'] != 1)}, {human_bytes(used['bytes'])} "
               "(deleted images are freed by `moorage gc`)")
     return 0
-
-
-def print_table(header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    for row in [header, *rows]:
-        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip())
 
 
 # -- config ----------------------------------------------------------------------

@@ -9,8 +9,9 @@ import time
 from datetime import datetime, timezone
 
 from moorage.cli.adminclient import AdminClient, add_cluster_options
-from moorage.cli.cluster import human_bytes, print_table
-from moorage.cli.main import CliError
+from moorage.cli.errors import CliError
+from moorage.cli.tables import print_table
+from moorage.units import human_bytes
 
 POLL_SECONDS = 0.5
 

@@ -29,7 +29,7 @@ from typing import Any
 import httpx
 
 from moorage.cli.adminclient import AdminClient, add_cluster_options
-from moorage.cli.main import CliError
+from moorage.cli.errors import CliError
 from moorage.cluster import haproxy
 
 POLL_SECONDS = 1.0

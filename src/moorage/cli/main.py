@@ -7,10 +7,8 @@ import os
 import sys
 
 from moorage import __version__
-
-
-class CliError(Exception):
-    """A problem the user can fix; printed as one sentence, exit code 1."""
+from moorage.cli import access, audit, backup, cluster, gc, lb, repair, serve
+from moorage.cli.errors import SENTENCES
 
 
 class Parser(argparse.ArgumentParser):
@@ -35,14 +33,6 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from moorage.cli import cluster, serve
-    from moorage.cli import repair
-    from moorage.cli import lb
-    from moorage.cli import access
-    from moorage.cli import audit
-    from moorage.cli import gc
-    from moorage.cli import backup
-
     parser = Parser(
         prog="moorage", description="Moorage: a private OCI container registry that scales with replicas.")
     parser.add_argument("--version", action="version", version=f"moorage {__version__}")
@@ -67,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args) or 0
-    except CliError as e:
+    except SENTENCES as e:
         print(f"moorage: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -14,10 +14,9 @@ import time
 from pathlib import Path
 
 from moorage import logs
-from moorage.cli.main import CliError
-from moorage.cli.serve import check_ports_free
+from moorage.cli.errors import CliError
 from moorage.cluster import pki, repair
-from moorage.cluster.etcd_member import EtcdError
+from moorage.cluster.addresses import AddressError, check_ports_free
 from moorage.cluster.identity import Identity
 
 
@@ -57,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.yes:
             _confirm()
         result = asyncio.run(repair.force_new_cluster(data_dir, identity, plan))
-    except (repair.RepairRefused, EtcdError) as e:
+    except repair.RepairRefused as e:
         raise CliError(str(e)) from None
     print(summary(plan, result, args.data_dir), flush=True)
     return 0
@@ -71,10 +70,7 @@ def _node_certificate(data_dir: Path, identity: Identity) -> None:
         raise CliError(f"{data_dir} holds no cluster CA (tls/ca.crt and pki/ca.key), so its etcd member "
                        "cannot be started with the cluster's TLS; restore them from a backup of this "
                        "data directory")
-    try:
-        pki.ensure_node_cert(paths, pki.replica_names(identity.advertise))
-    except pki.PkiError as e:
-        raise CliError(str(e)) from None
+    pki.ensure_node_cert(paths, pki.replica_names(identity.advertise))
 
 
 def _refuse_if_running(data_dir: Path, identity: Identity) -> None:
@@ -84,7 +80,7 @@ def _refuse_if_running(data_dir: Path, identity: Identity) -> None:
     try:
         check_ports_free([(identity.advertise, identity.etcd_client_port, "its etcd client port"),
                           (identity.advertise, identity.etcd_peer_port, "its etcd peer port")])
-    except CliError as e:
+    except AddressError as e:
         raise CliError(f"{running}: {e}; stop it first") from None
 
 

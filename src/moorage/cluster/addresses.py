@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import ipaddress
 import socket
 from dataclasses import dataclass
@@ -57,6 +58,30 @@ def advertised(listen_host: str, advertise: str | None) -> Advertised:
 def url_host(host: str) -> str:
     """A host as it goes into a URL: IPv6 literals in brackets."""
     return f"[{host}]" if ":" in host else host
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """(host, port) of a --listen HOST:PORT; an empty host is every IPv4 address."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise AddressError(f"--listen takes HOST:PORT, not {value!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def check_ports_free(ports: list[tuple[str, int, str]]) -> None:
+    """Refuse, before anything starts, a (host, port, what it is for) that is taken."""
+    for host, port, what in ports:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, port))
+            except OSError as e:
+                raise AddressError(f"{what} {host}:{port} {in_use(e)}") from None
+
+
+def in_use(e: OSError) -> str:
+    """Why a port could not be bound, as the end of a sentence."""
+    return "is already in use" if e.errno == errno.EADDRINUSE else f"cannot be used: {e.strerror}"
 
 
 def _one_ip(host: str, what: str) -> str:

@@ -66,7 +66,6 @@ class EtcdMember:
     extra_flags: list[str] = field(default_factory=list)
     proc: asyncio.subprocess.Process | None = field(default=None, init=False)
     _stopping: bool = field(default=False, init=False)
-    _supervisor: asyncio.Task | None = field(default=None, init=False)
     _log_offset: int = field(default=0, init=False)
 
     @property
@@ -121,10 +120,10 @@ class EtcdMember:
         return cmd + self.extra_flags
 
     async def start(self, timeout: float = 30.0) -> None:
+        """Run etcd and wait until it answers; a replica then runs `supervise` among its tasks."""
         self._stopping = False
         await self._spawn()
         await self.wait_ready(timeout)
-        self._supervisor = asyncio.create_task(self._supervise(), name="etcd-supervisor")
 
     async def _spawn(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -167,7 +166,8 @@ class EtcdMember:
         finally:
             await client.close()
 
-    async def _supervise(self) -> None:
+    async def supervise(self) -> None:
+        """Restart etcd when it dies; when it was removed from the cluster, call on_removed and end."""
         backoff = 1.0
         while not self._stopping:
             assert self.proc is not None
@@ -200,8 +200,6 @@ class EtcdMember:
 
     async def stop(self, timeout: float = 10.0) -> None:
         self._stopping = True
-        if self._supervisor:
-            self._supervisor.cancel()
         if self.proc is None or self.proc.returncode is not None:
             return
         self.proc.terminate()

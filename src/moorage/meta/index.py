@@ -116,8 +116,9 @@ class Index:
     # -- life -------------------------------------------------------------
 
     async def start(self) -> None:
-        await self._load()
-        self._task = asyncio.create_task(self._watch_loop(), name="index-watch")
+        """Load, then watch in a task of its own (a replica runs `watch` among its tasks instead)."""
+        await self.load()
+        self._task = asyncio.create_task(self.watch(), name="index-watch")
 
     async def stop(self) -> None:
         if self._task:
@@ -127,7 +128,8 @@ class Index:
             except (asyncio.CancelledError, Exception):
                 pass
 
-    async def _load(self) -> None:
+    async def load(self) -> None:
+        """Read everything under /moorage/ at one revision: the view, and each subscriber's keys."""
         revision, kvs = await self._client.range_prefix(keys.ROOT)
         self.repos, self.blobs, self._sorted_repos = {}, {}, None
         for reset in self._resets:  # in the same step as the load below: no one sees an empty view
@@ -137,7 +139,8 @@ class Index:
         self._advance(revision)
         log.debug("index loaded", extra={"revision": revision, "keys": len(kvs)})
 
-    async def _watch_loop(self) -> None:
+    async def watch(self) -> None:
+        """Apply every change from the loaded revision on, forever; reload after a compaction."""
         backoff = 0.1
         while True:
             try:
@@ -164,7 +167,7 @@ class Index:
 
     async def _reload_quietly(self) -> None:
         try:
-            await self._load()
+            await self.load()
         except EtcdUnavailable as e:
             log.warning("index reload failed", extra={"error": str(e)})
 

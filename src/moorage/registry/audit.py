@@ -151,12 +151,17 @@ class AuditLog:
             self._dropped_unreported += 1
         self._queue.append(event)
 
-    async def start(self) -> None:
+    async def open(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         await self._expire_if_new_day()
-        self._task = asyncio.create_task(self._run())
 
-    async def _run(self) -> None:
+    async def start(self) -> None:
+        """Open, then write in a task of its own (a replica runs `run` among its tasks instead)."""
+        await self.open()
+        self._task = asyncio.create_task(self.run())
+
+    async def run(self) -> None:
+        """Write a batch a second until close()."""
         # Stopped by an event, not by cancelling: a cancelled flush would let
         # go of the lock while its thread still writes, and the next batch
         # could interleave with it.
@@ -229,7 +234,7 @@ class AuditLog:
                 fsync_dir(self.dir)
 
     async def close(self) -> None:
-        """Stop the background task and write what is left; called on shutdown."""
+        """Stop the writer (`run` returns) and write what is left; called on shutdown."""
         self._stopping.set()
         if self._task is not None:
             await self._task

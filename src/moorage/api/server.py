@@ -1,0 +1,133 @@
+"""The registry and its HTTP API on a running replica: what cluster/replica.py serves on top.
+
+`RegistryService.build` wires the registry's parts (uploads, access,
+tokens, garbage collection, the audit log) to the replica's metadata stores
+and storage, and the HTTP side (the dispatcher, the admin API, the console,
+the listener) to those; the replica starts it once its metadata view is
+loaded and stops it on shutdown, after the requests in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from aiohttp import web
+
+from moorage.api.admin import AdminApi
+from moorage.api.app import create_server
+from moorage.api.audit import RequestAudit
+from moorage.api.auth import Auth
+from moorage.api.proxy_protocol import ApiSite
+from moorage.cluster.addresses import in_use
+from moorage.cluster.replica import Replica, StartError
+from moorage.registry.access import Access
+from moorage.registry.audit import AuditLog
+from moorage.registry.gc_runner import GcRunner
+from moorage.registry.limits import Limits
+from moorage.registry.placement import Placement
+from moorage.registry.service import Registry
+from moorage.registry.sessions import Sessions
+from moorage.registry.tokens import Tokens
+from moorage.registry.uploads import Uploads
+
+log = logging.getLogger("moorage.serve")
+
+DRAIN_SECONDS = 30.0
+
+
+class RegistryService:
+    """The cluster/replica.py Service: built before the replica's metadata view loads (what
+    subscribes to it must), started once it has."""
+
+    def __init__(self, replica: Replica, access: Access, audit: AuditLog, gc: GcRunner, server: web.Server):
+        self.replica = replica
+        self.access = access
+        self.audit = audit
+        self.gc = gc
+        self.server = server
+        self.runner: web.ServerRunner | None = None
+
+    @classmethod
+    async def build(cls, replica: Replica) -> "RegistryService":
+        identity, meta, storage, clock = replica.identity, replica.meta, replica.storage, replica.clock
+        assert identity is not None and meta is not None and storage is not None and clock is not None
+        assert replica.gc_store is not None and replica.operations is not None
+        settings = replica.settings
+        access = Access(meta, meta.index)  # subscribes to the index: before it loads
+        limits = Limits()
+        settings.on_change(lambda key, value: _apply_limit(limits, key, value))
+        placement = Placement(meta, storage)
+        registry = Registry(meta, storage, placement, limits)
+        uploads = Uploads(storage, Sessions(meta, await meta.secret("upload-state")), placement, limits)
+        # Every replica signs with the same secret, so each verifies any replica's tokens locally.
+        tokens = Tokens(await meta.secret("token-signing"), lambda: settings["token.lifetime_seconds"],
+                        replica=identity.replica_id, offset=clock.offset)
+        auth = Auth(access, tokens)
+        gc = GcRunner(meta, replica.gc_store, storage, settings, identity.replica_id, uploads.sessions, clock)
+        # On the shared storage, so any replica can answer for the whole cluster.
+        audit = AuditLog(storage_dir=identity.storage_dir, replica=identity.replica_id)
+        request_audit = RequestAudit(audit)
+        debug = logging.getLogger().isEnabledFor(logging.DEBUG)
+        server = create_server(registry, uploads, replica.health, replica.ping,
+                               logging.getLogger("aiohttp.access") if debug else None,
+                               admin=AdminApi(replica.operations, auth, audit=request_audit, access=access, gc=gc,
+                                              registry=registry),
+                               writable=replica.writable, readonly=lambda: settings["readonly"],
+                               audit=request_audit, ca_pem=replica.pki.ca_cert.read_bytes(), auth=auth)
+        return cls(replica, access, audit, gc, server)
+
+    async def start(self) -> None:
+        replica = self.replica
+        generated = await self.access.users.ensure_admin(replica.config.admin_password)
+        if generated:
+            replica.announce(f"created the user admin with the password {generated} (shown once; keep it safe)")
+        await self.audit.open()
+        self.runner = web.ServerRunner(self.server, handle_signals=False, shutdown_timeout=5.0)
+        await self.runner.setup()
+        # Also reads the PROXY protocol header from the load balancers that proxy_protocol.from names.
+        site = ApiSite(self.runner, replica.host, replica.port, ssl_context=replica.api_ssl, backlog=1024,
+                       trusted=lambda: replica.proxy_from)
+        try:
+            await site.start()
+        except OSError as e:
+            raise StartError(f"the listen address {replica.host}:{replica.port} {in_use(e)}") from None
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            log.info("draining requests in flight", extra={"timeout_seconds": DRAIN_SECONDS})
+            await self._drain(self.runner)
+        await self.gc.stop()
+        if self.runner is not None:
+            await self.runner.cleanup()
+        await self.audit.close()  # after the last request, while the disk is surely still there
+
+    async def collect_garbage(self) -> None:
+        await self.gc.schedule()
+
+    async def write_audit(self) -> None:
+        await self.audit.run()
+
+    async def _drain(self, runner: web.ServerRunner) -> None:
+        """Stop accepting connections, then let requests in flight finish.
+
+        aiohttp's own shutdown first marks every connection closing, after
+        which it drops the rest of a request body: an upload in flight could
+        never complete. So we wait for in-flight requests ourselves first.
+        """
+        for site in list(runner.sites):
+            await site.stop()
+        deadline = time.monotonic() + DRAIN_SECONDS
+        # `_request_in_progress` spans a whole exchange, response body included.
+        while time.monotonic() < deadline and any(
+                getattr(conn, "_request_in_progress", False) for conn in self.server.connections):
+            await asyncio.sleep(0.05)
+
+
+def _apply_limit(limits: Limits, key: str, value: Any) -> None:
+    if key == "upload.max_blob_bytes":
+        limits.max_blob_bytes = value
+    elif key == "upload.max_manifest_bytes":
+        limits.max_manifest_bytes = value

@@ -1,0 +1,387 @@
+"""A replica's process: its etcd member, the metadata view, its health, and the service on top.
+
+`moorage serve` and `moorage join` (cli/) parse flags into a ReplicaConfig
+and run a Replica; everything else about a replica's life is here, in three
+steps:
+
+    build()   works out the address it advertises, its identity, the cluster
+              CA and its certificates, and makes (without starting) its etcd
+              member and storage driver;
+    start()   starts the member (a joining replica first waits to be
+              promoted), loads the metadata view, starts the background
+              tasks and then the service on top, which serves;
+    stop()    stops the service (requests in flight finish), the tasks, and
+              the member.
+
+The service is the registry and its HTTP API (api/server.py). It lives in
+the layers above this one, so it is handed in as a factory (`Service`): the
+cluster layer imports nothing of them.
+
+A replica's background tasks are listed in one place, `Replica.tasks`, as
+Patroni lists its HA loop; each runs until the replica stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from moorage import __version__
+from moorage.cluster import addresses, endpoint, https, membership, pki, replicas
+from moorage.cluster.clock import ClusterClock
+from moorage.cluster.etcd_member import EtcdMember, node_tls
+from moorage.cluster.identity import Identity, load_or_create
+from moorage.cluster.service import ClusterService
+from moorage.cluster.settings import ClusterSettings, Network, parse_networks
+from moorage.meta import keys
+from moorage.meta.etcd import EtcdClient, EtcdUnavailable, Event
+from moorage.meta.gc_store import GcStore
+from moorage.meta.index import Index
+from moorage.meta.store import MetaStore
+from moorage.storage.base import BlobDriver
+from moorage.storage.drivers import storage_at
+
+log = logging.getLogger("moorage.serve")
+
+QUORUM_PROBE_SECONDS = 1.0
+# Without a successful linearizable read for this long, the replica reports
+# itself unhealthy and refuses writes at once instead of letting them time out.
+QUORUM_GRACE_SECONDS = 3.0
+PROMOTE_SECONDS = 120.0
+# A member that just started may be refused a membership change for a few seconds.
+MOVE_SECONDS = 30.0
+
+
+class StartError(Exception):
+    """A replica that cannot start as configured; the message is one sentence."""
+
+
+@dataclass(frozen=True)
+class ReplicaConfig:
+    data_dir: Path
+    listen: str = "127.0.0.1:5000"          # HOST:PORT of the API
+    advertise: str | None = None            # None: the listen host (cluster/addresses.py)
+    etcd_client_port: int | None = None     # None: as saved, else 2379
+    etcd_peer_port: int | None = None       # None: as saved, else 2380
+    storage_dir: Path | None = None         # None: as saved, else DATA_DIR/blobs
+    https: https.HttpsOptions = field(default_factory=https.HttpsOptions)
+    admin_password: str | None = None       # the admin's on the first start; None: a generated one
+
+
+class Service(Protocol):
+    """What serves on top of a replica: the registry and its HTTP API (api/server.py)."""
+
+    async def start(self) -> None:
+        """Serve: listen on the replica's API address."""
+
+    async def stop(self) -> None:
+        """Stop listening, let requests in flight finish (within a bound), and close."""
+
+    async def collect_garbage(self) -> None:
+        """Garbage collection when `gc.schedule` says one is due: runs until the replica stops."""
+
+    async def write_audit(self) -> None:
+        """The audit log's writer: runs until stop()."""
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    run: Callable[[], Awaitable[Any]]
+
+
+class Replica:
+    """One replica. `promote` is set by `join`: the first start waits, as a learner, until the
+    cluster has promoted this replica's member before serving; `on_serving` runs once it serves;
+    `announce` tells the person who started it what they must see once (a CA fingerprint, a
+    generated password)."""
+
+    def __init__(self, config: ReplicaConfig, service: Callable[["Replica"], Awaitable[Service]],
+                 promote: Callable[[int], Awaitable[bool]] | None = None,
+                 on_serving: Callable[[Identity], Awaitable[None]] | None = None,
+                 announce: Callable[[str], None] = lambda message: None):
+        self.config = config
+        self._service_factory = service
+        self.promote = promote
+        self.on_serving = on_serving
+        self.announce = announce
+        self.data_dir = config.data_dir.resolve()
+        self.settings = ClusterSettings()
+        self.proxy_from: tuple[Network, ...] = ()   # the setting proxy_protocol.from, parsed
+        self.started = time.time()
+        self.quorum_ok_at = 0.0
+        self.stopping = asyncio.Event()
+        self.removed = False
+        self._tasks: list[asyncio.Task] = []
+        self.host, self.port = addresses.parse_listen(config.listen)
+        self.pki = pki.Paths(self.data_dir)
+        # Made by build() and start(); None until then, and what stop() undoes.
+        self.identity: Identity | None = None
+        self.clock: ClusterClock | None = None
+        self.created = False
+        self.api_ssl: ssl.SSLContext | None = None
+        self.url = ""
+        self.storage: BlobDriver | None = None
+        self.member: EtcdMember | None = None
+        self._client: EtcdClient | None = None
+        self.index: Index | None = None
+        self.meta: MetaStore | None = None
+        self.gc_store: GcStore | None = None
+        self.operations: ClusterService | None = None
+        self.service: Service | None = None
+
+    # -- the tasks ------------------------------------------------------------------
+
+    def tasks(self) -> list[Task]:
+        """Everything a replica does in the background while it serves, in one list."""
+        assert self.member is not None and self.index is not None and self.service is not None
+        assert self.identity is not None
+        service = self.service
+        return [
+            # etcd runs as our child: restarted when it dies; when it was removed, we stop.
+            Task("etcd-supervisor", self.member.supervise),
+            # The in-memory view of the metadata, and through it the settings, the access
+            # records, GC's markers and the other replicas' clocks.
+            Task("index-watch", self.index.watch),
+            # Whether our member is the cluster's only one (reads then skip the revision check).
+            Task("solo", lambda: membership.track_solo(self.client, self.index, self.identity.replica_id)),
+            # A linearizable read every second: health, and writes refused at once without quorum.
+            Task("quorum-probe", self._probe_quorum),
+            # Our replica record, refreshed; it ends when `moorage remove` deleted it, and so do we.
+            Task("heartbeat", self._heartbeat),
+            # The service's own: garbage collection on schedule, and the audit log's writer.
+            Task("gc-schedule", service.collect_garbage),
+            Task("audit-writer", service.write_audit),
+        ]
+
+    # -- health -----------------------------------------------------------------------
+
+    def writable(self) -> tuple[bool, str]:
+        if time.monotonic() - self.quorum_ok_at > QUORUM_GRACE_SECONDS:
+            return False, "no etcd quorum: this replica cannot reach a majority of the cluster"
+        return True, ""
+
+    def ping(self) -> tuple[bool, str]:
+        if self.index is None or not self.index.watch_healthy:
+            return False, "metadata watch is down: etcd unreachable"
+        ok, reason = self.writable()
+        return (ok, reason) if not ok else (True, "serving")
+
+    def health(self) -> dict:
+        assert self.index is not None and self.identity is not None
+        ok, reason = self.ping()
+        return {
+            "replica_id": self.identity.replica_id,
+            "version": __version__,
+            "healthy": ok,
+            "reason": reason,
+            "metadata_revision": self.index.applied,
+            "config_revision": self.settings.revision,
+            "settings": self.settings.values,
+            "repositories": len(self.index.repos),
+            "blobs": len(self.index.blobs),
+            "uptime_seconds": round(time.time() - self.started, 1),
+        }
+
+    @property
+    def client(self) -> EtcdClient:
+        assert self._client is not None
+        return self._client
+
+    # -- life -------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Build, start, serve until SIGTERM (or removal), stop."""
+        self.build()
+        try:
+            await self.start()
+            await self._wait_for_stop()
+        finally:
+            await self.stop()
+        log.info("moorage stopped", extra={"removed": self.removed})
+        return 0
+
+    def build(self) -> None:
+        config = self.config
+        https.check_options(config.https, self.host)
+        advertised = addresses.advertised(self.host, config.advertise)
+        if advertised.resolved_from is not None:
+            log.info("advertising this host's one routable address", extra={
+                "advertise": advertised.host, "listen": advertised.resolved_from})
+        identity, self.created = load_or_create(self.data_dir, config.storage_dir, config.etcd_client_port,
+                                                config.etcd_peer_port, advertised.host)
+        self.identity = identity
+        addresses.check_ports_free([(self.host, self.port, "the listen address"),
+                                    (identity.advertise, identity.etcd_client_port, "the etcd client port"),
+                                    (identity.advertise, identity.etcd_peer_port, "the etcd peer port")])
+        # TLS before etcd: the member's certificates come from the cluster CA.
+        https.ensure_ca(self.pki, identity.cluster_token, joining=identity.initial_cluster is not None,
+                        announce=self.announce)
+        self.api_ssl = https.api_context(config.https, self.pki, pki.replica_names(
+            self.host, advertised.host, extra=config.https.names))
+        self.url = f"{'https' if self.api_ssl else 'http'}://{addresses.url_host(advertised.host)}:{self.port}"
+        # etcd's mutual TLS: the node certificate covers the advertised address (peers and the
+        # members' client URLs) and loopback; it is reissued when --advertise changes.
+        pki.ensure_node_cert(self.pki, pki.replica_names(identity.advertise))
+        self.storage = storage_at(identity.storage_dir)
+        self.member = EtcdMember(
+            name=identity.replica_id, data_dir=self.data_dir / "etcd", tls=node_tls(self.data_dir),
+            host=identity.advertise, client_port=identity.etcd_client_port, peer_port=identity.etcd_peer_port,
+            cluster_token=identity.cluster_token, log_path=self.data_dir / "etcd.log",
+            initial_cluster=identity.initial_cluster, member_id=identity.member_id, on_removed=self._removed)
+        self.clock = ClusterClock(identity.replica_id)
+
+    async def start(self) -> None:
+        identity, storage, member, clock = self.identity, self.storage, self.member, self.clock
+        assert identity is not None and storage is not None and member is not None and clock is not None, \
+            "build() first"
+        await storage.open()
+        await member.start()
+        self._client = client = EtcdClient(member.endpoint, member.tls)
+        if self.promote is not None and identity.member_id is not None:
+            await self._await_promotion(identity.member_id)
+        else:
+            await self._move_member()
+        self.index = index = Index(client)
+        # Whatever subscribes to the index does so before it loads, to see what is there already.
+        index.subscribe(keys.CONFIG, self.settings.apply)
+        index.subscribe(keys.REPLICA, self._replica_event)
+        index.subscribe(keys.REPLICA, clock.observe)
+        self.settings.on_change(self._apply_setting)
+        self.meta = MetaStore(client, index)
+        self.gc_store = GcStore(client)
+        self.operations = ClusterService(client, index, self.settings, storage, identity.replica_id,
+                                         identity.cluster_token, pki_paths=self.pki, clock=clock)
+        self.service = await self._service_factory(self)
+        await index.load()
+        self.quorum_ok_at = time.monotonic()  # the index just read from etcd
+        self._record = replicas.new_record(identity.replica_id, self.url, member.peer_url, member.client_url)
+        for name, (old, new) in replicas.moved(await replicas.record(client, identity.replica_id),
+                                               self._record).items():
+            log.info("this replica's address changed", extra={"field": name, "old": old, "new": new})
+        self._tasks = [asyncio.create_task(t.run(), name=t.name) for t in self.tasks()]
+        await self.service.start()
+        # For commands run on this node (`moorage status` with no --existing).
+        endpoint.save(self.data_dir, endpoint.LocalApi(
+            self.url, str(self.pki.ca_cert) if self.api_ssl is not None and self.config.https.cert is None else None))
+        if identity.initial_cluster is not None:
+            identity.initial_cluster = identity.member_id = None  # joined: plain restarts from now on
+            identity.save(self.data_dir)
+        log.info("moorage serving", extra={
+            "url": self.url, "replica_id": identity.replica_id, "new_cluster": self.created,
+            "storage_dir": identity.storage_dir, "data_dir": str(self.data_dir), "pid": os.getpid()})
+        if self.on_serving is not None:
+            asyncio.create_task(self.on_serving(identity))
+
+    async def stop(self) -> None:
+        """Whatever start() got to, undone in reverse."""
+        if self.service is not None:
+            await self.service.stop()   # requests in flight finish; the audit writer ends
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+        if self._client is not None:
+            await self._client.close()
+        if self.member is not None:
+            await self.member.stop()
+        if self.storage is not None:
+            await self.storage.close()
+
+    # -- settings and removal -------------------------------------------------------------
+
+    def _apply_setting(self, key: str, value: Any) -> None:
+        if key == "log.level":
+            logging.getLogger().setLevel(value.upper())
+        elif key == "proxy_protocol.from":
+            self.proxy_from = parse_networks(value)
+        log.info("cluster setting applied", extra={"key": key, "value": value})
+
+    def _replica_event(self, event: Event) -> None:
+        assert self.identity is not None
+        if event.deleted and event.kv.key == keys.replica(self.identity.replica_id):
+            self._removed()
+
+    def _removed(self) -> None:
+        if not self.removed:
+            self.removed = True
+            log.warning("this replica was removed from the cluster; shutting down")
+            self.stopping.set()
+
+    async def _wait_for_stop(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        await self.stopping.wait()
+
+    # -- the tasks' work --------------------------------------------------------------------
+
+    async def _probe_quorum(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self.client.revision(), QUORUM_PROBE_SECONDS)
+                self.quorum_ok_at = time.monotonic()
+            except (EtcdUnavailable, asyncio.TimeoutError):
+                pass
+            await asyncio.sleep(QUORUM_PROBE_SECONDS)
+
+    async def _heartbeat(self) -> None:
+        await replicas.heartbeat(self.client, self._record)
+        self._removed()  # the heartbeat ends only when our record was deleted
+
+    # -- membership at start ------------------------------------------------------------------
+
+    async def _move_member(self) -> None:
+        """Bring this replica's etcd member entry to this start's advertised address (a new
+        --advertise, or a cluster an old version created advertising loopback)."""
+        member = self.member
+        assert member is not None
+        deadline = time.monotonic() + MOVE_SECONDS
+        while True:
+            try:
+                old = await membership.move_peer_url(self.client, member.name, member.peer_url)
+                break
+            except EtcdUnavailable as e:
+                if time.monotonic() > deadline:
+                    raise StartError(f"this replica's etcd member could not change its peer URL to "
+                                     f"{member.peer_url} ({e}); start it again with the --advertise it had, "
+                                     "or see DATA_DIR/etcd.log") from None
+                await asyncio.sleep(0.5)
+        if old is not None:
+            log.info("this replica's address changed", extra={"field": "etcd peer_url", "old": old,
+                                                               "new": member.peer_url})
+
+    async def _await_promotion(self, member_id: int) -> None:
+        """As a new learner: ask the cluster to promote us until it has caught us up,
+        then wait until our own member knows it votes (it learns a moment later,
+        and until then refuses the reads the index needs)."""
+        assert self.promote is not None
+        deadline = time.monotonic() + PROMOTE_SECONDS
+        delay = 0.2
+        while not await self.promote(member_id):
+            if time.monotonic() > deadline:
+                raise StartError(f"this replica's etcd member did not catch up within {PROMOTE_SECONDS:.0f}s; "
+                                 "see DATA_DIR/etcd.log")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+        while True:
+            try:
+                if not (await self.client.status()).isLearner:
+                    return
+            except EtcdUnavailable:
+                pass
+            if time.monotonic() > deadline:
+                raise StartError("this replica's etcd member was promoted but still acts as a learner; "
+                                 "see DATA_DIR/etcd.log")
+            await asyncio.sleep(0.1)
