@@ -33,8 +33,9 @@ node_modules/.installed: package.json package-lock.json
 run: install
 	$(BIN)/moorage serve --data-dir $(DATA_DIR) --listen $(LISTEN)
 
-## test: the whole suite against a real etcd and real clients
+## test: the layers' import contracts (pyproject.toml), then the whole suite against a real etcd and real clients
 test: install
+	$(BIN)/lint-imports --no-logo --no-cache
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 ## bench: Moorage against the reference registry (Debian docker-registry), same workload, alternating; then the console

@@ -23,7 +23,7 @@ import pytest
 
 from conftest import ADMIN_PASSWORD, Registry
 from moorage.api.connections import HEADER_SECONDS
-from moorage.api.http import BODY_IDLE_SECONDS, BODY_RATE_GRACE_SECONDS
+from moorage.api.bodies import BODY_IDLE_SECONDS, BODY_RATE_GRACE_SECONDS
 from oci import DUMMY_DIGEST, SPEC_ERROR_CODES, new_repo, push_image, sha256
 
 pytestmark = pytest.mark.spec

@@ -20,8 +20,9 @@ import pytest
 from aiohttp import web
 
 from moorage.api.blobfile import blob_response
-from moorage.cluster import backup
-from moorage.registry.service import BlobBody
+from moorage.cluster.backup import archive
+from moorage.cluster.backup.blobs import restore_blobs
+from moorage.registry.repositories import BlobBody
 from moorage.storage.errors import StorageError, UploadDataLost
 from moorage.storage.filesystem import FilesystemDriver
 
@@ -102,24 +103,24 @@ def test_a_streamed_blob_answers_as_the_sent_file_does(tmp_path):
 
 
 def test_restore_puts_blobs_back_through_a_driver_without_local_files(tmp_path):
-    blobs = [os.urandom(n) for n in (0, 1000, 2 * backup.CHUNK + 77)]
+    blobs = [os.urandom(n) for n in (0, 1000, 2 * archive.CHUNK + 77)]
     path = tmp_path / "archive.tar"
-    writer = backup.ArchiveWriter(path)
+    writer = archive.ArchiveWriter(path)
     snapshot = os.urandom(4096)
-    writer.add_bytes(backup.SNAPSHOT, snapshot + hashlib.sha256(snapshot).digest())  # etcd's own trailer
-    writer.add_bytes(backup.CA_CERT, b"cert")
-    writer.add_bytes(backup.CA_KEY, b"key")
+    writer.add_bytes(archive.SNAPSHOT, snapshot + hashlib.sha256(snapshot).digest())  # etcd's own trailer
+    writer.add_bytes(archive.CA_CERT, b"cert")
+    writer.add_bytes(archive.CA_KEY, b"key")
     for data in blobs:
-        writer.add_stream(backup.blob_name(sha256(data)), len(data), [data], expect_digest=sha256(data))
-    writer.finish(backup.new_manifest({"etcd_version": "3.4.0", "revision": 1, "replica": "r",
+        writer.add_stream(archive.blob_name(sha256(data)), len(data), [data], expect_digest=sha256(data))
+    writer.finish(archive.new_manifest({"etcd_version": "3.4.0", "revision": 1, "replica": "r",
                                        "cluster_token": "t"}, True, len(blobs)))
-    checked = backup.check(path, "3.4.23")
+    checked = archive.check(path, "3.4.23")
     storage = NoLocalFiles(tmp_path / "storage")
     already = blobs[1]
 
     async def scenario() -> tuple[tuple[int, int], list[bytes]]:
         await storage.write(sha256(already), already)
-        counts = await backup.restore_blobs(checked, storage)
+        counts = await restore_blobs(checked, storage)
         return counts, [await storage.read(sha256(data)) for data in blobs]
 
     (written, present), read = asyncio.run(scenario())

@@ -17,13 +17,13 @@ from moorage.api.backup import backup_routes
 from moorage.api.auth import Auth, Denied
 from moorage.api.gcadmin import gc_routes
 from moorage.api.errors import ERRORS, as_registry_error
-from moorage.api.http import read_bounded
+from moorage.api.bodies import read_bounded
 from moorage.api.routes import ADMIN, Routes, route
-from moorage.cluster.service import ClusterError, ClusterService
+from moorage.cluster.operations import ClusterError, ClusterOperations
 from moorage.registry.access import Access, AccessError
 from moorage.registry.errors import TooLarge
 from moorage.registry.gc_runner import GcRunner
-from moorage.registry.service import Registry
+from moorage.registry.repositories import Repositories
 
 MAX_BODY = 64 << 10
 _READ: Any = object()  # dispatch(): read the body from the request
@@ -42,8 +42,8 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 
 
 class AdminApi:
-    def __init__(self, cluster: ClusterService, auth: Auth, audit: RequestAudit | None = None,
-                 access: Access | None = None, gc: GcRunner | None = None, registry: Registry | None = None):
+    def __init__(self, cluster: ClusterOperations, auth: Auth, audit: RequestAudit | None = None,
+                 access: Access | None = None, gc: GcRunner | None = None, repositories: Repositories | None = None):
         self.cluster = cluster
         self.auth = auth  # shared with /v2/: Basic parsing, the verification cache, the login slowdown
         self.audit = audit
@@ -69,7 +69,7 @@ class AdminApi:
             self.routes.add(access_routes(access))
         if gc is not None:  # garbage collection runs: see api/gcadmin.py
             self.routes.add(gc_routes(gc))
-        self.routes.add(backup_routes(cluster, registry))  # snapshot, blobs: see api/backup.py
+        self.routes.add(backup_routes(cluster, repositories))  # snapshot, blobs: see api/backup.py
 
     @staticmethod
     async def _promoted(operation) -> dict:

@@ -26,7 +26,7 @@ from moorage.api.manifests import ManifestHandlers
 from moorage.api.routes import ANY, DELETE, PULL, PUSH, Route, Routes, route
 from moorage.api.token_endpoint import TokenEndpoint
 from moorage.registry.names import check_name
-from moorage.registry.service import Registry
+from moorage.registry.repositories import Repositories
 from moorage.registry.uploads import Uploads
 
 log = logging.getLogger(__name__)
@@ -58,13 +58,13 @@ class Dispatcher:
     here, the admin API (api/admin.py) and the web console (api/console/).
     """
 
-    def __init__(self, registry: Registry, uploads: Uploads, health: Callable[[], dict],
+    def __init__(self, repositories: Repositories, uploads: Uploads, health: Callable[[], dict],
                  ping: Callable[[], tuple[bool, str]], admin: AdminApi | None = None,
                  writable: Callable[[], tuple[bool, str]] | None = None,
                  readonly: Callable[[], bool] | None = None, audit: RequestAudit | None = None,
                  ca_pem: bytes | None = None, auth: Auth | None = None):
-        m = ManifestHandlers(registry)
-        b = BlobHandlers(registry, uploads)
+        m = ManifestHandlers(repositories)
+        b = BlobHandlers(repositories, uploads)
         manifest, upload, blob = (r"^/v2/(.+)/manifests/([^/]+)$", r"^/v2/(.+)/blobs/uploads/([^/]+)$",
                                   r"^/v2/(.+)/blobs/([^/]+)$")
         # The distribution API. A repository's routes name the action they need on it; the
@@ -99,7 +99,7 @@ class Dispatcher:
         self.ca_pem = ca_pem  # served at /ca so clients can bootstrap trust
         self.auth = auth  # None only where nothing needs protecting (unit tests of the routing)
         self.token = TokenEndpoint(auth, auth.tokens, audit) if auth is not None else None
-        self.console = console.build(registry, auth, admin, audit, self._refuse_writes) \
+        self.console = console.build(repositories, auth, admin, audit, self._refuse_writes) \
             if auth is not None and admin is not None else None  # the web console: api/console/
 
     def routes(self) -> list[Route]:
@@ -243,7 +243,7 @@ def _method_not_allowed(methods) -> web.Response:
                           headers={"Allow": allow})
 
 
-def create_server(registry: Registry, uploads: Uploads, health: Callable[[], dict],
+def create_server(repositories: Repositories, uploads: Uploads, health: Callable[[], dict],
                   ping: Callable[[], tuple[bool, str]], access_log: logging.Logger | None,
                   admin: AdminApi | None = None, writable: Callable[[], tuple[bool, str]] | None = None,
                   readonly: Callable[[], bool] | None = None,
@@ -252,8 +252,8 @@ def create_server(registry: Registry, uploads: Uploads, health: Callable[[], dic
     # A larger read buffer lets the socket keep filling while a writer thread
     # hashes and stores the previous megabyte of an upload.
     # GuardedServer adds a deadline for request heads and a per-client
-    # connection cap (connections.py); body limits live in http.py.
-    return GuardedServer(Dispatcher(registry, uploads, health, ping, admin, writable, readonly,
+    # connection cap (connections.py); body limits live in bodies.py.
+    return GuardedServer(Dispatcher(repositories, uploads, health, ping, admin, writable, readonly,
                                     audit=audit, ca_pem=ca_pem, auth=auth),
                          access_log=access_log,
                          read_bufsize=READ_BUFFER, max_field_size=MAX_HEADER_FIELD,

@@ -28,14 +28,14 @@ from aiohttp import web
 
 from moorage.api.blobfile import blob_response, send_mapped
 from moorage.api.routes import ADMIN, Route, route
-from moorage.cluster.service import ClusterError, ClusterService
+from moorage.cluster.operations import ClusterError, ClusterOperations
 from moorage.registry.errors import BlobUnknown
-from moorage.registry.service import Registry
+from moorage.registry.repositories import Repositories
 
 _DIGEST = r"((?:sha256:[0-9a-f]{64})|(?:sha384:[0-9a-f]{96})|(?:sha512:[0-9a-f]{128}))"
 
 
-def backup_routes(cluster: ClusterService, registry: Registry | None) -> list[Route]:
+def backup_routes(cluster: ClusterOperations, repositories: Repositories | None) -> list[Route]:
     c = cluster
 
     async def snapshot(request: web.BaseRequest, body: Any) -> web.StreamResponse:
@@ -70,9 +70,9 @@ def backup_routes(cluster: ClusterService, registry: Registry | None) -> list[Ro
         return await c.backup_info(revision, through)
 
     async def blob(request: web.BaseRequest, body: Any, digest: str) -> web.StreamResponse:
-        assert registry is not None  # listed without one only to be documented (tests/test_openapi.py)
+        assert repositories is not None  # listed without one only to be documented (tests/test_openapi.py)
         try:
-            found = await registry.blob_body(digest)
+            found = await repositories.blob_body(digest)
         except BlobUnknown:
             raise ClusterError("unknown", f"blob {digest} is not in the storage (deleted since the snapshot?)") from None
         return blob_response(found, {"Content-Type": "application/octet-stream"})

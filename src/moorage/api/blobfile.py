@@ -43,7 +43,7 @@ from typing import IO, Any
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
-from moorage.registry.service import BlobBody
+from moorage.registry.repositories import BlobBody
 
 SLICE = 1 << 20
 WINDOW = 8 << 20  # a multiple of SLICE and of mmap.ALLOCATIONGRANULARITY

@@ -2,16 +2,43 @@
 
 from __future__ import annotations
 
+import re
+
 from aiohttp import web
 
 from moorage.api.blobfile import blob_response
+from moorage.api.bodies import body_chunks, has_body
 from moorage.api.errors import from_error
-from moorage.api.http import body_chunks, content_range, has_body, upload_range
-from moorage.registry.errors import DigestInvalid, RangeInvalid
+from moorage.registry.errors import BlobUploadInvalid, DigestInvalid, RangeInvalid
 from moorage.registry.names import check_digest, check_name
-from moorage.registry.service import Registry
+from moorage.registry.repositories import Repositories
 from moorage.registry.sessions import Session
 from moorage.registry.uploads import Uploads
+
+_CONTENT_RANGE = re.compile(r"^(?:bytes[ =])?(\d+)-(\d+)(?:/(?:\d+|\*))?$")
+
+
+def content_range(request: web.BaseRequest) -> tuple[int | None, int | None]:
+    """(start, length) from a chunk's Content-Range, checked against Content-Length."""
+    value = request.headers.get("Content-Range")
+    if value is None:
+        return None, None
+    m = _CONTENT_RANGE.match(value.strip())
+    if m is None:
+        raise BlobUploadInvalid(f"malformed Content-Range {value[:60]!r}; expected <start>-<end>")
+    start, end = int(m.group(1)), int(m.group(2))
+    if end < start:
+        raise BlobUploadInvalid(f"Content-Range {value!r} ends before it starts")
+    length = end - start + 1
+    if request.content_length is not None and request.content_length != length:
+        raise BlobUploadInvalid(f"Content-Range covers {length} bytes, Content-Length says "
+                                f"{request.content_length}")
+    return start, length
+
+
+def upload_range(offset: int) -> str:
+    """The Range header of an upload: the bytes received, inclusive."""
+    return f"0-{max(offset - 1, 0)}"
 
 
 def _upload_headers(session: Session) -> dict[str, str]:
@@ -44,21 +71,21 @@ def _created(name: str, digest: str) -> web.Response:
 
 
 class BlobHandlers:
-    def __init__(self, registry: Registry, uploads: Uploads):
-        self.registry = registry
+    def __init__(self, repositories: Repositories, uploads: Uploads):
+        self.repositories = repositories
         self.uploads = uploads
 
     async def get(self, request: web.Request, name: str, digest: str) -> web.StreamResponse:
-        record = await self.registry.blob(name, digest)
+        record = await self.repositories.blob(name, digest)
         headers = {"Docker-Content-Digest": digest, "Accept-Ranges": "bytes",
                    "Content-Type": "application/octet-stream", "ETag": f'"{digest}"'}
         if request.method == "HEAD":
             headers["Content-Length"] = str(record.size)
             return web.Response(headers=headers)
-        return blob_response(await self.registry.blob_body(digest), headers)
+        return blob_response(await self.repositories.blob_body(digest), headers)
 
     async def delete(self, request: web.Request, name: str, digest: str) -> web.Response:
-        await self.registry.delete_blob(name, digest)
+        await self.repositories.delete_blob(name, digest)
         return web.Response(status=202)
 
     async def start_upload(self, request: web.Request, name: str) -> web.Response:
@@ -67,7 +94,7 @@ class BlobHandlers:
             check_digest(mount)
             # The dispatcher sets moorage.mount to False when the caller may not pull the source.
             if source and request.get("moorage.mount", True) and check_name(source) \
-                    and await self.registry.mount(name, mount, source):
+                    and await self.repositories.mount(name, mount, source):
                 return _created(name, mount)
             # Not mountable: the spec says fall back to a new upload session.
         digest = request.query.get("digest")

@@ -11,7 +11,7 @@ really take is file descriptors and memory; two limits bound that:
   must follow within HEADER_SECONDS, else the connection is closed;
 - a cap on the connections one client address may hold at once.
 
-Bodies have their own idle and rate limits where they are read (http.py).
+Bodies have their own idle and rate limits where they are read (bodies.py).
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ class GuardedHandler(RequestHandler):
                               start_time: float | None) -> tuple[web.StreamResponse, bool]:
         result = await super().finish_response(request, resp, start_time)
         if resp.status == 408:
-            # A body that stalled or trickled (http.py): close now rather than
+            # A body that stalled or trickled (bodies.py): close now rather than
             # linger up to 10 s reading the rest of it, as aiohttp otherwise would.
             self.force_close()
         return result

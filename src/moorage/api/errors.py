@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 from aiohttp import web
 
-from moorage.api.http import BodyTimeout
+from moorage.api.bodies import BodyTimeout
 from moorage.registry.errors import BELOW, RegistryError, from_below
 
 # Every error answered by `from_error`: the registry's, and those of the layers below it.

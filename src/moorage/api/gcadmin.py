@@ -11,7 +11,7 @@ Any replica answers GET for any run: the records are in etcd.
 from __future__ import annotations
 
 from moorage.api.routes import ADMIN, Route, route
-from moorage.cluster.service import ClusterError
+from moorage.cluster.operations import ClusterError
 from moorage.registry.gc_runner import GcRunner
 
 

@@ -9,10 +9,20 @@ import msgspec
 from aiohttp import web
 
 from moorage.api.audit import USER_KEY
-from moorage.api.http import page_args, read_bounded
-from moorage.registry.errors import ManifestUnknown
+from moorage.api.bodies import read_bounded
+from moorage.registry.errors import BadParameter, ManifestUnknown
 from moorage.registry.manifests import MANIFEST_TYPES, OCI_INDEX
-from moorage.registry.service import Registry
+from moorage.registry.repositories import Repositories
+
+
+def page_args(request: web.BaseRequest) -> tuple[int | None, str | None]:
+    n = request.query.get("n")
+    last = request.query.get("last") or None
+    if n is None or n == "":
+        return None, last
+    if not n.isdigit():
+        raise BadParameter(f"n must be a non-negative integer, not {n[:20]!r}")
+    return int(n), last
 
 
 def _accepts(request: web.Request, media_type: str) -> bool:
@@ -39,11 +49,11 @@ def _page(path: str, body: dict, items: list[str], more: bool, n: int | None) ->
 
 
 class ManifestHandlers:
-    def __init__(self, registry: Registry):
-        self.registry = registry
+    def __init__(self, repositories: Repositories):
+        self.repositories = repositories
 
     async def get(self, request: web.Request, name: str, reference: str) -> web.Response:
-        digest, record = await self.registry.manifest(name, reference)
+        digest, record = await self.repositories.manifest(name, reference)
         if not _accepts(request, record.media_type):
             raise ManifestUnknown(f"manifest {reference} is a {record.media_type}, "
                                   "which the Accept header does not allow",
@@ -52,12 +62,12 @@ class ManifestHandlers:
         if request.method == "HEAD":
             headers["Content-Length"] = str(record.size)
             return web.Response(headers=headers, content_type=record.media_type)
-        body = await self.registry.manifest_body(digest)
+        body = await self.repositories.manifest_body(digest)
         return web.Response(body=body, headers=headers, content_type=record.media_type)
 
     async def put(self, request: web.Request, name: str, reference: str) -> web.Response:
-        body = await read_bounded(request, self.registry.limits.max_manifest_bytes)
-        digest, subject = await self.registry.put_manifest(
+        body = await read_bounded(request, self.repositories.limits.max_manifest_bytes)
+        digest, subject = await self.repositories.put_manifest(
             name, reference, request.headers.get("Content-Type"), body, request.get(USER_KEY))
         headers = {"Location": f"/v2/{name}/manifests/{digest}", "Docker-Content-Digest": digest}
         if subject:
@@ -65,22 +75,22 @@ class ManifestHandlers:
         return web.Response(status=201, headers=headers)
 
     async def delete(self, request: web.Request, name: str, reference: str) -> web.Response:
-        await self.registry.delete_manifest(name, reference)
+        await self.repositories.delete_manifest(name, reference)
         return web.Response(status=202)
 
     async def tags(self, request: web.Request, name: str) -> web.Response:
         n, last = page_args(request)
-        tags, more = await self.registry.tags(name, n, last)
+        tags, more = await self.repositories.tags(name, n, last)
         return _page(f"/v2/{name}/tags/list", {"name": name, "tags": tags}, tags, more, n)
 
     async def catalog(self, request: web.Request, visible: Callable[[str], bool] | None = None) -> web.Response:
         n, last = page_args(request)
-        repos, more = await self.registry.catalog(n, last, visible)
+        repos, more = await self.repositories.catalog(n, last, visible)
         return _page("/v2/_catalog", {"repositories": repos}, repos, more, n)
 
     async def referrers(self, request: web.Request, name: str, digest: str) -> web.Response:
         artifact_type = request.query.get("artifactType") or None
-        found = await self.registry.referrers(name, digest, artifact_type)
+        found = await self.repositories.referrers(name, digest, artifact_type)
         headers = {"OCI-Filters-Applied": "artifactType"} if artifact_type else {}
         body = msgspec.json.encode({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": found})
         return web.Response(body=body, content_type=OCI_INDEX, headers=headers)

@@ -28,7 +28,7 @@ from moorage.registry.audit import AuditLog
 from moorage.registry.gc_runner import GcRunner
 from moorage.registry.limits import Limits
 from moorage.registry.placement import Placement
-from moorage.registry.service import Registry
+from moorage.registry.repositories import Repositories
 from moorage.registry.sessions import Sessions
 from moorage.registry.tokens import Tokens
 from moorage.registry.uploads import Uploads
@@ -60,7 +60,7 @@ class RegistryService:
         limits = Limits()
         settings.on_change(lambda key, value: _apply_limit(limits, key, value))
         placement = Placement(meta, storage)
-        registry = Registry(meta, storage, placement, limits)
+        repositories = Repositories(meta, storage, placement, limits)
         uploads = Uploads(storage, Sessions(meta, await meta.secret("upload-state")), placement, limits)
         # Every replica signs with the same secret, so each verifies any replica's tokens locally.
         tokens = Tokens(await meta.secret("token-signing"), lambda: settings["token.lifetime_seconds"],
@@ -71,10 +71,10 @@ class RegistryService:
         audit = AuditLog(storage_dir=identity.storage_dir, replica=identity.replica_id)
         request_audit = RequestAudit(audit)
         debug = logging.getLogger().isEnabledFor(logging.DEBUG)
-        server = create_server(registry, uploads, replica.health, replica.ping,
+        server = create_server(repositories, uploads, replica.health, replica.ping,
                                logging.getLogger("aiohttp.access") if debug else None,
                                admin=AdminApi(replica.operations, auth, audit=request_audit, access=access, gc=gc,
-                                              registry=registry),
+                                              repositories=repositories),
                                writable=replica.writable, readonly=lambda: settings["readonly"],
                                audit=request_audit, ca_pem=replica.pki.ca_cert.read_bytes(), auth=auth)
         return cls(replica, access, audit, gc, server)

@@ -19,7 +19,7 @@ from aiohttp import web
 
 from moorage.api.audit import CLAIMED_KEY, RequestAudit, error_reason
 from moorage.api.auth import Auth, Denied, oauth_error, parse_basic, password_version
-from moorage.api.http import read_bounded
+from moorage.api.bodies import read_bounded
 from moorage.registry.errors import NameInvalid, TooLarge
 from moorage.registry.names import check_name
 from moorage.registry.tokens import CATALOG, REPO_ACTIONS, Scope, TokenError, Tokens

@@ -4,13 +4,12 @@ backup talks to any replica through the admin API only, so it runs from any
 machine that can reach one (no access to the blob storage or etcd needed) and
 never pauses the registry. restore checks the whole archive before it writes
 a byte, and writes only into an empty data directory. The archive format and
-the etcd side are in cluster/backup.py.
+the etcd side are in cluster/backup/.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import shutil
 import socket
@@ -24,13 +23,13 @@ import httpx
 from moorage import logs
 from moorage.cli.adminclient import AdminClient, add_cluster_options, untrusted, _cert_failed
 from moorage.cli.errors import CliError
-from moorage.cluster import backup, pki, repair
+from moorage.cluster import pki
 from moorage.cluster.addresses import AddressError, check_ports_free, parse_listen
-from moorage.cluster.backup import BackupError
+from moorage.cluster.backup import archive, restore
+from moorage.cluster.backup.archive import BackupError
 from moorage.cluster.etcd_member import EtcdError
 from moorage.cluster.identity import Identity
-from moorage.meta.etcd import EtcdClient
-from moorage.storage.drivers import storage_at
+from moorage.storage.errors import StorageError
 
 MiB = 1 << 20
 QUIET_SECONDS = 2.0
@@ -156,7 +155,7 @@ class _Stream:
 
 def _chunks(admin: AdminClient, r: httpx.Response):
     try:
-        yield from r.iter_bytes(backup.CHUNK)
+        yield from r.iter_bytes(archive.CHUNK)
     except httpx.HTTPError as e:
         raise CliError(f"the transfer from {admin.url} broke off ({e}); run the backup again") from None
 
@@ -185,7 +184,7 @@ def run_backup(args: argparse.Namespace) -> int:
     quiet = args.json
     try:
         admin.call("GET", "/_admin/cluster/status")  # credentials and trust first, before any file is made
-        writer = backup.ArchiveWriter(output)
+        writer = archive.ArchiveWriter(output)
         try:
             manifest = _write(admin, writer, args.with_blobs, quiet)
         except BaseException:
@@ -206,7 +205,7 @@ def run_backup(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write(admin: AdminClient, writer: backup.ArchiveWriter, with_blobs: bool, quiet: bool) -> dict[str, Any]:
+def _write(admin: AdminClient, writer: archive.ArchiveWriter, with_blobs: bool, quiet: bool) -> dict[str, Any]:
     metadata = readable_metadata(admin)
     with _Stream(admin, "/_admin/backup/snapshot") as r:
         size = int(r.headers.get("Content-Length", "-1"))
@@ -219,22 +218,22 @@ def _write(admin: AdminClient, writer: backup.ArchiveWriter, with_blobs: bool, q
                 "replica": r.headers.get("X-Moorage-Replica", ""),
                 "cluster_token": r.headers.get("X-Moorage-Cluster-Token", "")}
         progress = Progress("snapshot", size, quiet)
-        writer.add_stream(backup.SNAPSHOT, size, _chunks(admin, r), expect_sha256=sha, progress=progress)
+        writer.add_stream(archive.SNAPSHOT, size, _chunks(admin, r), expect_sha256=sha, progress=progress)
         progress.finish()
     info = admin.call("GET", f"/_admin/backup/info?revision={snap['revision']}"
                              f"&through={snap.pop('revision_after') or snap['revision']}")
-    writer.add_bytes(backup.METADATA, json.dumps(metadata, indent=2).encode() + b"\n")
-    writer.add_bytes(backup.CA_CERT, info["ca_cert"].encode())
-    writer.add_bytes(backup.CA_KEY, info["ca_key"].encode())
+    writer.add_bytes(archive.METADATA, json.dumps(metadata, indent=2).encode() + b"\n")
+    writer.add_bytes(archive.CA_CERT, info["ca_cert"].encode())
+    writer.add_bytes(archive.CA_KEY, info["ca_key"].encode())
     blobs = info["blobs"] if with_blobs else []
     if blobs:
         progress = Progress("blobs", sum(b["size"] for b in blobs), quiet)
         for b in blobs:
             with _Stream(admin, f"/_admin/backup/blobs/{b['digest']}") as r:
-                writer.add_stream(backup.blob_name(b["digest"]), b["size"], _chunks(admin, r),
+                writer.add_stream(archive.blob_name(b["digest"]), b["size"], _chunks(admin, r),
                                   expect_digest=b["digest"], progress=progress)
         progress.finish()
-    return writer.finish(backup.new_manifest(snap, with_blobs, len(blobs)))
+    return writer.finish(archive.new_manifest(snap, with_blobs, len(blobs)))
 
 
 # -- restore ----------------------------------------------------------------------
@@ -247,10 +246,10 @@ def run_restore(args: argparse.Namespace) -> int:
                        "or new --data-dir")
     storage_dir = (args.storage_dir or data_dir / "blobs").resolve()
     try:
-        local_etcd = backup.etcd_version()
+        local_etcd = restore.etcd_version()
         archive_size = args.input.stat().st_size if args.input.is_file() else 0
         progress = Progress("checking", archive_size)
-        checked = backup.check(args.input, local_etcd, progress)
+        checked = archive.check(args.input, local_etcd, progress)
         progress.finish()
     except BackupError as e:
         raise CliError(str(e)) from None
@@ -265,13 +264,22 @@ def run_restore(args: argparse.Namespace) -> int:
     identity = Identity(replica_id=replica_id, cluster_token=f"moorage-{replica_id}", created=time.time(),
                         storage_dir=str(storage_dir), etcd_client_port=args.etcd_client_port,
                         etcd_peer_port=args.etcd_peer_port, advertise=host)
+    bars: list[Progress] = []
+
+    def blob_progress(total: int) -> Progress:
+        bars.append(Progress("blobs", total))
+        return bars[-1]
+
     try:
-        revision, dropped, written, present = _restore(checked, data_dir, storage_dir, identity)
+        restored = restore.restore(checked, data_dir, storage_dir, identity, blob_progress)
     except BaseException as e:
         _undo(data_dir, made)
-        if isinstance(e, (BackupError, EtcdError, pki.PkiError)):
+        if isinstance(e, (BackupError, EtcdError, pki.PkiError, StorageError)):
             raise CliError(f"{e} (the data directory was left empty)") from None
         raise
+    for bar in bars:
+        bar.finish()
+    revision, dropped, written, present = restored.revision, restored.dropped, restored.written, restored.present
     m = checked.manifest
     print(f"restored the backup of {m.get('created_utc', '?')} (revision {m.get('revision')}, replica "
           f"{m.get('replica')}) into {data_dir} as replica {replica_id}, a new cluster of one starting at "
@@ -313,47 +321,6 @@ def _listen(given: str | None, host: str, etcd_ports: tuple[int, ...]) -> str:
 
 def _join(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _restore(checked: backup.Checked, data_dir: Path, storage_dir: Path,
-             identity: Identity) -> tuple[int, list[str], int, int]:
-    data_dir.mkdir(parents=True, exist_ok=True)
-    data_dir.chmod(0o700)
-    backup.install_ca(checked, data_dir)
-    pki.ensure_node_cert(pki.Paths(data_dir), pki.replica_names(identity.advertise))
-    snapshot = data_dir / "restore.snapshot"
-    with open(snapshot, "wb") as out:
-        for name, f in backup.read_member(checked, [backup.SNAPSHOT]):
-            backup.copy_checked(f, out, name, checked)
-    backup.restore_snapshot(snapshot, identity, repair.etcd_data_dir(data_dir))
-    snapshot.unlink()
-    revision, dropped = asyncio.run(_forget(data_dir, identity))
-    written = present = 0
-    if checked.blobs:
-        progress = Progress("blobs", sum(checked.files[n]["size"] for n in checked.blobs))
-        written, present = asyncio.run(_restore_blobs(checked, storage_dir, progress))
-        progress.finish()
-    identity.save(data_dir)  # last: a replica.json means the restore completed
-    return revision, dropped, written, present
-
-
-async def _restore_blobs(checked: backup.Checked, storage_dir: Path, progress: Progress) -> tuple[int, int]:
-    storage = await storage_at(storage_dir).open()
-    try:
-        return await backup.restore_blobs(checked, storage, progress)
-    finally:
-        await storage.close()
-
-
-async def _forget(data_dir: Path, identity: Identity) -> tuple[int, list[str]]:
-    etcd = repair.member(data_dir, identity)
-    await etcd.start()
-    client = EtcdClient(etcd.endpoint, etcd.tls)
-    try:
-        return await backup.forget_old_cluster(client)
-    finally:
-        await client.close()
-        await etcd.stop()
 
 
 def _undo(data_dir: Path, made: bool) -> None:

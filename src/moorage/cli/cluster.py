@@ -20,7 +20,7 @@ from moorage.cluster import https, pki
 from moorage.cluster.addresses import advertised, check_ports_free, parse_listen, url_host
 from moorage.cluster.identity import Identity
 from moorage.cluster.membership import tolerates
-from moorage.cluster.service import proof_name
+from moorage.cluster.operations import proof_name
 from moorage.storage.drivers import storage_at
 from moorage.units import human_bytes
 

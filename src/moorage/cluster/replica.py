@@ -39,7 +39,7 @@ from moorage.cluster import addresses, endpoint, https, membership, pki, replica
 from moorage.cluster.clock import ClusterClock
 from moorage.cluster.etcd_member import EtcdMember, node_tls
 from moorage.cluster.identity import Identity, load_or_create
-from moorage.cluster.service import ClusterService
+from moorage.cluster.operations import ClusterOperations
 from moorage.cluster.settings import ClusterSettings, Network, parse_networks
 from moorage.meta import keys
 from moorage.meta.etcd import EtcdClient, EtcdUnavailable, Event
@@ -135,7 +135,7 @@ class Replica:
         self.index: Index | None = None
         self.meta: MetaStore | None = None
         self.gc_store: GcStore | None = None
-        self.operations: ClusterService | None = None
+        self.operations: ClusterOperations | None = None
         self.service: Service | None = None
 
     # -- the tasks ------------------------------------------------------------------
@@ -258,7 +258,7 @@ class Replica:
         self.settings.on_change(self._apply_setting)
         self.meta = MetaStore(client, index)
         self.gc_store = GcStore(client)
-        self.operations = ClusterService(client, index, self.settings, storage, identity.replica_id,
+        self.operations = ClusterOperations(client, index, self.settings, storage, identity.replica_id,
                                          identity.cluster_token, pki_paths=self.pki, clock=clock)
         self.service = await self._service_factory(self)
         await index.load()

@@ -23,7 +23,7 @@ from moorage.meta.records import ManifestRecord, Referrer
 from moorage.registry.errors import ManifestUnknown, NameUnknown
 from moorage.registry.manifests import IMAGE_TYPES, INDEX_TYPES
 from moorage.registry.names import check_digest
-from moorage.registry.service import Registry
+from moorage.registry.repositories import Repositories
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +128,8 @@ def platform_of(value: Any) -> str:
 
 
 class Browser:
-    def __init__(self, registry: Registry, cache_entries: int = CACHE_ENTRIES):
-        self.registry = registry
+    def __init__(self, registry: Repositories, cache_entries: int = CACHE_ENTRIES):
+        self.registry = registry  # not "repositories": that is the listing below
         self.index = registry.index
         self._summaries: dict[str, tuple[int, RepoSummary]] = {}
         self._sizes: _Lru[int] = _Lru(cache_entries)

@@ -17,7 +17,7 @@ import time
 import msgspec
 
 from moorage.cluster.clock import ClusterClock
-from moorage.cluster.service import ClusterError
+from moorage.cluster.operations import ClusterError
 from moorage.cluster.settings import ClusterSettings, duration_seconds
 from moorage.meta.errors import MetadataUnavailable
 from moorage.meta.gc_store import GcRun, GcStore, new_run_id

@@ -27,15 +27,15 @@ from moorage.api.auth import Auth
 from moorage.api.console import manage, repos, signin
 from moorage.api.console.app import Console
 from moorage.registry.access import Access
-from moorage.registry.service import Registry
+from moorage.registry.repositories import Repositories
 
 __all__ = ["Console", "build"]
 
 
-def build(registry: Registry, auth: Auth, admin: AdminApi, audit: RequestAudit | None,
+def build(repositories: Repositories, auth: Auth, admin: AdminApi, audit: RequestAudit | None,
           refuse_writes: Callable[[], web.Response | None]) -> Console:
     """The console with all its routes; `refuse_writes` is the API's own check (read-only, no quorum)."""
     # Auth knows Access through a protocol; the console uses more of it (session revocation).
-    console = Console(registry, auth, cast(Access, auth.access), admin, audit, refuse_writes)
+    console = Console(repositories, auth, cast(Access, auth.access), admin, audit, refuse_writes)
     console.add(signin.routes() + repos.routes() + manage.routes())
     return console

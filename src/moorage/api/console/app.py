@@ -29,12 +29,12 @@ from moorage.api.auth import Auth, Caller
 from moorage.api.console.render import STATIC_PREFIX, Renderer, secure_headers
 from moorage.api.console.session import Session, Sessions, same_origin
 from moorage.api.errors import ERRORS, as_registry_error
-from moorage.api.http import read_bounded
+from moorage.api.bodies import read_bounded
 from moorage.api.routes import ADMIN, ANYONE, Route, Routes
 from moorage.registry.access import Access
 from moorage.registry.browse import Browser
 from moorage.registry.errors import TooLarge
-from moorage.registry.service import Registry
+from moorage.registry.repositories import Repositories
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +119,9 @@ def admin_error(answer: Any) -> str:
 
 
 class Console:
-    def __init__(self, registry: Registry, auth: Auth, access: Access, admin: AdminApi,
+    def __init__(self, repositories: Repositories, auth: Auth, access: Access, admin: AdminApi,
                  audit: RequestAudit | None, refuse_writes: Callable[[], web.Response | None]):
-        self.registry = registry
+        self.repositories = repositories
         self.auth = auth
         self.access = access
         self.admin = admin
@@ -129,7 +129,7 @@ class Console:
         self.refuse_writes = refuse_writes
         self.renderer = Renderer()
         self.sessions = Sessions(auth, access)
-        self.browser = Browser(registry)
+        self.browser = Browser(repositories)
         self._flash_key = hmac.new(auth.tokens.secret, b"moorage console flash", "sha256").digest()
         # Each route's need is who may reach it: anyone, a signed-in user, or a cluster admin.
         self.routes = Routes()

@@ -247,7 +247,7 @@ async def delete(ctx: Ctx, name: str) -> web.StreamResponse:
         _audit_v2(ctx, sub, refused)
         raise Refused(refused.status, error_reason(refused) or "writes are refused now")
     try:
-        await ctx.console.registry.delete_manifest(name, reference)
+        await ctx.console.repositories.delete_manifest(name, reference)
     except RegistryError as e:
         _audit_v2(ctx, sub, from_error(e))
         raise

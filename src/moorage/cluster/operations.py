@@ -17,7 +17,8 @@ import aiohttp
 import msgspec
 
 from moorage import __version__
-from moorage.cluster import backup, membership, pki, replicas, settings
+from moorage.cluster import membership, pki, replicas, settings
+from moorage.cluster.backup import snapshot as backups
 from moorage.cluster.clock import ClusterClock
 from moorage.cluster.settings import ClusterSettings, SettingError
 from moorage.meta.etcd import EtcdClient, EtcdUnavailable
@@ -41,7 +42,7 @@ def proof_name(replica_id: str) -> str:
     return f"join-{replica_id}"
 
 
-class ClusterService:
+class ClusterOperations:
     def __init__(self, client: EtcdClient, index: Index, cluster_settings: ClusterSettings,
                  storage: BlobDriver, replica_id: str, cluster_token: str,
                  pki_paths: pki.Paths | None = None, clock: ClusterClock | None = None):
@@ -205,11 +206,11 @@ class ClusterService:
 
     # -- backup (api/backup.py streams what these return) --------------------------
 
-    async def snapshot(self) -> backup.Snapshot:
+    async def snapshot(self) -> backups.Snapshot:
         """A consistent etcd snapshot, spooled in the data directory (it holds every secret)."""
         if self.pki_paths is None:
             raise ClusterError("unavailable", "this replica has no data directory to spool a snapshot in")
-        return await self._etcd(backup.take_snapshot(self.client, self.pki_paths.data_dir / "tmp"))
+        return await self._etcd(backups.take_snapshot(self.client, self.pki_paths.data_dir / "tmp"))
 
     async def backup_info(self, revision: int, through: int) -> dict[str, Any]:
         """Who took the backup, the cluster CA, and the blobs a snapshot taken between the two revisions knows."""
@@ -224,8 +225,8 @@ class ClusterService:
                                               "another one")
         ca_cert, ca_key = pki.ca_pem(self.pki_paths)
         try:
-            blobs = await backup.blobs_between(self.client, revision, through)
-        except backup.Compacted:
+            blobs = await backups.blobs_between(self.client, revision, through)
+        except backups.Compacted:
             raise ClusterError("refused", f"revision {revision} is compacted away (the backup took too long "
                                           "between its snapshot and its blob list); run it again") from None
         except EtcdUnavailable as e:

@@ -1,4 +1,4 @@
-"""Backup and restore: the archive format, the consistent etcd snapshot, and a restore into a cluster of one.
+"""The backup archive's format: writing it, checking all of it before anything is restored, reading it back.
 
 The archive is one uncompressed tar (blobs are compressed already), written
 by `moorage backup` and read by `moorage restore`:
@@ -24,44 +24,23 @@ The manifest comes last so it can name every file's hash as computed while
 writing, and so an archive cut short (a full disk, a killed copy) lacks it
 and is refused as incomplete. Restore reads the archive twice: once to check
 every file against the manifest, and only then to write anything.
-
-Restore builds a new cluster of one with etcd's own `etcdctl snapshot
-restore`, which checks the snapshot's hash and rewrites the membership to
-the one new member under a new cluster token, keeping every key and
-revision. The old replicas' records and the upload sessions in flight
-(their data is not in the archive) are then deleted with the member
-running, as emergency-repair does; the replica itself starts with `moorage
-serve`. Unlike emergency-repair, it needs none of the old replicas' disks.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import io
 import json
 import os
 import re
-import shutil
-import subprocess
 import tarfile
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-import msgspec
-
 from moorage import __version__
-from moorage.cluster import pki
-from moorage.cluster.addresses import url_host
-from moorage.cluster.identity import Identity
-from moorage.meta import keys
-from moorage.meta.etcd import EtcdClient, EtcdUnavailable, op_delete
-from moorage.meta.records import BlobRecord, decoder
-from moorage.storage.base import BlobDriver
 
 FORMAT = 1
 KIND = "moorage-backup"
@@ -73,21 +52,15 @@ CA_KEY = "ca/ca.key"
 BLOBS = "blobs/"
 CHUNK = 1 << 20
 ETCD_HASH = 32  # etcd appends sha256(data) to a snapshot
-LEADER_SECONDS = 20.0
 MAX_MANIFEST = 1 << 30  # about 200 bytes a file: millions of blobs fit
 _BLOB_NAME = re.compile(r"^blobs/(sha256|sha384|sha512)/([0-9a-f]{64,128})$")
 _HEX_LENGTH = {"sha256": 64, "sha384": 96, "sha512": 128}
 
 Progress = Callable[[int], None]
-_blob_record = decoder(BlobRecord)
 
 
 class BackupError(Exception):
     """A backup or restore that cannot go on; the message is one sentence."""
-
-
-class Compacted(Exception):
-    """etcd no longer holds the revision asked for (compacted away)."""
 
 
 def blob_name(digest: str) -> str:
@@ -116,80 +89,6 @@ class TrailerCheck:
 
     def ok(self) -> bool:
         return len(self._tail) == ETCD_HASH and self._hash.digest() == self._tail
-
-
-# -- the replica's side: a consistent snapshot ------------------------------------
-
-@dataclass
-class Snapshot:
-    """A snapshot spooled to an anonymous file (gone when closed), with what the archive records of it."""
-
-    file: IO[bytes]
-    size: int
-    sha256: str
-    revision: int        # every write acknowledged before the backup began is in it
-    etcd_version: str
-    # Read once the snapshot was taken: the snapshot holds no write newer than
-    # this, so blobs listed at `revision` or here cover every blob it knows.
-    revision_after: int
-
-
-async def take_snapshot(client: EtcdClient, spool_dir: Path) -> Snapshot:
-    """Spool the local member's snapshot, so its size and hash can be sent before its bytes.
-
-    The linearizable revision read first makes the local member apply
-    everything the cluster had committed by then; the snapshot, taken next
-    from the same member, therefore holds every acknowledged write up to
-    that revision (and any that came after). Nothing is paused: etcd
-    snapshots its backend under a read transaction while writes go on.
-    """
-    revision = await client.revision()
-    version = (await client.status()).version
-    spool_dir.mkdir(parents=True, exist_ok=True)
-    f = tempfile.TemporaryFile(dir=spool_dir)  # 0600, unlinked at once: it holds every secret
-    try:
-        sha, size, pending = hashlib.sha256(), 0, []
-        pending_bytes = 0
-        async for chunk in client.snapshot():
-            pending.append(chunk)
-            pending_bytes += len(chunk)
-            if pending_bytes >= CHUNK:
-                data = b"".join(pending)
-                pending, pending_bytes = [], 0
-                sha.update(data)
-                size += len(data)
-                await asyncio.to_thread(f.write, data)
-        data = b"".join(pending)
-        sha.update(data)
-        size += len(data)
-        await asyncio.to_thread(f.write, data)
-        await asyncio.to_thread(f.flush)
-        f.seek(0)
-        return Snapshot(f, size, sha.hexdigest(), revision, version, await client.revision())
-    except BaseException:
-        f.close()
-        raise
-
-
-async def blobs_between(client: EtcdClient, revision: int, through: int) -> list[dict[str, Any]]:
-    """Every blob recorded at `revision` or at `through`, with its size: a snapshot taken between
-    the two knows no other (a blob it knows existed at the first or was created by the second)."""
-    try:
-        _, kvs = await client.range_prefix(keys.BLOB, revision=revision)
-        if through != revision:
-            _, later = await client.range_prefix(keys.BLOB, revision=through)
-            kvs = list({kv.key: kv for kv in [*kvs, *later]}.values())
-    except EtcdUnavailable as e:
-        if "compacted" in str(e):
-            raise Compacted(str(e)) from None
-        raise
-    blobs = []
-    for kv in kvs:
-        try:
-            blobs.append({"digest": kv.key[len(keys.BLOB):].decode(), "size": _blob_record.decode(kv.value).size})
-        except (msgspec.DecodeError, UnicodeDecodeError):
-            continue
-    return blobs
 
 
 # -- writing an archive (the CLI's side) -----------------------------------------------
@@ -321,7 +220,7 @@ class Checked:
         return [n for n in self.files if n.startswith(BLOBS)]
 
 
-def _damaged(path: Path, what: str) -> BackupError:
+def damaged(path: Path, what: str) -> BackupError:
     return BackupError(f"the archive {path} is damaged: {what}; nothing was written")
 
 
@@ -340,14 +239,14 @@ def check(path: Path, local_etcd: str, progress: Progress | None = None) -> Chec
             for member in tar:
                 name = member.name
                 if name in seen or (name == MANIFEST and manifest_bytes is not None):
-                    raise _damaged(path, f"it holds {name} twice")
+                    raise damaged(path, f"it holds {name} twice")
                 if not member.isfile() or name.startswith("/") or ".." in name.split("/"):
-                    raise _damaged(path, f"it holds an unexpected entry {name!r}")
+                    raise damaged(path, f"it holds an unexpected entry {name!r}")
                 f = tar.extractfile(member)
                 assert f is not None
                 if name == MANIFEST:
                     if member.size > MAX_MANIFEST:
-                        raise _damaged(path, f"its {MANIFEST} is {member.size} bytes, past any real one")
+                        raise damaged(path, f"its {MANIFEST} is {member.size} bytes, past any real one")
                     manifest_bytes = f.read()
                     continue
                 sha = hashlib.sha256()
@@ -364,10 +263,10 @@ def check(path: Path, local_etcd: str, progress: Progress | None = None) -> Chec
                         progress(len(chunk))
                 if name.startswith(BLOBS):
                     if digest is None:
-                        raise _damaged(path, f"it holds a blob under a name that is no digest ({name})")
+                        raise damaged(path, f"it holds a blob under a name that is no digest ({name})")
                     want = digest.partition(":")[2]
                     if (other.hexdigest() if other is not None else sha.hexdigest()) != want:
-                        raise _damaged(path, f"the content of blob {digest} does not match its digest")
+                        raise damaged(path, f"the content of blob {digest} does not match its digest")
                 if trailer is not None:
                     trailer_ok = trailer.ok()
                 seen[name] = {"size": member.size, "sha256": sha.hexdigest()}
@@ -379,19 +278,19 @@ def check(path: Path, local_etcd: str, progress: Progress | None = None) -> Chec
         raise BackupError(f"cannot read the archive {path}: permission denied") from None
     except tarfile.ReadError as e:
         if "unexpected end of data" in str(e) or not seen and manifest_bytes is None and "empty" in str(e):
-            raise _damaged(path, "it ends early (truncated?)") from None
+            raise damaged(path, "it ends early (truncated?)") from None
         if seen:
-            raise _damaged(path, f"its tar structure is broken after {len(seen)} files ({e})") from None
+            raise damaged(path, f"its tar structure is broken after {len(seen)} files ({e})") from None
         raise BackupError(f"{path} is not a Moorage backup archive (not a tar file)") from None
     except (tarfile.TarError, EOFError) as e:
-        raise _damaged(path, f"its tar structure is broken ({e})") from None
+        raise damaged(path, f"its tar structure is broken ({e})") from None
 
     if manifest_bytes is None:
-        raise _damaged(path, f"it has no {MANIFEST}, which is written last, so it is incomplete (truncated?)")
+        raise damaged(path, f"it has no {MANIFEST}, which is written last, so it is incomplete (truncated?)")
     try:
         manifest = json.loads(manifest_bytes)
     except ValueError:
-        raise _damaged(path, f"its {MANIFEST} is not valid JSON") from None
+        raise damaged(path, f"its {MANIFEST} is not valid JSON") from None
     if not isinstance(manifest, dict) or manifest.get("kind") != KIND:
         raise BackupError(f"{path} is not a Moorage backup archive (its {MANIFEST} is not one)")
     if manifest.get("format") != FORMAT:
@@ -399,24 +298,24 @@ def check(path: Path, local_etcd: str, progress: Progress | None = None) -> Chec
                           f"moorage {__version__} reads format version {FORMAT} only")
     listed = manifest.get("files")
     if not isinstance(listed, list) or not all(isinstance(f, dict) for f in listed):
-        raise _damaged(path, f"its {MANIFEST} has no file list")
+        raise damaged(path, f"its {MANIFEST} has no file list")
     files = {str(f.get("name")): f for f in listed}
     for name, entry in files.items():
         got = seen.get(name)
         if got is None:
-            raise _damaged(path, f"{name}, listed in its manifest, is missing")
+            raise damaged(path, f"{name}, listed in its manifest, is missing")
         if got["size"] != entry.get("size"):
-            raise _damaged(path, f"{name} has {got['size']} bytes, not the {entry.get('size')} its manifest lists")
+            raise damaged(path, f"{name} has {got['size']} bytes, not the {entry.get('size')} its manifest lists")
         if got["sha256"] != entry.get("sha256"):
-            raise _damaged(path, f"the sha256 of {name} does not match its manifest")
+            raise damaged(path, f"the sha256 of {name} does not match its manifest")
     extra = sorted(set(seen) - set(files))
     if extra:
-        raise _damaged(path, f"it holds {extra[0]}, which its manifest does not list")
+        raise damaged(path, f"it holds {extra[0]}, which its manifest does not list")
     for required in (SNAPSHOT, CA_CERT, CA_KEY):
         if required not in files:
-            raise _damaged(path, f"it lacks {required}")
+            raise damaged(path, f"it lacks {required}")
     if not trailer_ok:
-        raise _damaged(path, "etcd's own checksum at the end of the snapshot does not match")
+        raise damaged(path, "etcd's own checksum at the end of the snapshot does not match")
     if _version(manifest.get("etcd_version")) > _version(local_etcd):
         raise BackupError(f"the archive {path} was taken from etcd {manifest.get('etcd_version')}, newer than "
                           f"the etcd {local_etcd} installed here; install etcd "
@@ -445,110 +344,4 @@ def copy_checked(src: IO[bytes], dest: IO[bytes], name: str, checked: Checked,
         if progress is not None:
             progress(len(chunk))
     if sha.hexdigest() != checked.files[name]["sha256"]:
-        raise _damaged(checked.path, f"{name} changed while it was being restored")
-
-
-# -- restoring ------------------------------------------------------------------------
-
-def etcd_version() -> str:
-    """The installed etcd's version, as `etcd --version` prints it."""
-    binary = shutil.which("etcd")
-    if binary is None:
-        raise BackupError("the etcd binary is not installed (Debian package etcd-server); `make install` "
-                          "installs it")
-    out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=30)
-    m = re.search(r"etcd Version:\s*(\S+)", out.stdout)
-    return m.group(1) if m else "0.0.0"
-
-
-def restore_snapshot(snapshot: Path, identity: Identity, etcd_dir: Path) -> None:
-    """`etcdctl snapshot restore`: a data directory whose only member is this replica, under a new token.
-
-    etcdctl checks the hash etcd appended to the snapshot and keeps every
-    key and revision; the membership it writes is what `serve` then starts.
-    """
-    etcdctl = shutil.which("etcdctl")
-    if etcdctl is None:
-        raise BackupError("etcdctl is not installed (Debian package etcd-client); restore needs it")
-    peer = f"https://{url_host(identity.advertise)}:{identity.etcd_peer_port}"
-    cmd = [etcdctl, "snapshot", "restore", str(snapshot), "--name", identity.replica_id,
-           "--data-dir", str(etcd_dir), "--initial-cluster", f"{identity.replica_id}={peer}",
-           "--initial-cluster-token", identity.cluster_token, "--initial-advertise-peer-urls", peer]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "ETCDCTL_API": "3"})
-    if out.returncode != 0:
-        last = (out.stderr.strip().splitlines() or ["no output"])[-1]
-        raise BackupError(f"etcdctl snapshot restore failed: {last[:300]}")
-    os.chmod(etcd_dir, 0o700)
-
-
-async def forget_old_cluster(client: EtcdClient) -> tuple[int, list[str]]:
-    """Delete the old replicas' records and the upload sessions in flight, once the lone member leads.
-
-    The old replicas are not part of the new cluster; the uploads' data
-    lived in the old storage, outside the archive. Returns the revision the
-    new cluster starts from and the replica ids dropped.
-    """
-    deadline = time.monotonic() + LEADER_SECONDS
-    while True:
-        try:
-            _, records = await client.range_prefix(keys.REPLICA)
-            dropped = sorted(kv.key[len(keys.REPLICA):].decode(errors="replace") for kv in records)
-            result = await client.txn([], [op_delete(keys.REPLICA, prefix=True),
-                                           op_delete(keys.UPLOAD, prefix=True)])
-            return result.revision, dropped
-        except EtcdUnavailable as e:
-            if time.monotonic() > deadline:
-                raise BackupError(f"the restored etcd member accepted no write within {LEADER_SECONDS:.0f}s "
-                                  f"({e}); see DATA_DIR/etcd.log") from None
-            await asyncio.sleep(0.2)
-
-
-def install_ca(checked: Checked, data_dir: Path) -> None:
-    pems = {}
-    for name, f in read_member(checked, (CA_CERT, CA_KEY)):
-        buf = io.BytesIO()
-        copy_checked(f, buf, name, checked)
-        pems[name] = buf.getvalue()
-    try:
-        pki.install_ca(pki.Paths(data_dir), pems[CA_CERT], pems[CA_KEY])
-    except pki.PkiError as e:
-        raise BackupError(f"the archive's cluster CA cannot be used: {e}") from None
-
-
-async def restore_blobs(checked: Checked, storage: BlobDriver, progress: Progress | None = None) -> tuple[int, int]:
-    """Put the archive's blobs into the storage: each one an upload, checked, then committed
-    (the driver makes it appear whole or not at all), as a push would.
-
-    A blob already there is kept (blobs are content-addressed and immutable).
-    Returns (written, already present).
-    """
-    written = present = 0
-    for name, f in read_member(checked, checked.blobs):
-        digest = digest_of(name)
-        assert digest is not None
-        size = checked.files[name]["size"]
-        if await storage.exists(digest) == size:
-            present += 1
-            if progress is not None:
-                progress(size)
-            continue
-        upload = storage.new_upload_id()
-        sha = hashlib.sha256()
-        appender = await storage.open_upload(upload, 0, sha)
-        try:
-            while chunk := f.read(CHUNK):  # a local archive: the command has nothing else to do meanwhile
-                await appender.write(chunk)
-                if progress is not None:
-                    progress(len(chunk))
-            await appender.finish()
-            # Checked again: the archive could have changed since it was checked.
-            if sha.hexdigest() != checked.files[name]["sha256"]:
-                raise _damaged(checked.path, f"{name} changed while it was being restored")
-            await storage.commit_upload(upload, digest)
-        except BaseException:
-            await appender.abort()
-            await storage.delete_upload(upload)
-            raise
-        written += 1
-    return written, present
+        raise damaged(checked.path, f"{name} changed while it was being restored")

@@ -1,16 +1,19 @@
-"""Small request helpers shared by the handlers."""
+"""Request bodies, read within limits: never whole in memory unless bounded, never left to stall.
+
+Every handler that reads a body reads it here: streamed in chunks as it
+arrives (blob uploads) or whole up to a limit (manifests, forms, the admin
+API's JSON), with an idle timeout and a minimum rate so a client cannot hold
+a request open for days.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from moorage.registry.errors import BLOB_UPLOAD_INVALID, BadParameter, BlobUploadInvalid, RegistryError, TooLarge
-
-_CONTENT_RANGE = re.compile(r"^(?:bytes[ =])?(\d+)-(\d+)(?:/(?:\d+|\*))?$")
+from moorage.registry.errors import BLOB_UPLOAD_INVALID, RegistryError, TooLarge
 
 # A client that sends no body byte for this long has stalled or is holding
 # the connection on purpose; real clients on slow links still send something
@@ -86,36 +89,3 @@ async def read_bounded(request: web.BaseRequest, limit: int) -> bytes:
         if len(data) > limit:
             raise TooLarge(f"body over {limit} bytes", {"limit": limit})
     return bytes(data)
-
-
-def content_range(request: web.BaseRequest) -> tuple[int | None, int | None]:
-    """(start, length) from a chunk's Content-Range, checked against Content-Length."""
-    value = request.headers.get("Content-Range")
-    if value is None:
-        return None, None
-    m = _CONTENT_RANGE.match(value.strip())
-    if m is None:
-        raise BlobUploadInvalid(f"malformed Content-Range {value[:60]!r}; expected <start>-<end>")
-    start, end = int(m.group(1)), int(m.group(2))
-    if end < start:
-        raise BlobUploadInvalid(f"Content-Range {value!r} ends before it starts")
-    length = end - start + 1
-    if request.content_length is not None and request.content_length != length:
-        raise BlobUploadInvalid(f"Content-Range covers {length} bytes, Content-Length says "
-                                f"{request.content_length}")
-    return start, length
-
-
-def page_args(request: web.BaseRequest) -> tuple[int | None, str | None]:
-    n = request.query.get("n")
-    last = request.query.get("last") or None
-    if n is None or n == "":
-        return None, last
-    if not n.isdigit():
-        raise BadParameter(f"n must be a non-negative integer, not {n[:20]!r}")
-    return int(n), last
-
-
-def upload_range(offset: int) -> str:
-    """The Range header of an upload: the bytes received, inclusive."""
-    return f"0-{max(offset - 1, 0)}"

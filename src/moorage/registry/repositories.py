@@ -1,7 +1,8 @@
-"""The registry domain: manifests, tags, blobs, referrers, catalog.
+"""What repositories hold: manifests, tags, blobs, referrers, and the catalog of them.
 
 Reads come from the replica's index after one shared `sync()`; writes are
-metadata transactions whose preconditions etcd checks. Nothing here knows
+metadata transactions whose preconditions etcd checks (MetaStore), a
+manifest's body placed as a blob first (Placement). Nothing here knows
 HTTP: the api layer turns results and RegistryErrors into responses.
 """
 
@@ -73,7 +74,7 @@ def page(items: list[str], n: int | None, last: str | None, max_page: int) -> tu
     return chosen, start + len(chosen) < len(items)
 
 
-class Registry:
+class Repositories:
     def __init__(self, meta: MetaStore, storage: BlobDriver, placement: Placement, limits: Limits):
         self.meta = meta
         self.index = meta.index
