@@ -161,10 +161,12 @@ class AuditLog:
         self._task = asyncio.create_task(self.run())
 
     async def run(self) -> None:
-        """Write a batch a second until close()."""
+        """Write a batch a second until close(), which waits for it to end."""
         # Stopped by an event, not by cancelling: a cancelled flush would let
         # go of the lock while its thread still writes, and the next batch
         # could interleave with it.
+        if self._task is None:  # run by its owner (a replica's task list) rather than start()
+            self._task = asyncio.current_task()
         while not self._stopping.is_set():
             try:
                 await asyncio.wait_for(self._stopping.wait(), FLUSH_SECONDS)

@@ -51,6 +51,11 @@ def _unknown(repo: str, upload_id: str) -> BlobUploadUnknown:
 
 class Sessions:
     def __init__(self, meta: MetaStore, secret: bytes, state_seconds: float = STATE_SECONDS):
+        # A tombstone's lease is renewed at half-life, so it lives at least half of it: that
+        # must outlast every token that could name the closed session.
+        if meta.tombstone_seconds / 2 < state_seconds:
+            raise ValueError(f"upload tombstones ({meta.tombstone_seconds}s leases) must outlive "
+                             f"session tokens ({state_seconds}s)")
         self.meta = meta
         self.index = meta.index
         self._secret = secret

@@ -96,7 +96,7 @@ class Uploads:
                 if length is not None and len(data) != length:
                     raise BlobUploadInvalid(f"chunk has {len(data)} bytes, its range says {length}")
                 try:
-                    _verify(digest, data)
+                    _verify(digest, algorithm, hexdigest, data)
                 except DigestInvalid:
                     await self._close(session)
                     raise
@@ -113,8 +113,7 @@ class Uploads:
             if actual != hexdigest:
                 # Nothing was committed; the session is closed and its data dropped.
                 await self._close(session)
-                raise DigestInvalid("uploaded content does not match the digest",
-                                    {"expected": digest, "actual": f"{algorithm}:{actual}"})
+                raise _mismatch(digest, algorithm, actual)
             await self._commit(session, digest, offset)
             await self.storage.delete_upload(upload_id)
             return digest
@@ -127,7 +126,7 @@ class Uploads:
         upload_id = data = None
         if size is not None and size <= SMALL_BLOB:
             data = await _read_all(body)
-            _verify(digest, data)
+            _verify(digest, algorithm, hexdigest, data)
             size = len(data)
         else:
             upload_id = self.storage.new_upload_id()
@@ -135,8 +134,7 @@ class Uploads:
             try:
                 size = await self._receive(upload_id, 0, body, None, hasher)
                 if hasher.hexdigest() != hexdigest:
-                    raise DigestInvalid("uploaded content does not match the digest",
-                                        {"expected": digest, "actual": f"{algorithm}:{hasher.hexdigest()}"})
+                    raise _mismatch(digest, algorithm, hasher.hexdigest())
             except BaseException:
                 await self.storage.delete_upload(upload_id)
                 raise
@@ -222,13 +220,16 @@ class Uploads:
         return None
 
 
-def _verify(digest: str, data: bytes) -> None:
-    algorithm, hexdigest = check_digest(digest)
+def _verify(digest: str, algorithm: str, hexdigest: str, data: bytes) -> None:
     actual = digests.new_hasher(algorithm)
     actual.update(data)
     if actual.hexdigest() != hexdigest:
-        raise DigestInvalid("uploaded content does not match the digest",
-                            {"expected": digest, "actual": f"{algorithm}:{actual.hexdigest()}"})
+        raise _mismatch(digest, algorithm, actual.hexdigest())
+
+
+def _mismatch(digest: str, algorithm: str, actual: str) -> DigestInvalid:
+    return DigestInvalid("uploaded content does not match the digest",
+                         {"expected": digest, "actual": f"{algorithm}:{actual}"})
 
 
 async def _read_all(body: Body) -> bytes:
