@@ -10,9 +10,9 @@ BENCH_ARGS ?=
 
 RUN_DEPS := etcd-server:etcd etcd-client:etcdctl
 TEST_DEPS := skopeo:skopeo haproxy:haproxy docker.io:dockerd chromium:chromium npm:npm iproute2:ip iptables:iptables faketime:faketime prometheus:promtool
-BENCH_DEPS := docker-registry:docker-registry wrk:wrk curl:curl
+BENCH_DEPS := docker-registry:docker-registry wrk:wrk curl:curl hey:hey
 
-.PHONY: install run test bench bench-console bench-cluster bench-gc bench-s3-clients clean
+.PHONY: install run test bench bench-s3 bench-console bench-cluster bench-gc bench-s3-clients clean
 
 ## install: set up everything `run` and `test` need (virtualenv, Python, Debian and npm packages)
 install: $(VENV)/.installed node_modules/.installed
@@ -39,10 +39,15 @@ test: install
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 ## bench: Moorage against the reference registry (Debian docker-registry), same workload, alternating; then the console
+## (BENCH_ARGS=--s3: both on S3 buckets of a SeaweedFS the bench starts, with the S3 rows; no console run)
 bench: install
 	@scripts/system-deps.sh $(BENCH_DEPS)
 	$(BIN)/python bench/bench.py $(BENCH_ARGS)
-	$(BIN)/python bench/console_bench.py $(filter --quick --insecure-http,$(BENCH_ARGS))
+	$(if $(filter --s3,$(BENCH_ARGS)),,$(BIN)/python bench/console_bench.py $(filter --quick --insecure-http,$(BENCH_ARGS)))
+
+## bench-s3: the same on S3 (make bench BENCH_ARGS=--s3): pulls against direct reads, GC of 100,000 blobs
+bench-s3: install
+	@$(MAKE) --no-print-directory bench BENCH_ARGS="--s3 $(BENCH_ARGS)"
 
 ## bench-console: the web console's server time at 10,000 repositories and 10,000 tags
 bench-console: install

@@ -6,13 +6,20 @@ then on registry B, for several rounds, so that drift of the machine (page
 cache, writeback, thermal state) hits both alike; the table reports medians and
 the ratio Moorage / distribution against the project's targets.
 
-Usage: bench/bench.py [--quick] [--only moorage|distribution] [--insecure-http] [--json FILE]
+Usage: bench/bench.py [--quick] [--only moorage|distribution] [--insecure-http] [--s3] [--json FILE]
 
 Both serve HTTPS (Moorage with its cluster CA, distribution with a certificate
 the bench makes), unless --insecure-http runs both over plain HTTP. Moorage's
 requests carry a Bearer token from its token endpoint, as docker's do;
 distribution runs without authentication (its token auth needs an external
 token server).
+
+With --s3 (`make bench-s3`) both keep their blobs in S3 buckets of one
+SeaweedFS the bench starts (objectstore.py), and the table has the S3 rows
+and targets: pulls through a registry's redirect, and Moorage's pulls
+streamed through it, against curl reading the same bytes straight from the
+store (the `direct` column), and a garbage collection of 100,000 blobs
+(s3_gc.py).
 
 Nothing here talks to anything but 127.0.0.1. Every subprocess and network call
 has a timeout, so a dead server turns into an error in its row, never a hang.
@@ -41,8 +48,10 @@ from typing import Any
 from content import MiB, SourceFile
 from load import BenchError
 from report import Run, print_memory, print_table, summarize, write_json
-from scenarios import QUICK, Config, Scenario, make_seed, scenarios, seed_server
+from scenarios import QUICK, Config, Scenario, make_seed, s3_scenarios, scenarios, seed_server
 from servers import CpuMeter, Server, distribution_server, moorage_server, wait_for_quiet
+from objectstore import WEED, DirectRead, ObjectStore
+from s3_gc import GcWorkload
 
 
 # --------------------------------------------------------------------------
@@ -75,12 +84,15 @@ def measure(sc: Scenario, server: Server, rnd: int, quiet_wait: float) -> Run:
 
 
 def run_bench(cfg: Config, servers: list[Server], src: SourceFile, workdir: Path,
-              quiet_wait: float, wanted: set[str] = frozenset()) -> list[dict]:
+              quiet_wait: float, wanted: set[str] = frozenset(), store: ObjectStore | None = None) -> list[dict]:
     seed = make_seed(cfg, src)
     for s in servers:
         print(f"seeding {s.name} ...", flush=True)
         try:
-            seed_server(s, seed, src, cfg)
+            if isinstance(s, DirectRead):
+                s.seed(src)
+            else:
+                seed_server(s, seed, src, cfg)
         except Exception as exc:  # noqa: BLE001
             s.seed_error = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
             print(f"  seeding {s.name} failed: {s.seed_error}", flush=True)
@@ -88,7 +100,10 @@ def run_bench(cfg: Config, servers: list[Server], src: SourceFile, workdir: Path
     head_lua = workdir / "head.lua"
     head_lua.write_text('wrk.method = "HEAD"\n')
     rows = []
-    table = scenarios(cfg, src, seed, head_lua)
+    if store is None:
+        table = scenarios(cfg, src, seed, head_lua)
+    else:
+        table = s3_scenarios(cfg, src, seed, head_lua, GcWorkload(store, cfg.gc_blobs, cfg.gc_manifests))
     unknown = wanted - {sc.key for sc in table}
     if unknown:
         raise BenchError(f"unknown scenario(s) {', '.join(sorted(unknown))}; "
@@ -96,9 +111,10 @@ def run_bench(cfg: Config, servers: list[Server], src: SourceFile, workdir: Path
     for sc in table:
         if wanted and sc.key not in wanted:
             continue
-        runs: dict[str, list[Run]] = {s.name: [] for s in servers}
+        here = [s for s in servers if s.name in sc.runs_on]
+        runs: dict[str, list[Run]] = {s.name: [] for s in here}
         for rnd in range(cfg.rounds):
-            for s in servers:
+            for s in here:
                 r = measure(sc, s, rnd, quiet_wait)
                 runs[s.name].append(r)
                 shown = f"{r.value:,.1f} {sc.unit}" if r.error is None else f"ERROR {r.error}"
@@ -119,6 +135,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="comma-separated scenario keys to run (default: all)")
     p.add_argument("--insecure-http", action="store_true",
                    help="both registries over plain HTTP (Moorage with --insecure-http) instead of HTTPS")
+    p.add_argument("--s3", action="store_true",
+                   help="blobs in S3 buckets of a SeaweedFS the bench starts; the S3 rows and targets")
     p.add_argument("--json", type=Path, metavar="FILE", help="write all results as JSON")
     p.add_argument("--quiet-wait", type=float, default=20.0, metavar="S",
                    help="before each run, wait up to S seconds for the machine to be idle (default 20)")
@@ -136,7 +154,7 @@ def tool_output(cmd: list[str]) -> str:
     return ((out.stdout or out.stderr).strip().splitlines() or ["?"])[0]
 
 
-def environment(tls: bool) -> dict[str, str]:
+def environment(tls: bool, s3: bool) -> dict[str, str]:
     """What was measured, so that two result files can be told apart."""
     repo = Path(__file__).resolve().parent.parent
     dirty = tool_output(["git", "-C", str(repo), "status", "--porcelain", "--", "src"]) not in ("?", "")
@@ -148,13 +166,16 @@ def environment(tls: bool) -> dict[str, str]:
         "python": sys.version.split()[0],
         "transport": "HTTPS for both (TLS 1.3; HTTP/1.1)" if tls else "plain HTTP for both",
         "credentials": "Moorage: Bearer token (admin) from /token; distribution: none (no token server)",
+        **({"object store": tool_output([WEED, "version"]).split("For enterprise")[0].strip()
+                                  + ", S3 over plain HTTP on loopback, one bucket per registry"}
+           if s3 else {}),
         "cores": str(os.cpu_count()),
         "loadavg": Path("/proc/loadavg").read_text().strip(),
     }
 
 
-def check_tools() -> None:
-    missing = [t for t in ("wrk", "curl") if not shutil.which(t)]
+def check_tools(s3: bool) -> None:
+    missing = [t for t in ("wrk", "curl", *(("hey", WEED) if s3 else ())) if not shutil.which(t)]
     if missing:
         sys.exit(f"missing tools: {', '.join(missing)} (make bench installs them)")
 
@@ -168,27 +189,41 @@ def main(argv: list[str]) -> int:
     cfg = QUICK if args.quick else Config()
     if args.rounds:
         cfg = Config(**{**asdict(cfg), "rounds": args.rounds})
-    check_tools()
+    check_tools(args.s3)
     signal.signal(signal.SIGTERM, raise_interrupt)
     started = time.monotonic()
     tls = not args.insecure_http
-    env = environment(tls)
+    env = environment(tls, args.s3)
     print("; ".join(f"{k}: {v}" for k, v in env.items()), flush=True)
     workdir = Path(tempfile.mkdtemp(prefix="moorage-bench-", dir=args.tmp))
     servers: list[Server] = []
+    store: ObjectStore | None = None
     try:
         names = [args.only] if args.only else ["moorage", "distribution"]
         factories = {"moorage": moorage_server, "distribution": distribution_server}
+        if args.s3:
+            print("starting SeaweedFS ...", flush=True)
+            store = ObjectStore(workdir).start()
         for name in names:
             (workdir / name).mkdir()
-            servers.append(factories[name](workdir / name, tls=tls))
+            if store is None:
+                servers.append(factories[name](workdir / name, tls=tls))
+            else:
+                server = factories[name](workdir / name, tls=tls, bucket=store.bucket(name))
+                server.helpers.append(store.pid())
+                if name == "distribution":
+                    server.put_blob_directly = store.put_distribution_blob
+                servers.append(server)
+        if store is not None:
+            servers.append(DirectRead(store, workdir))
+            names.append("direct")
         print(f"writing the {cfg.blob_size // MiB} MiB source blob ...", flush=True)
         src = SourceFile(workdir / "source.bin", cfg.blob_size)
         for s in servers:
             print(f"starting {s.name} on {s.url} ...", flush=True)
             s.start()
         wanted = set(args.scenarios.split(",")) if args.scenarios else set()
-        rows = run_bench(cfg, servers, src, workdir, args.quiet_wait, wanted)
+        rows = run_bench(cfg, servers, src, workdir, args.quiet_wait, wanted, store)
         print(f"\n{env['transport']}; {env['credentials']}")
         print_table(rows, names)
         memory = print_memory(servers)
@@ -204,11 +239,12 @@ def main(argv: list[str]) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     finally:
-        cleanup(servers, workdir)
+        cleanup(servers, workdir, store)
 
 
-def cleanup(servers: list[Server], workdir: Path) -> None:
-    """Stop every server and remove the temp dir, whatever fails on the way (even a second Ctrl-C)."""
+def cleanup(servers: list[Server], workdir: Path, store: ObjectStore | None = None) -> None:
+    """Stop every server, then the object store, and remove the temp dir, whatever fails on the way
+    (even a second Ctrl-C)."""
     for s in servers:
         try:
             s.stop()
@@ -217,6 +253,11 @@ def cleanup(servers: list[Server], workdir: Path) -> None:
             if s.proc is not None:
                 with contextlib.suppress(OSError):
                     os.killpg(s.proc.pid, signal.SIGKILL)
+    if store is not None:
+        try:
+            store.stop()
+        except BaseException as exc:  # noqa: BLE001 - the temp dir must still go
+            print(f"stopping SeaweedFS: {exc!r}", file=sys.stderr)
     shutil.rmtree(workdir, ignore_errors=True)
 
 

@@ -32,8 +32,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 import httpx
+
+import distribution_layout as layout
 
 from moorage.cluster.etcd_member import node_tls
 from moorage.meta import keys
@@ -43,6 +46,8 @@ from moorage.meta.records import BlobRecord, ManifestRecord, encode
 PASSWORD = "bench-admin-password"
 ENV = {**os.environ, "MOORAGE_ADMIN_PASSWORD": PASSWORD}
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+OCI_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
 REPOS = 10
 LAYERS_PER_IMAGE = 4
 OPS_PER_TXN = 1000
@@ -62,10 +67,13 @@ class Content:
         rng = random.Random(seed)
         self.kvs: list[tuple[bytes, bytes]] = []
         self.files: dict[str, bytes] = {}
+        self.links: list[tuple[str, str]] = []              # (repository, blob digest)
+        self.manifests: list[tuple[str, str]] = []          # (repository, manifest digest)
+        self.tags: list[tuple[str, str, str]] = []          # (repository, tag, manifest digest)
+        self.garbage_blobs: set[str] = set()
         old = time.time() - 7 * 86400
         per_repo = manifests // REPOS
         layers_per_repo = (blobs - 2 * manifests) // REPOS
-        self.garbage = 0
         for r in range(REPOS):
             repo = f"bench/repo-{r}"
             pool = [self._blob(repo, f"layer {r} {i}".encode() * 4, old) for i in range(layers_per_repo)]
@@ -74,29 +82,52 @@ class Content:
                 config = self._blob(repo, f"config {r} {m}".encode() * 4, old)
                 layers = rng.sample(pool, LAYERS_PER_IMAGE)
                 used.update(layers)
-                body = json.dumps({"schemaVersion": 2, "config": config, "layers": layers, "n": m}).encode()
+                # A real OCI manifest: distribution's garbage-collect parses it (bench.py --s3).
+                body = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                                   "config": self._descriptor(OCI_CONFIG, config),
+                                   "layers": [self._descriptor(OCI_LAYER, x) for x in layers]}).encode()
                 digest = "sha256:" + hashlib.sha256(body).hexdigest()
                 self.files[digest] = body
                 self.kvs.append((keys.blob(digest), encode(BlobRecord(size=len(body), created=old))))
                 self.kvs.append((keys.manifest(repo, digest), encode(ManifestRecord(
                     media_type=OCI_MANIFEST, size=len(body), created=old, blobs=[config, *layers]))))
+                self.manifests.append((repo, digest))
                 if rng.random() < 0.8:
                     self.kvs.append((keys.tag(repo, f"t{m}"), digest.encode()))
-            self.garbage += len(set(pool) - used)
+                    self.tags.append((repo, f"t{m}", digest))
+            self.garbage_blobs.update(set(pool) - used)
+        self.garbage = len(self.garbage_blobs)
+
+    def _descriptor(self, media_type: str, digest: str) -> dict:
+        return {"mediaType": media_type, "digest": digest, "size": len(self.files[digest])}
 
     def _blob(self, repo: str, data: bytes, created: float) -> str:
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
         self.files[digest] = data
         self.kvs.append((keys.blob(digest), encode(BlobRecord(size=len(data), created=created))))
         self.kvs.append((keys.repo_blob(repo, digest), b""))
+        self.links.append((repo, digest))
         return digest
 
-    def write_files(self, storage: Path) -> None:
-        write_blob_files(storage, self.files)
+    def distribution_objects(self, root: str, only: set[str] | None = None) -> Iterator[tuple[str, bytes]]:
+        """The same content as distribution 2.8 keeps it under `root` in a bucket (bench.py --s3).
 
-    async def write_records(self, client: EtcdClient) -> None:
-        for i in range(0, len(self.kvs), OPS_PER_TXN):
-            await client.txn([], [op_put(k, v) for k, v in self.kvs[i:i + OPS_PER_TXN]])
+        Blob data, the repositories' layer links, manifest revisions and tags;
+        `only`: just the data of these blobs (what a collection deleted, to
+        put back between rounds).
+        """
+        for digest, data in self.files.items():
+            if only is None or digest in only:
+                yield layout.blob_data(root, digest), data
+        if only is not None:
+            return
+        for repo, digest in self.links:
+            yield layout.layer_link(root, repo, digest), digest.encode()
+        for repo, digest in self.manifests:
+            yield layout.revision_link(root, repo, digest), digest.encode()
+        for repo, tag, digest in self.tags:
+            for key in layout.tag_links(root, repo, tag, digest):
+                yield key, digest.encode()
 
 
 def write_blob_files(storage: Path, files: dict[str, bytes]) -> None:

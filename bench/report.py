@@ -44,9 +44,11 @@ def summarize(sc: Scenario, runs: dict[str, list[Run]]) -> dict[str, Any]:
             **{k: median_of(rs, k) for k in ("cpu_server", "cpu_children", "cpu_bench", "cpu_other",
                                              "cpu_us_per_op")},
             "errors": [r.error for r in rs if r.error], "runs": [asdict(r) for r in rs],
+            "note": "; ".join(r.note for r in rs if r.note and r.error is None),
         }
     m = row.get("moorage", {}).get("median")
-    d = row.get("distribution", {}).get("median")
+    d = row.get(sc.baseline, {}).get("median")
+    row["baseline"] = sc.baseline
     row["ratio"] = m / d if m and d else None
     row["met"] = None if row["ratio"] is None else row["ratio"] >= sc.target
     return row
@@ -62,6 +64,8 @@ def fmt_value(side: dict | None) -> str:
         text += f" (p99 {side['p99_ms']:.1f} ms)"
     if side["errors"]:
         text += f" [{len(side['errors'])} failed]"
+    if side.get("note"):
+        text += f" ({side['note']})"
     return text
 
 
@@ -86,9 +90,11 @@ def print_table(rows: list[dict], names: list[str]) -> None:
     body = []
     for row in rows:
         ratio = f"{row['ratio']:.2f}x" if row["ratio"] is not None else "-"
-        status = {True: "met", False: "NOT met", None: "-" if len(names) < 2 else "error"}[row["met"]]
+        status = {True: "met", False: "NOT met",
+                  None: "-" if "moorage" not in names or len(names) < 2 else "error"}[row["met"]]
+        against = "" if row["baseline"] == "distribution" else f" {row['baseline']}"
         body.append([row["scenario"], row["unit"], *(fmt_value(row.get(n)) for n in names),
-                     ratio, f">={row['target']:g}x", status,
+                     ratio, f">={row['target']:g}x{against}", status,
                      cpu_unit(row["unit"]), *(fmt_cpu(row.get(n)) for n in names)])
     print()
     # CPU per unit: the server's own time (Moorage: every process of the replica, etcd
@@ -96,6 +102,8 @@ def print_table(rows: list[dict], names: list[str]) -> None:
     # many cores the machine has or how much of them the load generator took.
     render(["scenario", "unit", *names, "ratio M/D", "target", "status", "per",
             *(f"{n[0].upper()} CPU us" for n in names)], body)
+    if any(row["baseline"] != "distribution" for row in rows):
+        print("(a target naming another column is the ratio against that column: Moorage / it)")
     print_errors(rows, names)
     print_cpu(rows, names)
 
@@ -120,7 +128,8 @@ def print_cpu(rows: list[dict], names: list[str]) -> None:
     children high: etcd is. other > 0: something outside the bench competed.
     """
     print(f"\nCPU during the runs, cores busy (the machine has {os.cpu_count()}); "
-          "children = etcd and the worker processes for Moorage; bench = curl/wrk/the Python clients:")
+          "children = etcd and the worker processes for Moorage, and SeaweedFS with --s3; "
+          "bench = curl/wrk/the Python clients:")
     head, body = ["scenario"], []
     for n in names:
         head += [f"{n[0].upper()} {label}" for label in CPU_COLUMNS.values()]

@@ -12,11 +12,14 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from credentials import Credentials
 from load import BenchError, request
 from tls import make_certificate
+
+if TYPE_CHECKING:
+    from objectstore import Bucket
 
 
 START_TIMEOUT = 60.0        # a registry (and etcd) becoming ready
@@ -131,6 +134,10 @@ class Server:
     ca: Path | None = None                  # the CA the clients trust (Moorage's exists once it started)
     credentials: Credentials | None = None  # None: the registry runs without authentication
     env: dict[str, str] = field(default_factory=dict)
+    drop_env: tuple[str, ...] = ()          # prefixes of this environment's variables it must not see
+    helpers: list[int] = field(default_factory=list)  # pids it works through (SeaweedFS): their CPU is its
+    # Seeding a blob straight into its storage, where pushing cannot work (repo, digest, data).
+    put_blob_directly: Callable[[str, str, bytes], None] | None = None
     _ssl: ssl.SSLContext | None = None
 
     @property
@@ -152,7 +159,7 @@ class Server:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True,
-                                         env={**os.environ, **self.env})
+                                         env=self.child_env())
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             self.check_alive()
@@ -164,6 +171,14 @@ class Server:
                 pass
             time.sleep(0.2)
         raise BenchError(f"{self.name} not ready after {START_TIMEOUT:.0f}s\n{self.log_tail()}")
+
+    def blob_target(self, repo: str, digest: str) -> str:
+        """What a client asks for to pull a blob (the direct-read baseline overrides it)."""
+        return f"/v2/{repo}/blobs/{digest}"
+
+    def child_env(self) -> dict[str, str]:
+        """The environment of its processes: this one's, less drop_env, plus env."""
+        return {**{k: v for k, v in os.environ.items() if not k.startswith(self.drop_env)}, **self.env}
 
     def check_alive(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -182,7 +197,13 @@ class Server:
         return [self.proc.pid, *descendants(self.proc.pid)]
 
     def cpu_snapshot(self) -> dict[int, float]:
-        return {pid: cpu_seconds(pid) for pid in self.tree()}
+        """CPU seconds so far of its own processes and of the helpers it works through.
+
+        A helper (the object store) is shared, so its memory is nobody's, but
+        its CPU during a run is that run's work.
+        """
+        helpers = [p for h in self.helpers for p in (h, *descendants(h))]
+        return {pid: cpu_seconds(pid) for pid in [*self.tree(), *helpers]}
 
     def observe_memory(self) -> None:
         """Keep the largest VmHWM seen per process: a child may not live to the end."""
@@ -246,26 +267,68 @@ class CpuMeter:
 ADMIN_PASSWORD = "bench-admin-password"
 
 
-def moorage_server(workdir: Path, tls: bool = True) -> Server:
-    """Moorage as an operator starts it: HTTPS with its cluster CA (unless tls is False), and an admin."""
+def moorage_server(workdir: Path, tls: bool = True, bucket: Bucket | None = None) -> Server:
+    """Moorage as an operator starts it: HTTPS with its cluster CA (unless tls is False), and an admin.
+
+    With a bucket, its blobs go there (`--storage s3://BUCKET`), with the
+    credentials in the standard AWS variables, as an operator gives them.
+    """
     port = free_port()
     cmd = [sys.executable, "-m", "moorage", "serve",
            "--data-dir", str(workdir / "data"),
            "--listen", f"127.0.0.1:{port}",
            "--etcd-client-port", str(free_port()),
            "--etcd-peer-port", str(free_port())]
+    env = {"MOORAGE_ADMIN_PASSWORD": ADMIN_PASSWORD}
+    if bucket is not None:
+        cmd += ["--storage", f"s3://{bucket.name}", "--s3-endpoint", bucket.endpoint,
+                "--s3-region", bucket.region, "--s3-path-style"]
+        env.update(bucket.store.env, AWS_EC2_METADATA_DISABLED="true")
     if not tls:
         cmd.append("--insecure-http")
     return Server("moorage", cmd, port, workdir, tls=tls, ca=workdir / "data" / "tls" / "ca.crt",
-                  credentials=Credentials("admin", ADMIN_PASSWORD),
-                  env={"MOORAGE_ADMIN_PASSWORD": ADMIN_PASSWORD})
+                  credentials=Credentials("admin", ADMIN_PASSWORD), env=env)
 
 
-def distribution_server(workdir: Path, tls: bool = True) -> Server:
+def distribution_storage(workdir: Path, bucket: Bucket | None, root: str = "/") -> str:
+    """The `storage:` stanza: the Debian package's filesystem default, or S3 in `bucket` under `root`.
+
+    On S3, distribution 2.8 uses path-style requests whenever `regionendpoint`
+    is set, and redirects blob GETs to presigned URLs by default (as Moorage
+    does), so nothing beyond the bucket and its endpoint is configured.
+    """
+    if bucket is None:
+        driver = f"""\
+  filesystem:
+    rootdirectory: {workdir / "data"}
+"""
+    else:
+        driver = f"""\
+  s3:
+    accesskey: {bucket.store.access_key}
+    secretkey: {bucket.store.secret_key}
+    region: {bucket.region}
+    regionendpoint: {bucket.endpoint}
+    bucket: {bucket.name}
+    secure: {"true" if bucket.endpoint.startswith("https:") else "false"}
+    v4auth: true
+    rootdirectory: {root}
+"""
+    return f"""\
+storage:
+  cache:
+    blobdescriptor: inmemory
+{driver}  delete:
+    enabled: true
+"""
+
+
+def distribution_server(workdir: Path, tls: bool = True, bucket: Bucket | None = None) -> Server:
     """docker-registry with the Debian package's own defaults, minus auth, plus a loopback port.
 
     With tls, it serves HTTPS with a certificate the bench makes (its own TLS
-    stack, Go's crypto/tls): the same transport as Moorage's.
+    stack, Go's crypto/tls): the same transport as Moorage's. With a bucket,
+    its storage is S3 there (distribution_storage).
     """
     port = free_port()
     config = workdir / "config.yml"
@@ -282,17 +345,14 @@ def distribution_server(workdir: Path, tls: bool = True) -> Server:
 version: 0.1
 log:
   level: warn
-storage:
-  cache:
-    blobdescriptor: inmemory
-  filesystem:
-    rootdirectory: {workdir / "data"}
-  delete:
-    enabled: true
-http:
+{distribution_storage(workdir, bucket)}http:
   addr: 127.0.0.1:{port}
   headers:
     X-Content-Type-Options: [nosniff]
 {tls_config}""")
     binary = shutil.which("docker-registry") or "/usr/bin/docker-registry"
-    return Server("distribution", [binary, "serve", str(config)], port, workdir, tls=tls, ca=ca)
+    return Server("distribution", [binary, "serve", str(config)], port, workdir, tls=tls, ca=ca,
+                  # Its AWS SDK panics at start when AWS_CA_BUNDLE is set ("unable to load
+                  # custom CA bundle, HTTPClient's transport unsupported type"), and its
+                  # credentials are in the configuration: it sees no AWS_* variable.
+                  drop_env=("AWS_",))

@@ -157,9 +157,11 @@ class SeaweedFS:
             aws_access_key_id=access_key or self.access_key,
             aws_secret_access_key=secret_key or self.secret_key)
 
-    def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
-        """Ready means a signed write, read and delete work, not just an open port:
-        the S3 gateway answers before the volume server has registered."""
+    def wait_ready(self, timeout: float = START_TIMEOUT, bucket: str | None = None) -> None:
+        """Ready means a signed write, read and delete work in the bucket (made if missing), not just
+        an open port: the S3 gateway answers before the volume server has registered, and a new
+        bucket's first write waits for volumes of its own, which fails on a loaded machine."""
+        bucket = bucket or self.bucket
         deadline = time.monotonic() + timeout
         last: Exception | None = None
         client = self.client(timeout=2.0)
@@ -168,17 +170,17 @@ class SeaweedFS:
                 if self.proc is None or self.proc.poll() is not None:
                     raise RuntimeError(f"weed exited with {self.proc and self.proc.returncode}:\n{self.log()}")
                 try:
-                    self._ensure_bucket(client, self.bucket)
-                    client.put_object(Bucket=self.bucket, Key="harness/ready", Body=b"ready")
-                    assert client.get_object(Bucket=self.bucket, Key="harness/ready")["Body"].read() == b"ready"
-                    client.delete_object(Bucket=self.bucket, Key="harness/ready")
+                    self._ensure_bucket(client, bucket)
+                    client.put_object(Bucket=bucket, Key="harness/ready", Body=b"ready")
+                    assert client.get_object(Bucket=bucket, Key="harness/ready")["Body"].read() == b"ready"
+                    client.delete_object(Bucket=bucket, Key="harness/ready")
                     return
                 except Exception as e:  # noqa: BLE001 - anything short of success means "not yet"
                     last = e
                 time.sleep(0.2)
         finally:
             client.close()
-        raise TimeoutError(f"SeaweedFS not ready after {timeout}s ({last!r}):\n{self.log()}")
+        raise TimeoutError(f"SeaweedFS not ready after {timeout}s in bucket {bucket} ({last!r}):\n{self.log()}")
 
     @staticmethod
     def _ensure_bucket(client, name: str) -> None:
@@ -189,12 +191,9 @@ class SeaweedFS:
                 raise
             client.create_bucket(Bucket=name)
 
-    def create_bucket(self, name: str) -> str:
-        client = self.client()
-        try:
-            self._ensure_bucket(client, name)
-        finally:
-            client.close()
+    def create_bucket(self, name: str, timeout: float = START_TIMEOUT) -> str:
+        """A bucket that has taken a write (see wait_ready)."""
+        self.wait_ready(timeout, bucket=name)
         return name
 
     def log(self) -> str:
