@@ -6,6 +6,10 @@ the pool's undrawn layers garbage, about half of all blobs), each in its own
 bucket on the same SeaweedFS, written there untimed before the first round
 (objectstore.ObjectStore.put_many) in each registry's own layout.
 
+Moorage: its records written straight into its etcd (as gc_bench.py does)
+and its objects at its own keys (`blobs/<alg>/<2 hex>/<hex>`), then one run
+through the admin API (`POST /_admin/gc`), timed by the run's own record.
+
 distribution: `docker-registry garbage-collect` (2.8, offline, as its docs
 say to run it) over a configuration like its server's with the root
 directory `gc`, so the other rows' content is not in the way. It reads every
@@ -21,18 +25,25 @@ After each run the bucket is listed to check that exactly the garbage went.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from gc_bench import Content
-from load import BenchError, Measurement
+from load import BenchError, Measurement, request
 from objectstore import ObjectStore
 from servers import Server, distribution_storage
 
+from moorage.cluster.etcd_member import node_tls
+from moorage.meta.etcd import EtcdClient
+
 GC_TIMEOUT = 3600.0         # one collection; distribution's takes minutes here
 DISTRIBUTION_ROOT = "gc"
+DISTRIBUTION_BLOBS = f"{DISTRIBUTION_ROOT}/docker/registry/v2/blobs/"
+MOORAGE_BLOBS = "blobs/sha256/"
 
 
 @dataclass
@@ -45,6 +56,7 @@ class GcWorkload:
     content: Content | None = None
     seeded: set[str] = field(default_factory=set)       # registries holding the whole content
     collected: set[str] = field(default_factory=set)    # registries whose garbage a run deleted
+    before: dict[str, int] = field(default_factory=dict)  # blob objects in the bucket before the run
 
     def prepare(self, server: Server, rnd: int) -> None:
         if self.content is None:
@@ -52,15 +64,65 @@ class GcWorkload:
             self.content = Content(self.blobs, self.manifests)
             print(f"  GC content: {len(self.content.files):,} blobs, {self.content.garbage:,} of them garbage, "
                   f"{len(self.content.manifests):,} manifests ({time.monotonic() - started:.0f} s)", flush=True)
+        if server.name in self.seeded and server.name not in self.collected:
+            return
+        started = time.monotonic()
+        only = self.content.garbage_blobs if server.name in self.seeded else None
         if server.name == "distribution":
-            self._prepare_distribution(server)
+            n = self.store.put_many(server.name, self.content.distribution_objects(DISTRIBUTION_ROOT, only))
         else:
-            raise BenchError(f"no GC workload for {server.name} on S3 yet")
+            n = self._seed_moorage(server, only)
+        print(f"  seeded {n:,} objects for {server.name}'s GC in {time.monotonic() - started:.0f} s", flush=True)
+        self.seeded.add(server.name)
+        self.collected.discard(server.name)
+        self.count_before(server)
 
     def run(self, server: Server, ctx: object) -> Measurement:
         if server.name == "distribution":
             return self._run_distribution(server)
-        raise BenchError(f"no GC workload for {server.name} on S3 yet")
+        return self._run_moorage(server)
+
+    # ------------------------------------------------------------------
+    # Moorage
+
+    def _seed_moorage(self, server: Server, only: set[str] | None) -> int:
+        """Its objects, then its records (all of them again: a run deleted the garbage's)."""
+        assert self.content is not None
+        objects = ((f"blobs/sha256/{d[7:9]}/{d[7:]}", data)  # storage/s3.py's key for a digest
+                   for d, data in self.content.files.items() if only is None or d in only)
+        n = self.store.put_many(server.name, objects)
+        port = server.command[server.command.index("--etcd-client-port") + 1]
+
+        async def write() -> None:
+            client = EtcdClient(f"127.0.0.1:{port}", node_tls(server.workdir / "data"), timeout=60)
+            try:
+                await self.content.write_records(client)
+            finally:
+                await client.close()
+        asyncio.run(write())
+        time.sleep(2)  # the replica's index applies them through its watch
+        return n
+
+    def _run_moorage(self, server: Server) -> Measurement:
+        assert self.content is not None
+        status, _, body = request(server, "POST", "/_admin/gc", {"Content-Type": "application/json"},
+                                  json.dumps({"dry_run": False}).encode())
+        run = json.loads(body) if status in (200, 202) else None
+        if run is None:
+            raise BenchError(f"starting GC: HTTP {status} {body[:200]!r}")
+        deadline = time.monotonic() + GC_TIMEOUT
+        while run["state"] == "running":
+            if time.monotonic() > deadline:
+                raise BenchError(f"Moorage's GC did not finish in {GC_TIMEOUT:.0f} s")
+            time.sleep(0.2)
+            status, _, body = request(server, "GET", f"/_admin/gc/{run['id']}")
+            run = json.loads(body)
+        self.collected.add(server.name)
+        if run["state"] != "done":
+            raise BenchError(f"Moorage's GC ended {run['state']}: {json.dumps(run)[:300]}")
+        seconds = run["finished"] - run["started"]
+        self._check_left(server.name, MOORAGE_BLOBS)
+        return Measurement(len(self.content.files) / seconds, note=f"{seconds:.1f} s")
 
     # ------------------------------------------------------------------
     # distribution
@@ -73,17 +135,6 @@ class GcWorkload:
 
     def _bucket(self, server: Server):
         return self.store.bucket(server.name)
-
-    def _prepare_distribution(self, server: Server) -> None:
-        assert self.content is not None
-        if server.name in self.seeded and server.name not in self.collected:
-            return
-        only = self.content.garbage_blobs if server.name in self.seeded else None
-        started = time.monotonic()
-        n = self.store.put_many(server.name, self.content.distribution_objects(DISTRIBUTION_ROOT, only))
-        print(f"  seeded {n:,} objects for distribution's GC in {time.monotonic() - started:.0f} s", flush=True)
-        self.seeded.add(server.name)
-        self.collected.discard(server.name)
 
     def _run_distribution(self, server: Server) -> Measurement:
         assert self.content is not None
@@ -102,12 +153,18 @@ class GcWorkload:
         if proc.returncode != 0:
             tail = log.read_text(errors="replace")[-300:]
             raise BenchError(f"garbage-collect exited {proc.returncode}: {tail}")
-        self._check_left(server.name, f"{DISTRIBUTION_ROOT}/docker/registry/v2/blobs/")
+        self._check_left(server.name, DISTRIBUTION_BLOBS)
         return Measurement(len(self.content.files) / seconds, note=f"{seconds:.1f} s")
 
+    def count_before(self, server: Server) -> None:
+        """Blob objects in the bucket before a run (the other rows' blobs are in Moorage's too)."""
+        prefix = DISTRIBUTION_BLOBS if server.name == "distribution" else MOORAGE_BLOBS
+        self.before[server.name] = self.store.count(server.name, prefix)
+
     def _check_left(self, bucket: str, prefix: str) -> None:
+        """Exactly the garbage went: as many blob objects fewer as there were garbage blobs."""
         assert self.content is not None
         left = self.store.count(bucket, prefix)
-        wanted = len(self.content.files) - self.content.garbage
+        wanted = self.before[bucket] - self.content.garbage
         if left != wanted:
-            raise BenchError(f"{bucket}: {left:,} blobs left after GC, wanted {wanted:,}")
+            raise BenchError(f"{bucket}: {left:,} blob objects left after GC, wanted {wanted:,}")

@@ -34,6 +34,7 @@ from typing import Iterator
 
 import pytest
 
+import hosts
 from conftest import free_port
 
 WEED = str(Path(sys.executable).parent / "weed")
@@ -50,6 +51,10 @@ class SeaweedFS:
     """One `weed server -s3` child process (its own process group), its data and its S3 identity."""
 
     root: Path
+    # Where it listens: loopback, or a test host's address with `on` that host
+    # (tests/hosts.py), so replicas on other hosts reach one store, as machines do.
+    ip: str = "127.0.0.1"
+    on: "hosts.Host | None" = None
     access_key: str = field(default_factory=lambda: "MOORAGE" + secrets.token_hex(6).upper())
     secret_key: str = field(default_factory=lambda: secrets.token_urlsafe(30))
     bucket: str = BUCKET
@@ -58,12 +63,12 @@ class SeaweedFS:
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.ports['s3']}"
+        return f"http://{self.ip}:{self.ports['s3']}"
 
     @property
     def https_endpoint(self) -> str:
         """The same S3 API over TLS, with a certificate from `ca_cert` (a CA of the test's own)."""
-        return f"https://127.0.0.1:{self.ports['s3.https']}"
+        return f"https://{self.ip}:{self.ports['s3.https']}"
 
     @property
     def ca_cert(self) -> Path:
@@ -91,7 +96,8 @@ class SeaweedFS:
     def command(self) -> list[str]:
         p = self.ports
         return [
-            WEED, "server", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            *(self.on.run_prefix() if self.on is not None else []),
+            WEED, "server", f"-dir={self.data_dir}", f"-ip={self.ip}", f"-ip.bind={self.ip}",
             f"-master.port={p['master']}", f"-master.port.grpc={p['master.grpc']}",
             f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume.grpc']}",
             "-filer", f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer.grpc']}",
@@ -124,7 +130,7 @@ class SeaweedFS:
 
         if not self._pki.has_ca():
             pki.create_ca(self._pki, "seaweedfs-test")
-        pki.ensure_api_cert(self._pki, ("127.0.0.1", "localhost"))
+        pki.ensure_api_cert(self._pki, (self.ip, "localhost"))
 
     def start(self, timeout: float = START_TIMEOUT) -> "SeaweedFS":
         self.data_dir.mkdir(parents=True, exist_ok=True)
