@@ -101,7 +101,7 @@ def print_table(rows: list[dict], names: list[str]) -> None:
     # included) per request, MiB or operation; unlike the rates it does not depend on how
     # many cores the machine has or how much of them the load generator took.
     render(["scenario", "unit", *names, "ratio M/D", "target", "status", "per",
-            *(f"{n[0].upper()} CPU us" for n in names)], body)
+            *(f"{short(n)} CPU us" for n in names)], body)
     if any(row["baseline"] != "distribution" for row in rows):
         print("(a target naming another column is the ratio against that column: Moorage / it)")
     print_errors(rows, names)
@@ -115,6 +115,11 @@ def print_errors(rows: list[dict], names: list[str]) -> None:
         print("\nErrors:")
         for scenario, name, err in errors:
             print(f"  {scenario} / {name}: {err}")
+
+
+def short(name: str) -> str:
+    """A column's initial in the CPU tables: M, D, and S3 for the direct reads from the store."""
+    return "S3" if name == "direct" else name[0].upper()
 
 
 CPU_COLUMNS = {"cpu_server": "server", "cpu_children": "children", "cpu_bench": "bench",
@@ -132,7 +137,7 @@ def print_cpu(rows: list[dict], names: list[str]) -> None:
           "bench = curl/wrk/the Python clients:")
     head, body = ["scenario"], []
     for n in names:
-        head += [f"{n[0].upper()} {label}" for label in CPU_COLUMNS.values()]
+        head += [f"{short(n)} {label}" for label in CPU_COLUMNS.values()]
     for row in rows:
         cells = [row["scenario"]]
         for n in names:

@@ -122,7 +122,8 @@ class GcWorkload:
             raise BenchError(f"Moorage's GC ended {run['state']}: {json.dumps(run)[:300]}")
         seconds = run["finished"] - run["started"]
         self._check_left(server.name, MOORAGE_BLOBS)
-        return Measurement(len(self.content.files) / seconds, note=f"{seconds:.1f} s")
+        return Measurement(len(self.content.files) / seconds, note=f"{seconds:.1f} s",
+                           ops=len(self.content.files))
 
     # ------------------------------------------------------------------
     # distribution
@@ -154,7 +155,8 @@ class GcWorkload:
             tail = log.read_text(errors="replace")[-300:]
             raise BenchError(f"garbage-collect exited {proc.returncode}: {tail}")
         self._check_left(server.name, DISTRIBUTION_BLOBS)
-        return Measurement(len(self.content.files) / seconds, note=f"{seconds:.1f} s")
+        return Measurement(len(self.content.files) / seconds, note=f"{seconds:.1f} s",
+                           ops=len(self.content.files))
 
     def count_before(self, server: Server) -> None:
         """Blob objects in the bucket before a run (the other rows' blobs are in Moorage's too)."""
