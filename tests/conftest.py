@@ -57,6 +57,7 @@ class Registry:
     on: hosts.Host | None = None  # its own host (network namespace); None: this machine's loopback
     wrapper: list[str] = field(default_factory=list)  # put before the command (e.g. faketime)
     listen: str | None = None  # --listen when not HOST:PORT (e.g. 0.0.0.0:5000)
+    env: dict = field(default_factory=dict)  # more environment (an object store's AWS credentials)
     # Every registry started so far, by URL: `moorage(..., "--existing", URL)`
     # trusts the CA of the one it names.
     started: ClassVar[dict[str, "Registry"]] = {}
@@ -122,7 +123,7 @@ class Registry:
         log = open(self.log_path, "ab")
         cmd = self.command()
         self.proc = subprocess.Popen(
-            (self.on.run_prefix() if self.on else []) + self.wrapper + cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=cli_env(cmd),
+            (self.on.run_prefix() if self.on else []) + self.wrapper + cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=cli_env(cmd, self.env),
             stdin=subprocess.DEVNULL,
         )
         self.wait_ready(timeout)
@@ -262,21 +263,29 @@ class Cluster:
     """Replicas sharing one storage directory: on loopback, or with `network`, replica i
     on host registry-(i+1) at 10.0.0.(11+i) on the guide's default ports, one host each."""
 
-    def __init__(self, root, network: hosts.Network | None = None):
+    def __init__(self, root, network: hosts.Network | None = None, object_store: "ObjectStore | None" = None):
         self.root = root
         self.storage = root / "blobs"
         self.network = network
+        # Blobs in an object store instead: no shared directory at all; the first replica names
+        # the store, the others learn it when they join, and every one has the credentials.
+        self.object_store = object_store
         self.replicas: list[Registry] = []
 
-    def new(self, **kw) -> Registry:
+    def new(self, first: bool = False, **kw) -> Registry:
         i = len(self.replicas)
+        if self.object_store is not None:
+            kw.setdefault("env", self.object_store.env)
+            if first:
+                kw["extra_args"] = self.object_store.args + kw.get("extra_args", [])
+        else:
+            kw["storage_dir"] = self.storage
         if self.network is not None:
-            return on_host(self.network.host(f"registry-{i + 1}", f"10.0.0.{11 + i}"), self.root / f"r{i}",
-                           storage_dir=self.storage, **kw)
-        return Registry(self.root / f"r{i}", storage_dir=self.storage, **kw)
+            return on_host(self.network.host(f"registry-{i + 1}", f"10.0.0.{11 + i}"), self.root / f"r{i}", **kw)
+        return Registry(self.root / f"r{i}", **kw)
 
     def start_first(self) -> Registry:
-        first = self.new().start()
+        first = self.new(first=True).start()
         self.replicas.append(first)
         return first
 
@@ -327,6 +336,14 @@ def three(cluster) -> Cluster:
     cluster.join(first)
     cluster.join(first)
     return cluster
+
+
+@dataclass
+class ObjectStore:
+    """How replicas reach a bucket: `serve`'s flags for it and the AWS variables they need."""
+
+    args: list[str]
+    env: dict
 
 
 def wait_for(predicate, timeout: float, what: str):

@@ -33,5 +33,5 @@ def setup(level: str) -> None:
     root.setLevel(level.upper())
     # Libraries speak only when something is wrong, unless asked to tell all.
     if level.lower() != "debug":
-        for noisy in ("aiohttp.access", "grpc", "asyncio", "httpx", "httpcore"):
+        for noisy in ("aiohttp.access", "grpc", "asyncio", "httpx", "httpcore", "aiobotocore", "botocore"):
             logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -50,7 +50,10 @@ WINDOW = 8 << 20  # a multiple of SLICE and of mmap.ALLOCATIONGRANULARITY
 
 
 def blob_response(body: BlobBody, headers: dict[str, str]) -> web.StreamResponse:
-    """A GET's answer with the blob's bytes: Range and HEAD included."""
+    """A GET's answer with the blob's bytes: Range and HEAD included; or a redirect to
+    where the client reads them itself (a presigned URL of the object store)."""
+    if body.url is not None:
+        return web.Response(status=307, headers={**headers, "Location": body.url})
     if body.path is not None:
         # FileResponse answers Range with 206 / 416 and sends with sendfile; over TLS,
         # where sendfile cannot be used, BlobFileResponse writes slices of an mmap.

@@ -82,7 +82,7 @@ class BlobHandlers:
         if request.method == "HEAD":
             headers["Content-Length"] = str(record.size)
             return web.Response(headers=headers)
-        return blob_response(await self.repositories.blob_body(digest), headers)
+        return blob_response(await self.repositories.blob_body(digest, record.size), headers)
 
     async def delete(self, request: web.Request, name: str, digest: str) -> web.Response:
         await self.repositories.delete_blob(name, digest)

@@ -61,14 +61,16 @@ class RegistryService:
         settings.on_change(lambda key, value: _apply_limit(limits, key, value))
         placement = Placement(meta, storage)
         repositories = Repositories(meta, storage, placement, limits)
+        settings.on_change(lambda key, value: _apply_redirect(repositories, key, value))
         uploads = Uploads(storage, Sessions(meta, await meta.secret("upload-state")), placement, limits)
         # Every replica signs with the same secret, so each verifies any replica's tokens locally.
         tokens = Tokens(await meta.secret("token-signing"), lambda: settings["token.lifetime_seconds"],
                         replica=identity.replica_id, offset=clock.offset)
         auth = Auth(access, tokens)
         gc = GcRunner(meta, replica.gc_store, storage, settings, identity.replica_id, uploads.sessions, clock)
-        # On the shared storage, so any replica can answer for the whole cluster.
-        audit = AuditLog(storage_dir=identity.storage_dir, replica=identity.replica_id)
+        # On the shared storage, so any replica can answer for the whole cluster; with an object
+        # store, in the replica's own data directory (to move into the bucket: see docs/storage.md).
+        audit = AuditLog(storage_dir=replica.local_storage_dir, replica=identity.replica_id)
         request_audit = RequestAudit(audit)
         debug = logging.getLogger().isEnabledFor(logging.DEBUG)
         server = create_server(repositories, uploads, replica.health, replica.ping,
@@ -124,6 +126,11 @@ class RegistryService:
         while time.monotonic() < deadline and any(
                 getattr(conn, "_request_in_progress", False) for conn in self.server.connections):
             await asyncio.sleep(0.05)
+
+
+def _apply_redirect(repositories: Repositories, key: str, value: Any) -> None:
+    if key == "storage.redirect":
+        repositories.redirect = value
 
 
 def _apply_limit(limits: Limits, key: str, value: Any) -> None:

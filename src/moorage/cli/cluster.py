@@ -21,7 +21,9 @@ from moorage.cluster.addresses import advertised, check_ports_free, parse_listen
 from moorage.cluster.identity import Identity
 from moorage.cluster.membership import tolerates
 from moorage.cluster.operations import proof_name
-from moorage.storage.drivers import storage_at
+from moorage.cluster.replica import S3_CA_FILE
+from moorage.storage.drivers import describe, is_object_store, storage_at
+from moorage.storage.errors import StorageError
 from moorage.units import human_bytes
 
 _REPLICA_ID = re.compile(r"^[0-9a-f]{1,64}$")
@@ -126,13 +128,13 @@ def run_join(args: argparse.Namespace) -> int:
             print(f"moorage: warning: {note}", file=sys.stderr, flush=True)
 
     try:
-        storage_dir = (args.storage_dir or data_dir / "blobs").resolve()
-        _check_storage(plan, storage_dir, replica_id)
+        location, options = _storage(plan, args, data_dir)
+        _check_storage(plan, location, options, replica_id)
         _install_ca(plan, data_dir)
         Identity(replica_id=replica_id, cluster_token=plan["cluster_token"], created=time.time(),
-                 storage_dir=str(storage_dir), etcd_client_port=client_port, etcd_peer_port=peer_port,
+                 storage_dir=location, etcd_client_port=client_port, etcd_peer_port=peer_port,
                  advertise=advertise, initial_cluster=plan["initial_cluster"],
-                 member_id=plan["member_id"]).save(data_dir)
+                 member_id=plan["member_id"], s3=options).save(data_dir)
         return run_replica(replica_config(args), promote=promote, on_serving=on_serving)
     except BaseException:
         if not served:  # leave neither a half member in the cluster nor a half replica here
@@ -141,6 +143,7 @@ def run_join(args: argparse.Namespace) -> int:
             except CliError:
                 pass
             (data_dir / "replica.json").unlink(missing_ok=True)
+            (data_dir / S3_CA_FILE).unlink(missing_ok=True)
             for made in ("etcd", *ours):
                 shutil.rmtree(data_dir / made, ignore_errors=True)
         raise
@@ -158,19 +161,50 @@ def _install_ca(plan: dict, data_dir: Path) -> None:
     pki.install_ca(pki.Paths(data_dir), cert.encode(), key.encode())
 
 
-def _check_storage(plan: dict, storage_dir: Path, replica_id: str) -> None:
-    """The new replica must see the very storage the cluster writes to."""
+def _storage(plan: dict, args: argparse.Namespace, data_dir: Path) -> tuple[str, dict | None]:
+    """Where the new replica keeps its blobs: the cluster's object store as the answer names it
+    (its CA kept in DATA_DIR), else the shared directory this node mounts."""
+    spec = plan.get("storage")
+    if not spec:
+        if args.storage is not None and args.storage.startswith("s3://"):
+            raise CliError("the cluster keeps its blobs in a shared directory, not an object store: "
+                           "drop --storage and give the directory with --storage-dir")
+        return str(Path(args.storage or args.storage_dir or data_dir / "blobs").resolve()), None
+    location, options = spec["location"], dict(spec.get("options") or {})
+    if args.storage_dir is not None or (args.storage is not None and args.storage != location):
+        raise CliError(f"the cluster keeps its blobs in {describe(location, options)}; a joining replica "
+                       "learns it from the cluster: drop --storage/--storage-dir")
+    if spec.get("ca_pem"):
+        data_dir.mkdir(parents=True, exist_ok=True)
+        (data_dir / S3_CA_FILE).write_text(spec["ca_pem"])
+        options["ca_cert"] = str(data_dir / S3_CA_FILE)
+    return location, options
+
+
+def _check_storage(plan: dict, location: str, options: dict | None, replica_id: str) -> None:
+    """The new replica must see the very storage the cluster writes to: an object store is
+    probed (write, read back, delete) with this node's credentials first."""
     proof = plan["storage_proof"]
-    seen = asyncio.run(_read_proof(storage_dir, proof_name(replica_id)))
+    try:
+        seen = asyncio.run(_read_proof(location, options, proof_name(replica_id)))
+    except StorageError as e:
+        raise CliError(f"this node cannot use the cluster's blob storage {describe(location, options)}: "
+                       f"{e}") from None
     if seen is None or seen.decode(errors="replace").strip() != proof["nonce"]:
-        raise CliError(f"this node does not see the cluster's blob storage at {storage_dir} (the file "
+        if is_object_store(location):
+            raise CliError(f"this node does not see the cluster's objects in {describe(location, options)} "
+                           f"(the object {proof['file']} the cluster just wrote is missing or different); "
+                           "check that the endpoint's address reaches the same store from this node")
+        raise CliError(f"this node does not see the cluster's blob storage at {location} (the file "
                        f"{proof['file']} the cluster just wrote there is missing or different); mount the "
                        "shared storage and pass its path with --storage-dir")
 
 
-async def _read_proof(storage_dir: Path, name: str) -> bytes | None:
-    storage = await storage_at(storage_dir).open()
+async def _read_proof(location: str, options: dict | None, name: str) -> bytes | None:
+    storage = storage_at(location, options)
     try:
+        await storage.open()
+        await storage.probe()
         return await storage.read_proof(name)
     finally:
         await storage.close()

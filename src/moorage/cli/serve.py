@@ -33,6 +33,22 @@ def add_replica_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--etcd-peer-port", type=int, default=None, help="etcd peer port (default: 2380)")
     p.add_argument("--storage-dir", type=Path, default=None,
                    help="blob storage directory, shared by all replicas (default: DATA_DIR/blobs)")
+    p.add_argument("--storage", default=None, metavar="DIR|s3://BUCKET[/PREFIX]",
+                   help="where the cluster keeps its blobs, chosen at its first start: a directory every "
+                        "replica mounts (as --storage-dir), or a bucket of an S3-compatible object store "
+                        "(credentials from the AWS chain: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, the shared "
+                        "credentials file, AWS_PROFILE)")
+    p.add_argument("--s3-endpoint", default=None, metavar="URL",
+                   help="the object store's URL (default: AWS S3 itself)")
+    p.add_argument("--s3-region", default=None, metavar="REGION", help="the bucket's region (default: from "
+                   "the AWS configuration, else us-east-1)")
+    p.add_argument("--s3-ca-cert", default=None, type=Path, metavar="FILE",
+                   help="a CA certificate (PEM) to trust for the object store's HTTPS")
+    p.add_argument("--s3-path-style", action="store_true",
+                   help="address the bucket in the path (URL/BUCKET/KEY), as MinIO and SeaweedFS expect")
+    p.add_argument("--s3-redirect", type=_boolean, default=True, metavar="true|false",
+                   help="answer blob GETs with a redirect to a short-lived presigned URL (default: true); "
+                        "false streams them through the replica (the cluster setting storage.redirect)")
     p.add_argument("--tls-cert", type=Path, default=None, metavar="FILE",
                    help="serve the API with this certificate (PEM, may include the chain) instead of "
                         "one from the cluster CA; needs --tls-key")
@@ -60,10 +76,36 @@ def https_options(args: argparse.Namespace) -> HttpsOptions:
     return HttpsOptions(args.tls_cert, args.tls_key, tuple(args.tls_name), args.insecure_http)
 
 
+def _boolean(text: str) -> bool:
+    value = text.strip().lower()
+    if value not in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+        raise argparse.ArgumentTypeError(f"takes true or false, not {text!r}")
+    return value in ("true", "yes", "on", "1")
+
+
+def storage_choice(args: argparse.Namespace) -> tuple[Path | None, str | None, dict | None]:
+    """(directory, s3://..., the object store's options) from --storage, --storage-dir and --s3-*."""
+    storage, storage_dir = args.storage, args.storage_dir
+    s3_flags = [f for f, v in (("--s3-endpoint", args.s3_endpoint), ("--s3-region", args.s3_region),
+                               ("--s3-ca-cert", args.s3_ca_cert), ("--s3-path-style", args.s3_path_style),
+                               ("--s3-redirect=false", not args.s3_redirect)) if v]
+    if storage is not None and storage_dir is not None:
+        raise CliError("give the blob storage once: --storage or --storage-dir")
+    if storage is None or not storage.startswith("s3://"):
+        if s3_flags:
+            raise CliError(f"{s3_flags[0]} is for an object store: add --storage s3://BUCKET[/PREFIX]")
+        return (Path(storage) if storage is not None else storage_dir), None, None
+    options = {"endpoint": args.s3_endpoint, "region": args.s3_region, "path_style": args.s3_path_style,
+               "ca_cert": str(args.s3_ca_cert) if args.s3_ca_cert else None}
+    return None, storage, {k: v for k, v in options.items() if v not in (None, False)}
+
+
 def replica_config(args: argparse.Namespace) -> ReplicaConfig:
+    storage_dir, object_store, s3 = storage_choice(args)
     return ReplicaConfig(data_dir=args.data_dir, listen=args.listen, advertise=args.advertise,
                          etcd_client_port=args.etcd_client_port, etcd_peer_port=args.etcd_peer_port,
-                         storage_dir=args.storage_dir, https=https_options(args),
+                         storage_dir=storage_dir, object_store=object_store, s3=s3,
+                         s3_redirect=args.s3_redirect, https=https_options(args),
                          admin_password=admin_password(args))
 
 

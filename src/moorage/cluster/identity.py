@@ -21,6 +21,8 @@ class Identity:
     replica_id: str
     cluster_token: str
     created: float
+    # The blob storage: a directory, or s3://BUCKET[/PREFIX] with `s3`'s options
+    # (storage/drivers.py: endpoint, region, CA file, path-style; never a secret).
     storage_dir: str
     etcd_client_port: int
     etcd_peer_port: int
@@ -31,6 +33,7 @@ class Identity:
     # Set by `join` for the first start only: how to reach the existing members.
     initial_cluster: str | None = None
     member_id: int | None = None
+    s3: dict | None = None
 
     @staticmethod
     def new_id() -> str:
@@ -51,9 +54,12 @@ class Identity:
 
 
 def load_or_create(data_dir: Path, storage_dir: Path | None, client_port: int | None,
-                   peer_port: int | None, advertise: str) -> tuple[Identity, bool]:
+                   peer_port: int | None, advertise: str,
+                   object_store: tuple[str, dict] | None = None) -> tuple[Identity, bool]:
     """The replica's identity; flags given on this start override what was saved, and the
-    advertised address is always this start's (a saved one may be an old version's loopback)."""
+    advertised address is always this start's (a saved one may be an old version's loopback).
+    `object_store` is (s3://..., options) on a first start that keeps blobs there (the caller
+    has checked a later start names the same one)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     found = Identity.load(data_dir)
     created = found is None
@@ -61,11 +67,13 @@ def load_or_create(data_dir: Path, storage_dir: Path | None, client_port: int | 
         replica_id = Identity.new_id()
         found = Identity(
             replica_id=replica_id, cluster_token=f"moorage-{replica_id}", created=time.time(),
-            storage_dir=str((storage_dir or data_dir / "blobs").resolve()),
+            storage_dir=object_store[0] if object_store else str((storage_dir or data_dir / "blobs").resolve()),
             etcd_client_port=client_port or 2379, etcd_peer_port=peer_port or 2380,
-            advertise=advertise)
+            advertise=advertise, s3=object_store[1] if object_store else None)
     else:
         found.advertise = advertise
+        if object_store is not None:
+            found.s3 = object_store[1]
         if storage_dir is not None:
             found.storage_dir = str(storage_dir.resolve())
         if client_port is not None:

@@ -45,7 +45,8 @@ def proof_name(replica_id: str) -> str:
 class ClusterOperations:
     def __init__(self, client: EtcdClient, index: Index, cluster_settings: ClusterSettings,
                  storage: BlobDriver, replica_id: str, cluster_token: str,
-                 pki_paths: pki.Paths | None = None, clock: ClusterClock | None = None):
+                 pki_paths: pki.Paths | None = None, clock: ClusterClock | None = None,
+                 storage_spec: dict | None = None):
         self.client = client
         self.index = index
         self.settings = cluster_settings
@@ -54,6 +55,7 @@ class ClusterOperations:
         self.cluster_token = cluster_token
         self.pki_paths = pki_paths
         self.clock = clock or ClusterClock(replica_id)
+        self.storage_spec = storage_spec
 
     async def _etcd(self, operation):
         try:
@@ -91,6 +93,8 @@ class ClusterOperations:
         initial = ",".join(f"{m.name or replica_id}={m.peerURLs[0]}" for m in members if m.peerURLs)
         return {"member_id": member_id, "initial_cluster": initial, "cluster_token": self.cluster_token,
                 "storage_proof": {"file": f"cluster/{proof_name(replica_id)}", "nonce": nonce},
+                # An object store: the joining replica keeps its blobs there too, and proves it can.
+                "storage": self.storage_spec,
                 "ca_cert": ca_cert.decode("ascii"), "ca_key": ca_key.decode("ascii")}
 
     async def _add_learner(self, peer_url: str) -> tuple[int, list]:

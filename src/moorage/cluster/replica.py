@@ -40,14 +40,15 @@ from moorage.cluster.clock import ClusterClock
 from moorage.cluster.etcd_member import EtcdMember, node_tls
 from moorage.cluster.identity import Identity, load_or_create
 from moorage.cluster.operations import ClusterOperations
-from moorage.cluster.settings import ClusterSettings, Network, parse_networks
+from moorage.cluster.settings import ClusterSettings, Network, parse_networks, set_value
 from moorage.meta import keys
 from moorage.meta.etcd import EtcdClient, EtcdUnavailable, Event
 from moorage.meta.gc_store import GcStore
 from moorage.meta.index import Index
 from moorage.meta.store import MetaStore
 from moorage.storage.base import BlobDriver
-from moorage.storage.drivers import storage_at
+from moorage.storage.drivers import describe, is_object_store, s3_config, storage_at
+from moorage.storage.errors import StorageError
 
 log = logging.getLogger("moorage.serve")
 
@@ -58,6 +59,8 @@ QUORUM_GRACE_SECONDS = 3.0
 PROMOTE_SECONDS = 120.0
 # A member that just started may be refused a membership change for a few seconds.
 MOVE_SECONDS = 30.0
+# The object store's CA (--s3-ca-cert, or the one a joining replica received), kept in DATA_DIR.
+S3_CA_FILE = "s3-ca.crt"
 
 
 class StartError(Exception):
@@ -72,6 +75,12 @@ class ReplicaConfig:
     etcd_client_port: int | None = None     # None: as saved, else 2379
     etcd_peer_port: int | None = None       # None: as saved, else 2380
     storage_dir: Path | None = None         # None: as saved, else DATA_DIR/blobs
+    # An object store instead (the first start chooses for the cluster): s3://BUCKET[/PREFIX], its
+    # options (storage/drivers.py: endpoint, region, ca_cert, path_style) and whether blob GETs
+    # redirect to it (the cluster setting storage.redirect, written at the first start).
+    object_store: str | None = None
+    s3: dict | None = None
+    s3_redirect: bool = True
     https: https.HttpsOptions = field(default_factory=https.HttpsOptions)
     admin_password: str | None = None       # the admin's on the first start; None: a generated one
 
@@ -216,8 +225,9 @@ class Replica:
         if advertised.resolved_from is not None:
             log.info("advertising this host's one routable address", extra={
                 "advertise": advertised.host, "listen": advertised.resolved_from})
+        object_store = self._object_store()
         identity, self.created = load_or_create(self.data_dir, config.storage_dir, config.etcd_client_port,
-                                                config.etcd_peer_port, advertised.host)
+                                                config.etcd_peer_port, advertised.host, object_store)
         self.identity = identity
         addresses.check_ports_free([(self.host, self.port, "the listen address"),
                                     (identity.advertise, identity.etcd_client_port, "the etcd client port"),
@@ -231,7 +241,10 @@ class Replica:
         # etcd's mutual TLS: the node certificate covers the advertised address (peers and the
         # members' client URLs) and loopback; it is reissued when --advertise changes.
         pki.ensure_node_cert(self.pki, pki.replica_names(identity.advertise))
-        self.storage = storage_at(identity.storage_dir)
+        try:
+            self.storage = storage_at(identity.storage_dir, identity.s3)
+        except StorageError as e:
+            raise StartError(str(e)) from None
         self.member = EtcdMember(
             name=identity.replica_id, data_dir=self.data_dir / "etcd", tls=node_tls(self.data_dir),
             host=identity.advertise, client_port=identity.etcd_client_port, peer_port=identity.etcd_peer_port,
@@ -239,11 +252,78 @@ class Replica:
             initial_cluster=identity.initial_cluster, member_id=identity.member_id, on_removed=self._removed)
         self.clock = ClusterClock(identity.replica_id)
 
+    def _object_store(self) -> tuple[str, dict] | None:
+        """(s3://..., options) this start keeps blobs in, checked against what the data directory
+        says: a cluster chooses its storage at its first start (a joining replica learns it)."""
+        config, saved = self.config, Identity.load(self.data_dir)
+        saved_location = None if saved is None else saved.storage_dir
+        if config.object_store is None:
+            if saved is not None and is_object_store(saved.storage_dir) and config.storage_dir is not None:
+                raise StartError(f"this replica keeps its blobs in {describe(saved.storage_dir, saved.s3)}, "
+                                 "not in a directory: drop --storage-dir")
+            return None
+        options = dict(config.s3 or {})
+        endpoint = options.get("endpoint")
+        if saved is not None and (saved_location != config.object_store
+                                  or (saved.s3 or {}).get("endpoint") != endpoint):
+            raise StartError(f"this replica's cluster keeps its blobs in {describe(saved_location, saved.s3)}, "
+                             f"not {describe(config.object_store, options)}: the storage is chosen at the "
+                             "cluster's first start")
+        if options.get("ca_cert"):
+            # Kept in the data directory: the option names a file that may not outlive this start.
+            copy = self.data_dir / S3_CA_FILE
+            try:
+                pem = Path(options["ca_cert"]).read_bytes()
+            except OSError as e:
+                raise StartError(f"cannot read --s3-ca-cert {options['ca_cert']}: {e.strerror}") from None
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            copy.write_bytes(pem)
+            options["ca_cert"] = str(copy)
+        elif saved is not None and saved.s3 and saved.s3.get("ca_cert"):
+            options["ca_cert"] = saved.s3["ca_cert"]
+        try:
+            s3_config(config.object_store, options)
+        except StorageError as e:
+            raise StartError(str(e)) from None
+        return config.object_store, options
+
+    @property
+    def local_storage_dir(self) -> Path:
+        """The shared directory, where files beside the blobs live (the audit log); on an object
+        store, this replica's data directory."""
+        assert self.identity is not None
+        if is_object_store(self.identity.storage_dir):
+            return self.data_dir
+        return Path(self.identity.storage_dir)
+
+    def storage_spec(self) -> dict | None:
+        """What a joining replica learns of the cluster's object store (None: a directory, which
+        each replica names itself): the location and its options, the CA as text; no secret."""
+        identity = self.identity
+        assert identity is not None
+        if not is_object_store(identity.storage_dir):
+            return None
+        options = dict(identity.s3 or {})
+        ca = options.pop("ca_cert", None)
+        return {"location": identity.storage_dir, "options": options,
+                "ca_pem": Path(ca).read_text() if ca else None}
+
+    async def _open_storage(self, storage: BlobDriver) -> None:
+        """Open the blob storage and prove it works (an object store: write, read back, delete)
+        before anything else: a replica that cannot keep blobs must not serve."""
+        assert self.identity is not None
+        try:
+            await storage.open()
+            await storage.probe()
+        except StorageError as e:
+            raise StartError(f"cannot use the blob storage {describe(self.identity.storage_dir, self.identity.s3)}: "
+                             f"{e}") from None
+
     async def start(self) -> None:
         identity, storage, member, clock = self.identity, self.storage, self.member, self.clock
         assert identity is not None and storage is not None and member is not None and clock is not None, \
             "build() first"
-        await storage.open()
+        await self._open_storage(storage)
         await member.start()
         self._client = client = EtcdClient(member.endpoint, member.tls)
         if self.promote is not None and identity.member_id is not None:
@@ -259,9 +339,12 @@ class Replica:
         self.meta = MetaStore(client, index)
         self.gc_store = GcStore(client)
         self.operations = ClusterOperations(client, index, self.settings, storage, identity.replica_id,
-                                         identity.cluster_token, pki_paths=self.pki, clock=clock)
+                                         identity.cluster_token, pki_paths=self.pki, clock=clock,
+                                         storage_spec=self.storage_spec())
         self.service = await self._service_factory(self)
         await index.load()
+        if self.created and self.promote is None and not self.config.s3_redirect:
+            await set_value(client, "storage.redirect", False)
         self.quorum_ok_at = time.monotonic()  # the index just read from etcd
         self._record = replicas.new_record(identity.replica_id, self.url, member.peer_url, member.client_url)
         for name, (old, new) in replicas.moved(await replicas.record(client, identity.replica_id),

@@ -46,7 +46,7 @@ class Placement:
         placed again from), and record it in `repo`; with `session` (id, revision seen) its upload
         session closes in the same transaction. False when the session had changed meanwhile."""
         place = partial(self.storage.write, digest, data) if data is not None \
-            else partial(self.storage.commit_upload, upload, digest, keep=True)
+            else partial(self.storage.commit_upload, upload, digest, keep=True, size=size)
         return await place_and_commit(self.meta, self.storage, digest, place,
                                       partial(self.meta.commit_blob, repo, digest, size, session))
 

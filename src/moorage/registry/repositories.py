@@ -37,6 +37,7 @@ class BlobBody:
     size: int
     path: Path | None
     chunks: Callable[[int, int | None], AsyncIterator[bytes]]   # (start, end) -> the bytes [start, end)
+    url: str | None = None   # where the client fetches it itself (an object store's presigned URL)
 
 
 class BodyCache:
@@ -76,6 +77,8 @@ def page(items: list[str], n: int | None, last: str | None, max_page: int) -> tu
 
 class Repositories:
     def __init__(self, meta: MetaStore, storage: BlobDriver, placement: Placement, limits: Limits):
+        # The cluster setting storage.redirect (kept current by api/server.py).
+        self.redirect = True
         self.meta = meta
         self.index = meta.index
         self.storage = storage
@@ -126,8 +129,14 @@ class Repositories:
             raise BlobUnknown(f"blob {digest} not found in {repo_name}", {"digest": digest})
         return record
 
-    async def blob_body(self, digest: str) -> BlobBody:
-        """The stored bytes of a recorded blob; BlobUnknown when its data is missing."""
+    async def blob_body(self, digest: str, size: int | None = None) -> BlobBody:
+        """The stored bytes of a recorded blob (of `size`, as recorded); BlobUnknown when its data
+        is missing. On an object store with redirects on, a presigned URL instead: signed here,
+        without a request to the store (a missing object is then the store's 404)."""
+        if self.redirect and size is not None:
+            url = await self.storage.redirect_url(digest)
+            if url is not None:
+                return BlobBody(digest, size, None, partial(self.storage.stream, digest), url)
         size = await self.storage.exists(digest)
         if size is None:
             raise BlobUnknown(f"blob {digest} is recorded but its data is missing", {"digest": digest})

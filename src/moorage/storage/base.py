@@ -39,11 +39,17 @@ class Appender(Protocol):
 
 
 class BlobDriver(Protocol):
+    name: str   # "filesystem", "s3": what logs and metrics call the driver
+
     # -- life: between open() and close() (an object store's connection pool) -------
 
     async def open(self) -> "BlobDriver": ...
 
     async def close(self) -> None: ...
+
+    async def probe(self) -> None:
+        """Prove the storage works as configured (write, read back, delete) before a replica
+        serves; StorageMisconfigured or StorageUnavailable with the sentence an operator needs."""
 
     # -- blobs by digest ---------------------------------------------------------
 
@@ -62,6 +68,10 @@ class BlobDriver(Protocol):
     async def write(self, digest: str, data: bytes) -> None:
         """Store a small blob whose digest the caller has verified."""
 
+    async def redirect_url(self, digest: str) -> str | None:
+        """A short-lived URL clients may fetch the blob from themselves (an object store's
+        presigned GET, signed locally), or None when the bytes must go through the replica."""
+
     async def delete(self, digest: str) -> None: ...
 
     async def delete_many(self, digests: list[str]) -> None: ...
@@ -78,9 +88,9 @@ class BlobDriver(Protocol):
     async def hash_upload(self, upload_id: str, algorithm: str, length: int) -> str:
         """Hex digest of the first `length` bytes of an upload."""
 
-    async def commit_upload(self, upload_id: str, digest: str, keep: bool = False) -> None:
-        """Make the verified upload data the blob `digest`, atomically; with `keep`
-        the upload's data stays too, to place the blob again from (registry/placement.py)."""
+    async def commit_upload(self, upload_id: str, digest: str, keep: bool = False, size: int = 0) -> None:
+        """Make the verified upload data, its first `size` bytes, the blob `digest`, atomically;
+        with `keep` the upload's data stays too, to place the blob again from (registry/placement.py)."""
 
     async def delete_upload(self, upload_id: str) -> None: ...
 

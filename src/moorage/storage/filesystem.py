@@ -158,6 +158,8 @@ class FileAppender:
 
 
 class FilesystemDriver:
+    name = "filesystem"
+
     def __init__(self, root: Path):
         self.root = Path(root)
         self.blobs = self.root / "blobs"
@@ -172,6 +174,12 @@ class FilesystemDriver:
 
     async def close(self) -> None:
         pass
+
+    async def probe(self) -> None:
+        """Nothing to prove before serving: a directory that cannot be written fails the first write."""
+
+    async def redirect_url(self, digest: str) -> str | None:
+        return None
 
     def local_path(self, digest: str) -> Path:
         return self._path(digest)
@@ -301,7 +309,8 @@ class FilesystemDriver:
     async def hash_upload(self, upload_id: str, algorithm: str, length: int) -> str:
         return await _io(self._hash_file, self.upload_path(upload_id), algorithm, length)
 
-    async def commit_upload(self, upload_id: str, digest: str, keep: bool = False) -> None:
+    async def commit_upload(self, upload_id: str, digest: str, keep: bool = False, size: int = 0) -> None:
+        # The file holds exactly the acknowledged bytes: open_upload cut off the rest.
         await _io(self._sync_and_place, self.upload_path(upload_id), digest, keep)
 
     async def delete_upload(self, upload_id: str) -> None:

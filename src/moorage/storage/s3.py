@@ -35,11 +35,13 @@ container and instance roles); this module never sees, stores or logs them.
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import io
 import logging
 import os
 import random
 import re
+import time
 import uuid
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -57,6 +59,7 @@ from moorage.storage.errors import (
     StorageError,
     StorageMisconfigured,
     StorageUnavailable,
+    UploadDataLost,
     UploadInvalid,
 )
 
@@ -485,18 +488,18 @@ class S3Driver:
 
     # -- multipart uploads (the primitives of upload sessions) ------------------------
 
-    async def create_upload(self, upload_id: str) -> str:
+    async def create_upload(self, upload_id: str, key: str | None = None) -> str:
         """Start the multipart upload of a session; returns the store's upload id.
 
         A retry after a lost answer can leave a second, unused multipart upload
         behind: `list_uploads` shows it, and GC aborts what no session names.
         """
         r = await self._call(f"start upload {upload_id}", "create_multipart_upload",
-                             Bucket=self.config.bucket, Key=self.session_key(upload_id))
+                             Bucket=self.config.bucket, Key=key or self.session_key(upload_id))
         return r["UploadId"]
 
     async def upload_part(self, upload_id: str, s3_upload_id: str, number: int,
-                          data: bytes | bytearray | memoryview) -> Part:
+                          data: bytes | bytearray | memoryview, key: str | None = None) -> Part:
         """Send one part. Parts may be sent again (same number: the last one wins).
         Sizes are checked at `complete_upload`, when it is known which part is last."""
         body = PartBody(data)
@@ -505,12 +508,12 @@ class S3Driver:
         if not 0 < len(body) <= MAX_PART:
             raise UploadInvalid(f"a part holds 1 byte to 5 GiB, not {len(body)} bytes")
         r = await self._call(f"write part {number} of upload {upload_id}", "upload_part", body_size=len(body),
-                             Bucket=self.config.bucket, Key=self.session_key(upload_id), UploadId=s3_upload_id,
-                             PartNumber=number, Body=body, ContentLength=len(body))
+                             Bucket=self.config.bucket, Key=key or self.session_key(upload_id),
+                             UploadId=s3_upload_id, PartNumber=number, Body=body, ContentLength=len(body))
         return Part(number, r["ETag"], len(body))
 
     async def copy_part(self, upload_id: str, s3_upload_id: str, number: int, source_key: str,
-                        start: int, end: int) -> Part:
+                        start: int, end: int, key: str | None = None) -> Part:
         """A part made by the store from bytes [start, end) of another object (UploadPartCopy):
         nothing passes through this process."""
         if not 1 <= number <= MAX_PARTS:
@@ -518,7 +521,8 @@ class S3Driver:
         if not 0 <= start < end or end - start > MAX_PART:
             raise UploadInvalid(f"a copied part holds 1 byte to 5 GiB, not bytes {start} to {end}")
         r = await self._call(f"copy part {number} of upload {upload_id}", "upload_part_copy",
-                             body_size=end - start, Bucket=self.config.bucket, Key=self.session_key(upload_id),
+                             body_size=end - start, Bucket=self.config.bucket,
+                             Key=key or self.session_key(upload_id),
                              UploadId=s3_upload_id, PartNumber=number,
                              CopySource={"Bucket": self.config.bucket, "Key": source_key},
                              CopySourceRange=f"bytes={start}-{end - 1}")
@@ -557,14 +561,15 @@ class S3Driver:
                                     f"at least {MIN_PART}")
         return sum(p.size for p in parts)
 
-    async def complete_upload(self, upload_id: str, s3_upload_id: str, parts: list[Part]) -> int:
+    async def complete_upload(self, upload_id: str, s3_upload_id: str, parts: list[Part],
+                              key: str | None = None) -> int:
         """Assemble the parts into the session's object; returns its size.
 
         A retry whose first try did complete finds no upload any more: the
         object of the right size under the session's key is then the answer.
         """
         size = self.check_parts(parts)
-        key = self.session_key(upload_id)
+        key = key or self.session_key(upload_id)
         try:
             await self._call(f"complete upload {upload_id}", "complete_multipart_upload",
                              Bucket=self.config.bucket, Key=key, UploadId=s3_upload_id,
@@ -574,23 +579,24 @@ class S3Driver:
                 raise
         return size
 
-    async def abort_upload(self, upload_id: str, s3_upload_id: str) -> None:
+    async def abort_upload(self, upload_id: str, s3_upload_id: str, key: str | None = None) -> None:
         """Drop a multipart upload and its parts; one already gone is fine."""
         try:
             await self._call(f"abort upload {upload_id}", "abort_multipart_upload", Bucket=self.config.bucket,
-                             Key=self.session_key(upload_id), UploadId=s3_upload_id)
+                             Key=key or self.session_key(upload_id), UploadId=s3_upload_id)
         except (UploadInvalid, ObjectMissing):
             pass
 
-    async def list_uploads(self) -> list[MultipartUpload]:
-        """Multipart uploads in progress under blobs/u/ (ListMultipartUploads, paged)."""
+    async def list_uploads(self, under: str = "blobs/u/") -> list[MultipartUpload]:
+        """Multipart uploads in progress under `under` (ListMultipartUploads, paged: it lists
+        uploads in progress only, never the objects)."""
         out: list[MultipartUpload] = []
-        params: dict[str, Any] = {"Bucket": self.config.bucket, "Prefix": self.config.prefix + "blobs/u/"}
+        params: dict[str, Any] = {"Bucket": self.config.bucket, "Prefix": self.config.prefix + under}
         while True:
             r = await self._call("list multipart uploads", "list_multipart_uploads", **params)
             for u in r.get("Uploads", ()):
                 upload_id = u["Key"].rsplit("/", 1)[-1]
-                if is_upload_id(upload_id):
+                if is_upload_id(upload_id) or under != "blobs/u/":
                     out.append(MultipartUpload(upload_id, u["UploadId"], u["Key"], u["Initiated"].timestamp()))
             if not r.get("IsTruncated"):
                 return out
@@ -615,3 +621,219 @@ class S3Driver:
         if await self.head_key(key) is not None:
             raise StorageMisconfigured(f"{self.config.where} still has {self.relative(key)} after deleting it")
 
+
+    # -- what BlobDriver adds (storage/base.py) ----------------------------------------
+    #
+    # An upload session's bytes are pieces under uploads/<id>/<offset>: each
+    # request appends pieces of up to one part (`part_size`, the memory an
+    # upload in flight holds), written as it receives them, and nothing about
+    # the session lives in a replica: the next request, on any replica, lists
+    # the pieces (a short prefix) and goes on from the acknowledged offset.
+    # Pieces past that offset were never acknowledged (a request that broke
+    # off); the chain from 0 is followed only up to the offset, and a later
+    # request at that offset overwrites the first of them. Committing
+    # assembles the pieces at the blob's content address with server-side
+    # copies (UploadPartCopy; no byte through the replica) and reads back only
+    # pieces too small to be parts.
+
+    name = "s3"
+
+    def local_path(self, digest: str) -> None:
+        return None
+
+    def new_upload_id(self) -> str:
+        return uuid.uuid4().hex
+
+    async def _pieces(self, upload_id: str) -> dict[int, StoredObject]:
+        found: dict[int, StoredObject] = {}
+        for o in await self.list_keys(f"uploads/{self._checked(upload_id)}/"):
+            try:
+                found[int(o.key.rsplit("/", 1)[-1], 16)] = o
+            except ValueError:
+                continue
+        return found
+
+    async def _chain(self, upload_id: str, length: int) -> list[tuple[str, int]]:
+        """(key, size) of the pieces holding bytes [0, length); UploadDataLost when they don't."""
+        if length == 0:
+            return []
+        pieces, chain, pos = await self._pieces(upload_id), [], 0
+        while pos < length:
+            piece = pieces.get(pos)
+            if piece is None or piece.size == 0 or pos + piece.size > length:
+                raise UploadDataLost(f"the object store ({self.config.where}) holds {pos} bytes of upload "
+                                     f"{upload_id}, which was at {length}")
+            chain.append((self.config.prefix + piece.key, piece.size))
+            pos += piece.size
+        return chain
+
+    async def open_upload(self, upload_id: str, offset: int, hasher=None) -> "PieceAppender":
+        if offset:
+            await self._chain(upload_id, offset)   # the acknowledged bytes are all there
+        return PieceAppender(self, upload_id, offset, hasher)
+
+    async def _stream_chain(self, chain: list[tuple[str, int]]) -> AsyncIterator[bytes]:
+        for key, _ in chain:
+            async for data in self.stream_key(key):
+                yield data
+
+    async def hash_upload(self, upload_id: str, algorithm: str, length: int) -> str:
+        h = digests.new_hasher(algorithm)
+        async for data in self._stream_chain(await self._chain(upload_id, length)):
+            h.update(data)
+        return h.hexdigest()
+
+    async def copy_key(self, source: str, target: str) -> None:
+        await self._call(f"copy {self.relative(source)}", "copy_object", Bucket=self.config.bucket, Key=target,
+                         CopySource={"Bucket": self.config.bucket, "Key": source})
+
+    async def commit_upload(self, upload_id: str, digest: str, keep: bool = False, size: int = 0) -> None:
+        """Make bytes [0, size) of the upload the blob `digest` (verified by the caller).
+
+        The pieces stay (`keep` or not) until `delete_upload`: the blob is a
+        copy, and placing it again after a GC sweep copies again.
+        """
+        chain = await self._chain(upload_id, size)
+        target = self.blob_key(digest)
+        if not chain:
+            await self.put_key(target, b"")
+        elif len(chain) == 1:
+            await self.copy_key(chain[0][0], target)
+        elif size < MIN_PART:
+            await self.put_key(target, b"".join([d async for d in self._stream_chain(chain)]))
+        else:
+            await self._assemble(upload_id, chain, target)
+
+    async def _assemble(self, upload_id: str, chain: list[tuple[str, int]], target: str) -> None:
+        # Parts: a piece of at least MIN_PART on its own is copied by the store;
+        # smaller ones are read back and joined until they make a part.
+        groups: list[list[tuple[str, int]]] = []
+        current: list[tuple[str, int]] = []
+        for key, size in chain:
+            if not current and size >= MIN_PART:
+                groups.append([(key, size)])
+                continue
+            current.append((key, size))
+            if sum(s for _, s in current) >= MIN_PART:
+                groups.append(current)
+                current = []
+        if current:
+            groups.append(current)
+        s3id = await self.create_upload(upload_id, key=target)
+        limit = asyncio.Semaphore(COMMIT_CONCURRENCY)
+
+        async def part(number: int, group: list[tuple[str, int]]) -> Part:
+            async with limit:
+                if len(group) == 1:
+                    return await self.copy_part(upload_id, s3id, number, group[0][0], 0, group[0][1], key=target)
+                data = b"".join([d async for d in self._stream_chain(group)])
+                return await self.upload_part(upload_id, s3id, number, data, key=target)
+        try:
+            parts = await asyncio.gather(*(part(n, g) for n, g in enumerate(groups, 1)))
+            await self.complete_upload(upload_id, s3id, list(parts), key=target)
+        except BaseException:
+            await asyncio.shield(self.abort_upload(upload_id, s3id, key=target))
+            raise
+
+    async def delete_upload(self, upload_id: str) -> None:
+        try:
+            pieces = await self._pieces(upload_id)
+        except ValueError:
+            return
+        await self.delete_keys([self.config.prefix + o.key for o in pieces.values()])
+
+    # -- the join proof: an object under cluster/ ----------------------------------------
+
+    def _proof_key(self, name: str) -> str:
+        if "/" in name or name in ("", ".", ".."):
+            raise ValueError(f"bad proof name {name[:40]!r}")
+        return f"{self.config.prefix}cluster/{name}"
+
+    async def write_proof(self, name: str, data: bytes) -> None:
+        await self.put_key(self._proof_key(name), data)
+
+    async def read_proof(self, name: str) -> bytes | None:
+        try:
+            return await self.read_key(self._proof_key(name))
+        except ObjectMissing:
+            return None
+
+    # -- garbage collection ----------------------------------------------------------------
+
+    async def blob_files(self) -> list[tuple[str, int, float]]:
+        """Nothing: blobs are found through etcd, never by listing blobs/ (which grows with
+        the registry; GC must not take days on object storage)."""
+        return []
+
+    async def upload_files(self) -> list[tuple[str, int, float]]:
+        """(upload id, bytes, newest piece's time) of every session with pieces (uploads/ only)."""
+        sessions: dict[str, tuple[int, float]] = {}
+        for o in await self.list_keys("uploads/"):
+            parts = o.key.split("/")
+            if len(parts) == 3 and is_upload_id(parts[1]):
+                size, stamp = sessions.get(parts[1], (0, 0.0))
+                sessions[parts[1]] = (size + o.size, max(stamp, o.modified))
+        return [(uid, size, stamp) for uid, (size, stamp) in sessions.items()]
+
+    async def tmp_files(self) -> list[tuple[str, int, float]]:
+        """Multipart uploads left in progress by a commit that crashed (ListMultipartUploads
+        lists uploads in progress, not objects)."""
+        return [(f"{self.relative(u.key)}?{u.s3_upload_id}", 0, u.initiated)
+                for u in await self.list_uploads("blobs/")]
+
+    async def delete_tmp(self, name: str) -> None:
+        key, _, s3id = name.partition("?")
+        if key.startswith("blobs/") and s3id:
+            await self.abort_upload("", s3id, key=self.config.prefix + key)
+
+    async def clock_offset(self) -> float:
+        """The store's clock (its Date header) minus ours: the times it stamps on objects."""
+        before = time.time()
+        r = await self._call("look up the bucket", "head_bucket", Bucket=self.config.bucket)
+        after = time.time()
+        date = r.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+        if not date:
+            return 0.0
+        # Date has whole seconds: the offset is known to within one.
+        return email.utils.parsedate_to_datetime(date).timestamp() + 0.5 - (before + after) / 2
+
+    # -- pulls ---------------------------------------------------------------------------------
+
+    async def redirect_url(self, digest: str) -> str | None:
+        return await self.presign(digest)
+
+
+COMMIT_CONCURRENCY = 4
+
+
+class PieceAppender:
+    """Appends to an upload session as pieces of up to one part, hashing on the way."""
+
+    def __init__(self, driver: S3Driver, upload_id: str, offset: int, hasher=None):
+        self.driver = driver
+        self.upload_id = upload_id
+        self.offset = offset
+        self._written = offset
+        self._buffer = bytearray()
+        self._hasher = hasher
+
+    async def write(self, chunk: bytes) -> None:
+        if self._hasher is not None:
+            self._hasher.update(chunk)
+        self._buffer += chunk
+        self.offset += len(chunk)
+        if len(self._buffer) >= self.driver.config.part_size:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        if self._buffer:
+            data, self._buffer = self._buffer, bytearray()
+            await self.driver.put_key(self.driver.tail_key(self.upload_id, self._written), data)
+            self._written += len(data)
+
+    async def finish(self) -> int:
+        await self._flush()
+        return self.offset
+
+    async def abort(self) -> None:
+        self._buffer = bytearray()

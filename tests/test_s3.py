@@ -1,0 +1,203 @@
+"""Moorage with its blobs on S3 (`serve --storage s3://...`) against a real SeaweedFS.
+
+One SeaweedFS for the module (tests/seaweed.py), one replica on it for the
+wire tests; each replica gets a prefix of its own in the bucket. Uploads of
+every kind are checked against what lands in the bucket (the blob at its
+content address, no piece left, nothing visible before the digest is
+verified); pulls as redirects to presigned URLs that the client follows to
+the store, and streamed through the replica with Range once the cluster
+setting is off. Nothing is mocked: faults are SeaweedFS stopped and started.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import ObjectStore, Registry, moorage, wait_for
+from layout import Layout, read_layout
+from oci import (OCI_MANIFEST, assert_oci_error, finish_upload, new_repo, patch_chunk, push_blob, push_image,
+                 pull_manifest, sha256, start_upload, with_digest)
+from seaweed import SeaweedFS, seaweed  # noqa: F401 - the module's store
+from test_skopeo import assert_image_pulled, inspect, pull, push
+
+pytestmark = pytest.mark.s3
+
+MiB = 1 << 20
+OCTET = {"Content-Type": "application/octet-stream"}
+
+
+def store_of(store: SeaweedFS, prefix: str, *extra: str) -> ObjectStore:
+    """`serve`'s flags for a prefix of the module's bucket, and the identity's variables."""
+    return ObjectStore(["--storage", f"s3://{store.bucket}/{prefix}", "--s3-endpoint", store.endpoint,
+                        "--s3-path-style", *extra],
+                       {**store.env, "AWS_EC2_METADATA_DISABLED": "true"})
+
+
+def objects(store: SeaweedFS, prefix: str) -> dict[str, int]:
+    """Every object under the prefix: key (below it) -> size."""
+    client = store.client()
+    try:
+        out = {}
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=store.bucket, Prefix=prefix + "/"):
+            out.update({o["Key"][len(prefix) + 1:]: o["Size"] for o in page.get("Contents", ())})
+        return out
+    finally:
+        client.close()
+
+
+def blob_key(digest: str) -> str:
+    algorithm, hexdigest = digest.split(":")
+    return f"blobs/{algorithm}/{hexdigest[:2]}/{hexdigest}"
+
+
+@pytest.fixture(scope="module")
+def s3reg(seaweed, tmp_path_factory):  # noqa: F811 - the fixture
+    prefix = f"r-{uuid.uuid4().hex[:8]}"
+    store = store_of(seaweed, prefix)
+    reg = Registry(tmp_path_factory.mktemp("s3reg") / "data", extra_args=store.args, env=store.env).start()
+    reg.prefix = prefix
+    yield reg
+    reg.stop()
+
+
+@pytest.fixture
+def c(s3reg):
+    with s3reg.client() as client:
+        yield client
+
+
+def fetch(c: httpx.Client, repo: str, digest: str, store: SeaweedFS) -> bytes:
+    """A blob GET: a 307 to a presigned URL of the store, followed without credentials."""
+    r = c.get(f"/v2/{repo}/blobs/{digest}")
+    assert r.status_code == 307, (r.status_code, r.text[:300])
+    assert r.headers["Docker-Content-Digest"] == digest
+    location = r.headers["Location"]
+    assert location.startswith(store.endpoint + "/"), location
+    got = httpx.get(location, timeout=30)
+    assert got.status_code == 200, (got.status_code, got.text[:300])
+    return got.content
+
+
+# -- uploads of every kind, and what the bucket holds ------------------------------------------------
+
+def test_every_upload_kind_lands_whole_at_its_address(s3reg, c, seaweed):
+    repo = new_repo("s3")
+    blobs = {}
+    # Monolithic, small (verified in memory) and large (pieces, then assembled by the store).
+    for data in (b"", os.urandom(1000), os.urandom(12 * MiB + 5)):
+        blobs[push_blob(c, repo, data)] = data
+    # Chunked with odd sizes: pieces too small to be parts are read back and joined, big ones copied.
+    data = os.urandom(19 * MiB + 3)
+    location, offset = start_upload(c, repo), 0
+    for size in (3 * MiB, 1, 9 * MiB, 5 * MiB):
+        location = patch_chunk(c, location, data[offset:offset + size], offset)
+        offset += size
+    blobs[finish_upload(c, location, sha256(data), data[offset:])] = data
+    # Streamed: one PATCH without Content-Range, sent chunked, then PUT ?digest=.
+    data = os.urandom(9 * MiB + 7)
+    location = start_upload(c, repo)
+    r = c.patch(location, content=iter([data[i:i + MiB] for i in range(0, len(data), MiB)]), headers=OCTET)
+    assert r.status_code == 202, r.text
+    blobs[finish_upload(c, r.headers["Location"], sha256(data))] = data
+
+    stored = objects(seaweed, s3reg.prefix)
+    for digest, data in blobs.items():
+        assert stored.get(blob_key(digest)) == len(data), digest
+        head = c.head(f"/v2/{repo}/blobs/{digest}")
+        assert head.status_code == 200 and head.headers["Content-Length"] == str(len(data))
+        assert fetch(c, repo, digest, seaweed) == data
+    assert not [k for k in stored if k.startswith("uploads/")], "an upload's pieces outlived its commit"
+
+
+def test_a_wrong_digest_leaves_nothing_visible(s3reg, c, seaweed):
+    repo = new_repo("s3")
+    data = os.urandom(6 * MiB)
+    wrong = sha256(b"something else")
+    location = patch_chunk(c, start_upload(c, repo), data, 0)
+    r = c.put(with_digest(location, wrong), headers=OCTET)
+    assert_oci_error(r, 400, "DIGEST_INVALID")
+    r = c.post(f"/v2/{repo}/blobs/uploads/", params={"digest": wrong}, content=data, headers=OCTET)
+    assert_oci_error(r, 400, "DIGEST_INVALID")
+    stored = objects(seaweed, s3reg.prefix)
+    assert blob_key(wrong) not in stored and blob_key(sha256(data)) not in stored
+    assert c.head(f"/v2/{repo}/blobs/{sha256(data)}").status_code == 404
+    assert not [k for k in stored if k.startswith("uploads/")]
+
+
+def test_streamed_pulls_with_range_when_redirects_are_off(s3reg, c, seaweed):
+    repo = new_repo("s3")
+    data = os.urandom(3 * MiB + 11)
+    digest = push_blob(c, repo, data)
+    moorage("config", "set", "storage.redirect", "false", "--existing", s3reg.url)
+    try:
+        wait_for(lambda: c.get(f"/v2/{repo}/blobs/{digest}").status_code == 200, 10, "redirects off")
+        assert c.get(f"/v2/{repo}/blobs/{digest}").content == data
+        r = c.get(f"/v2/{repo}/blobs/{digest}", headers={"Range": f"bytes={MiB}-{2 * MiB + 4}"})
+        assert r.status_code == 206 and r.content == data[MiB:2 * MiB + 5]
+        assert r.headers["Content-Range"] == f"bytes {MiB}-{2 * MiB + 4}/{len(data)}"
+        r = c.get(f"/v2/{repo}/blobs/{digest}", headers={"Range": "bytes=-10"})
+        assert r.status_code == 206 and r.content == data[-10:]
+        r = c.get(f"/v2/{repo}/blobs/{digest}", headers={"Range": f"bytes={len(data)}-"})
+        assert r.status_code == 416
+    finally:
+        moorage("config", "unset", "storage.redirect", "--existing", s3reg.url)
+    wait_for(lambda: c.get(f"/v2/{repo}/blobs/{digest}").status_code == 307, 10, "redirects back on")
+
+
+def test_skopeo_round_trip(s3reg, seaweed, tmp_path):
+    import random
+    rng = random.Random(13)
+    src = Layout(tmp_path / "src")
+    img = src.image(rng, n_layers=3, max_file=2 * MiB)
+    src.tag("v1", OCI_MANIFEST, img.manifest)
+    ref = f"docker://{s3reg.host}/skopeo-s3/{uuid.uuid4().hex[:8]}:v1"
+    push(f"oci:{src.path}:v1", ref, "--preserve-digests")
+    assert inspect(ref)["Digest"] == img.digest
+    out = tmp_path / "out"
+    pull(ref, f"oci:{out}:v1", "--preserve-digests")
+    refs, blobs = read_layout(out)
+    assert refs["v1"]["digest"] == img.digest
+    assert_image_pulled(blobs, img)
+
+
+# -- the store at start, and the store down ------------------------------------------------------------
+
+def test_start_refuses_a_store_it_cannot_use_in_one_sentence(seaweed, tmp_path):
+    bad_secret = store_of(seaweed, "bad")
+    bad_secret.env["AWS_SECRET_ACCESS_KEY"] = "not-the-secret"
+    missing = store_of(seaweed, "x")
+    missing.args[1] = "s3://no-such-bucket-here/x"
+    for store, words in ((bad_secret, "SignatureDoesNotMatch"), (missing, "the bucket does not exist")):
+        reg = Registry(tmp_path / uuid.uuid4().hex[:6], extra_args=store.args, env=store.env)
+        with pytest.raises(RuntimeError) as e:
+            reg.start()
+        lines = [line for line in str(e.value).splitlines() if line.strip()]
+        # The last word: one sentence naming the store and what failed (the CA was made before it).
+        assert lines[-1].startswith("moorage: cannot use the blob storage s3://"), lines[-3:]
+        assert words in lines[-1], lines[-1]
+        assert "Traceback" not in str(e.value) and "not-the-secret" not in str(e.value)
+
+
+def test_store_down_push_is_503_naming_it_then_works_again(s3reg, c, seaweed):
+    repo = new_repo("s3")
+    image = push_image(c, repo, "v1")
+    seaweed.stop()
+    try:
+        r = c.post(f"/v2/{repo}/blobs/uploads/", params={"digest": sha256(b"during")}, content=b"during",
+                   headers=OCTET)
+        assert r.status_code == 503, r.text
+        err = r.json()["errors"][0]
+        assert err["code"] == "UNAVAILABLE" and "object store" in err["message"], err
+        # What the index knows still answers: HEAD and the cached manifest never reach S3.
+        assert c.head(f"/v2/{repo}/blobs/{sha256(image.layers[0])}").status_code == 200
+        assert pull_manifest(c, repo, "v1") == image.manifest
+    finally:
+        seaweed.restart()
+    push_blob(c, repo, b"after")
