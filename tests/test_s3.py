@@ -11,20 +11,19 @@ setting is off. Nothing is mocked: faults are SeaweedFS stopped and started.
 
 from __future__ import annotations
 
-import hashlib
+import json
 import os
-import time
 import uuid
-from pathlib import Path
 
 import httpx
 import pytest
 
-from conftest import ObjectStore, Registry, moorage, wait_for
+from conftest import Cluster, ObjectStore, Registry, moorage, wait_for
 from layout import Layout, read_layout
 from oci import (OCI_MANIFEST, assert_oci_error, finish_upload, new_repo, patch_chunk, push_blob, push_image,
                  pull_manifest, sha256, start_upload, with_digest)
 from seaweed import SeaweedFS, seaweed  # noqa: F401 - the module's store
+from test_gc import config as gc_config, gc
 from test_skopeo import assert_image_pulled, inspect, pull, push
 
 pytestmark = pytest.mark.s3
@@ -201,3 +200,83 @@ def test_store_down_push_is_503_naming_it_then_works_again(s3reg, c, seaweed):
     finally:
         seaweed.restart()
     push_blob(c, repo, b"after")
+
+
+# -- garbage collection on S3: what etcd says is garbage, and the uploads prefix only -------------------
+
+def test_gc_deletes_garbage_and_what_crashed_uploads_left(s3reg, c, seaweed):
+    repo = new_repo("s3gc")
+    keep, gone = push_image(c, repo, "keep"), push_image(c, repo, "gone")
+    assert c.delete(f"/v2/{repo}/manifests/{sha256(gone.manifest)}").status_code == 202
+    # An upload abandoned with pieces in the bucket, and a commit that crashed mid-assembly
+    # (a multipart upload in progress at a blob's address).
+    patch_chunk(c, start_upload(c, repo), os.urandom(MiB), 0)
+    client = seaweed.client()
+    crashed = f"{s3reg.prefix}/{blob_key(sha256(b'crashed'))}"
+    client.create_multipart_upload(Bucket=seaweed.bucket, Key=crashed)
+    assert any(k.startswith("uploads/") for k in objects(seaweed, s3reg.prefix))
+    gc_config(s3reg, "gc.grace_seconds", "0")
+    gc_config(s3reg, "gc.upload_max_age_seconds", "0")
+    try:
+        run = gc(s3reg)
+    finally:
+        gc_config(s3reg, "gc.grace_seconds", None)
+        gc_config(s3reg, "gc.upload_max_age_seconds", None)
+    assert run["uploads_swept"] >= 1 and run["tmp_swept"] >= 1, run
+    stored = objects(seaweed, s3reg.prefix)
+    for blob in (gone.config, *gone.layers, gone.manifest):
+        assert blob_key(sha256(blob)) not in stored
+    for blob in (keep.config, *keep.layers, keep.manifest):
+        assert blob_key(sha256(blob)) in stored
+    assert not [k for k in stored if k.startswith("uploads/")]
+    in_progress = client.list_multipart_uploads(Bucket=seaweed.bucket, Prefix=f"{s3reg.prefix}/blobs/")
+    assert not in_progress.get("Uploads"), in_progress.get("Uploads")
+    client.close()
+    assert pull_manifest(c, repo, "keep") == keep.manifest
+
+
+# -- replicas on separate hosts, sharing nothing but the object store ------------------------------------
+
+def test_replicas_on_separate_hosts_share_only_the_object_store(network, tmp_path):
+    host = network.host("objects", "10.0.0.30")
+    store = SeaweedFS(tmp_path / "seaweed", ip=host.ip, on=host).start()
+    cluster = Cluster(tmp_path, network, store_of(store, "ha"))
+    try:
+        first = cluster.start_first()
+        second, third = cluster.join(first), cluster.join(first)
+        for r in cluster.replicas:  # each learned the store from the cluster; none has a blob directory
+            saved = json.loads((r.data_dir / "replica.json").read_text())
+            assert saved["storage_dir"] == f"s3://{store.bucket}/ha", saved
+            assert saved["s3"]["endpoint"] == store.endpoint and not (r.data_dir / "blobs").exists()
+        status = cluster.status(third)
+        assert status["voters"] == 3 and status["healthy"] == 3, status
+
+        # One upload, each request on another replica: POST, PATCH, PATCH, PATCH, PUT.
+        repo, data = new_repo("hop"), os.urandom(13 * MiB + 1)
+        clients = [r.client() for r in (first, second, third)]
+        try:
+            location = start_upload(clients[0], repo)
+            offset = 0
+            for i, size in enumerate((6 * MiB, 1, 4 * MiB)):
+                location = patch_chunk(clients[1 + i % 2], location, data[offset:offset + size], offset)
+                offset += size
+            finish_upload(clients[0], location, sha256(data), data[offset:])
+            assert fetch(clients[2], repo, sha256(data), store) == data  # presigned for the store's address
+            image = push_image(clients[1], repo, "v1")
+        finally:
+            for client in clients:
+                client.close()
+
+        # A replica killed, removed and replaced: the new one learns the store and serves what was pushed.
+        gone = third.replica_id
+        third.kill9()
+        moorage("remove", "--existing", first.url, "--replica-id", gone)
+        fourth = cluster.join(second)
+        with fourth.client() as c:
+            assert pull_manifest(c, repo, "v1") == image.manifest
+            assert fetch(c, repo, sha256(image.layers[0]), store) == image.layers[0]
+        status = cluster.status(fourth)
+        assert status["voters"] == 3 and gone not in {r["id"] for r in status["replicas"]}, status
+    finally:
+        cluster.stop()
+        store.cleanup()
