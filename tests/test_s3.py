@@ -20,7 +20,7 @@ import pytest
 
 from conftest import Cluster, ObjectStore, Registry, moorage, wait_for
 from layout import Layout, read_layout
-from oci import (OCI_MANIFEST, assert_oci_error, finish_upload, new_repo, patch_chunk, push_blob, push_image,
+from oci import (OCI_MANIFEST, assert_oci_error, finish_upload, make_image, new_repo, patch_chunk, push_blob, push_image,
                  pull_manifest, sha256, start_upload, with_digest)
 from seaweed import SeaweedFS, seaweed  # noqa: F401 - the module's store
 from test_gc import config as gc_config, gc
@@ -280,3 +280,27 @@ def test_replicas_on_separate_hosts_share_only_the_object_store(network, tmp_pat
     finally:
         cluster.stop()
         store.cleanup()
+
+
+def test_backup_with_blobs_restores_into_another_prefix(s3reg, c, seaweed, tmp_path):
+    repo = new_repo("s3bk")
+    image = push_image(c, repo, "v1", make_image(n_layers=2, layer_size=6 * MiB))
+    archive = tmp_path / "backup.tar"
+    moorage("backup", "--with-blobs", "--output", str(archive), "--existing", s3reg.url, timeout=120)
+    target = Registry(tmp_path / "restored")
+    prefix = f"restored-{uuid.uuid4().hex[:6]}"
+    store = store_of(seaweed, prefix)
+    out = moorage("restore", "--input", str(archive), "--data-dir", str(target.data_dir), *store.args,
+                  "--etcd-client-port", str(target.etcd_client_port),
+                  "--etcd-peer-port", str(target.etcd_peer_port), timeout=120, env=store.env)
+    assert f"written to s3://{seaweed.bucket}/{prefix}" in out.stdout, out.stdout
+    for blob in (image.config, *image.layers):
+        assert objects(seaweed, prefix)[blob_key(sha256(blob))] == len(blob)
+    target.env = store.env
+    target.start()
+    try:
+        with target.client() as restored:
+            assert pull_manifest(restored, repo, "v1") == image.manifest
+            assert fetch(restored, repo, sha256(image.layers[1]), seaweed) == image.layers[1]
+    finally:
+        target.stop()

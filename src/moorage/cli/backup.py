@@ -23,6 +23,7 @@ import httpx
 from moorage import logs
 from moorage.cli.adminclient import AdminClient, add_cluster_options, untrusted, _cert_failed
 from moorage.cli.errors import CliError
+from moorage.cli.serve import add_storage_options, storage_choice
 from moorage.cluster import pki
 from moorage.cluster.addresses import AddressError, check_ports_free, parse_listen
 from moorage.cluster.backup import archive, restore
@@ -60,6 +61,7 @@ def register(commands) -> None:
     p.add_argument("--storage-dir", type=Path, default=None,
                    help="blob storage directory (default: DATA_DIR/blobs); the archive's blobs go there, "
                         "else it must already hold the cluster's blobs")
+    add_storage_options(p, redirect=False)
     p.add_argument("--advertise", default="127.0.0.1", metavar="IP",
                    help="address the new replica advertises (default: 127.0.0.1): its etcd member listens "
                         "there while restore runs it, and the printed `moorage serve` listens there; a serve "
@@ -244,7 +246,10 @@ def run_restore(args: argparse.Namespace) -> int:
     if data_dir.exists() and (not data_dir.is_dir() or any(data_dir.iterdir())):
         raise CliError(f"{data_dir} is not empty; restore builds a new replica and writes only into an empty "
                        "or new --data-dir")
-    storage_dir = (args.storage_dir or data_dir / "blobs").resolve()
+    storage_dir, object_store, s3 = storage_choice(args)
+    if s3 and s3.get("ca_cert"):
+        s3["ca_cert"] = str(Path(s3["ca_cert"]).resolve())
+    location = object_store or str((storage_dir or data_dir / "blobs").resolve())
     try:
         local_etcd = restore.etcd_version()
         archive_size = args.input.stat().st_size if args.input.is_file() else 0
@@ -262,8 +267,8 @@ def run_restore(args: argparse.Namespace) -> int:
     made = not data_dir.exists()
     replica_id = Identity.new_id()
     identity = Identity(replica_id=replica_id, cluster_token=f"moorage-{replica_id}", created=time.time(),
-                        storage_dir=str(storage_dir), etcd_client_port=args.etcd_client_port,
-                        etcd_peer_port=args.etcd_peer_port, advertise=host)
+                        storage_dir=location, etcd_client_port=args.etcd_client_port,
+                        etcd_peer_port=args.etcd_peer_port, advertise=host, s3=s3)
     bars: list[Progress] = []
 
     def blob_progress(total: int) -> Progress:
@@ -271,7 +276,7 @@ def run_restore(args: argparse.Namespace) -> int:
         return bars[-1]
 
     try:
-        restored = restore.restore(checked, data_dir, storage_dir, identity, blob_progress)
+        restored = restore.restore(checked, data_dir, identity, blob_progress)
     except BaseException as e:
         _undo(data_dir, made)
         if isinstance(e, (BackupError, EtcdError, pki.PkiError, StorageError)):
@@ -289,9 +294,9 @@ def run_restore(args: argparse.Namespace) -> int:
         print(f"the old cluster's replica record{'s' * (n != 1)} {'were' if n != 1 else 'was'} dropped "
               f"(those replicas are not part of the new cluster): {', '.join(dropped)}")
     if checked.blobs:
-        print(f"blobs: {written} written to {storage_dir}, {present} already there")
+        print(f"blobs: {written} written to {location}, {present} already there")
     else:
-        print(f"the archive has no blobs: {storage_dir} must hold the cluster's blob storage")
+        print(f"the archive has no blobs: {location} must hold the cluster's blob storage")
     # The etcd ports and the storage directory are in DATA_DIR/replica.json now; the API address is
     # not (the advertised address follows --listen at every start), and the default one may be
     # another registry's.

@@ -33,6 +33,21 @@ def add_replica_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--etcd-peer-port", type=int, default=None, help="etcd peer port (default: 2380)")
     p.add_argument("--storage-dir", type=Path, default=None,
                    help="blob storage directory, shared by all replicas (default: DATA_DIR/blobs)")
+    add_storage_options(p)
+    p.add_argument("--tls-cert", type=Path, default=None, metavar="FILE",
+                   help="serve the API with this certificate (PEM, may include the chain) instead of "
+                        "one from the cluster CA; needs --tls-key")
+    p.add_argument("--tls-key", type=Path, default=None, metavar="FILE",
+                   help="the private key of --tls-cert (PEM, unencrypted)")
+    p.add_argument("--tls-name", action="append", default=[], metavar="NAME",
+                   help="another name (DNS name or IP) the API certificate must cover, e.g. the load "
+                        "balancer's; repeatable")
+    p.add_argument("--insecure-http", action="store_true",
+                   help="serve plain HTTP instead of HTTPS; only allowed when --listen is a loopback address")
+
+
+def add_storage_options(p: argparse.ArgumentParser, redirect: bool = True) -> None:
+    """--storage and the object store's --s3-* options (serve, join, restore)."""
     p.add_argument("--storage", default=None, metavar="DIR|s3://BUCKET[/PREFIX]",
                    help="where the cluster keeps its blobs, chosen at its first start: a directory every "
                         "replica mounts (as --storage-dir), or a bucket of an S3-compatible object store "
@@ -46,19 +61,10 @@ def add_replica_options(p: argparse.ArgumentParser) -> None:
                    help="a CA certificate (PEM) to trust for the object store's HTTPS")
     p.add_argument("--s3-path-style", action="store_true",
                    help="address the bucket in the path (URL/BUCKET/KEY), as MinIO and SeaweedFS expect")
-    p.add_argument("--s3-redirect", type=_boolean, default=True, metavar="true|false",
-                   help="answer blob GETs with a redirect to a short-lived presigned URL (default: true); "
-                        "false streams them through the replica (the cluster setting storage.redirect)")
-    p.add_argument("--tls-cert", type=Path, default=None, metavar="FILE",
-                   help="serve the API with this certificate (PEM, may include the chain) instead of "
-                        "one from the cluster CA; needs --tls-key")
-    p.add_argument("--tls-key", type=Path, default=None, metavar="FILE",
-                   help="the private key of --tls-cert (PEM, unencrypted)")
-    p.add_argument("--tls-name", action="append", default=[], metavar="NAME",
-                   help="another name (DNS name or IP) the API certificate must cover, e.g. the load "
-                        "balancer's; repeatable")
-    p.add_argument("--insecure-http", action="store_true",
-                   help="serve plain HTTP instead of HTTPS; only allowed when --listen is a loopback address")
+    if redirect:
+        p.add_argument("--s3-redirect", type=_boolean, default=True, metavar="true|false",
+                       help="answer blob GETs with a redirect to a short-lived presigned URL (default: true); "
+                            "false streams them through the replica (the cluster setting storage.redirect)")
 
 
 def register(commands) -> None:
@@ -88,7 +94,7 @@ def storage_choice(args: argparse.Namespace) -> tuple[Path | None, str | None, d
     storage, storage_dir = args.storage, args.storage_dir
     s3_flags = [f for f, v in (("--s3-endpoint", args.s3_endpoint), ("--s3-region", args.s3_region),
                                ("--s3-ca-cert", args.s3_ca_cert), ("--s3-path-style", args.s3_path_style),
-                               ("--s3-redirect=false", not args.s3_redirect)) if v]
+                               ("--s3-redirect=false", not getattr(args, "s3_redirect", True))) if v]
     if storage is not None and storage_dir is not None:
         raise CliError("give the blob storage once: --storage or --storage-dir")
     if storage is None or not storage.startswith("s3://"):

@@ -37,7 +37,7 @@ async def restore_blobs(checked: Checked, storage: BlobDriver, progress: Progres
             # Checked again: the archive could have changed since it was checked.
             if sha.hexdigest() != checked.files[name]["sha256"]:
                 raise damaged(checked.path, f"{name} changed while it was being restored")
-            await storage.commit_upload(upload, digest)
+            await storage.commit_upload(upload, digest, size=size)
         except BaseException:
             await appender.abort()
             await storage.delete_upload(upload)

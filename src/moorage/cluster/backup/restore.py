@@ -44,9 +44,10 @@ class Restored:
     present: int           # ...and those that were there already
 
 
-def restore(checked: Checked, data_dir: Path, storage_dir: Path, identity: Identity,
+def restore(checked: Checked, data_dir: Path, identity: Identity,
             blob_progress: Callable[[int], Progress] | None = None) -> Restored:
-    """Restore a checked archive into an empty `data_dir` as replica `identity`, its blobs into `storage_dir`
+    """Restore a checked archive into an empty `data_dir` as replica `identity`, its blobs into the
+    identity's storage (a directory or an object store, through its driver)
     (`blob_progress(total bytes)` gives what to tell of their progress, when they begin).
 
     Its replica.json is written last: a data directory without one holds no finished restore.
@@ -65,7 +66,7 @@ def restore(checked: Checked, data_dir: Path, storage_dir: Path, identity: Ident
     written = present = 0
     if checked.blobs:
         progress = blob_progress(sum(checked.files[n]["size"] for n in checked.blobs)) if blob_progress else None
-        written, present = asyncio.run(_restore_blobs(checked, storage_dir, progress))
+        written, present = asyncio.run(_restore_blobs(checked, identity, progress))
     identity.save(data_dir)
     return Restored(revision, dropped, written, present)
 
@@ -81,9 +82,11 @@ async def _forget_old_cluster(data_dir: Path, identity: Identity) -> tuple[int, 
         await etcd.stop()
 
 
-async def _restore_blobs(checked: Checked, storage_dir: Path, progress: Progress | None) -> tuple[int, int]:
-    storage = await storage_at(storage_dir).open()
+async def _restore_blobs(checked: Checked, identity: Identity, progress: Progress | None) -> tuple[int, int]:
+    storage = storage_at(identity.storage_dir, identity.s3)
     try:
+        await storage.open()
+        await storage.probe()
         return await restore_blobs(checked, storage, progress)
     finally:
         await storage.close()
