@@ -250,6 +250,9 @@ def test_replicas_on_separate_hosts_share_only_the_object_store(network, tmp_pat
             assert saved["s3"]["endpoint"] == store.endpoint and not (r.data_dir / "blobs").exists()
         status = cluster.status(third)
         assert status["voters"] == 3 and status["healthy"] == 3, status
+        assert status["storage"]["where"] == f"s3://{store.bucket}/ha at {store.endpoint}", status["storage"]
+        assert f"storage: s3://{store.bucket}/ha at {store.endpoint}, " in moorage("status", "--existing",
+                                                                                  second.url).stdout
 
         # One upload, each request on another replica: POST, PATCH, PATCH, PATCH, PUT.
         repo, data = new_repo("hop"), os.urandom(13 * MiB + 1)

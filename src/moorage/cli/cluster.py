@@ -278,7 +278,8 @@ def run_status(args: argparse.Namespace) -> int:
         print(f"PROXY protocol v2 required from {status['proxy_protocol_from']} (the load balancers)")
     if status.get("storage"):
         used = status["storage"]
-        print(f"storage: {used['blobs']} blob{'s' * (used['blobs'] != 1)}, {human_bytes(used['bytes'])} "
+        where = f"{used['where']}, " if used.get("where") else ""
+        print(f"storage: {where}{used['blobs']} blob{'s' * (used['blobs'] != 1)}, {human_bytes(used['bytes'])} "
               "(deleted images are freed by `moorage gc`)")
     return 0
 

@@ -24,6 +24,7 @@ from moorage.cluster.settings import ClusterSettings, SettingError
 from moorage.meta.etcd import EtcdClient, EtcdUnavailable
 from moorage.meta.index import Index
 from moorage.storage.base import BlobDriver
+from moorage.storage.drivers import describe
 
 PING_TIMEOUT = 1.5
 RECONFIGURE_SECONDS = 30.0
@@ -187,7 +188,10 @@ class ClusterOperations:
                 "proxy_protocol_from": self.settings["proxy_protocol.from"],
                 # What blob storage holds by the records (what GC frees shows here).
                 "storage": {"blobs": len(self.index.blobs),
-                            "bytes": sum(b.size for b in self.index.blobs.values())},
+                            "bytes": sum(b.size for b in self.index.blobs.values()),
+                            # The object store every replica uses (a directory is each replica's own path).
+                            "where": describe(self.storage_spec["location"], self.storage_spec["options"])
+                            if self.storage_spec else None},
                 "time": time.time()}
 
     # The CA is installed before the replica starts and never changes while it
