@@ -239,6 +239,35 @@ def registry(tmp_path_factory) -> Iterator[Registry]:
     reg.stop()
 
 
+@pytest.fixture(scope="session")
+def object_store(tmp_path_factory):
+    """One SeaweedFS for the run (tests/seaweed.py), started when a test first needs it."""
+    from seaweed import SeaweedFS  # seaweed.py imports this module
+
+    store = SeaweedFS(tmp_path_factory.mktemp("objects")).start()
+    yield store
+    store.cleanup()
+
+
+@pytest.fixture(scope="session")
+def s3_registry(object_store, tmp_path_factory) -> Iterator[Registry]:
+    """A shared replica with its blobs in the run's SeaweedFS. Blob GETs stream through it
+    (storage.redirect off), so that the spec modules' Range and body checks hold as written;
+    tests/test_s3.py checks the redirects."""
+    env = {**object_store.env, "AWS_EC2_METADATA_DISABLED": "true"}
+    reg = Registry(tmp_path_factory.mktemp("shared-s3") / "data", env=env, extra_args=[
+        "--storage", f"s3://{object_store.bucket}/shared", "--s3-endpoint", object_store.endpoint,
+        "--s3-path-style", "--s3-redirect=false"]).start()
+    yield reg
+    reg.stop()
+
+
+def on_both_drivers(request, registry: Registry) -> Registry:
+    """For a module's `registry` fixture parametrized over ["filesystem", "s3"]: the run's shared
+    replica of that driver."""
+    return registry if request.param == "filesystem" else request.getfixturevalue("s3_registry")
+
+
 @pytest.fixture
 def fresh_registry(tmp_path) -> Iterator[Registry]:
     """A replica of the test's own, free to be restarted or killed."""

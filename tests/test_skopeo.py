@@ -16,7 +16,7 @@ import uuid
 
 import pytest
 
-from conftest import ADMIN_PASSWORD, Registry
+from conftest import ADMIN_PASSWORD, Registry, on_both_drivers
 from layout import Layout, LayoutImage, read_layout
 from oci import (
     DOCKER_CONFIG,
@@ -28,6 +28,12 @@ from oci import (
 )
 
 pytestmark = pytest.mark.clients
+
+
+@pytest.fixture(scope="module", params=["filesystem", "s3"])
+def registry(request, registry):
+    """Every round trip here runs on both blob drivers (the s3 one on a real SeaweedFS)."""
+    return on_both_drivers(request, registry)
 
 SKOPEO = shutil.which("skopeo") or "/usr/bin/skopeo"
 

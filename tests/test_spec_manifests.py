@@ -22,6 +22,8 @@ from uuid import uuid4
 import httpx
 import pytest
 
+from conftest import on_both_drivers
+
 from oci import (
     assert_oci_error,
     new_repo,
@@ -43,6 +45,12 @@ from oci import (
 )
 
 pytestmark = pytest.mark.spec
+
+
+@pytest.fixture(scope="module", params=["filesystem", "s3"])
+def registry(request, registry):
+    """Every test here runs on both blob drivers (the s3 one on a real SeaweedFS)."""
+    return on_both_drivers(request, registry)
 
 # spec.md, "Error Codes": "The `code` field MUST be one of the following:"
 ALL_MANIFEST_TYPES = [OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST]

@@ -21,12 +21,20 @@ from uuid import uuid4
 import httpx
 import pytest
 
+from conftest import on_both_drivers
+
 from oci import (
     DUMMY_DIGEST, OCI_MANIFEST, SPEC_ERROR_CODES, assert_oci_error, error_codes, new_repo, push_blob,
     raw_request, sha256, sha512, with_digest,
 )
 
 pytestmark = pytest.mark.spec
+
+
+@pytest.fixture(scope="module", params=["filesystem", "s3"])
+def registry(request, registry):
+    """Every test here runs on both blob drivers (the s3 one on a real SeaweedFS)."""
+    return on_both_drivers(request, registry)
 
 OCTET = {"Content-Type": "application/octet-stream"}
 
