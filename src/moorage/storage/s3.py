@@ -807,7 +807,11 @@ COMMIT_CONCURRENCY = 4
 
 
 class PieceAppender:
-    """Appends to an upload session as pieces of up to one part, hashing on the way."""
+    """Appends to an upload session as pieces of up to one part, hashing on the way.
+
+    A full piece goes out while the next one fills (one request in flight):
+    receiving and sending overlap, and an upload holds at most two pieces.
+    """
 
     def __init__(self, driver: S3Driver, upload_id: str, offset: int, hasher=None):
         self.driver = driver
@@ -816,6 +820,7 @@ class PieceAppender:
         self._written = offset
         self._buffer = bytearray()
         self._hasher = hasher
+        self._sending: asyncio.Task | None = None
 
     async def write(self, chunk: bytes) -> None:
         if self._hasher is not None:
@@ -826,14 +831,28 @@ class PieceAppender:
             await self._flush()
 
     async def _flush(self) -> None:
+        await self._sent()
         if self._buffer:
             data, self._buffer = self._buffer, bytearray()
-            await self.driver.put_key(self.driver.tail_key(self.upload_id, self._written), data)
+            key = self.driver.tail_key(self.upload_id, self._written)
             self._written += len(data)
+            self._sending = asyncio.create_task(self.driver.put_key(key, data))
+
+    async def _sent(self) -> None:
+        sending, self._sending = self._sending, None
+        if sending is not None:
+            await sending
 
     async def finish(self) -> int:
         await self._flush()
+        await self._sent()
         return self.offset
 
     async def abort(self) -> None:
         self._buffer = bytearray()
+        if self._sending is not None:
+            self._sending.cancel()
+            try:
+                await self._sent()
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - the request is failing already
+                pass
