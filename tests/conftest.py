@@ -254,10 +254,8 @@ def s3_registry(object_store, tmp_path_factory) -> Iterator[Registry]:
     """A shared replica with its blobs in the run's SeaweedFS. Blob GETs stream through it
     (storage.redirect off), so that the spec modules' Range and body checks hold as written;
     tests/test_s3.py checks the redirects."""
-    env = {**object_store.env, "AWS_EC2_METADATA_DISABLED": "true"}
-    reg = Registry(tmp_path_factory.mktemp("shared-s3") / "data", env=env, extra_args=[
-        "--storage", f"s3://{object_store.bucket}/shared", "--s3-endpoint", object_store.endpoint,
-        "--s3-path-style", "--s3-redirect=false"]).start()
+    store = ObjectStore.on(object_store, "shared", "--s3-redirect=false")
+    reg = Registry(tmp_path_factory.mktemp("shared-s3") / "data", env=store.env, extra_args=store.args).start()
     yield reg
     reg.stop()
 
@@ -367,12 +365,34 @@ def three(cluster) -> Cluster:
     return cluster
 
 
+@pytest.fixture
+def three_s3(tmp_path, object_store) -> Iterator[Cluster]:
+    """Three replicas made with `moorage join`, their blobs in a prefix of the run's SeaweedFS
+    and no shared directory."""
+    import uuid
+
+    c = Cluster(tmp_path, object_store=ObjectStore.on(object_store, f"three-{uuid.uuid4().hex[:8]}"))
+    try:
+        first = c.start_first()
+        c.join(first)
+        c.join(first)
+        yield c
+    finally:
+        c.stop()
+
+
 @dataclass
 class ObjectStore:
     """How replicas reach a bucket: `serve`'s flags for it and the AWS variables they need."""
 
     args: list[str]
     env: dict
+
+    @classmethod
+    def on(cls, store, prefix: str, *extra: str) -> "ObjectStore":
+        """A prefix of a SeaweedFS's bucket (tests/seaweed.py), with its identity's variables."""
+        return cls(["--storage", f"s3://{store.bucket}/{prefix}", "--s3-endpoint", store.endpoint,
+                    "--s3-path-style", *extra], {**store.env, "AWS_EC2_METADATA_DISABLED": "true"})
 
 
 def wait_for(predicate, timeout: float, what: str):

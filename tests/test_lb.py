@@ -360,7 +360,14 @@ def test_printed_config_is_valid_and_lists_every_replica(three, tmp_path):
     assert bad.returncode == 1 and "--watch needs --output" in bad.stderr
 
 
-def test_clients_push_and_pull_through_a_replica_kill(three, lb_factory, tmp_path):
+@pytest.fixture(params=["filesystem", "s3"])
+def trio(request) -> Cluster:
+    """Three replicas on either blob driver: a shared directory, or a bucket and nothing shared."""
+    return request.getfixturevalue("three" if request.param == "filesystem" else "three_s3")
+
+
+def test_clients_push_and_pull_through_a_replica_kill(trio, lb_factory, tmp_path):
+    three = trio
     a, b, c = three.replicas
     lb = lb_factory(a)
     wait_for(lambda: lb.up() == {r.replica_id for r in three.replicas}, 10, "every replica UP")

@@ -33,10 +33,7 @@ OCTET = {"Content-Type": "application/octet-stream"}
 
 
 def store_of(store: SeaweedFS, prefix: str, *extra: str) -> ObjectStore:
-    """`serve`'s flags for a prefix of the module's bucket, and the identity's variables."""
-    return ObjectStore(["--storage", f"s3://{store.bucket}/{prefix}", "--s3-endpoint", store.endpoint,
-                        "--s3-path-style", *extra],
-                       {**store.env, "AWS_EC2_METADATA_DISABLED": "true"})
+    return ObjectStore.on(store, prefix, *extra)
 
 
 def objects(store: SeaweedFS, prefix: str) -> dict[str, int]:
