@@ -323,6 +323,13 @@ class Cluster:
         self.replicas.append(new)
         return new
 
+    def start_three(self) -> "Cluster":
+        """A first replica and two that `moorage join` it."""
+        first = self.start_first()
+        self.join(first)
+        self.join(first)
+        return self
+
     def status(self, via: Registry) -> dict:
         return json.loads(moorage("status", "--existing", via.url, "--json").stdout)
 
@@ -359,10 +366,7 @@ def hosts_cluster(tmp_path, network) -> Iterator[Cluster]:
 @pytest.fixture
 def three(cluster) -> Cluster:
     """A cluster of three replicas made with `moorage join`."""
-    first = cluster.start_first()
-    cluster.join(first)
-    cluster.join(first)
-    return cluster
+    return cluster.start_three()
 
 
 @pytest.fixture
@@ -373,10 +377,7 @@ def three_s3(tmp_path, object_store) -> Iterator[Cluster]:
 
     c = Cluster(tmp_path, object_store=ObjectStore.on(object_store, f"three-{uuid.uuid4().hex[:8]}"))
     try:
-        first = c.start_first()
-        c.join(first)
-        c.join(first)
-        yield c
+        yield c.start_three()
     finally:
         c.stop()
 

@@ -46,10 +46,7 @@ def net() -> Iterator[hosts.Network]:
 def trio(net, tmp_path_factory) -> Iterator[Cluster]:
     c = Cluster(tmp_path_factory.mktemp("trio"), net)
     try:
-        first = c.start_first()
-        c.join(first)
-        c.join(first)
-        yield c
+        yield c.start_three()
     finally:
         c.stop()
 
