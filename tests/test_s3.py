@@ -304,3 +304,17 @@ def test_backup_with_blobs_restores_into_another_prefix(s3reg, c, seaweed, tmp_p
             assert fetch(restored, repo, sha256(image.layers[1]), seaweed) == image.layers[1]
     finally:
         target.stop()
+
+
+def test_join_without_credentials_for_the_store_is_refused_in_one_sentence(s3reg, seaweed, tmp_path):
+    joiner = Registry(tmp_path / "joiner", join=s3reg.url,
+                      env={**store_of(seaweed, "unused").env, "AWS_SECRET_ACCESS_KEY": "not-the-secret-9f3"})
+    with pytest.raises(RuntimeError) as e:
+        joiner.start(timeout=60)
+    last = [line for line in str(e.value).splitlines() if line.strip()][-1]
+    assert last.startswith(f"moorage: this node cannot use the cluster's blob storage s3://{seaweed.bucket}/"
+                           f"{s3reg.prefix} at {seaweed.endpoint}: "), last
+    assert "SignatureDoesNotMatch" in last and "not-the-secret-9f3" not in str(e.value)
+    assert not (joiner.data_dir / "replica.json").exists()
+    status = json.loads(moorage("status", "--existing", s3reg.url, "--json").stdout)
+    assert status["voters"] == 1 and len(status["replicas"]) == 1, status  # the half member was abandoned
