@@ -11,8 +11,10 @@ setting is off. Nothing is mocked: faults are SeaweedFS stopped and started.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import time
 import uuid
 
 import httpx
@@ -20,6 +22,8 @@ import pytest
 
 from conftest import Cluster, ObjectStore, Registry, moorage, wait_for
 from layout import Layout, read_layout
+from moorage.registry.audit import AuditEvent, AuditQuery, BucketAuditLog
+from moorage.storage.s3 import S3Config, S3Driver
 from oci import (OCI_MANIFEST, assert_oci_error, finish_upload, make_image, new_repo, patch_chunk, push_blob, push_image,
                  pull_manifest, sha256, start_upload, with_digest)
 from seaweed import SeaweedFS, seaweed  # noqa: F401 - the module's store
@@ -277,6 +281,11 @@ def test_replicas_on_separate_hosts_share_only_the_object_store(network, tmp_pat
             assert fetch(c, repo, sha256(image.layers[0]), store) == image.layers[0]
         status = cluster.status(fourth)
         assert status["voters"] == 3 and gone not in {r["id"] for r in status["replicas"]}, status
+        # The audit log is in the bucket: any replica answers for all, the removed one included.
+        events = json.loads(moorage("audit", "--existing", fourth.url, "--json", "--repo", repo, "--kind",
+                                    "write", "--limit", "1000").stdout)["events"]
+        assert {first.replica_id, second.replica_id, gone} <= {e["replica"] for e in events}, events
+        assert any(k.startswith(f"audit/{gone}/") for k in objects(store, "ha"))
     finally:
         cluster.stop()
         store.cleanup()
@@ -318,3 +327,47 @@ def test_join_without_credentials_for_the_store_is_refused_in_one_sentence(s3reg
     assert not (joiner.data_dir / "replica.json").exists()
     status = json.loads(moorage("status", "--existing", s3reg.url, "--json").stdout)
     assert status["voters"] == 1 and len(status["replicas"]) == 1, status  # the half member was abandoned
+
+
+# -- the audit log in the bucket ----------------------------------------------------------------------------
+
+def test_audit_log_in_the_bucket_merges_replicas_newest_first(seaweed, monkeypatch):
+    for name, value in store_of(seaweed, "unused").env.items():
+        monkeypatch.setenv(name, value)
+
+    def event(replica: str, ts: float, **kw) -> AuditEvent:
+        return AuditEvent(time=ts, replica=replica, kind=kw.pop("kind", "write"), method="PUT",
+                          path="/v2/x/manifests/a", status=201, **kw)
+
+    async def scenario():
+        prefix = f"audit-{uuid.uuid4().hex[:6]}"
+        config = S3Config.from_url(f"s3://{seaweed.bucket}/{prefix}", endpoint=seaweed.endpoint, path_style=True)
+        async with S3Driver(config) as storage:
+            now = time.time()
+            a, b = BucketAuditLog(storage, "aa11"), BucketAuditLog(storage, "bb22")
+            await a.open()
+            await b.open()
+            # Interleaved in time, and in objects whose windows overlap.
+            for i in range(0, 10, 2):
+                a.record(event("aa11", now - 20 + i, repo="r/one", user=f"a{i}"))
+            b.record(event("bb22", now - 19, repo="r/one", user="b19", kind="denied"))
+            b.record(event("bb22", now - 11, repo="r/one", user="b11"))
+            await a.flush()
+            await b.flush()
+            b.record(event("bb22", now - 15, repo="r/one", user="b15"))
+            a.record(event("aa11", now - 86400 * 100, repo="r/ancient"))
+            await b.flush()
+            await a.flush()
+            events, more, _ = await b.query(AuditQuery(repo="r/one"))
+            assert [e.user for e in events] == ["b11", "a8", "a6", "b15", "a4", "a2", "b19", "a0"], events
+            assert not more
+            assert (await a.query(AuditQuery(repo="r/one", limit=3)))[:2] == (events[:3], True)
+            assert [e.user for e in (await a.query(AuditQuery(kind="denied")))[0]] == ["b19"]
+            assert [e.user for e in (await a.query(AuditQuery(since=now - 12.5)))[0]] == ["b11", "a8"]
+            assert (await a.query(AuditQuery(until=now - 50 * 86400)))[0][0].repo == "r/ancient"
+            keys = objects(seaweed, prefix)
+            assert all(k.startswith(("audit/aa11/", "audit/bb22/")) for k in keys) and len(keys) == 4, keys
+            assert await b._expire(time.time()) == 1   # past 90 days, whoever wrote it
+            assert not (await b.query(AuditQuery(repo="r/ancient")))[0]
+
+    asyncio.run(scenario())

@@ -24,7 +24,7 @@ from moorage.api.proxy_protocol import ApiSite
 from moorage.cluster.addresses import in_use
 from moorage.cluster.replica import Replica, StartError
 from moorage.registry.access import Access
-from moorage.registry.audit import AuditLog
+from moorage.registry.audit import AuditLog, BucketAuditLog
 from moorage.registry.gc_runner import GcRunner
 from moorage.registry.limits import Limits
 from moorage.registry.placement import Placement
@@ -68,9 +68,11 @@ class RegistryService:
                         replica=identity.replica_id, offset=clock.offset)
         auth = Auth(access, tokens)
         gc = GcRunner(meta, replica.gc_store, storage, settings, identity.replica_id, uploads.sessions, clock)
-        # On the shared storage, so any replica can answer for the whole cluster; with an object
-        # store, in the replica's own data directory (to move into the bucket: see docs/storage.md).
-        audit = AuditLog(storage_dir=replica.local_storage_dir, replica=identity.replica_id)
+        # On the shared storage, so any replica can answer for the whole cluster: files in the
+        # shared directory, or objects in the bucket when the replicas share none.
+        shared = replica.shared_directory
+        audit = (AuditLog(storage_dir=shared, replica=identity.replica_id) if shared is not None
+                 else BucketAuditLog(storage, replica=identity.replica_id))
         request_audit = RequestAudit(audit)
         debug = logging.getLogger().isEnabledFor(logging.DEBUG)
         server = create_server(repositories, uploads, replica.health, replica.ping,

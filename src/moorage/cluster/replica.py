@@ -288,13 +288,11 @@ class Replica:
         return config.object_store, options
 
     @property
-    def local_storage_dir(self) -> Path:
-        """The shared directory, where files beside the blobs live (the audit log); on an object
-        store, this replica's data directory."""
+    def shared_directory(self) -> Path | None:
+        """The directory every replica mounts (where the audit log lives beside the blobs), or
+        None when the blobs are in an object store."""
         assert self.identity is not None
-        if is_object_store(self.identity.storage_dir):
-            return self.data_dir
-        return Path(self.identity.storage_dir)
+        return None if is_object_store(self.identity.storage_dir) else Path(self.identity.storage_dir)
 
     def storage_spec(self) -> dict | None:
         """What a joining replica learns of the cluster's object store (None: a directory, which

@@ -5,6 +5,8 @@ Each replica appends JSON lines to `<storage>/audit/<replica id>/<YYYY-MM-DD>.js
 where O_APPEND from two machines is not; and since every replica mounts the
 same storage, any replica answers a query for the whole cluster by reading
 every replica's files. etcd is not the place: audit volume would swamp it.
+When the blobs are in an object store, `BucketAuditLog` keeps the same log
+as objects in the bucket (no replica shares a directory then).
 
 `record` is called on the request path, so it only appends to a bounded
 in-memory queue; a background task writes a batch a second in a thread, one
@@ -28,7 +30,9 @@ from typing import NamedTuple
 
 import msgspec
 
+from moorage.storage.base import BlobDriver
 from moorage.storage.durable import fsync_dir, write_all
+from moorage.storage.errors import StorageError
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +54,8 @@ MAX_LIMIT = 10_000
 _READ_BLOCK = 1 << 20
 _DAY_FILE = re.compile(r"^(\d{4}-\d{2}-\d{2})\.jsonl$")
 _REPLICA_DIR = re.compile(r"^[0-9a-f]{1,64}$")
+_DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_SEGMENT = re.compile(r"^(\d+)-(\d+)-\d+\.jsonl$")
 
 
 class AuditEvent(msgspec.Struct, frozen=True):
@@ -187,8 +193,8 @@ class AuditLog:
             batch = list(self._queue)
             self._queue.clear()
             try:
-                await asyncio.to_thread(self._write, batch)
-            except OSError as e:
+                await self._persist(batch)
+            except (OSError, StorageError) as e:
                 log.error("cannot write the audit log; keeping events in memory",
                           extra={"dir": str(self.dir), "error": str(e), "events": len(batch)})
                 for event in reversed(batch):
@@ -206,6 +212,9 @@ class AuditLog:
                 "queue_events": self.queue_events})
             self._dropped_unreported = 0
             self._warned_at = now
+
+    async def _persist(self, batch: list[AuditEvent]) -> None:
+        await asyncio.to_thread(self._write, batch)
 
     def _write(self, batch: list[AuditEvent]) -> None:
         with self._write_lock:
@@ -253,10 +262,13 @@ class AuditLog:
         today = day_of(time.time())
         if today != self._retention_day:
             self._retention_day = today
-            removed = await asyncio.to_thread(self.expire, time.time())
+            removed = await self._expire(time.time())
             if removed:
                 log.info("audit log: removed old day files", extra={"files": removed,
                                                                     "retention_days": self.retention_days})
+
+    async def _expire(self, now: float) -> int:
+        return await asyncio.to_thread(self.expire, now)
 
     def expire(self, now: float) -> int:
         """Delete day files past retention, every replica's (a removed replica cleans up no more)."""
@@ -300,6 +312,9 @@ class AuditLog:
         Our own queue is flushed first, so a caller sees what it just did.
         """
         await self.flush()
+        return await self._read(q)
+
+    async def _read(self, q: AuditQuery) -> Found:
         return await asyncio.to_thread(self._query, q)
 
     def _query(self, q: AuditQuery) -> Found:
@@ -312,18 +327,126 @@ class AuditLog:
         # Each replica's events, newest first (its files are written in time
         # order); merged across replicas by time, read lazily from the end.
         streams = [_newest_first(sorted(files, reverse=True)) for files in days.values()]
-        found: list[AuditEvent] = []
-        challenged = 0
+        selection = Selection(q)
         for event in heapq.merge(*streams, key=lambda e: -e.time):
-            if q.since is not None and event.time < q.since:
-                break  # merged newest first: nothing older can match
-            if q.matches(event):
-                if len(found) == q.limit:
-                    return Found(found, True, challenged)
-                found.append(event)
-            elif q.kind is None and event.kind == CHALLENGED and q.fits(event):
-                challenged += 1
-        return Found(found, False, challenged)
+            if selection.done(event):
+                break
+        return selection.found()
+
+
+class Selection:
+    """What a query keeps of the cluster's events, fed newest first."""
+
+    def __init__(self, q: AuditQuery):
+        self.q = q
+        self.events: list[AuditEvent] = []
+        self.more = False
+        self.challenged = 0
+
+    def done(self, event: AuditEvent) -> bool:
+        """Take `event`; True once nothing further can be taken."""
+        q = self.q
+        if q.since is not None and event.time < q.since:
+            return True  # newest first: nothing older can match
+        if q.matches(event):
+            if len(self.events) == q.limit:
+                self.more = True
+                return True
+            self.events.append(event)
+        elif q.kind is None and event.kind == CHALLENGED and q.fits(event):
+            self.challenged += 1
+        return False
+
+    def found(self) -> Found:
+        return Found(self.events, self.more, self.challenged)
+
+
+class BucketAuditLog(AuditLog):
+    """The audit log in the object store, for clusters that share no directory.
+
+    S3 has no append: each replica writes one object per day and flush,
+    `audit/<replica>/<YYYY-MM-DD>/<first ns>-<last ns>-<seq>.jsonl` (a second's
+    events, or what piled up while the store was down), written by that
+    replica alone. Any replica answers for the whole cluster, removed and
+    dead replicas included: it lists the day prefixes (never the blobs) and
+    reads objects newest first, merged by time across replicas; an object is
+    read only once every event newer than its last one is out.
+    """
+
+    def __init__(self, storage: BlobDriver, replica: str, retention_days: int = RETENTION_DAYS,
+                 queue_events: int = QUEUE_EVENTS):
+        super().__init__(Path("."), replica, retention_days, queue_events)
+        self.storage = storage
+        self._seq = 0
+
+    async def open(self) -> None:
+        await self._expire_if_new_day()
+
+    async def _persist(self, batch: list[AuditEvent]) -> None:
+        by_day: dict[str, list[AuditEvent]] = {}
+        for event in batch:
+            by_day.setdefault(day_of(event.time), []).append(event)
+        for day, events in by_day.items():
+            self._seq += 1
+            first, last = min(e.time for e in events), max(e.time for e in events)
+            name = f"audit/{self.replica}/{day}/{_ns(first)}-{_ns(last)}-{self._seq:06d}.jsonl"
+            await self.storage.put_file(name, b"".join(_encoder.encode(e) + b"\n" for e in events))
+
+    async def _days(self, first: str, last: str) -> dict[str, list[str]]:
+        """day -> the replicas that wrote on it, within [first, last]."""
+        days: dict[str, list[str]] = {}
+        for replica in await self.storage.list_dirs("audit/"):
+            if _REPLICA_DIR.match(replica):
+                for day in await self.storage.list_dirs(f"audit/{replica}/"):
+                    if _DAY.match(day) and first <= day <= last:
+                        days.setdefault(day, []).append(replica)
+        return days
+
+    async def _expire(self, now: float) -> int:
+        oldest = day_of(now - self.retention_days * 86400)
+        removed = 0
+        for day, replicas in (await self._days("", "9999-12-31")).items():
+            if day < oldest:
+                for replica in replicas:
+                    names = await self.storage.list_files(f"audit/{replica}/{day}/")
+                    await self.storage.delete_files(names)
+                    removed += len(names)
+        return removed
+
+    async def _read(self, q: AuditQuery) -> Found:
+        first = day_of(q.since) if q.since is not None else ""
+        last = day_of(q.until) if q.until is not None else "9999-12-31"
+        selection = Selection(q)
+        for day, replicas in sorted((await self._days(first, last)).items(), reverse=True):
+            objects: list[tuple[int, str]] = []   # (last event's ns, name)
+            for replica in replicas:
+                for name in await self.storage.list_files(f"audit/{replica}/{day}/"):
+                    m = _SEGMENT.match(name.rsplit("/", 1)[-1])
+                    if m:
+                        objects.append((int(m.group(2)), name))
+            objects.sort()   # taken from the end: the newest last event first
+            heap: list[tuple[float, int, AuditEvent]] = []
+            n = 0
+            while objects or heap:
+                # Load every object that may hold an event newer than the newest loaded one.
+                while objects and (not heap or objects[-1][0] >= _ns(-heap[0][0])):
+                    _, name = objects.pop()
+                    for line in (await self.storage.read_file(name) or b"").splitlines():
+                        try:
+                            event = _decode(line)
+                        except (msgspec.DecodeError, msgspec.ValidationError):
+                            continue
+                        n += 1
+                        heapq.heappush(heap, (-event.time, n, event))
+                if not heap:
+                    break
+                if selection.done(heapq.heappop(heap)[2]):
+                    return selection.found()
+        return selection.found()
+
+
+def _ns(ts: float) -> int:
+    return int(ts * 1e9)
 
 
 def _newest_first(files: list[tuple[str, Path]]) -> Iterator[AuditEvent]:

@@ -28,6 +28,15 @@ def is_upload_id(upload_id: str) -> bool:
     return bool(_UPLOAD_ID.match(upload_id))
 
 
+def checked_name(name: str) -> str:
+    """A file beside the blobs: a relative path of plain segments (a prefix ends with "/"),
+    else ValueError, so no name reaches outside the storage."""
+    parts = name.split("/")
+    if name.startswith("/") or any(p in (".", "..") for p in parts) or "" in parts[:-1]:
+        raise ValueError(f"bad file name {name[:60]!r}")
+    return name
+
+
 class Appender(Protocol):
     """Appends to an upload's data, feeding a hasher on the way."""
 
@@ -99,6 +108,22 @@ class BlobDriver(Protocol):
     async def write_proof(self, name: str, data: bytes) -> None: ...
 
     async def read_proof(self, name: str) -> bytes | None: ...
+
+    # -- files beside the blobs (the audit log on a store no replica shares a directory of) ------
+    # Names are relative paths of plain segments ("audit/<replica>/<day>/<name>").
+
+    async def put_file(self, name: str, data: bytes) -> None: ...
+
+    async def read_file(self, name: str) -> bytes | None:
+        """The file's bytes, or None when there is none."""
+
+    async def list_files(self, prefix: str) -> list[str]:
+        """The names of the files directly under `prefix` (which ends with "/"), sorted."""
+
+    async def list_dirs(self, prefix: str) -> list[str]:
+        """The names of the directories directly under `prefix`, sorted (one segment each)."""
+
+    async def delete_files(self, names: list[str]) -> None: ...
 
     # -- garbage collection (registry/gc.py): what is stored, and removing it --------
     # Each listing is (name, size, a time no older than its last write or rename).

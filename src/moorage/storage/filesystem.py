@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from moorage.digest import DigestError, parse
-from moorage.storage.base import is_upload_id
+from moorage.storage.base import checked_name, is_upload_id
 from moorage.storage.durable import fsync_dir, write_all
 from moorage.storage.errors import StorageError, UploadDataLost
 
@@ -345,6 +345,44 @@ class FilesystemDriver:
 
     async def read_proof(self, name: str) -> bytes | None:
         return await _io(self._read_proof, name)
+
+    # -- files beside the blobs ----------------------------------------------------
+
+    def _put_file(self, name: str, data: bytes) -> None:
+        path = self.root / checked_name(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.tmp / f"file-{uuid.uuid4().hex}"
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+
+    async def put_file(self, name: str, data: bytes) -> None:
+        await _io(self._put_file, name, data)
+
+    def _read_file(self, name: str) -> bytes | None:
+        try:
+            return (self.root / checked_name(name)).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    async def read_file(self, name: str) -> bytes | None:
+        return await _io(self._read_file, name)
+
+    def _entries(self, prefix: str, dirs: bool) -> list[str]:
+        try:
+            found = list(os.scandir(self.root / checked_name(prefix)))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return sorted(e.name if dirs else prefix + e.name for e in found if e.is_dir() == dirs)
+
+    async def list_files(self, prefix: str) -> list[str]:
+        return await _io(self._entries, prefix, False)
+
+    async def list_dirs(self, prefix: str) -> list[str]:
+        return await _io(self._entries, prefix, True)
+
+    async def delete_files(self, names: list[str]) -> None:
+        paths = [self.root / checked_name(n) for n in names]
+        await _io(lambda: [p.unlink(missing_ok=True) for p in paths])
 
     # -- garbage collection: what is on disk, and removing it --------------------
 

@@ -53,7 +53,7 @@ import botocore.config
 import botocore.exceptions as bce
 
 from moorage import digest as digests
-from moorage.storage.base import is_upload_id
+from moorage.storage.base import checked_name, is_upload_id
 from moorage.storage.errors import (
     ObjectMissing,
     StorageError,
@@ -744,19 +744,55 @@ class S3Driver:
 
     # -- the join proof: an object under cluster/ ----------------------------------------
 
-    def _proof_key(self, name: str) -> str:
+    @staticmethod
+    def _proof_name(name: str) -> str:
         if "/" in name or name in ("", ".", ".."):
             raise ValueError(f"bad proof name {name[:40]!r}")
-        return f"{self.config.prefix}cluster/{name}"
+        return f"cluster/{name}"
 
     async def write_proof(self, name: str, data: bytes) -> None:
-        await self.put_key(self._proof_key(name), data)
+        await self.put_file(self._proof_name(name), data)
 
     async def read_proof(self, name: str) -> bytes | None:
+        return await self.read_file(self._proof_name(name))
+
+    # -- files beside the blobs (the audit log) ----------------------------------------------
+
+    def _file_key(self, name: str) -> str:
+        return self.config.prefix + checked_name(name)
+
+    async def put_file(self, name: str, data: bytes) -> None:
+        await self.put_key(self._file_key(name), data)
+
+    async def read_file(self, name: str) -> bytes | None:
         try:
-            return await self.read_key(self._proof_key(name))
+            return await self.read_key(self._file_key(name))
         except ObjectMissing:
             return None
+
+    async def _list(self, prefix: str, dirs: bool) -> list[str]:
+        params: dict[str, Any] = {"Bucket": self.config.bucket, "Prefix": self._file_key(prefix),
+                                  "Delimiter": "/"}
+        out: list[str] = []
+        while True:
+            r = await self._call(f"list {prefix}", "list_objects_v2", **params)
+            if dirs:
+                out.extend(self.relative(p["Prefix"]).rstrip("/").rsplit("/", 1)[-1]
+                           for p in r.get("CommonPrefixes", ()))
+            else:
+                out.extend(self.relative(o["Key"]) for o in r.get("Contents", ()))
+            if not r.get("IsTruncated"):
+                return sorted(out)
+            params["ContinuationToken"] = r["NextContinuationToken"]
+
+    async def list_files(self, prefix: str) -> list[str]:
+        return await self._list(prefix, dirs=False)
+
+    async def list_dirs(self, prefix: str) -> list[str]:
+        return await self._list(prefix, dirs=True)
+
+    async def delete_files(self, names: list[str]) -> None:
+        await self.delete_keys([self._file_key(n) for n in names])
 
     # -- garbage collection ----------------------------------------------------------------
 
