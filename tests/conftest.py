@@ -58,6 +58,7 @@ class Registry:
     wrapper: list[str] = field(default_factory=list)  # put before the command (e.g. faketime)
     listen: str | None = None  # --listen when not HOST:PORT (e.g. 0.0.0.0:5000)
     env: dict = field(default_factory=dict)  # more environment (an object store's AWS credentials)
+    object_store: tuple | None = None  # (tests/seaweed.py's SeaweedFS, prefix) when the blobs are there
     # Every registry started so far, by URL: `moorage(..., "--existing", URL)`
     # trusts the CA of the one it names.
     started: ClassVar[dict[str, "Registry"]] = {}
@@ -258,6 +259,20 @@ def s3_registry(object_store, tmp_path_factory) -> Iterator[Registry]:
     reg = Registry(tmp_path_factory.mktemp("shared-s3") / "data", env=store.env, extra_args=store.args).start()
     yield reg
     reg.stop()
+
+
+@pytest.fixture
+def fresh_s3_registry(tmp_path, object_store) -> Iterator[Registry]:
+    """A replica of the test's own on a prefix of the run's SeaweedFS (`object_store` names both)."""
+    import uuid
+
+    prefix = f"fresh-{uuid.uuid4().hex[:8]}"
+    store = ObjectStore.on(object_store, prefix)
+    reg = Registry(tmp_path / "data", extra_args=store.args, env=store.env,
+                   object_store=(object_store, prefix)).start()
+    yield reg
+    if reg.proc and reg.proc.poll() is None:
+        reg.kill9()
 
 
 def on_both_drivers(request, registry: Registry) -> Registry:

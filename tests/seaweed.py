@@ -202,6 +202,17 @@ class SeaweedFS:
         self.wait_ready(timeout, bucket=name)
         return name
 
+    def objects(self, prefix: str) -> dict[str, int]:
+        """Every object under `prefix` in the bucket: its key below the prefix -> its size."""
+        client = self.client()
+        try:
+            out = {}
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix + "/"):
+                out.update({o["Key"][len(prefix) + 1:]: o["Size"] for o in page.get("Contents", ())})
+            return out
+        finally:
+            client.close()
+
     def log(self) -> str:
         try:
             return self.log_path.read_text(errors="replace")[-5000:]

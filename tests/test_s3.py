@@ -41,15 +41,7 @@ def store_of(store: SeaweedFS, prefix: str, *extra: str) -> ObjectStore:
 
 
 def objects(store: SeaweedFS, prefix: str) -> dict[str, int]:
-    """Every object under the prefix: key (below it) -> size."""
-    client = store.client()
-    try:
-        out = {}
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=store.bucket, Prefix=prefix + "/"):
-            out.update({o["Key"][len(prefix) + 1:]: o["Size"] for o in page.get("Contents", ())})
-        return out
-    finally:
-        client.close()
+    return store.objects(prefix)
 
 
 def blob_key(digest: str) -> str:
