@@ -729,8 +729,13 @@ class S3Driver:
                 data = b"".join([d async for d in self._stream_chain(group)])
                 return await self.upload_part(upload_id, s3id, number, data, key=target)
         try:
-            parts = await asyncio.gather(*(part(n, g) for n, g in enumerate(groups, 1)))
-            await self.complete_upload(upload_id, s3id, list(parts), key=target)
+            try:
+                # A failed part cancels the others: none is left running against an aborted upload.
+                async with asyncio.TaskGroup() as group:
+                    tasks = [group.create_task(part(n, g)) for n, g in enumerate(groups, 1)]
+            except BaseExceptionGroup as e:
+                raise e.exceptions[0] from None
+            await self.complete_upload(upload_id, s3id, [t.result() for t in tasks], key=target)
         except BaseException:
             await asyncio.shield(self.abort_upload(upload_id, s3id, key=target))
             raise
