@@ -20,7 +20,7 @@ from moorage.api.admin import AdminApi
 from moorage.api.audit import USER_KEY, RequestAudit
 from moorage.api.auth import CATALOG_SCOPE, Auth, Denied, Need
 from moorage.api.blobs import BlobHandlers
-from moorage.api.connections import GuardedServer
+from moorage.api.connections import ClientCounts, GuardedServer
 from moorage.api.errors import ERRORS, error_response, from_error
 from moorage.api.manifests import ManifestHandlers
 from moorage.api.routes import ANY, DELETE, PULL, PUSH, Route, Routes, route
@@ -248,7 +248,7 @@ def create_server(repositories: Repositories, uploads: Uploads, health: Callable
                   admin: AdminApi | None = None, writable: Callable[[], tuple[bool, str]] | None = None,
                   readonly: Callable[[], bool] | None = None,
                   audit: RequestAudit | None = None, ca_pem: bytes | None = None,
-                  auth: Auth | None = None) -> web.Server:
+                  auth: Auth | None = None, client_counts: ClientCounts | None = None) -> web.Server:
     # A larger read buffer lets the socket keep filling while a writer thread
     # hashes and stores the previous megabyte of an upload.
     # GuardedServer adds a deadline for request heads and a per-client
@@ -258,4 +258,4 @@ def create_server(repositories: Repositories, uploads: Uploads, health: Callable
                          access_log=access_log,
                          read_bufsize=READ_BUFFER, max_field_size=MAX_HEADER_FIELD,
                          max_line_size=MAX_REQUEST_LINE, max_headers=MAX_HEADERS,
-                         keepalive_timeout=KEEPALIVE_SECONDS)
+                         keepalive_timeout=KEEPALIVE_SECONDS, client_counts=client_counts)

@@ -32,7 +32,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
 from moorage.api.errors import error_response
-from moorage.api.throttle import LoginThrottle
+from moorage.api.throttle import LoginThrottle, RemoteThrottle
 from moorage.registry.tokens import SERVICE, Claims, TokenError, Tokens
 from moorage.meta.records import UserRecord
 
@@ -104,7 +104,7 @@ def parse_basic(value: str) -> tuple[str, str] | None:
 
 
 class Auth:
-    def __init__(self, access: Access, tokens: Tokens, throttle: LoginThrottle | None = None,
+    def __init__(self, access: Access, tokens: Tokens, throttle: LoginThrottle | RemoteThrottle | None = None,
                  service: str = SERVICE, clock: Callable[[], float] = time.monotonic):
         self.access = access
         self.tokens = tokens
@@ -162,15 +162,15 @@ class Auth:
     async def login(self, request: web.BaseRequest, name: str, password: str) -> str | None:
         """`name` if the password is theirs, else None; raises Denied (429) while slowed down."""
         address = request.remote or ""
-        wait = self.throttle.retry_after(address, name)
+        wait = await self.throttle.check(address, name)
         if wait:
             message = f"too many failed logins; try again in {wait} seconds"
             raise Denied(error_response(429, "TOOMANYREQUESTS", message, headers={"Retry-After": str(wait)}),
                          message)
         if await self.check_password(name, password):
-            self.throttle.succeeded(address, name)
+            await self.throttle.record(address, name, True)
             return name
-        self.throttle.failed(address, name)
+        await self.throttle.record(address, name, False)
         return None
 
     async def check_password(self, name: str, password: str) -> bool:

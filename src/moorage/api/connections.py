@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
+from typing import Protocol
 
 import msgspec
 from aiohttp import web
@@ -38,15 +39,44 @@ HEADER_SECONDS = 10.0
 MAX_CONNECTIONS_PER_CLIENT = 1536
 
 
+class ClientCounts(Protocol):
+    """Open connections per client address, for the whole replica (its workers' summed)."""
+
+    def client_connections(self, client: str) -> int: ...
+
+    def client_opened(self, client: str) -> None: ...
+
+    def client_closed(self, client: str) -> None: ...
+
+
+class LocalClientCounts:
+    """A replica that is one process counts in memory (with workers: cluster/workers.py's Shared)."""
+
+    def __init__(self) -> None:
+        self._counts: Counter[str] = Counter()
+
+    def client_connections(self, client: str) -> int:
+        return self._counts[client]
+
+    def client_opened(self, client: str) -> None:
+        self._counts[client] += 1
+
+    def client_closed(self, client: str) -> None:
+        self._counts[client] -= 1
+        if self._counts[client] <= 0:
+            del self._counts[client]
+
+
 class GuardedServer(web.Server):
     """web.Server whose connections obey the head deadline and the per-client cap."""
 
     def __init__(self, handler, *, header_seconds: float = HEADER_SECONDS,
-                 max_per_client: int = MAX_CONNECTIONS_PER_CLIENT, **kwargs):
+                 max_per_client: int = MAX_CONNECTIONS_PER_CLIENT, client_counts: ClientCounts | None = None,
+                 **kwargs):
         super().__init__(handler, **kwargs)
         self.header_seconds = header_seconds
         self.max_per_client = max_per_client
-        self.per_client: Counter[str] = Counter()
+        self.per_client: ClientCounts = client_counts or LocalClientCounts()
         self.refused = 0
         self.timed_out_heads = 0
 
@@ -60,6 +90,8 @@ class GuardedHandler(RequestHandler):
     # The client a load balancer named in a PROXY protocol header (proxy_protocol.py), set
     # before the connection is made; it stands for the TCP peer everywhere (request.remote).
     client: tuple[str, int] | None = None
+    # Called when the connection ends (the listener counts a worker's open connections).
+    closed_hook = None
 
     def __init__(self, manager: GuardedServer, **kwargs):
         super().__init__(manager, **kwargs)
@@ -76,7 +108,7 @@ class GuardedHandler(RequestHandler):
         peer = self.client or transport.get_extra_info("peername")
         client = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
         super().connection_made(transport)
-        if self._guard.per_client[client] >= self._guard.max_per_client:
+        if self._guard.per_client.client_connections(client) >= self._guard.max_per_client:
             self._guard.refused += 1
             if self._guard.refused % 1000 == 1:  # one line per thousand, not a flood
                 log.warning("refusing connections: too many from one client",
@@ -85,15 +117,14 @@ class GuardedHandler(RequestHandler):
             self.force_close()
             return
         self._client = client
-        self._guard.per_client[client] += 1
+        self._guard.per_client.client_opened(client)
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        if self.closed_hook is not None:
+            self.closed_hook()
         self._cancel_head_timer()
         if self._client is not None:
-            counts = self._guard.per_client
-            counts[self._client] -= 1
-            if counts[self._client] <= 0:
-                del counts[self._client]
+            self._guard.per_client.client_closed(self._client)
             self._client = None
         super().connection_lost(exc)
 

@@ -44,7 +44,10 @@ from typing import Any
 
 from aiohttp import web
 
+from moorage.api.tap import Tap
+from moorage.cluster.addresses import listen_socket
 from moorage.cluster.settings import Network
+from moorage.cluster.workers import receive_connections
 
 log = logging.getLogger(__name__)
 
@@ -119,14 +122,29 @@ class _Listener:
         self.sock.close()
 
 
+class _Handed:
+    """What BaseSite.stop() closes for a worker: the channel its parent hands connections on."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+
+    def close(self) -> None:
+        asyncio.get_running_loop().remove_reader(self.sock.fileno())
+
+
 class ApiSite(web.BaseSite):
     """The API's listener: TCPSite's job, plus the PROXY header from the addresses `trusted()` names."""
 
     def __init__(self, runner: web.BaseRunner, host: str, port: int, *, trusted: Callable[[], Sequence[Network]],
-                 ssl_context: ssl.SSLContext | None = None, backlog: int = 1024):
+                 ssl_context: ssl.SSLContext | None = None, backlog: int = 1024,
+                 handed: socket.socket | None = None, on_closed: Callable[[], None] | None = None):
+        """`handed`: in a worker (cluster/workers.py), the channel its parent sends accepted
+        connections on, instead of a socket of our own; `on_closed` is called once per such
+        connection when it ends (the parent hands the next one to the least busy worker)."""
         super().__init__(runner, ssl_context=ssl_context, backlog=backlog)
         self.host, self.port = host, port
         self.trusted = trusted
+        self.handed, self.on_closed = handed, on_closed
         self.refused = 0              # connections from trusted addresses with a broken header
         self._warned_at = 0.0
         self._tasks: set[asyncio.Task] = set()
@@ -138,16 +156,28 @@ class ApiSite(web.BaseSite):
 
     async def start(self) -> None:
         await super().start()
-        sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((self.host, self.port))
-            sock.listen(self._backlog)
-            sock.setblocking(False)
-        except OSError:
-            sock.close()
-            raise
+        if self.handed is not None:
+            self._receive_from(self.handed)
+            return
+        sock = listen_socket(self.host, self.port, self._backlog)
         self._server = _Listener(sock, asyncio.create_task(self._accept(sock)))  # type: ignore[assignment]
+
+    def _receive_from(self, channel: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        channel.setblocking(False)
+
+        def readable() -> None:
+            try:
+                receive_connections(channel, self._start_connection)
+            except (ConnectionError, OSError):  # the parent is gone: our link says so too
+                loop.remove_reader(channel.fileno())
+        loop.add_reader(channel.fileno(), readable)
+        self._server = _Handed(channel)  # type: ignore[assignment]
+
+    def _start_connection(self, conn: socket.socket, peer: Any) -> None:
+        task = asyncio.get_running_loop().create_task(self._connection(conn, peer))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _accept(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -161,13 +191,12 @@ class ApiSite(web.BaseSite):
                     log.warning("accepting connections fails", extra={"error": str(e)})
                 await asyncio.sleep(0.1)
                 continue
-            task = loop.create_task(self._connection(conn, peer))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._start_connection(conn, peer)
 
     async def _connection(self, conn: socket.socket, peer: Any) -> None:
         loop = asyncio.get_running_loop()
         client = None
+        closed = _once(self.on_closed)
         try:
             trusted = self.trusted()
             ip = address_of(peer) if trusted else None
@@ -179,25 +208,32 @@ class ApiSite(web.BaseSite):
                 except (ProxyError, asyncio.TimeoutError, OSError) as e:
                     self._refuse(peer, e)
                     conn.close()
+                    closed()
                     return
-            await loop.connect_accepted_socket(lambda: self._protocol(client), conn, ssl=self._ssl_context)
+            await loop.connect_accepted_socket(lambda: self._protocol(client, closed), conn,
+                                               ssl=self._ssl_context)
         except asyncio.CancelledError:
             conn.close()
+            closed()
             raise
         except (OSError, asyncio.TimeoutError) as e:  # a failed TLS handshake (ssl.SSLError): the client's
             log.debug("connection failed before its first request", extra={"peer": str(peer), "error": str(e)})
             conn.close()
+            closed()
         except Exception:
             log.exception("handing a connection to the HTTP server failed", extra={"peer": str(peer)})
             conn.close()
+            closed()
 
-    def _protocol(self, client: tuple[str, int] | None) -> asyncio.Protocol:
+    def _protocol(self, client: tuple[str, int] | None, closed: Callable[[], None]) -> asyncio.Protocol:
         server = self._runner.server
         assert server is not None
         handler = server()
         if client is not None:
             handler.client = client  # type: ignore[attr-defined]  # GuardedHandler (connections.py)
-        return handler
+        handler.closed_hook = closed  # type: ignore[attr-defined]
+        # Big request bodies go from the socket straight into an upload's buffers (api/tap.py).
+        return Tap(handler)
 
     @staticmethod
     async def _header(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> tuple[str, int] | None:
@@ -245,3 +281,15 @@ async def _read_exact(loop: asyncio.AbstractEventLoop, conn: socket.socket, n: i
             raise ProxyError("the connection closed before its PROXY header was whole")
         buf += chunk
     return bytes(buf)
+
+
+def _once(callback: Callable[[], None] | None) -> Callable[[], None]:
+    """`callback`, called at most once however many of a connection's ends report."""
+    done = False
+
+    def call() -> None:
+        nonlocal done
+        if not done and callback is not None:
+            done = True
+            callback()
+    return call

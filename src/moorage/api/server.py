@@ -14,6 +14,7 @@ import logging
 import time
 from typing import Any
 
+import msgspec
 from aiohttp import web
 
 from moorage.api.admin import AdminApi
@@ -21,10 +22,12 @@ from moorage.api.app import create_server
 from moorage.api.audit import RequestAudit
 from moorage.api.auth import Auth
 from moorage.api.proxy_protocol import ApiSite
+from moorage.api.throttle import RemoteThrottle
 from moorage.cluster.addresses import in_use
-from moorage.cluster.replica import Replica, StartError
+from moorage.cluster.replica import DRAIN_SECONDS, Replica, StartError
+from moorage.cluster.workers import Channel, WriterLocks
 from moorage.registry.access import Access
-from moorage.registry.audit import AuditLog, BucketAuditLog
+from moorage.registry.audit import AuditEvent, AuditLog, BucketAuditLog
 from moorage.registry.gc_runner import GcRunner
 from moorage.registry.limits import Limits
 from moorage.registry.placement import Placement
@@ -35,15 +38,15 @@ from moorage.registry.uploads import Uploads
 
 log = logging.getLogger("moorage.serve")
 
-DRAIN_SECONDS = 30.0
-
 
 class RegistryService:
     """The cluster/replica.py Service: built before the replica's metadata view loads (what
     subscribes to it must), started once it has."""
 
-    def __init__(self, replica: Replica, access: Access, audit: AuditLog, gc: GcRunner, server: web.Server):
+    def __init__(self, replica: Replica, access: Access, audit: AuditLog, gc: GcRunner, server: web.Server,
+                 auth: Auth):
         self.replica = replica
+        self.auth = auth
         self.access = access
         self.audit = audit
         self.gc = gc
@@ -62,17 +65,24 @@ class RegistryService:
         placement = Placement(meta, storage)
         repositories = Repositories(meta, storage, placement, limits)
         settings.on_change(lambda key, value: _apply_redirect(repositories, key, value))
-        uploads = Uploads(storage, Sessions(meta, await meta.secret("upload-state")), placement, limits)
+        # With workers, one writer per upload across them (a lock file of the replica's own).
+        writers = WriterLocks(replica.data_dir / "run" / "uploads.lock") if replica.config.workers > 1 else None
+        uploads = Uploads(storage, Sessions(meta, await meta.secret("upload-state")), placement, limits,
+                          writers=writers)
         # Every replica signs with the same secret, so each verifies any replica's tokens locally.
         tokens = Tokens(await meta.secret("token-signing"), lambda: settings["token.lifetime_seconds"],
                         replica=identity.replica_id, offset=clock.offset)
-        auth = Auth(access, tokens)
+        channel = replica.channel  # a worker's link to its replica's process, else None
+        # A worker asks the replica's process about failed logins: the slowdown is per replica.
+        auth = Auth(access, tokens, throttle=RemoteThrottle(channel.call) if channel is not None else None)
         gc = GcRunner(meta, replica.gc_store, storage, settings, identity.replica_id, uploads.sessions, clock)
         # On the shared storage, so any replica can answer for the whole cluster: files in the
-        # shared directory, or objects in the bucket when the replicas share none.
+        # shared directory, or objects in the bucket when the replicas share none. A worker's
+        # events go to the replica's process, the one writer of the replica's files.
         shared = replica.shared_directory
-        audit = (AuditLog(storage_dir=shared, replica=identity.replica_id) if shared is not None
-                 else BucketAuditLog(storage, replica=identity.replica_id))
+        sink = ChannelAuditSink(channel) if channel is not None else None
+        audit = (AuditLog(storage_dir=shared, replica=identity.replica_id, sink=sink) if shared is not None
+                 else BucketAuditLog(storage, replica=identity.replica_id, sink=sink))
         request_audit = RequestAudit(audit)
         debug = logging.getLogger().isEnabledFor(logging.DEBUG)
         server = create_server(repositories, uploads, replica.health, replica.ping,
@@ -80,24 +90,55 @@ class RegistryService:
                                admin=AdminApi(replica.operations, auth, audit=request_audit, access=access, gc=gc,
                                               repositories=repositories),
                                writable=replica.writable, readonly=lambda: settings["readonly"],
-                               audit=request_audit, ca_pem=replica.pki.ca_cert.read_bytes(), auth=auth)
-        return cls(replica, access, audit, gc, server)
+                               audit=request_audit, ca_pem=replica.pki.ca_cert.read_bytes(), auth=auth,
+                               client_counts=replica.shared if replica.worker is not None else None)
+        return cls(replica, access, audit, gc, server, auth)
 
     async def start(self) -> None:
         replica = self.replica
-        generated = await self.access.users.ensure_admin(replica.config.admin_password)
-        if generated:
-            replica.announce(f"created the user admin with the password {generated} (shown once; keep it safe)")
+        if replica.worker is None:  # the replica's process (a worker's parent, or alone)
+            generated = await self.access.users.ensure_admin(replica.config.admin_password)
+            if generated:
+                replica.announce(f"created the user admin with the password {generated} (shown once; keep it safe)")
         await self.audit.open()
+        if replica.worker is None and replica.config.workers > 1:
+            return  # the workers serve; the replica's process accepts for them (cluster/workers.py)
         self.runner = web.ServerRunner(self.server, handle_signals=False, shutdown_timeout=5.0)
         await self.runner.setup()
         # Also reads the PROXY protocol header from the load balancers that proxy_protocol.from names.
+        worker, shared = replica.worker, replica.shared
         site = ApiSite(self.runner, replica.host, replica.port, ssl_context=replica.api_ssl, backlog=1024,
-                       trusted=lambda: replica.proxy_from)
+                       trusted=lambda: replica.proxy_from,
+                       handed=worker.conn if worker is not None else None,
+                       on_closed=shared.add_closed if worker is not None and shared is not None else None)
         try:
             await site.start()
         except OSError as e:
             raise StartError(f"the listen address {replica.host}:{replica.port} {in_use(e)}") from None
+
+    async def from_worker(self, message: dict) -> Any:
+        """In the replica's process: a worker's audit event, or its call."""
+        kind = message.get("t")
+        if kind == "audit":
+            self.audit.record(msgspec.convert(message["e"], AuditEvent))
+            return None
+        op, args = message.get("op"), message.get("args", [])
+        if op == "throttle.check":
+            return await self.auth.throttle.check(*args)
+        if op == "throttle.record":
+            await self.auth.throttle.record(*args)
+            return None
+        if op == "audit.flush":
+            if self.replica.supervisor is not None:
+                await self.replica.supervisor.barrier()  # what every worker sent before now
+            await self.audit.flush()
+            return None
+        log.warning("a worker asked for something unknown", extra={"op": op})
+        return None
+
+    async def from_parent(self, message: dict) -> Any:
+        """In a worker: the replica's process asks; a barrier needs no more than the answer."""
+        return None
 
     async def stop(self) -> None:
         if self.runner is not None:
@@ -128,6 +169,23 @@ class RegistryService:
         while time.monotonic() < deadline and any(
                 getattr(conn, "_request_in_progress", False) for conn in self.server.connections):
             await asyncio.sleep(0.05)
+
+
+class ChannelAuditSink:
+    """A worker's audit events, each sent to its replica's process as it happens (before the
+    response that it records goes out), where the replica's one writer keeps them."""
+
+    def __init__(self, channel: Channel):
+        self.channel = channel
+
+    def send(self, event: AuditEvent) -> None:
+        try:
+            self.channel.send({"t": "audit", "e": msgspec.to_builtins(event)})
+        except (ConnectionError, RuntimeError):
+            log.warning("audit event lost: the replica's process is gone", extra={"kind": event.kind})
+
+    async def flush(self) -> None:
+        await self.channel.call("audit.flush")
 
 
 def _apply_redirect(repositories: Repositories, key: str, value: Any) -> None:

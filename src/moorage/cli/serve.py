@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
+import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable
@@ -19,6 +21,7 @@ from moorage.cli.errors import CliError
 from moorage.cluster.https import HttpsOptions
 from moorage.cluster.identity import Identity
 from moorage.cluster.replica import Replica, ReplicaConfig
+from moorage.cluster.workers import WorkerStart, default_workers
 
 
 def add_replica_options(p: argparse.ArgumentParser) -> None:
@@ -42,6 +45,10 @@ def add_replica_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-name", action="append", default=[], metavar="NAME",
                    help="another name (DNS name or IP) the API certificate must cover, e.g. the load "
                         "balancer's; repeatable")
+    p.add_argument("--workers", type=_workers, default=default_workers(), metavar="N",
+                   help="processes serving HTTP, each on its own core; the replica's own process runs etcd "
+                        f"and the background duties (default: the machine's cores, at most 8: {default_workers()} "
+                        "here; 1 keeps everything in one process)")
     p.add_argument("--insecure-http", action="store_true",
                    help="serve plain HTTP instead of HTTPS; only allowed when --listen is a loopback address")
 
@@ -78,6 +85,12 @@ def register(commands) -> None:
     p.set_defaults(run=run)
 
 
+def _workers(value: str) -> int:
+    if not value.isdigit() or not 1 <= int(value) <= 64:
+        raise argparse.ArgumentTypeError(f"--workers takes a number from 1 to 64, not {value!r}")
+    return int(value)
+
+
 def https_options(args: argparse.Namespace) -> HttpsOptions:
     return HttpsOptions(args.tls_cert, args.tls_key, tuple(args.tls_name), args.insecure_http)
 
@@ -112,7 +125,7 @@ def replica_config(args: argparse.Namespace) -> ReplicaConfig:
                          etcd_client_port=args.etcd_client_port, etcd_peer_port=args.etcd_peer_port,
                          storage_dir=storage_dir, object_store=object_store, s3=s3,
                          s3_redirect=args.s3_redirect, https=https_options(args),
-                         admin_password=admin_password(args))
+                         admin_password=admin_password(args), workers=args.workers)
 
 
 def admin_password(args: argparse.Namespace) -> str | None:
@@ -138,5 +151,17 @@ def run(args: argparse.Namespace) -> int:
 def run_replica(config: ReplicaConfig, promote: Callable[[int], Awaitable[bool]] | None = None,
                 on_serving: Callable[[Identity], Awaitable[None]] | None = None) -> int:
     """A replica with the registry on top, in the foreground until it stops."""
+    level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
     return asyncio.run(Replica(config, RegistryService.build, promote=promote, on_serving=on_serving,
-                               announce=say).run())
+                               announce=say, worker_main=functools.partial(run_worker, level)).run())
+
+
+def run_worker(level: str, start: WorkerStart) -> None:
+    """A worker process of a replica (cluster/workers.py): the registry's HTTP API on the
+    connections its parent hands it, until SIGTERM or the parent's end."""
+    logs.setup(level)
+    config = start.options
+    try:
+        asyncio.run(Replica(config, RegistryService.build, worker=start).run())
+    except KeyboardInterrupt:  # a Ctrl-C reaches the whole process group; the parent stops us
+        pass

@@ -79,6 +79,20 @@ def check_ports_free(ports: list[tuple[str, int, str]]) -> None:
                 raise AddressError(f"{what} {host}:{port} {in_use(e)}") from None
 
 
+def listen_socket(host: str, port: int, backlog: int = 1024) -> socket.socket:
+    """The API's listening socket, non-blocking (raises OSError: see in_use)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def in_use(e: OSError) -> str:
     """Why a port could not be bound, as the end of a sentence."""
     return "is already in use" if e.errno == errno.EADDRINUSE else f"cannot be used: {e.strerror}"

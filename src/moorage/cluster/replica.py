@@ -17,6 +17,12 @@ The service is the registry and its HTTP API (api/server.py). It lives in
 the layers above this one, so it is handed in as a factory (`Service`): the
 cluster layer imports nothing of them.
 
+With `workers` above 1 (cluster/workers.py) this process is the replica's
+parent: it runs the member and the background tasks, and accepts the API's
+connections, which N worker processes serve; each worker is a Replica too,
+built with `worker` set: no member, no background task but its own
+metadata view, connections from the parent.
+
 A replica's background tasks are listed in one place, `Replica.tasks`, as
 Patroni lists its HA loop; each runs until the replica stops.
 """
@@ -41,6 +47,7 @@ from moorage.cluster.etcd_member import EtcdMember, node_tls
 from moorage.cluster.identity import Identity, load_or_create
 from moorage.cluster.operations import ClusterOperations
 from moorage.cluster.settings import ClusterSettings, Network, parse_networks, set_value
+from moorage.cluster.workers import Channel, Shared, Supervisor, WorkerStart, forkserver
 from moorage.meta import keys
 from moorage.meta.etcd import EtcdClient, EtcdUnavailable, Event
 from moorage.meta.gc_store import GcStore
@@ -57,6 +64,8 @@ QUORUM_PROBE_SECONDS = 1.0
 # itself unhealthy and refuses writes at once instead of letting them time out.
 QUORUM_GRACE_SECONDS = 3.0
 PROMOTE_SECONDS = 120.0
+# How long stopping waits for requests in flight (the workers', as the service's own).
+DRAIN_SECONDS = 30.0
 # A member that just started may be refused a membership change for a few seconds.
 MOVE_SECONDS = 30.0
 # The object store's CA (--s3-ca-cert, or the one a joining replica received), kept in DATA_DIR.
@@ -83,6 +92,7 @@ class ReplicaConfig:
     s3_redirect: bool = True
     https: https.HttpsOptions = field(default_factory=https.HttpsOptions)
     admin_password: str | None = None       # the admin's on the first start; None: a generated one
+    workers: int = 1                        # processes serving HTTP (1: this one, as it always was)
 
 
 class Service(Protocol):
@@ -100,6 +110,12 @@ class Service(Protocol):
     async def write_audit(self) -> None:
         """The audit log's writer: runs until stop()."""
 
+    async def from_worker(self, message: dict) -> Any:
+        """In a parent: a worker's message (an audit event, a login's slowdown); a call's answer."""
+
+    async def from_parent(self, message: dict) -> Any:
+        """In a worker: the parent's message; a call's answer."""
+
 
 @dataclass(frozen=True)
 class Task:
@@ -116,8 +132,18 @@ class Replica:
     def __init__(self, config: ReplicaConfig, service: Callable[["Replica"], Awaitable[Service]],
                  promote: Callable[[int], Awaitable[bool]] | None = None,
                  on_serving: Callable[[Identity], Awaitable[None]] | None = None,
-                 announce: Callable[[str], None] = lambda message: None):
+                 announce: Callable[[str], None] = lambda message: None,
+                 worker: WorkerStart | None = None,
+                 worker_main: Callable[[WorkerStart], None] | None = None):
         self.config = config
+        # As a worker: what the parent handed over (its slot, channels, the shared block).
+        self.worker = worker
+        # As the parent of workers: the function each worker runs (pickled to the fork server).
+        self.worker_main = worker_main
+        self.shared: Shared | None = None
+        self.channel: Channel | None = None       # a worker's link to the parent
+        self.supervisor: Supervisor | None = None
+        self._forkserver: Any = None
         self._service_factory = service
         self.promote = promote
         self.on_serving = on_serving
@@ -126,7 +152,7 @@ class Replica:
         self.settings = ClusterSettings()
         self.proxy_from: tuple[Network, ...] = ()   # the setting proxy_protocol.from, parsed
         self.started = time.time()
-        self.quorum_ok_at = 0.0
+        self._quorum_ok_at = 0.0
         self.stopping = asyncio.Event()
         self.removed = False
         self._tasks: list[asyncio.Task] = []
@@ -154,6 +180,14 @@ class Replica:
         assert self.member is not None and self.index is not None and self.service is not None
         assert self.identity is not None
         service = self.service
+        if self.worker is not None:
+            return [
+                # A worker's own view of the metadata (and through it, the settings).
+                Task("index-watch", self.index.watch),
+                # The parent's link: a call's replies come back on it; when it closes, the
+                # parent is gone, and so are we.
+                Task("parent-link", self._parent_link),
+            ]
         return [
             # etcd runs as our child: restarted when it dies; when it was removed, we stop.
             Task("etcd-supervisor", self.member.supervise),
@@ -166,7 +200,8 @@ class Replica:
             Task("quorum-probe", self._probe_quorum),
             # Our replica record, refreshed; it ends when `moorage remove` deleted it, and so do we.
             Task("heartbeat", self._heartbeat),
-            # The service's own: garbage collection on schedule, and the audit log's writer.
+            # The service's own: garbage collection on schedule, and the audit log's writer
+            # (a worker's audit events come to its parent's one writer).
             Task("gc-schedule", service.collect_garbage),
             Task("audit-writer", service.write_audit),
         ]
@@ -174,7 +209,10 @@ class Replica:
     # -- health -----------------------------------------------------------------------
 
     def writable(self) -> tuple[bool, str]:
-        if time.monotonic() - self.quorum_ok_at > QUORUM_GRACE_SECONDS:
+        # A worker reads its parent's probe from the shared block: the same clock in every process.
+        ok_at = self.shared.quorum_ok_at if self.worker is not None and self.shared is not None \
+            else self.quorum_ok_at
+        if time.monotonic() - ok_at > QUORUM_GRACE_SECONDS:
             return False, "no etcd quorum: this replica cannot reach a majority of the cluster"
         return True, ""
 
@@ -198,7 +236,20 @@ class Replica:
             "repositories": len(self.index.repos),
             "blobs": len(self.index.blobs),
             "uptime_seconds": round(time.time() - self.started, 1),
+            # The process that answered (tests tell a replica's workers apart by it).
+            "worker": os.getpid(),
+            "workers": self.config.workers,
         }
+
+    @property
+    def quorum_ok_at(self) -> float:
+        return self._quorum_ok_at
+
+    @quorum_ok_at.setter
+    def quorum_ok_at(self, value: float) -> None:
+        self._quorum_ok_at = value
+        if self.shared is not None and self.worker is None:
+            self.shared.quorum_ok_at = value  # what the workers' writable() reads
 
     @property
     def client(self) -> EtcdClient:
@@ -229,9 +280,10 @@ class Replica:
         identity, self.created = load_or_create(self.data_dir, config.storage_dir, config.etcd_client_port,
                                                 config.etcd_peer_port, advertised.host, object_store)
         self.identity = identity
-        addresses.check_ports_free([(self.host, self.port, "the listen address"),
-                                    (identity.advertise, identity.etcd_client_port, "the etcd client port"),
-                                    (identity.advertise, identity.etcd_peer_port, "the etcd peer port")])
+        if self.worker is None:  # a worker's ports are its parent's, taken by now
+            addresses.check_ports_free([(self.host, self.port, "the listen address"),
+                                        (identity.advertise, identity.etcd_client_port, "the etcd client port"),
+                                        (identity.advertise, identity.etcd_peer_port, "the etcd peer port")])
         # TLS before etcd: the member's certificates come from the cluster CA.
         https.ensure_ca(self.pki, identity.cluster_token, joining=identity.initial_cluster is not None,
                         announce=self.announce)
@@ -321,24 +373,22 @@ class Replica:
         identity, storage, member, clock = self.identity, self.storage, self.member, self.clock
         assert identity is not None and storage is not None and member is not None and clock is not None, \
             "build() first"
+        if self.worker is not None:
+            await self._start_worker()
+            return
+        if self.config.workers > 1:
+            # First: the fork server imports the registry while etcd starts.
+            self._forkserver = forkserver(["moorage.cli.serve"])
+            self.shared = Shared.create(self.config.workers)
         await self._open_storage(storage)
         await member.start()
-        self._client = client = EtcdClient(member.endpoint, member.tls)
+        self._client = client = EtcdClient(member.endpoint, member.tls,
+                                           on_write=self.shared.wrote if self.shared is not None else None)
         if self.promote is not None and identity.member_id is not None:
             await self._await_promotion(identity.member_id)
         else:
             await self._move_member()
-        self.index = index = Index(client)
-        # Whatever subscribes to the index does so before it loads, to see what is there already.
-        index.subscribe(keys.CONFIG, self.settings.apply)
-        index.subscribe(keys.REPLICA, self._replica_event)
-        index.subscribe(keys.REPLICA, clock.observe)
-        self.settings.on_change(self._apply_setting)
-        self.meta = MetaStore(client, index)
-        self.gc_store = GcStore(client)
-        self.operations = ClusterOperations(client, index, self.settings, storage, identity.replica_id,
-                                         identity.cluster_token, pki_paths=self.pki, clock=clock,
-                                         storage_spec=self.storage_spec())
+        index = self._open_view(client)
         self.service = await self._service_factory(self)
         await index.load()
         if self.created and self.promote is None and not self.config.s3_redirect:
@@ -350,6 +400,8 @@ class Replica:
             log.info("this replica's address changed", extra={"field": name, "old": old, "new": new})
         self._tasks = [asyncio.create_task(t.run(), name=t.name) for t in self.tasks()]
         await self.service.start()
+        if self.shared is not None:
+            await self._start_workers()
         # For commands run on this node (`moorage status` with no --existing).
         endpoint.save(self.data_dir, endpoint.LocalApi(
             self.url, str(self.pki.ca_cert) if self.api_ssl is not None and self.config.https.cert is None else None))
@@ -358,12 +410,70 @@ class Replica:
             identity.save(self.data_dir)
         log.info("moorage serving", extra={
             "url": self.url, "replica_id": identity.replica_id, "new_cluster": self.created,
-            "storage_dir": identity.storage_dir, "data_dir": str(self.data_dir), "pid": os.getpid()})
+            "storage_dir": identity.storage_dir, "data_dir": str(self.data_dir), "pid": os.getpid(),
+            "workers": self.config.workers})
         if self.on_serving is not None:
             asyncio.create_task(self.on_serving(identity))
 
+    def _open_view(self, client: EtcdClient) -> Index:
+        """The metadata view and the stores on it. Whatever subscribes to the index does so
+        before it loads, to see what is there already."""
+        identity, storage, clock = self.identity, self.storage, self.clock
+        assert identity is not None and storage is not None and clock is not None
+        self.index = index = Index(client, peers=self.shared)
+        index.subscribe(keys.CONFIG, self.settings.apply)
+        index.subscribe(keys.REPLICA, self._replica_event)
+        index.subscribe(keys.REPLICA, clock.observe)
+        self.settings.on_change(self._apply_setting)
+        self.meta = MetaStore(client, index)
+        self.gc_store = GcStore(client)
+        self.operations = ClusterOperations(client, index, self.settings, storage, identity.replica_id,
+                                         identity.cluster_token, pki_paths=self.pki, clock=clock,
+                                         storage_spec=self.storage_spec())
+        return index
+
+    async def _start_workers(self) -> None:
+        """As a parent: the workers, then the listener; the API serves once every worker is ready."""
+        assert self.shared is not None and self.worker_main is not None and self.service is not None
+        service = self.service
+        self.supervisor = Supervisor(self.config.workers, self.shared, self.worker_main,
+                                     lambda slot, message: service.from_worker(message),
+                                     self._forkserver, options=self.config)
+        await self.supervisor.start()
+        try:
+            listener = addresses.listen_socket(self.host, self.port)
+        except OSError as e:
+            raise StartError(f"the listen address {self.host}:{self.port} {addresses.in_use(e)}") from None
+        self.supervisor.serve(listener)
+
+    async def _start_worker(self) -> None:
+        """As a worker: our own client of the replica's member and our own metadata view;
+        no member to run, no background task but the view's watch."""
+        start, storage, member = self.worker, self.storage, self.member
+        assert start is not None and storage is not None and member is not None
+        self.shared = Shared(start.shared, start.workers, start.slot)
+        self.channel = await Channel.open(start.ctl)
+        await storage.open()
+        self._client = client = EtcdClient(member.endpoint, member.tls, on_write=self.shared.wrote)
+        index = self._open_view(client)
+        self.service = await self._service_factory(self)
+        await index.load()
+        self._tasks = [asyncio.create_task(t.run(), name=t.name) for t in self.tasks()]
+        await self.service.start()
+        self.channel.send({"t": "ready"})
+
+    async def _parent_link(self) -> None:
+        channel, service = self.channel, self.service
+        assert channel is not None and service is not None
+        await channel.serve(service.from_parent)
+        log.debug("the replica's process closed our link; stopping")
+        self.stopping.set()
+
     async def stop(self) -> None:
         """Whatever start() got to, undone in reverse."""
+        if self.supervisor is not None:
+            # The listener closes, then the workers drain their requests in flight.
+            await self.supervisor.stop(DRAIN_SECONDS)
         if self.service is not None:
             await self.service.stop()   # requests in flight finish; the audit writer ends
         for task in self._tasks:
@@ -375,7 +485,7 @@ class Replica:
                 pass
         if self._client is not None:
             await self._client.close()
-        if self.member is not None:
+        if self.member is not None and self.worker is None:
             await self.member.stop()
         if self.storage is not None:
             await self.storage.close()

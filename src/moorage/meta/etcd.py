@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,11 +147,15 @@ def endpoint_of(url: str) -> str:
 
 
 class EtcdClient:
-    def __init__(self, endpoint: str, tls: EtcdTls | None, timeout: float = DEFAULT_TIMEOUT):
-        """`tls` None speaks plaintext: only for tests that show etcd refuses it."""
+    def __init__(self, endpoint: str, tls: EtcdTls | None, timeout: float = DEFAULT_TIMEOUT,
+                 on_write: Callable[[int], None] | None = None):
+        """`tls` None speaks plaintext: only for tests that show etcd refuses it. `on_write` hears
+        the revision of every write etcd acknowledged, before the caller does (meta/index.py's
+        peers: read-your-writes across a replica's processes)."""
         self.endpoint = endpoint
         self.tls = tls
         self.timeout = timeout
+        self.on_write = on_write
         options = [
             ("grpc.max_send_message_length", MAX_MESSAGE),
             ("grpc.max_receive_message_length", MAX_MESSAGE),
@@ -223,17 +227,20 @@ class EtcdClient:
 
     async def put(self, key: bytes, value: bytes) -> int:
         resp = await self._call(self._kv.Put, rpc.PutRequest(key=key, value=value))
+        self._wrote(resp.header.revision)
         return resp.header.revision
 
     async def txn(self, compare: Sequence = (), success: Sequence = (), failure: Sequence = ()
                   ) -> TxnResult:
         resp = await self._call(self._kv.Txn, rpc.TxnRequest(
             compare=list(compare), success=list(success), failure=list(failure)))
+        self._wrote(resp.header.revision)
         return TxnResult(resp.succeeded, resp.header.revision, list(resp.responses))
 
     async def watch_prefix(self, prefix: bytes, start_revision: int
                            ) -> AsyncIterator[tuple[int, list[Event]]]:
-        """Yield (revision, events) from `start_revision` on, forever.
+        """Yield (revision, events) from `start_revision` on, forever; first (0, []) once the
+        watch is in place.
 
         With progress notification on, an empty batch says every event up to
         its revision has been delivered; that is what lets readers prove the
@@ -260,6 +267,9 @@ class EtcdClient:
                 if resp.canceled:
                     raise EtcdUnavailable(f"watch canceled: {resp.cancel_reason}")
                 if resp.created and not resp.events:
+                    # The watch is in place (revision 0: nothing is known delivered yet; the
+                    # events from start_revision on follow).
+                    yield 0, []
                     continue
                 events = [Event(ev.type == rpc.Event.DELETE, _kv(ev.kv)) for ev in resp.events]
                 if resp.fragment:
@@ -292,7 +302,12 @@ class EtcdClient:
 
     async def revoke_lease(self, lease: int) -> None:
         """End a lease now, deleting every key under it."""
-        await self._call(self._lease.LeaseRevoke, rpc.LeaseRevokeRequest(ID=lease))
+        resp = await self._call(self._lease.LeaseRevoke, rpc.LeaseRevokeRequest(ID=lease))
+        self._wrote(resp.header.revision)
+
+    def _wrote(self, revision: int) -> None:
+        if self.on_write is not None:
+            self.on_write(revision)
 
     async def status(self):
         return await self._call(self._maintenance.Status, rpc.StatusRequest())

@@ -12,6 +12,14 @@ through this process and is applied here before it is acknowledged, so the
 index is already current and `sync()` costs nothing. The cluster layer clears
 `solo` before a second member is added and whenever it sees more than one.
 
+A replica with worker processes (cluster/workers.py) has several writers
+behind one member, so no process may trust `solo` for itself. Each process
+publishes the revision of every write etcd acknowledged to it (`Peers`); while
+the member is alone, `sync()` waits until the watch has applied the newest of
+them, with no etcd round trip: a client's next request comes after the
+acknowledgement, so it is covered. When the member is not alone, the shared
+revision read, as across replicas.
+
 When etcd cannot be reached (no quorum), `sync()` gives up after a short
 deadline and readers serve what this replica knows: pulls keep working.
 """
@@ -23,6 +31,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from moorage.meta import keys
 from moorage.meta.etcd import EtcdClient, EtcdCompacted, EtcdUnavailable, Event
@@ -60,9 +69,24 @@ class Repo:
         return self._sorted_tags
 
 
+class Peers(Protocol):
+    """The other processes writing through this replica's etcd member (cluster/workers.py)."""
+
+    def solo(self) -> bool:
+        """Whether the member is the cluster's only one (the replica's process polls it)."""
+
+    def set_solo(self, value: bool) -> None: ...
+
+    def leave_solo(self, hold_seconds: float) -> None: ...
+
+    def newest_write(self) -> int:
+        """The newest revision etcd acknowledged to any of the replica's processes."""
+
+
 class Index:
-    def __init__(self, client: EtcdClient):
+    def __init__(self, client: EtcdClient, peers: Peers | None = None):
         self._client = client
+        self.peers = peers
         self.repos: dict[str, Repo] = {}
         self.blobs: dict[str, BlobRecord] = {}
         self.applied = 0
@@ -98,6 +122,9 @@ class Index:
 
     @solo.setter
     def solo(self, value: bool) -> None:
+        if self.peers is not None:  # not ours alone to trust: the sync reads the peers' writes
+            self.peers.set_solo(value)
+            return
         if value and time.monotonic() < self._not_solo_until:
             return
         # A new epoch each time solo begins: what was cached in an earlier solo
@@ -112,6 +139,8 @@ class Index:
         solo back on."""
         self._not_solo_until = time.monotonic() + hold_seconds
         self._solo = False
+        if self.peers is not None:
+            self.peers.leave_solo(hold_seconds)
 
     # -- life -------------------------------------------------------------
 
@@ -263,6 +292,15 @@ class Index:
         if self.solo:
             return True
         if time.monotonic() - self._sync_failed_at < SYNC_BACKOFF:
+            return False
+        if self.peers is not None and self.peers.solo():
+            newest = self.peers.newest_write()
+            if newest <= self.applied:
+                return True
+            if await self.wait_applied(newest, SYNC_TIMEOUT):
+                self.last_sync_ok = time.monotonic()
+                return True
+            self._sync_failed_at = time.monotonic()
             return False
         fut = self._next
         if fut is None:

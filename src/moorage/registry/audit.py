@@ -26,7 +26,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import msgspec
 
@@ -126,15 +126,25 @@ class Found(NamedTuple):
     challenged: int            # challenged events left out over the period the events span (no kind asked)
 
 
+class AuditSink(Protocol):
+    """Where a worker process's events go: its replica's process, which writes the one file."""
+
+    def send(self, event: AuditEvent) -> None: ...
+
+    async def flush(self) -> None:
+        """Every event sent so far by any of the replica's processes, written."""
+
+
 class AuditLog:
     def __init__(self, storage_dir: Path, replica: str, retention_days: int = RETENTION_DAYS,
-                 queue_events: int = QUEUE_EVENTS):
+                 queue_events: int = QUEUE_EVENTS, sink: AuditSink | None = None):
         self.root = Path(storage_dir) / "audit"
         self.replica = replica
         self.dir = self.root / replica
         self.retention_days = retention_days
         self.queue_events = queue_events
         self._queue: deque[AuditEvent] = deque()
+        self.sink = sink  # a worker's: events go to the replica's process (cluster/workers.py)
         self.dropped = 0  # since this process started
         self._dropped_unreported = 0
         self._warned_at = 0.0
@@ -151,6 +161,9 @@ class AuditLog:
 
     def record(self, event: AuditEvent) -> None:
         """Queue an event; never blocks, never raises."""
+        if self.sink is not None:
+            self.sink.send(event)
+            return
         if len(self._queue) >= self.queue_events:
             self._queue.popleft()
             self.dropped += 1
@@ -186,6 +199,9 @@ class AuditLog:
 
     async def flush(self) -> None:
         """Write everything queued so far; on an error the batch goes back to the queue."""
+        if self.sink is not None:
+            await self.sink.flush()
+            return
         async with self._lock:
             self._report_drops()
             if not self._queue:
@@ -374,12 +390,14 @@ class BucketAuditLog(AuditLog):
     """
 
     def __init__(self, storage: BlobDriver, replica: str, retention_days: int = RETENTION_DAYS,
-                 queue_events: int = QUEUE_EVENTS):
-        super().__init__(Path("."), replica, retention_days, queue_events)
+                 queue_events: int = QUEUE_EVENTS, sink: AuditSink | None = None):
+        super().__init__(Path("."), replica, retention_days, queue_events, sink=sink)
         self.storage = storage
         self._seq = 0
 
     async def open(self) -> None:
+        if self.sink is not None:
+            return  # the replica's process writes (and expires) the objects
         await self._expire_if_new_day()
 
     async def _persist(self, batch: list[AuditEvent]) -> None:

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 
 from moorage import digest as digests
 from moorage.meta.errors import MetadataUnavailable
+from moorage.cluster.workers import WriterLocks
 from moorage.registry.errors import BlobUploadInvalid, DigestInvalid, RangeInvalid, TooLarge
 from moorage.registry.limits import Limits
 from moorage.registry.names import check_digest
@@ -42,8 +43,11 @@ MAX_HASHERS = 4096
 
 
 class Uploads:
-    def __init__(self, storage: BlobDriver, sessions: Sessions, placement: Placement, limits: Limits):
+    def __init__(self, storage: BlobDriver, sessions: Sessions, placement: Placement, limits: Limits,
+                 writers: WriterLocks | None = None):
+        """`writers`: with worker processes, the lock that keeps one writer per upload across them."""
         self.storage = storage
+        self.writers = writers
         self.sessions = sessions
         self.placement = placement
         self.limits = limits
@@ -52,13 +56,15 @@ class Uploads:
 
     @contextmanager
     def _exclusive(self, upload_id: str):
-        if upload_id in self._writing:
+        if upload_id in self._writing or (self.writers is not None and not self.writers.acquire(upload_id)):
             raise RangeInvalid("another request is writing to this upload; resume from its offset")
         self._writing.add(upload_id)
         try:
             yield
         finally:
             self._writing.discard(upload_id)
+            if self.writers is not None:
+                self.writers.release(upload_id)
 
     def start(self, repo: str) -> Session:
         return self.sessions.new(repo, self.storage.new_upload_id())
