@@ -44,7 +44,6 @@ from typing import Any
 
 from aiohttp import web
 
-from moorage.api.tap import Tap
 from moorage.cluster.addresses import listen_socket
 from moorage.cluster.settings import Network
 from moorage.cluster.workers import receive_connections
@@ -232,8 +231,7 @@ class ApiSite(web.BaseSite):
         if client is not None:
             handler.client = client  # type: ignore[attr-defined]  # GuardedHandler (connections.py)
         handler.closed_hook = closed  # type: ignore[attr-defined]
-        # Big request bodies go from the socket straight into an upload's buffers (api/tap.py).
-        return Tap(handler)
+        return handler
 
     @staticmethod
     async def _header(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> tuple[str, int] | None:

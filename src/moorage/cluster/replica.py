@@ -276,23 +276,31 @@ class Replica:
         if advertised.resolved_from is not None:
             log.info("advertising this host's one routable address", extra={
                 "advertise": advertised.host, "listen": advertised.resolved_from})
-        object_store = self._object_store()
-        identity, self.created = load_or_create(self.data_dir, config.storage_dir, config.etcd_client_port,
-                                                config.etcd_peer_port, advertised.host, object_store)
-        self.identity = identity
-        if self.worker is None:  # a worker's ports are its parent's, taken by now
+        if self.worker is not None:
+            # A worker reads what its parent made and wrote (identity, certificates), and
+            # writes none of it: its ports are the parent's, taken by now.
+            found = Identity.load(self.data_dir)
+            if found is None:
+                raise StartError(f"no replica identity in {self.data_dir}: a worker starts after its replica")
+            identity, self.created = found, False
+        else:
+            object_store = self._object_store()
+            identity, self.created = load_or_create(self.data_dir, config.storage_dir, config.etcd_client_port,
+                                                    config.etcd_peer_port, advertised.host, object_store)
             addresses.check_ports_free([(self.host, self.port, "the listen address"),
                                         (identity.advertise, identity.etcd_client_port, "the etcd client port"),
                                         (identity.advertise, identity.etcd_peer_port, "the etcd peer port")])
-        # TLS before etcd: the member's certificates come from the cluster CA.
-        https.ensure_ca(self.pki, identity.cluster_token, joining=identity.initial_cluster is not None,
-                        announce=self.announce)
+            # TLS before etcd: the member's certificates come from the cluster CA.
+            https.ensure_ca(self.pki, identity.cluster_token, joining=identity.initial_cluster is not None,
+                            announce=self.announce)
+        self.identity = identity
         self.api_ssl = https.api_context(config.https, self.pki, pki.replica_names(
             self.host, advertised.host, extra=config.https.names))
         self.url = f"{'https' if self.api_ssl else 'http'}://{addresses.url_host(advertised.host)}:{self.port}"
         # etcd's mutual TLS: the node certificate covers the advertised address (peers and the
         # members' client URLs) and loopback; it is reissued when --advertise changes.
-        pki.ensure_node_cert(self.pki, pki.replica_names(identity.advertise))
+        if self.worker is None:
+            pki.ensure_node_cert(self.pki, pki.replica_names(identity.advertise))
         try:
             self.storage = storage_at(identity.storage_dir, identity.s3)
         except StorageError as e:
@@ -422,7 +430,8 @@ class Replica:
         assert identity is not None and storage is not None and clock is not None
         self.index = index = Index(client, peers=self.shared)
         index.subscribe(keys.CONFIG, self.settings.apply)
-        index.subscribe(keys.REPLICA, self._replica_event)
+        if self.worker is None:  # the replica's removal stops the parent, which stops its workers
+            index.subscribe(keys.REPLICA, self._replica_event)
         index.subscribe(keys.REPLICA, clock.observe)
         self.settings.on_change(self._apply_setting)
         self.meta = MetaStore(client, index)
@@ -513,6 +522,11 @@ class Replica:
     async def _wait_for_stop(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
+            if sig == signal.SIGINT and self.worker is not None:
+                # A Ctrl-C reaches the whole process group: the parent drains its workers
+                # (SIGTERM) in order; a worker leaving on its own would only be restarted.
+                signal.signal(sig, signal.SIG_IGN)
+                continue
             loop.add_signal_handler(sig, self.stopping.set)
         await self.stopping.wait()
 

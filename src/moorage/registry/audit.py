@@ -171,6 +171,8 @@ class AuditLog:
         self._queue.append(event)
 
     async def open(self) -> None:
+        if self.sink is not None:
+            return  # the replica's process writes (and expires) the files
         self.dir.mkdir(parents=True, exist_ok=True)
         await self._expire_if_new_day()
 
