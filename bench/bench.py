@@ -6,7 +6,8 @@ then on registry B, for several rounds, so that drift of the machine (page
 cache, writeback, thermal state) hits both alike; the table reports medians and
 the ratio Moorage / distribution against the project's targets.
 
-Usage: bench/bench.py [--quick] [--only moorage|distribution] [--insecure-http] [--s3] [--json FILE]
+Usage: bench/bench.py [--quick] [--only moorage|distribution] [--insecure-http] [--s3] [--workers N]
+                      [--json FILE]
 
 Both serve HTTPS (Moorage with its cluster CA, distribution with a certificate
 the bench makes), unless --insecure-http runs both over plain HTTP. Moorage's
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import shutil
 import signal
@@ -137,6 +139,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="both registries over plain HTTP (Moorage with --insecure-http) instead of HTTPS")
     p.add_argument("--s3", action="store_true",
                    help="blobs in S3 buckets of a SeaweedFS the bench starts; the S3 rows and targets")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="Moorage's `serve --workers N` (default: its own default, the machine's cores)")
     p.add_argument("--json", type=Path, metavar="FILE", help="write all results as JSON")
     p.add_argument("--quiet-wait", type=float, default=20.0, metavar="S",
                    help="before each run, wait up to S seconds for the machine to be idle (default 20)")
@@ -154,13 +158,14 @@ def tool_output(cmd: list[str]) -> str:
     return ((out.stdout or out.stderr).strip().splitlines() or ["?"])[0]
 
 
-def environment(tls: bool, s3: bool) -> dict[str, str]:
+def environment(tls: bool, s3: bool, workers: int | None) -> dict[str, str]:
     """What was measured, so that two result files can be told apart."""
     repo = Path(__file__).resolve().parent.parent
     dirty = tool_output(["git", "-C", str(repo), "status", "--porcelain", "--", "src"]) not in ("?", "")
     return {
         "moorage": tool_output(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"])
                    + (" + uncommitted changes in src/" if dirty else ""),
+        "moorage workers": str(workers) if workers else "its default",
         "distribution": tool_output(["docker-registry", "--version"]),
         "wrk": tool_output(["wrk", "-v"]),
         "python": sys.version.split()[0],
@@ -193,14 +198,15 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, raise_interrupt)
     started = time.monotonic()
     tls = not args.insecure_http
-    env = environment(tls, args.s3)
+    env = environment(tls, args.s3, args.workers)
     print("; ".join(f"{k}: {v}" for k, v in env.items()), flush=True)
     workdir = Path(tempfile.mkdtemp(prefix="moorage-bench-", dir=args.tmp))
     servers: list[Server] = []
     store: ObjectStore | None = None
     try:
         names = [args.only] if args.only else ["moorage", "distribution"]
-        factories = {"moorage": moorage_server, "distribution": distribution_server}
+        factories = {"moorage": functools.partial(moorage_server, workers=args.workers),
+                     "distribution": distribution_server}
         if args.s3:
             print("starting SeaweedFS ...", flush=True)
             store = ObjectStore(workdir).start()

@@ -267,8 +267,10 @@ class CpuMeter:
 ADMIN_PASSWORD = "bench-admin-password"
 
 
-def moorage_server(workdir: Path, tls: bool = True, bucket: Bucket | None = None) -> Server:
-    """Moorage as an operator starts it: HTTPS with its cluster CA (unless tls is False), and an admin.
+def moorage_server(workdir: Path, tls: bool = True, bucket: Bucket | None = None,
+                   workers: int | None = None) -> Server:
+    """Moorage as an operator starts it: HTTPS with its cluster CA (unless tls is False), and an admin;
+    `workers` None: its default number of worker processes.
 
     With a bucket, its blobs go there (`--storage s3://BUCKET`), with the
     credentials in the standard AWS variables, as an operator gives them.
@@ -286,6 +288,8 @@ def moorage_server(workdir: Path, tls: bool = True, bucket: Bucket | None = None
         env.update(bucket.store.env, AWS_EC2_METADATA_DISABLED="true")
     if not tls:
         cmd.append("--insecure-http")
+    if workers is not None:
+        cmd += ["--workers", str(workers)]
     return Server("moorage", cmd, port, workdir, tls=tls, ca=workdir / "data" / "tls" / "ca.crt",
                   credentials=Credentials("admin", ADMIN_PASSWORD), env=env)
 
