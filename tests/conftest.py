@@ -378,6 +378,23 @@ def hosts_cluster(tmp_path, network) -> Iterator[Cluster]:
     c.stop()
 
 
+@pytest.fixture(scope="module")
+def net() -> Iterator[hosts.Network]:
+    """A network of separate hosts for a whole module (its cluster of three serves several tests)."""
+    with hosts.network() as n:
+        yield n
+
+
+@pytest.fixture(scope="module")
+def trio(net, tmp_path_factory) -> Iterator[Cluster]:
+    """Three replicas made with `moorage join`, each on a host of its own, for a whole module."""
+    c = Cluster(tmp_path_factory.mktemp("trio"), net)
+    try:
+        yield c.start_three()
+    finally:
+        c.stop()
+
+
 @pytest.fixture
 def three(cluster) -> Cluster:
     """A cluster of three replicas made with `moorage join`."""

@@ -32,7 +32,7 @@ class Metric:
 
 HANDLERS = ("base", "blob", "blob_upload", "blob_upload_chunk", "manifest", "tags", "catalog",
             "referrers", "token", "admin", "console", "ping", "other")
-STORAGE_ACTIONS = ("Stat", "GetContent", "PutContent", "Reader", "Writer", "Delete", "List", "URLFor")
+STORAGE_ACTIONS = ("Stat", "GetContent", "PutContent", "Reader", "Writer", "Move", "Delete", "List", "URLFor")
 DRIVERS = ("filesystem", "s3")
 
 METRICS: tuple[Metric, ...] = (

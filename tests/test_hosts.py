@@ -14,15 +14,13 @@ import json
 import os
 import threading
 import time
-from typing import Iterator
 
 import httpx
 import pytest
 from cryptography import x509
 
-import hosts
 from auth import fetch_token
-from conftest import ADMIN_PASSWORD, Cluster, Registry, moorage, on_host, wait_for
+from conftest import ADMIN_PASSWORD, Registry, moorage, on_host, wait_for
 from moorage.storage.filesystem import FilesystemDriver
 from oci import OCI_MANIFEST, make_image, new_repo, patch_chunk, push_blob, push_image, sha256, start_upload
 
@@ -34,21 +32,6 @@ LIBFAKETIME = next(iter(glob.glob("/usr/lib/*/faketime/libfaketime.so.1")), "lib
 # A replica cut off from its peers must say so within this, and catch up within CATCH_UP after healing.
 UNHEALTHY_WITHIN = 10.0
 CATCH_UP_WITHIN = 30.0
-
-
-@pytest.fixture(scope="module")
-def net() -> Iterator[hosts.Network]:
-    with hosts.network() as n:  # one for the module: its cluster of three serves several tests
-        yield n
-
-
-@pytest.fixture(scope="module")
-def trio(net, tmp_path_factory) -> Iterator[Cluster]:
-    c = Cluster(tmp_path_factory.mktemp("trio"), net)
-    try:
-        yield c.start_three()
-    finally:
-        c.stop()
 
 
 def ping(reg: Registry) -> int:

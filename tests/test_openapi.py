@@ -18,6 +18,7 @@ import pytest
 from moorage.api import app
 from moorage.api.admin import AdminApi
 from moorage.api.openapi import document, document_json
+from moorage.api.webhookadmin import webhook_routes
 
 pytestmark = pytest.mark.spec
 
@@ -54,7 +55,8 @@ def _repository_table(dispatcher: app.Dispatcher) -> list[tuple[re.Pattern, dict
 
 
 def _admin_routes() -> list[tuple[str, re.Pattern]]:
-    admin = AdminApi(SimpleNamespace(), SimpleNamespace(), access=SimpleNamespace(users=None), gc=SimpleNamespace())
+    admin = AdminApi(SimpleNamespace(), SimpleNamespace(), access=SimpleNamespace(users=None), gc=SimpleNamespace(),
+                     webhooks=webhook_routes(SimpleNamespace(), SimpleNamespace()))
     return [(r.method, r.pattern) for r in admin.routes]
 
 

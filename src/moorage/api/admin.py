@@ -18,7 +18,7 @@ from moorage.api.auth import Auth, Denied
 from moorage.api.gcadmin import gc_routes
 from moorage.api.errors import ERRORS, as_registry_error
 from moorage.api.bodies import read_bounded
-from moorage.api.routes import ADMIN, Routes, route
+from moorage.api.routes import ADMIN, Route, Routes, route
 from moorage.cluster.operations import ClusterError, ClusterOperations
 from moorage.registry.access import Access, AccessError
 from moorage.registry.errors import TooLarge
@@ -43,7 +43,8 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 
 class AdminApi:
     def __init__(self, cluster: ClusterOperations, auth: Auth, audit: RequestAudit | None = None,
-                 access: Access | None = None, gc: GcRunner | None = None, repositories: Repositories | None = None):
+                 access: Access | None = None, gc: GcRunner | None = None, repositories: Repositories | None = None,
+                 webhooks: list[Route] | None = None):
         self.cluster = cluster
         self.auth = auth  # shared with /v2/: Basic parsing, the verification cache, the login slowdown
         self.audit = audit
@@ -70,6 +71,8 @@ class AdminApi:
         if gc is not None:  # garbage collection runs: see api/gcadmin.py
             self.routes.add(gc_routes(gc))
         self.routes.add(backup_routes(cluster, repositories))  # snapshot, blobs: see api/backup.py
+        if webhooks is not None:  # webhook endpoints: see api/webhookadmin.py
+            self.routes.add(webhooks)
 
     @staticmethod
     async def _promoted(operation) -> dict:

@@ -23,8 +23,10 @@ from moorage.api.blobs import BlobHandlers
 from moorage.api.connections import ClientCounts, GuardedServer
 from moorage.api.errors import ERRORS, error_response, from_error
 from moorage.api.manifests import ManifestHandlers
+from moorage.api.metrics_endpoint import MetricsEndpoint
 from moorage.api.routes import ANY, DELETE, PULL, PUSH, Route, Routes, route
 from moorage.api.token_endpoint import TokenEndpoint
+from moorage.metrics import Metrics
 from moorage.registry.names import check_name
 from moorage.registry.repositories import Repositories
 from moorage.registry.uploads import Uploads
@@ -62,29 +64,37 @@ class Dispatcher:
                  ping: Callable[[], tuple[bool, str]], admin: AdminApi | None = None,
                  writable: Callable[[], tuple[bool, str]] | None = None,
                  readonly: Callable[[], bool] | None = None, audit: RequestAudit | None = None,
-                 ca_pem: bytes | None = None, auth: Auth | None = None):
+                 ca_pem: bytes | None = None, auth: Auth | None = None, metrics: Metrics | None = None,
+                 metrics_token: Callable[[], str | None] = lambda: None):
         m = ManifestHandlers(repositories)
-        b = BlobHandlers(repositories, uploads)
+        b = BlobHandlers(repositories, uploads, metrics.pulled_bytes.inc if metrics is not None else None)
         manifest, upload, blob = (r"^/v2/(.+)/manifests/([^/]+)$", r"^/v2/(.+)/blobs/uploads/([^/]+)$",
                                   r"^/v2/(.+)/blobs/([^/]+)$")
         # The distribution API. A repository's routes name the action they need on it; the
-        # base and the catalog authenticate their callers themselves.
+        # base and the catalog authenticate their callers themselves. The last field is
+        # distribution's name for the route in the request metrics (`handler`).
         self.v2 = Routes([
-            route("GET", manifest, m.get, PULL), route("HEAD", manifest, m.get, PULL),
-            route("PUT", manifest, m.put, PUSH), route("DELETE", manifest, m.delete, DELETE),
-            route("GET", r"^/v2/(.+)/tags/list$", m.tags, PULL),
-            route("GET", r"^/v2/(.+)/referrers/([^/]+)$", m.referrers, PULL),
-            route("POST", r"^/v2/(.+)/blobs/uploads/?$", b.start_upload, PUSH),
-            route("GET", upload, b.status, PUSH), route("PATCH", upload, b.patch, PUSH),
-            route("PUT", upload, b.put, PUSH), route("DELETE", upload, b.cancel, PUSH),
-            route("GET", blob, b.get, PULL), route("HEAD", blob, b.get, PULL), route("DELETE", blob, b.delete, DELETE),
-            route("GET", r"^/v2/_catalog$", self._catalog),
-            route(ANY, r"^/v2/?$", self._base),
+            route("GET", manifest, m.get, PULL, "manifest"), route("HEAD", manifest, m.get, PULL, "manifest"),
+            route("PUT", manifest, m.put, PUSH, "manifest"), route("DELETE", manifest, m.delete, DELETE, "manifest"),
+            route("GET", r"^/v2/(.+)/tags/list$", m.tags, PULL, "tags"),
+            route("GET", r"^/v2/(.+)/referrers/([^/]+)$", m.referrers, PULL, "referrers"),
+            route("POST", r"^/v2/(.+)/blobs/uploads/?$", b.start_upload, PUSH, "blob_upload"),
+            route("GET", upload, b.status, PUSH, "blob_upload_chunk"),
+            route("PATCH", upload, b.patch, PUSH, "blob_upload_chunk"),
+            route("PUT", upload, b.put, PUSH, "blob_upload_chunk"),
+            route("DELETE", upload, b.cancel, PUSH, "blob_upload_chunk"),
+            route("GET", blob, b.get, PULL, "blob"), route("HEAD", blob, b.get, PULL, "blob"),
+            route("DELETE", blob, b.delete, DELETE, "blob"),
+            route("GET", r"^/v2/_catalog$", self._catalog, metric="catalog"),
+            route(ANY, r"^/v2/?$", self._base, metric="base"),
         ])
-        # The other fixed paths: anyone may ask.
+        self.metrics = metrics
+        self.metrics_endpoint = MetricsEndpoint(metrics, auth, metrics_token) if metrics is not None else None
+        # The other fixed paths: anyone may ask (/metrics checks its own credentials).
         self.other = Routes([
-            route(ANY, r"^/token$", self._token),
-            route("GET", r"^/_ping$", self._ping), route("HEAD", r"^/_ping$", self._ping),
+            route(ANY, r"^/token$", self._token, metric="token"),
+            route("GET", r"^/_ping$", self._ping, metric="ping"), route("HEAD", r"^/_ping$", self._ping, metric="ping"),
+            route("GET", r"^/metrics$", self._metrics),
             route("GET", r"^/ca$", self._ca), route("HEAD", r"^/ca$", self._ca),
             route("GET", r"^/health$", self._health),
             route("GET", r"^/openapi\.json$", self._openapi), route("HEAD", r"^/openapi\.json$", self._openapi),
@@ -109,39 +119,64 @@ class Dispatcher:
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         path = request.rel_url.raw_path
-        if not path.startswith("/v2"):
-            try:
-                return await self._other(request, path)
-            except ERRORS as e:  # a body that stalled (BodyTimeout) on /token or /_admin/
-                return from_error(e)
+        # A /v2/ path is matched once, here: for its route and its metrics' handler label.
+        matched = self.v2.match(request.method, path) if path.startswith("/v2") else None
+        metrics = self.metrics
+        if metrics is not None:  # every request counted in one place, whatever answers it
+            handler = self._handler_label(request.method, path, matched)
+            started = metrics.request_started(handler)
+        status = 499  # no response: the client went away, or the replica shut down
         try:
-            response = await self._v2(request, path)
-        except ERRORS as e:
-            response = from_error(e)
-        except Denied as e:
-            response = e.response
-        except (ConnectionResetError, asyncio.CancelledError):
-            if self.audit is not None and request.method not in _READS:
-                self.audit.record(request, "write", 499, detail="no response: the client went away "
-                                  "or the replica shut down")
-            raise  # the client went away, or we are shutting down
-        except Exception:
-            log.exception("unhandled error", extra={"method": request.method, "path": path[:200]})
-            response = error_response(500, "UNKNOWN", "internal error; the replica's log has the details")
-        response.headers.update(API_VERSION)
-        # Reads return without audit work: only writes and refusals are kept,
-        # except the bare `GET /v2/` without credentials, which is how every
-        # client starts (it asks for the auth challenge), not an attack.
-        if self.audit is not None and (request.method not in _READS or response.status in (401, 403)) \
-                and not (path in ("/v2/", "/v2") and "Authorization" not in request.headers):
-            self.audit.v2(request, response)
-        return response
+            if matched is None:
+                try:
+                    response = await self._other(request, path)
+                except ERRORS as e:  # a body that stalled (BodyTimeout) on /token or /_admin/
+                    response = from_error(e)
+                status = response.status
+                return response
+            try:
+                response = await self._v2(request, path, matched)
+            except ERRORS as e:
+                response = from_error(e)
+            except Denied as e:
+                response = e.response
+            except (ConnectionResetError, asyncio.CancelledError):
+                if self.audit is not None and request.method not in _READS:
+                    self.audit.record(request, "write", 499, detail="no response: the client went away "
+                                      "or the replica shut down")
+                raise  # the client went away, or we are shutting down
+            except Exception:
+                log.exception("unhandled error", extra={"method": request.method, "path": path[:200]})
+                response = error_response(500, "UNKNOWN", "internal error; the replica's log has the details")
+            response.headers.update(API_VERSION)
+            # Reads return without audit work: only writes and refusals are kept,
+            # except the bare `GET /v2/` without credentials, which is how every
+            # client starts (it asks for the auth challenge), not an attack.
+            if self.audit is not None and (request.method not in _READS or response.status in (401, 403)) \
+                    and not (path in ("/v2/", "/v2") and "Authorization" not in request.headers):
+                self.audit.v2(request, response)
+            status = response.status
+            return response
+        finally:
+            if metrics is not None:
+                metrics.request_done(request.method, status, handler, started)
 
-    async def _v2(self, request: web.BaseRequest, path: str) -> web.StreamResponse:
+    def _handler_label(self, method: str, path: str, matched) -> str:
+        """distribution's name for what a request asks (metrics.HANDLERS)."""
+        if matched is not None:
+            return matched[0].metric if matched[0] is not None else "other"
+        if path.startswith("/_admin/"):
+            return "admin"
+        if path in ("/", "/console") or path.startswith("/console/"):
+            return "console"
+        found, _, _ = self.other.match(method, path)
+        return found.metric if found is not None else "other"
+
+    async def _v2(self, request: web.BaseRequest, path: str, matched) -> web.StreamResponse:
         # Authorization comes before anything that could tell a stranger about
         # the registry (existence, read-only mode, quorum); only the route's
         # shape and the name's grammar are checked first, as they say nothing.
-        found, m, allowed = self.v2.match(request.method, path)
+        found, m, allowed = matched
         if found is None:
             if allowed:
                 return _method_not_allowed(allowed)
@@ -191,12 +226,16 @@ class Dispatcher:
 
     def _refuse_writes(self) -> web.Response | None:
         if self.readonly is not None and self.readonly():
+            if self.metrics is not None:
+                self.metrics.writes_refused.labels("readonly").inc()
             # As the reference registry's maintenance mode answers.
             return error_response(405, "UNSUPPORTED", "the registry is read-only (maintenance); "
                                   "writes are refused until the readonly setting is cleared")
         if self.writable is not None:
             ok, reason = self.writable()
             if not ok:
+                if self.metrics is not None:
+                    self.metrics.writes_refused.labels("no_quorum").inc()
                 return error_response(503, "UNAVAILABLE", f"writes are refused: {reason}")
         return None
 
@@ -220,6 +259,9 @@ class Dispatcher:
             # balancers fall back to this when no replica has quorum.
             return web.json_response({"ok": True, "writes": ok, "reason": reason})
         return web.json_response({"ok": ok, "reason": reason}, status=200 if ok else 503)
+
+    async def _metrics(self, request: web.BaseRequest) -> web.StreamResponse:
+        return await self.metrics_endpoint(request) if self.metrics_endpoint is not None else _not_found()
 
     async def _ca(self, request: web.BaseRequest) -> web.StreamResponse:
         if self.ca_pem is None:
@@ -248,13 +290,16 @@ def create_server(repositories: Repositories, uploads: Uploads, health: Callable
                   admin: AdminApi | None = None, writable: Callable[[], tuple[bool, str]] | None = None,
                   readonly: Callable[[], bool] | None = None,
                   audit: RequestAudit | None = None, ca_pem: bytes | None = None,
-                  auth: Auth | None = None, client_counts: ClientCounts | None = None) -> web.Server:
+                  auth: Auth | None = None, client_counts: ClientCounts | None = None,
+                  metrics: Metrics | None = None,
+                  metrics_token: Callable[[], str | None] = lambda: None) -> web.Server:
     # A larger read buffer lets the socket keep filling while a writer thread
     # hashes and stores the previous megabyte of an upload.
     # GuardedServer adds a deadline for request heads and a per-client
     # connection cap (connections.py); body limits live in bodies.py.
     return GuardedServer(Dispatcher(repositories, uploads, health, ping, admin, writable, readonly,
-                                    audit=audit, ca_pem=ca_pem, auth=auth),
+                                    audit=audit, ca_pem=ca_pem, auth=auth, metrics=metrics,
+                                    metrics_token=metrics_token),
                          access_log=access_log,
                          read_bufsize=READ_BUFFER, max_field_size=MAX_HEADER_FIELD,
                          max_line_size=MAX_REQUEST_LINE, max_headers=MAX_HEADERS,

@@ -33,6 +33,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 
 from moorage.api.errors import error_response
 from moorage.api.throttle import LoginThrottle, RemoteThrottle
+from moorage.metrics import Metrics
 from moorage.registry.tokens import SERVICE, Claims, TokenError, Tokens
 from moorage.meta.records import UserRecord
 
@@ -105,8 +106,10 @@ def parse_basic(value: str) -> tuple[str, str] | None:
 
 class Auth:
     def __init__(self, access: Access, tokens: Tokens, throttle: LoginThrottle | RemoteThrottle | None = None,
-                 service: str = SERVICE, clock: Callable[[], float] = time.monotonic):
+                 service: str = SERVICE, clock: Callable[[], float] = time.monotonic,
+                 metrics: Metrics | None = None):
         self.access = access
+        self.metrics = metrics
         self.tokens = tokens
         self.throttle = throttle or LoginThrottle()
         self.service = service
@@ -164,6 +167,8 @@ class Auth:
         address = request.remote or ""
         wait = await self.throttle.check(address, name)
         if wait:
+            if self.metrics is not None:
+                self.metrics.logins_refused.labels("throttled").inc()
             message = f"too many failed logins; try again in {wait} seconds"
             raise Denied(error_response(429, "TOOMANYREQUESTS", message, headers={"Retry-After": str(wait)}),
                          message)
@@ -171,6 +176,8 @@ class Auth:
             await self.throttle.record(address, name, True)
             return name
         await self.throttle.record(address, name, False)
+        if self.metrics is not None:
+            self.metrics.logins_refused.labels("bad_credentials").inc()
         return None
 
     async def check_password(self, name: str, password: str) -> bool:

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import mmap
 import os
+from collections.abc import Callable
 from typing import IO, Any
 
 from aiohttp import web
@@ -49,24 +50,37 @@ SLICE = 1 << 20
 WINDOW = 8 << 20  # a multiple of SLICE and of mmap.ALLOCATIONGRANULARITY
 
 
-def blob_response(body: BlobBody, headers: dict[str, str]) -> web.StreamResponse:
+Sent = Callable[[int], None]
+
+
+def blob_response(body: BlobBody, headers: dict[str, str], sent: Sent | None = None) -> web.StreamResponse:
     """A GET's answer with the blob's bytes: Range and HEAD included; or a redirect to
-    where the client reads them itself (a presigned URL of the object store)."""
+    where the client reads them itself (a presigned URL of the object store). `sent` is told
+    how many bytes a GET's answer carries (moorage_pulled_bytes_total), once its range is
+    known; a redirect counts the whole blob, which the client is sent to read."""
     if body.url is not None:
+        if sent is not None:
+            sent(body.size)
         return web.Response(status=307, headers={**headers, "Location": body.url})
     if body.path is not None:
         # FileResponse answers Range with 206 / 416 and sends with sendfile; over TLS,
         # where sendfile cannot be used, BlobFileResponse writes slices of an mmap.
-        return BlobFileResponse(body.path, headers=headers)
-    return BlobStreamResponse(body, headers)
+        return BlobFileResponse(body.path, headers=headers, sent=sent)
+    return BlobStreamResponse(body, headers, sent)
+
+
+def _count(response: web.StreamResponse, request: web.BaseRequest, sent: Sent | None) -> None:
+    if sent is not None and request.method == "GET" and response.status < 300 and response.content_length:
+        sent(response.content_length)
 
 
 class BlobStreamResponse(web.StreamResponse):
     """A blob without a local file: the driver's stream, one range of it when asked."""
 
-    def __init__(self, body: BlobBody, headers: dict[str, str]):
+    def __init__(self, body: BlobBody, headers: dict[str, str], sent: Sent | None = None):
         super().__init__(headers=headers)
         self._body = body
+        self._sent = sent
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         size = self._body.size
@@ -87,6 +101,7 @@ class BlobStreamResponse(web.StreamResponse):
         self.headers["Accept-Ranges"] = "bytes"
         self.content_length = end - start
         writer = await super().prepare(request)
+        _count(self, request, self._sent)
         if request.method != "HEAD" and end > start:
             async for chunk in self._body.chunks(start, end):
                 await self.write(chunk)
@@ -100,6 +115,15 @@ class BlobStreamResponse(web.StreamResponse):
 
 class BlobFileResponse(web.FileResponse):
     """FileResponse (Range, 206/416, conditional requests) whose body goes out by mmap over TLS."""
+
+    def __init__(self, path, headers: dict[str, str], sent: Sent | None = None):
+        super().__init__(path, headers=headers)
+        self._sent = sent
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        writer = await super().prepare(request)
+        _count(self, request, self._sent)
+        return writer
 
     async def _sendfile(self, request: web.BaseRequest, fobj: IO[Any], offset: int,
                         count: int) -> AbstractStreamWriter:

@@ -6,7 +6,7 @@ import re
 
 from aiohttp import web
 
-from moorage.api.blobfile import blob_response
+from moorage.api.blobfile import Sent, blob_response
 from moorage.api.bodies import body_chunks, has_body
 from moorage.api.errors import from_error
 from moorage.registry.errors import BlobUploadInvalid, DigestInvalid, RangeInvalid
@@ -71,9 +71,10 @@ def _created(name: str, digest: str) -> web.Response:
 
 
 class BlobHandlers:
-    def __init__(self, repositories: Repositories, uploads: Uploads):
+    def __init__(self, repositories: Repositories, uploads: Uploads, sent: Sent | None = None):
         self.repositories = repositories
         self.uploads = uploads
+        self.sent = sent  # bytes of each blob GET's answer, for moorage_pulled_bytes_total
 
     async def get(self, request: web.Request, name: str, digest: str) -> web.StreamResponse:
         record = await self.repositories.blob(name, digest)
@@ -82,7 +83,7 @@ class BlobHandlers:
         if request.method == "HEAD":
             headers["Content-Length"] = str(record.size)
             return web.Response(headers=headers)
-        return blob_response(await self.repositories.blob_body(digest, record.size), headers)
+        return blob_response(await self.repositories.blob_body(digest, record.size), headers, self.sent)
 
     async def delete(self, request: web.Request, name: str, digest: str) -> web.Response:
         await self.repositories.delete_blob(name, digest)

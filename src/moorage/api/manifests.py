@@ -10,6 +10,7 @@ from aiohttp import web
 
 from moorage.api.audit import USER_KEY
 from moorage.api.bodies import read_bounded
+from moorage.api.webhooks import request_info
 from moorage.registry.errors import BadParameter, ManifestUnknown
 from moorage.registry.manifests import MANIFEST_TYPES, OCI_INDEX
 from moorage.registry.repositories import Repositories
@@ -63,19 +64,23 @@ class ManifestHandlers:
             headers["Content-Length"] = str(record.size)
             return web.Response(headers=headers, content_type=record.media_type)
         body = await self.repositories.manifest_body(digest)
+        notifier = self.repositories.notifier
+        if notifier is not None and notifier.store.pulls:  # the one question a GET asks of webhooks
+            self.repositories.pulled(name, reference, digest, record, request_info(request, request.get(USER_KEY)))
         return web.Response(body=body, headers=headers, content_type=record.media_type)
 
     async def put(self, request: web.Request, name: str, reference: str) -> web.Response:
         body = await read_bounded(request, self.repositories.limits.max_manifest_bytes)
+        user = request.get(USER_KEY)
         digest, subject = await self.repositories.put_manifest(
-            name, reference, request.headers.get("Content-Type"), body, request.get(USER_KEY))
+            name, reference, request.headers.get("Content-Type"), body, user, request_info(request, user))
         headers = {"Location": f"/v2/{name}/manifests/{digest}", "Docker-Content-Digest": digest}
         if subject:
             headers["OCI-Subject"] = subject
         return web.Response(status=201, headers=headers)
 
     async def delete(self, request: web.Request, name: str, reference: str) -> web.Response:
-        await self.repositories.delete_manifest(name, reference)
+        await self.repositories.delete_manifest(name, reference, request_info(request, request.get(USER_KEY)))
         return web.Response(status=202)
 
     async def tags(self, request: web.Request, name: str) -> web.Response:

@@ -220,6 +220,14 @@ def _service() -> dict:
             "head": {"summary": "Load balancer health check", "operationId": "pingHead", "tags": ["cluster"],
                      "security": [{}], "responses": {"200": _resp("Healthy."), "503": _resp("No quorum.")}},
         },
+        "/metrics": {"get": {"summary": "This replica's Prometheus metrics (docs/monitoring.md)",
+                             "operationId": "metrics", "tags": ["cluster"],
+                             "security": [{"metricsToken": []}, {"basic": []}],
+                             "responses": {"200": _resp("The Prometheus text format.", content={
+                                 "text/plain": {"schema": {"type": "string"}}}),
+                                 "401": _resp("Neither the metrics token nor an admin's credentials."),
+                                 "403": _resp("The user is not a cluster admin."),
+                                 "429": _resp("Logins from here are slowed down.")}}},
         "/health": {"get": {"summary": "This replica's state", "operationId": "health", "tags": ["cluster"],
                             "security": [{}],
                             "responses": {"200": _resp("State.", content={JSON: {"schema": {"type": "object"}}})}}},
@@ -261,6 +269,8 @@ def _admin() -> dict:
                       "token.lifetime_seconds")
     replica = _path_param("replica", {"type": "string", "pattern": r"^[0-9a-f]{1,64}$"}, "Replica id.", "0a1b")
     subject = {"user": _S, "team": _S, "repo": _S}
+    webhook = _path_param("name", {"type": "string", "pattern": r"^[a-z0-9][a-z0-9_.-]{0,62}$"}, "Endpoint name.",
+                          "ci")
     return {
         "/_admin/cluster/status": {"get": _admin_op("Cluster members and replicas", "clusterStatus")},
         "/_admin/cluster/join": {"post": _admin_op(
@@ -295,6 +305,22 @@ def _admin() -> dict:
             "One garbage collection run: state, phase, counts marked and swept, bytes freed", "gcRun",
             [_path_param("run", {"type": "string", "pattern": r"^[0-9A-Za-z-]{1,64}$"}, "Run id.",
                          "20260101T000000Z-0a1b2c")], tag="gc")},
+        "/_admin/webhooks": {
+            "get": _admin_op("Webhook endpoints: pending events, deliverer, delivery state (no secrets)",
+                             "webhookList", tag="webhooks"),
+            "post": _admin_op("Add a webhook endpoint (409 if the name is taken)", "webhookAdd", tag="webhooks",
+                              body=_obj(["name", "url"], name=_S, url=_S,
+                                        events={"type": "array", "items": {
+                                            "type": "string", "enum": ["push", "pull", "delete", "gc"]}},
+                                        repositories={"type": "array", "items": _S},
+                                        headers={"type": "object", "additionalProperties": _S},
+                                        secret=_S, ca_pem=_S, timeout={"type": "number"},
+                                        max_pending={"type": "integer"}, backoff_max={"type": "number"})),
+        },
+        "/_admin/webhooks/{name}": {"delete": _admin_op(
+            "Remove a webhook endpoint and its pending events", "webhookRemove", [webhook], tag="webhooks")},
+        "/_admin/webhooks/{name}/test": {"post": _admin_op(
+            "Send one test event to an endpoint now", "webhookTest", [webhook], tag="webhooks")},
         "/_admin/users": {"get": _admin_op("List users", "userList", tag="access")},
         "/_admin/users/{user}": {
             "put": _admin_op("Create a user", "userAdd", [user],
@@ -364,6 +390,8 @@ def _components() -> dict:
                        "description": "A token from /token, as docker gets one after a 401 challenge."},
             "basic": {"type": "http", "scheme": "basic",
                       "description": "User name and password; the admin API takes only this."},
+            "metricsToken": {"type": "http", "scheme": "bearer",
+                             "description": "The cluster setting metrics.token (what Prometheus sends)."},
         },
         "headers": {
             "Location": {"schema": _S, "description": "Where the resource, or the upload's next request, is."},

@@ -37,10 +37,11 @@ class Route:
     pattern: re.Pattern
     handler: Handler
     need: str = ANYONE
+    metric: str = "other"   # the `handler` label of its request metrics (metrics.HANDLERS)
 
 
-def route(method: str, pattern: str, handler: Handler, need: str = ANYONE) -> Route:
-    return Route(method, re.compile(pattern), handler, need)
+def route(method: str, pattern: str, handler: Handler, need: str = ANYONE, metric: str = "other") -> Route:
+    return Route(method, re.compile(pattern), handler, need, metric)
 
 
 class Routes:

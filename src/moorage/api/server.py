@@ -21,11 +21,15 @@ from moorage.api.admin import AdminApi
 from moorage.api.app import create_server
 from moorage.api.audit import RequestAudit
 from moorage.api.auth import Auth
+from moorage.api.metrics_endpoint import metrics_site
 from moorage.api.proxy_protocol import ApiSite
 from moorage.api.throttle import RemoteThrottle
+from moorage.api.webhookadmin import webhook_routes
+from moorage.api.webhooks import Deliverer
 from moorage.cluster.addresses import in_use
 from moorage.cluster.replica import DRAIN_SECONDS, Replica, StartError
 from moorage.cluster.workers import Channel, WriterLocks
+from moorage.meta.webhooks import WebhookStore
 from moorage.registry.access import Access
 from moorage.registry.audit import AuditEvent, AuditLog, BucketAuditLog
 from moorage.registry.gc_runner import GcRunner
@@ -35,6 +39,7 @@ from moorage.registry.repositories import Repositories
 from moorage.registry.sessions import Sessions
 from moorage.registry.tokens import Tokens
 from moorage.registry.uploads import Uploads
+from moorage.registry.webhooks import Notifier
 
 log = logging.getLogger("moorage.serve")
 
@@ -44,14 +49,17 @@ class RegistryService:
     subscribes to it must), started once it has."""
 
     def __init__(self, replica: Replica, access: Access, audit: AuditLog, gc: GcRunner, server: web.Server,
-                 auth: Auth):
+                 auth: Auth, notifier: Notifier, deliverer: Deliverer):
         self.replica = replica
         self.auth = auth
         self.access = access
         self.audit = audit
         self.gc = gc
         self.server = server
+        self.notifier = notifier
+        self.deliverer = deliverer
         self.runner: web.ServerRunner | None = None
+        self.metrics_runner: web.ServerRunner | None = None
 
     @classmethod
     async def build(cls, replica: Replica) -> "RegistryService":
@@ -59,40 +67,50 @@ class RegistryService:
         assert identity is not None and meta is not None and storage is not None and clock is not None
         assert replica.gc_store is not None and replica.operations is not None
         settings = replica.settings
+        metrics = replica.metrics
         access = Access(meta, meta.index)  # subscribes to the index: before it loads
         limits = Limits()
         settings.on_change(lambda key, value: _apply_limit(limits, key, value))
         placement = Placement(meta, storage)
-        repositories = Repositories(meta, storage, placement, limits)
+        # Webhooks: the endpoints and queues come with the index's watch (before it loads).
+        webhooks = WebhookStore(meta.client, meta.index)
+        notifier = Notifier(webhooks, metrics, replica.url.split("://", 1)[-1],
+                            "https" if replica.api_ssl is not None else "http")
+        deliverer = Deliverer(webhooks, notifier, identity.replica_id, metrics)
+        repositories = Repositories(meta, storage, placement, limits, notifier)
         settings.on_change(lambda key, value: _apply_redirect(repositories, key, value))
         # With workers, one writer per upload across them (a lock file of the replica's own).
         writers = WriterLocks(replica.data_dir / "run" / "uploads.lock") if replica.config.workers > 1 else None
         uploads = Uploads(storage, Sessions(meta, await meta.secret("upload-state")), placement, limits,
-                          writers=writers)
+                          writers=writers, metrics=metrics)
         # Every replica signs with the same secret, so each verifies any replica's tokens locally.
         tokens = Tokens(await meta.secret("token-signing"), lambda: settings["token.lifetime_seconds"],
                         replica=identity.replica_id, offset=clock.offset)
         channel = replica.channel  # a worker's link to its replica's process, else None
         # A worker asks the replica's process about failed logins: the slowdown is per replica.
-        auth = Auth(access, tokens, throttle=RemoteThrottle(channel.call) if channel is not None else None)
-        gc = GcRunner(meta, replica.gc_store, storage, settings, identity.replica_id, uploads.sessions, clock)
+        auth = Auth(access, tokens, throttle=RemoteThrottle(channel.call) if channel is not None else None,
+                    metrics=metrics)
+        gc = GcRunner(meta, replica.gc_store, storage, settings, identity.replica_id, uploads.sessions, clock,
+                      metrics=metrics, notifier=notifier)
         # On the shared storage, so any replica can answer for the whole cluster: files in the
         # shared directory, or objects in the bucket when the replicas share none. A worker's
         # events go to the replica's process, the one writer of the replica's files.
         shared = replica.shared_directory
         sink = ChannelAuditSink(channel) if channel is not None else None
-        audit = (AuditLog(storage_dir=shared, replica=identity.replica_id, sink=sink) if shared is not None
+        audit = (AuditLog(storage_dir=shared, replica=identity.replica_id, sink=sink, metrics=metrics)
+                 if shared is not None
                  else BucketAuditLog(storage, replica=identity.replica_id, sink=sink))
         request_audit = RequestAudit(audit)
         debug = logging.getLogger().isEnabledFor(logging.DEBUG)
         server = create_server(repositories, uploads, replica.health, replica.ping,
                                logging.getLogger("aiohttp.access") if debug else None,
                                admin=AdminApi(replica.operations, auth, audit=request_audit, access=access, gc=gc,
-                                              repositories=repositories),
+                                              repositories=repositories, webhooks=webhook_routes(webhooks, deliverer)),
                                writable=replica.writable, readonly=lambda: settings["readonly"],
                                audit=request_audit, ca_pem=replica.pki.ca_cert.read_bytes(), auth=auth,
-                               client_counts=replica.shared if replica.worker is not None else None)
-        return cls(replica, access, audit, gc, server, auth)
+                               client_counts=replica.shared if replica.worker is not None else None,
+                               metrics=metrics, metrics_token=lambda: settings["metrics.token"])
+        return cls(replica, access, audit, gc, server, auth, notifier, deliverer)
 
     async def start(self) -> None:
         replica = self.replica
@@ -101,6 +119,8 @@ class RegistryService:
             if generated:
                 replica.announce(f"created the user admin with the password {generated} (shown once; keep it safe)")
         await self.audit.open()
+        if replica.worker is None:
+            await self._serve_metrics()
         if replica.worker is None and replica.config.workers > 1:
             return  # the workers serve; the replica's process accepts for them (cluster/workers.py)
         self.runner = web.ServerRunner(self.server, handle_signals=False, shutdown_timeout=5.0)
@@ -115,6 +135,20 @@ class RegistryService:
             await site.start()
         except OSError as e:
             raise StartError(f"the listen address {replica.host}:{replica.port} {in_use(e)}") from None
+
+    async def _serve_metrics(self) -> None:
+        """--metrics-listen: /metrics alone, plain HTTP, no authentication; the replica's process
+        serves it (with workers, their files summed)."""
+        replica = self.replica
+        if replica.metrics_address is None:
+            return
+        host, port = replica.metrics_address
+        self.metrics_runner = web.ServerRunner(metrics_site(replica.metrics), handle_signals=False)
+        await self.metrics_runner.setup()
+        try:
+            await web.TCPSite(self.metrics_runner, host, port).start()
+        except OSError as e:
+            raise StartError(f"the --metrics-listen address {host}:{port} {in_use(e)}") from None
 
     async def from_worker(self, message: dict) -> Any:
         """In the replica's process: a worker's audit event, or its call."""
@@ -145,6 +179,8 @@ class RegistryService:
             log.info("draining requests in flight", extra={"timeout_seconds": DRAIN_SECONDS})
             await self._drain(self.runner)
         await self.gc.stop()
+        if self.metrics_runner is not None:
+            await self.metrics_runner.cleanup()
         if self.runner is not None:
             await self.runner.cleanup()
         await self.audit.close()  # after the last request, while the disk is surely still there
@@ -154,6 +190,13 @@ class RegistryService:
 
     async def write_audit(self) -> None:
         await self.audit.run()
+
+    async def deliver_events(self) -> None:
+        await self.deliverer.run()
+
+    async def flush_pull_events(self) -> None:
+        # Every process that answers requests buffers its own pull events (with workers, each).
+        await self.notifier.flush_pulls()
 
     async def _drain(self, runner: web.ServerRunner) -> None:
         """Stop accepting connections, then let requests in flight finish.

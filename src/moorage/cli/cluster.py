@@ -7,6 +7,7 @@ import asyncio
 import json
 import re
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 from moorage import logs
 from moorage.cli.adminclient import AdminClient, add_cluster_options, ask
 from moorage.cli.errors import CliError
+from moorage.cli.lb import write_atomically
 from moorage.cli.serve import add_replica_options, https_options, replica_config, run_replica
 from moorage.cli.tables import print_table
 from moorage.cluster import https, pki
@@ -27,6 +29,8 @@ from moorage.storage.errors import StorageError
 from moorage.units import human_bytes
 
 _REPLICA_ID = re.compile(r"^[0-9a-f]{1,64}$")
+# --prometheus-targets --watch asks the cluster this often (Prometheus re-reads the file on change).
+TARGETS_POLL_SECONDS = 5.0
 
 
 def advice(replicas: int) -> list[str]:
@@ -73,12 +77,23 @@ def register(commands) -> None:
     p = commands.add_parser("status", help="every replica and how many failures the cluster tolerates")
     add_cluster_options(p)
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--prometheus-targets", type=Path, default=None, metavar="FILE",
+                   help="write every replica's address to FILE as a Prometheus file-based service discovery "
+                        "list (file_sd_configs), only when it changed; docs/monitoring.md")
+    p.add_argument("--cluster-label", default=None, metavar="NAME",
+                   help="with --prometheus-targets: give the targets the label cluster=NAME")
+    p.add_argument("--watch", action="store_true",
+                   help="with --prometheus-targets: keep the file current as replicas join and leave, "
+                        "until stopped (SIGTERM, Ctrl-C)")
     p.set_defaults(run=run_status)
 
     p = commands.add_parser("config", help="cluster-wide settings (get, set, unset, list)")
     p.add_argument("action", choices=["get", "set", "unset", "list"])
     p.add_argument("key", nargs="?")
     p.add_argument("value", nargs="?")
+    p.add_argument("--from-file", type=Path, default=None, metavar="FILE",
+                   help="set the value from FILE ('-': standard input), e.g. a token that must not "
+                        "show in the shell's history or the process list")
     add_cluster_options(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=run_config)
@@ -252,9 +267,62 @@ def _ago(row: dict) -> str:
     return f"{seconds:.0f}s ago" if seconds < 120 else f"{seconds / 60:.0f}m ago"
 
 
+def prometheus_targets(status: dict, cluster_label: str | None) -> str:
+    """A file_sd list of every replica's API address (each scraped on its own; never the balancer)."""
+    targets = sorted({url.split("://", 1)[-1].rstrip("/") for r in status["replicas"] if (url := r.get("url"))})
+    group: dict = {"targets": targets}
+    if cluster_label:
+        group["labels"] = {"cluster": cluster_label}
+    return json.dumps([group], indent=2) + "\n"
+
+
+def write_targets(args: argparse.Namespace, status: dict) -> bool:
+    """Write the targets file if it changed; whether it did."""
+    text = prometheus_targets(status, args.cluster_label)
+    path: Path = args.prometheus_targets
+    try:
+        if path.read_text() == text:
+            return False
+    except (OSError, UnicodeDecodeError):
+        pass
+    write_atomically(path, text)
+    return True
+
+
+def run_targets(args: argparse.Namespace, admin: AdminClient) -> int:
+    status = admin.call("GET", "/_admin/cluster/status")  # the first must work: a mistake, not an outage
+    written = write_targets(args, status)
+    count = len(json.loads(prometheus_targets(status, None))[0]["targets"])
+    print(f"{args.prometheus_targets}: {count} replica{'s' * (count != 1)}"
+          f"{'' if written else ' (unchanged)'}", file=sys.stderr, flush=True)
+    if not args.watch:
+        return 0
+    stop = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.append(True))
+    while not stop:
+        deadline = time.monotonic() + TARGETS_POLL_SECONDS
+        while not stop and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if stop:
+            break
+        try:
+            status = admin.call("GET", "/_admin/cluster/status")
+        except CliError as e:  # a replica down: the file stays as it was, and we ask again
+            print(f"moorage: cluster status unavailable ({e}); the targets file is unchanged", file=sys.stderr)
+            continue
+        if write_targets(args, status):
+            print(f"{args.prometheus_targets}: rewritten", file=sys.stderr, flush=True)
+    return 0
+
+
 def run_status(args: argparse.Namespace) -> int:
+    if args.prometheus_targets is None and (args.watch or args.cluster_label):
+        raise CliError("--watch and --cluster-label go with --prometheus-targets FILE")
     admin = AdminClient(args)
     try:
+        if args.prometheus_targets is not None:
+            return run_targets(args, admin)
         status = admin.call("GET", "/_admin/cluster/status")
     finally:
         admin.close()
@@ -286,11 +354,26 @@ def run_status(args: argparse.Namespace) -> int:
 
 # -- config ----------------------------------------------------------------------
 
+def read_value(path: Path) -> str:
+    """A value (a secret, often) from a file or '-' for standard input, without its line end."""
+    try:
+        text = sys.stdin.read() if str(path) == "-" else path.read_text()
+    except OSError as e:
+        raise CliError(f"cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise CliError(f"{path} is not text") from None
+    return text.strip()
+
+
 def run_config(args: argparse.Namespace) -> int:
     if args.action in ("get", "set", "unset") and not args.key:
         raise CliError(f"config {args.action} needs a KEY")
+    if args.from_file is not None:
+        if args.action != "set" or args.value is not None:
+            raise CliError("--from-file gives the value of `config set KEY`; give it no VALUE")
+        args.value = read_value(args.from_file)
     if args.action == "set" and args.value is None:
-        raise CliError("config set needs a KEY and a VALUE")
+        raise CliError("config set needs a KEY and a VALUE (or --from-file FILE)")
     admin = AdminClient(args)
     try:
         if args.action == "set":

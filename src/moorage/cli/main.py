@@ -7,7 +7,7 @@ import os
 import sys
 
 from moorage import __version__
-from moorage.cli import access, audit, backup, cluster, gc, lb, repair, serve
+from moorage.cli import access, audit, backup, cluster, gc, lb, repair, serve, webhook
 from moorage.cli.errors import SENTENCES
 
 
@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit.register(commands)
     gc.register(commands)
     backup.register(commands)
+    webhook.register(commands)
     return parser
 
 

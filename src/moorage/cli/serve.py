@@ -51,6 +51,9 @@ def add_replica_options(p: argparse.ArgumentParser) -> None:
                         "here; 1 keeps everything in one process)")
     p.add_argument("--insecure-http", action="store_true",
                    help="serve plain HTTP instead of HTTPS; only allowed when --listen is a loopback address")
+    p.add_argument("--metrics-listen", default=None, metavar="HOST:PORT",
+                   help="also serve /metrics here, over plain HTTP and without authentication (for a "
+                        "private monitoring network; the API port serves it behind the metrics token)")
 
 
 def add_storage_options(p: argparse.ArgumentParser, redirect: bool = True) -> None:
@@ -125,7 +128,8 @@ def replica_config(args: argparse.Namespace) -> ReplicaConfig:
                          etcd_client_port=args.etcd_client_port, etcd_peer_port=args.etcd_peer_port,
                          storage_dir=storage_dir, object_store=object_store, s3=s3,
                          s3_redirect=args.s3_redirect, https=https_options(args),
-                         admin_password=admin_password(args), workers=args.workers)
+                         admin_password=admin_password(args), workers=args.workers,
+                         metrics_listen=args.metrics_listen)
 
 
 def admin_password(args: argparse.Namespace) -> str | None:

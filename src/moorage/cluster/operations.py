@@ -245,7 +245,8 @@ class ClusterOperations:
     # -- settings ------------------------------------------------------------
 
     def settings_view(self) -> dict[str, Any]:
-        return {"settings": {k: {"value": self.settings[k], "help": s.help}
+        shown = self.settings.shown()
+        return {"settings": {k: {"value": shown[k], "help": s.help}
                              for k, s in settings.SETTINGS.items()},
                 "revision": self.settings.revision}
 
@@ -255,6 +256,8 @@ class ClusterOperations:
         except SettingError as e:
             raise ClusterError("invalid", str(e)) from None
         await self.index.wait_applied(revision)
+        if settings.SETTINGS[key].secret:
+            value = settings.SHOWN_SECRET
         return {"key": key, "value": value, "revision": revision}
 
     async def unset_setting(self, key: str) -> dict[str, Any]:

@@ -118,6 +118,15 @@ def ca_pem(paths: Paths) -> tuple[bytes, bytes]:
     return paths.ca_cert.read_bytes(), paths.ca_key.read_bytes()
 
 
+def not_after(cert_file: Path) -> float | None:
+    """When the (first) certificate in a PEM file expires, as epoch seconds; None without one."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
+    except (OSError, ValueError):
+        return None
+    return cert.not_valid_after_utc.timestamp()
+
+
 def fingerprint(cert_pem: bytes) -> str:
     """`sha256:<hex>` of the certificate's DER, what `--ca-fingerprint` checks."""
     der = x509.load_pem_x509_certificate(cert_pem).public_bytes(serialization.Encoding.DER)

@@ -46,6 +46,7 @@ from moorage.cluster.clock import ClusterClock
 from moorage.cluster.etcd_member import EtcdMember, node_tls
 from moorage.cluster.identity import Identity, load_or_create
 from moorage.cluster.operations import ClusterOperations
+from moorage.cluster.sampler import Certificates, Sampler
 from moorage.cluster.settings import ClusterSettings, Network, parse_networks, set_value
 from moorage.cluster.workers import Channel, Shared, Supervisor, WorkerStart, forkserver
 from moorage.meta import keys
@@ -53,6 +54,7 @@ from moorage.meta.etcd import EtcdClient, EtcdUnavailable, Event
 from moorage.meta.gc_store import GcStore
 from moorage.meta.index import Index
 from moorage.meta.store import MetaStore
+from moorage.metrics import Metrics, clear_metrics_dir
 from moorage.storage.base import BlobDriver
 from moorage.storage.drivers import describe, is_object_store, s3_config, storage_at
 from moorage.storage.errors import StorageError
@@ -93,6 +95,7 @@ class ReplicaConfig:
     https: https.HttpsOptions = field(default_factory=https.HttpsOptions)
     admin_password: str | None = None       # the admin's on the first start; None: a generated one
     workers: int = 1                        # processes serving HTTP (1: this one, as it always was)
+    metrics_listen: str | None = None       # HOST:PORT serving /metrics without authentication
 
 
 class Service(Protocol):
@@ -115,6 +118,12 @@ class Service(Protocol):
 
     async def from_parent(self, message: dict) -> Any:
         """In a worker: the parent's message; a call's answer."""
+
+    async def deliver_events(self) -> None:
+        """Webhook delivery: takes and delivers the endpoints' queues no live replica holds."""
+
+    async def flush_pull_events(self) -> None:
+        """The pull events this process buffered, written to etcd once a second."""
 
 
 @dataclass(frozen=True)
@@ -157,6 +166,7 @@ class Replica:
         self.removed = False
         self._tasks: list[asyncio.Task] = []
         self.host, self.port = addresses.parse_listen(config.listen)
+        self.metrics_address: tuple[str, int] | None = None   # --metrics-listen, parsed by build()
         self.pki = pki.Paths(self.data_dir)
         # Made by build() and start(); None until then, and what stop() undoes.
         self.identity: Identity | None = None
@@ -172,6 +182,19 @@ class Replica:
         self.gc_store: GcStore | None = None
         self.operations: ClusterOperations | None = None
         self.service: Service | None = None
+        # This process's metrics (the metrics module says why they are an object, handed down).
+        # A replica of one process keeps them in memory. With worker processes one scrape, on
+        # whichever worker answers it, sums them all (prometheus-client's multiprocess mode):
+        # the parent empties DATA_DIR/run/metrics and builds its Metrics on it before any
+        # worker starts, each worker builds its own on the same directory, and the parent marks
+        # a worker's files dead when it exits; the metrics-sample and webhook-delivery tasks
+        # and --metrics-listen are the parent's.
+        metrics_dir = None
+        if config.workers > 1:
+            metrics_dir = config.data_dir.resolve() / "run" / "metrics"
+            if worker is None:
+                clear_metrics_dir(metrics_dir)
+        self.metrics = Metrics(metrics_dir)
 
     # -- the tasks ------------------------------------------------------------------
 
@@ -187,6 +210,8 @@ class Replica:
                 # The parent's link: a call's replies come back on it; when it closes, the
                 # parent is gone, and so are we.
                 Task("parent-link", self._parent_link),
+                # The pull events this worker's requests buffered, written once a second.
+                Task("webhook-pulls", service.flush_pull_events),
             ]
         return [
             # etcd runs as our child: restarted when it dies; when it was removed, we stop.
@@ -200,10 +225,15 @@ class Replica:
             Task("quorum-probe", self._probe_quorum),
             # Our replica record, refreshed; it ends when `moorage remove` deleted it, and so do we.
             Task("heartbeat", self._heartbeat),
-            # The service's own: garbage collection on schedule, and the audit log's writer
-            # (a worker's audit events come to its parent's one writer).
+            # The service's own: garbage collection on schedule, the audit log's writer (a
+            # worker's audit events come to its parent's one writer), and delivery of webhook
+            # events (each endpoint's queue by whichever replica holds it).
             Task("gc-schedule", service.collect_garbage),
             Task("audit-writer", service.write_audit),
+            Task("webhook-delivery", service.deliver_events),
+            Task("webhook-pulls", service.flush_pull_events),
+            # The gauges nothing else keeps current: the cluster as we see it, etcd, disks, certificates.
+            Task("metrics-sample", self._sampler().run),
         ]
 
     # -- health -----------------------------------------------------------------------
@@ -232,7 +262,7 @@ class Replica:
             "reason": reason,
             "metadata_revision": self.index.applied,
             "config_revision": self.settings.revision,
-            "settings": self.settings.values,
+            "settings": self.settings.shown(),
             "repositories": len(self.index.repos),
             "blobs": len(self.index.blobs),
             "uptime_seconds": round(time.time() - self.started, 1),
@@ -287,9 +317,16 @@ class Replica:
             object_store = self._object_store()
             identity, self.created = load_or_create(self.data_dir, config.storage_dir, config.etcd_client_port,
                                                     config.etcd_peer_port, advertised.host, object_store)
-            addresses.check_ports_free([(self.host, self.port, "the listen address"),
-                                        (identity.advertise, identity.etcd_client_port, "the etcd client port"),
-                                        (identity.advertise, identity.etcd_peer_port, "the etcd peer port")])
+            ports = [(self.host, self.port, "the listen address"),
+                     (identity.advertise, identity.etcd_client_port, "the etcd client port"),
+                     (identity.advertise, identity.etcd_peer_port, "the etcd peer port")]
+            if config.metrics_listen is not None:
+                try:
+                    self.metrics_address = addresses.parse_listen(config.metrics_listen)
+                except addresses.AddressError:
+                    raise StartError(f"--metrics-listen takes HOST:PORT, not {config.metrics_listen!r}") from None
+                ports.append((*self.metrics_address, "the --metrics-listen address"))
+            addresses.check_ports_free(ports)
             # TLS before etcd: the member's certificates come from the cluster CA.
             https.ensure_ca(self.pki, identity.cluster_token, joining=identity.initial_cluster is not None,
                             announce=self.announce)
@@ -302,7 +339,7 @@ class Replica:
         if self.worker is None:
             pki.ensure_node_cert(self.pki, pki.replica_names(identity.advertise))
         try:
-            self.storage = storage_at(identity.storage_dir, identity.s3)
+            self.storage = storage_at(identity.storage_dir, identity.s3, self.metrics)
         except StorageError as e:
             raise StartError(str(e)) from None
         self.member = EtcdMember(
@@ -391,7 +428,8 @@ class Replica:
         await self._open_storage(storage)
         await member.start()
         self._client = client = EtcdClient(member.endpoint, member.tls,
-                                           on_write=self.shared.wrote if self.shared is not None else None)
+                                           on_write=self.shared.wrote if self.shared is not None else None,
+                                           metrics=self.metrics)
         if self.promote is not None and identity.member_id is not None:
             await self._await_promotion(identity.member_id)
         else:
@@ -402,6 +440,8 @@ class Replica:
         if self.created and self.promote is None and not self.config.s3_redirect:
             await set_value(client, "storage.redirect", False)
         self.quorum_ok_at = time.monotonic()  # the index just read from etcd
+        self.metrics.started()
+        self.metrics.quorum.set(1)
         self._record = replicas.new_record(identity.replica_id, self.url, member.peer_url, member.client_url)
         for name, (old, new) in replicas.moved(await replicas.record(client, identity.replica_id),
                                                self._record).items():
@@ -447,7 +487,8 @@ class Replica:
         service = self.service
         self.supervisor = Supervisor(self.config.workers, self.shared, self.worker_main,
                                      lambda slot, message: service.from_worker(message),
-                                     self._forkserver, options=self.config)
+                                     self._forkserver, options=self.config,
+                                     on_exit=lambda slot, pid: self.metrics.process_died(pid))
         await self.supervisor.start()
         try:
             listener = addresses.listen_socket(self.host, self.port)
@@ -506,7 +547,7 @@ class Replica:
             logging.getLogger().setLevel(value.upper())
         elif key == "proxy_protocol.from":
             self.proxy_from = parse_networks(value)
-        log.info("cluster setting applied", extra={"key": key, "value": value})
+        log.info("cluster setting applied", extra={"key": key, "value": self.settings.shown()[key]})
 
     def _replica_event(self, event: Event) -> None:
         assert self.identity is not None
@@ -533,13 +574,27 @@ class Replica:
     # -- the tasks' work --------------------------------------------------------------------
 
     async def _probe_quorum(self) -> None:
+        assert self.index is not None
+        m = self.metrics
         while True:
             try:
-                await asyncio.wait_for(self.client.revision(), QUORUM_PROBE_SECONDS)
+                revision = await asyncio.wait_for(self.client.revision(), QUORUM_PROBE_SECONDS)
                 self.quorum_ok_at = time.monotonic()
+                m.index_lag.set(max(revision - self.index.applied, 0))
             except (EtcdUnavailable, asyncio.TimeoutError):
                 pass
+            m.quorum.set(1 if self.writable()[0] else 0)
             await asyncio.sleep(QUORUM_PROBE_SECONDS)
+
+    def _sampler(self) -> Sampler:
+        assert self.operations is not None and self.identity is not None
+        https = self.config.https
+        api = None if https.insecure_http else (https.cert or self.pki.api_cert)
+        # The blob volume's free space means something only where blobs are local files.
+        blob_dir = Path(self.identity.storage_dir) if getattr(self.storage, "name", "") == "filesystem" else None
+        return Sampler(self.metrics, self.operations, self.client,
+                       Certificates(api=api, etcd_node=self.pki.node_cert, ca=self.pki.ca_cert),
+                       self.data_dir, blob_dir)
 
     async def _heartbeat(self) -> None:
         await replicas.heartbeat(self.client, self._record)

@@ -8,6 +8,8 @@ revision it has applied in /health.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import ipaddress
 import logging
 from collections.abc import Callable
@@ -34,9 +36,16 @@ class Setting:
     choices: tuple = ()
     minimum: int | None = None
     check: Callable[[Any], str | None] | None = None   # a reason to refuse the value, or None
+    # A secret (a token) is kept only as its sha256 and never shown: `matches` checks one.
+    secret: bool = False
 
     def parse(self, key: str, raw: Any) -> Any:
-        """A value from the CLI (a string) or from JSON, checked and typed."""
+        """A value from the CLI (a string) or from JSON, checked and typed; a secret's hash."""
+        if self.secret:
+            if not isinstance(raw, str) or len(raw.strip()) < MIN_SECRET:
+                raise SettingError(f"{key} takes a secret of at least {MIN_SECRET} characters "
+                                   "(e.g. `openssl rand -hex 32`)")
+            return SECRET_HASH + hashlib.sha256(raw.strip().encode()).hexdigest()
         value = raw
         if isinstance(raw, str) and self.kind is not str:
             text = raw.strip().lower()
@@ -108,6 +117,19 @@ def _check_networks(value: str) -> str | None:
     return None
 
 
+MIN_SECRET = 16
+SECRET_HASH = "sha256:"
+SHOWN_SECRET = "(set)"
+
+
+def secret_matches(stored: str | None, presented: str) -> bool:
+    """Whether `presented` is the secret whose hash is `stored`, in constant time."""
+    if not stored:
+        return False
+    digest = SECRET_HASH + hashlib.sha256(presented.strip().encode()).hexdigest()
+    return hmac.compare_digest(digest.encode(), stored.encode())
+
+
 SETTINGS: dict[str, Setting] = {
     "log.level": Setting(str, "info", "how much every replica logs",
                          choices=("debug", "info", "warning", "error")),
@@ -133,6 +155,10 @@ SETTINGS: dict[str, Setting] = {
     # the replica (with Range). Written false at the first start by --s3-redirect=false.
     "storage.redirect": Setting(bool, True, "on an object store, answer blob GETs with a redirect to a "
                                 "short-lived presigned URL; false: stream them through the replica"),
+    # GET /metrics (api/metrics_endpoint.py) with `Authorization: Bearer <token>`.
+    "metrics.token": Setting(str, None, "the bearer token Prometheus scrapes /metrics with (kept as a hash; "
+                             "set it from a file: `moorage config set metrics.token --from-file FILE`)",
+                             secret=True),
     "gc.debug_delay_ms": Setting(int, 0, "debugging and tests only: GC pauses this long between batches",
                                  minimum=0),
 }
@@ -159,6 +185,10 @@ class ClusterSettings:
     def __getitem__(self, key: str) -> Any:
         return self.values[key]
 
+    def shown(self) -> dict[str, Any]:
+        """The values as anyone may see them: a secret only says whether it is set."""
+        return {k: (SHOWN_SECRET if SETTINGS[k].secret and v is not None else v) for k, v in self.values.items()}
+
     def apply(self, event: Event) -> None:
         key = event.kv.key[len(keys.CONFIG):].decode()
         spec = SETTINGS.get(key)
@@ -168,7 +198,12 @@ class ClusterSettings:
             value = spec.default
         else:
             try:
-                value = spec.parse(key, msgspec.json.decode(event.kv.value))
+                value = msgspec.json.decode(event.kv.value)
+                if spec.secret:  # stored hashed: only its shape to check
+                    if not (isinstance(value, str) and value.startswith(SECRET_HASH)):
+                        raise SettingError(f"{key} is not a stored secret")
+                else:
+                    value = spec.parse(key, value)
             except (SettingError, msgspec.DecodeError) as e:
                 log.warning("ignoring an invalid cluster setting", extra={"key": key, "error": str(e)})
                 return

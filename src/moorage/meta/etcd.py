@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +23,13 @@ from pathlib import Path
 import grpc
 from aetcd import rpc
 
+from moorage.metrics import Metrics
+
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 5.0
+# The `op` label of moorage_etcd_request_duration_seconds: what a call asks of etcd.
+OPS = ("get", "revision", "range", "put", "txn", "lease", "status", "cluster")
 # A gRPC message must fit etcd's request limit (1.5 MiB by default) and ours.
 MAX_MESSAGE = 16 << 20
 
@@ -148,14 +153,17 @@ def endpoint_of(url: str) -> str:
 
 class EtcdClient:
     def __init__(self, endpoint: str, tls: EtcdTls | None, timeout: float = DEFAULT_TIMEOUT,
-                 on_write: Callable[[int], None] | None = None):
+                 on_write: Callable[[int], None] | None = None, metrics: Metrics | None = None):
         """`tls` None speaks plaintext: only for tests that show etcd refuses it. `on_write` hears
         the revision of every write etcd acknowledged, before the caller does (meta/index.py's
-        peers: read-your-writes across a replica's processes)."""
+        peers: read-your-writes across a replica's processes). With `metrics`, every call is
+        timed (moorage_etcd_request_duration_seconds, by op)."""
         self.endpoint = endpoint
         self.tls = tls
         self.timeout = timeout
         self.on_write = on_write
+        self.metrics = metrics
+        self._seconds = {op: metrics.etcd_seconds.labels(op) for op in OPS} if metrics is not None else None
         options = [
             ("grpc.max_send_message_length", MAX_MESSAGE),
             ("grpc.max_receive_message_length", MAX_MESSAGE),
@@ -175,26 +183,30 @@ class EtcdClient:
 
     def sibling(self, url: str, timeout: float | None = None) -> "EtcdClient":
         """A client of another member (by its client URL), with this client's TLS identity."""
-        return EtcdClient(endpoint_of(url), self.tls, timeout or self.timeout)
+        return EtcdClient(endpoint_of(url), self.tls, timeout or self.timeout, self.metrics)
 
     async def close(self) -> None:
         await self._channel.close()
 
-    async def _call(self, method, request, timeout: float | None = None):
+    async def _call(self, op: str, method, request, timeout: float | None = None):
+        started = time.perf_counter()
         try:
             return await method(request, timeout=timeout or self.timeout)
         except grpc.aio.AioRpcError as e:
             raise EtcdUnavailable(f"etcd at {self.endpoint}: {e.code().name}: {e.details()}") from e
         except asyncio.TimeoutError as e:  # pragma: no cover - grpc reports DEADLINE_EXCEEDED
             raise EtcdUnavailable(f"etcd at {self.endpoint}: timed out") from e
+        finally:
+            if self._seconds is not None:
+                self._seconds[op].observe(time.perf_counter() - started)
 
     async def get(self, key: bytes, serializable: bool = False) -> KV | None:
-        resp = await self._call(self._kv.Range, rpc.RangeRequest(key=key, serializable=serializable))
+        resp = await self._call("get", self._kv.Range, rpc.RangeRequest(key=key, serializable=serializable))
         return _kv(resp.kvs[0]) if resp.kvs else None
 
     async def revision(self) -> int:
         """The cluster's current revision, read linearizably (one ReadIndex round)."""
-        resp = await self._call(self._kv.Range, rpc.RangeRequest(key=b"\0", count_only=True))
+        resp = await self._call("revision", self._kv.Range, rpc.RangeRequest(key=b"\0", count_only=True))
         return resp.header.revision
 
     async def range_prefix(self, prefix: bytes, revision: int = 0, page: int = 1000,
@@ -203,7 +215,7 @@ class EtcdClient:
         end = prefix_end(prefix)
         key, out = prefix, []
         while True:
-            resp = await self._call(self._kv.Range, rpc.RangeRequest(
+            resp = await self._call("range", self._kv.Range, rpc.RangeRequest(
                 key=key, range_end=end, limit=page, revision=revision, serializable=serializable))
             revision = revision or resp.header.revision
             out.extend(_kv(kv) for kv in resp.kvs)
@@ -217,7 +229,7 @@ class EtcdClient:
         end = prefix_end(prefix)
         key = prefix
         while True:
-            resp = await self._call(self._kv.Range, rpc.RangeRequest(
+            resp = await self._call("range", self._kv.Range, rpc.RangeRequest(
                 key=key, range_end=end, limit=page, revision=revision))
             if resp.kvs:
                 yield resp.kvs
@@ -226,13 +238,13 @@ class EtcdClient:
             key = resp.kvs[-1].key + b"\0"
 
     async def put(self, key: bytes, value: bytes) -> int:
-        resp = await self._call(self._kv.Put, rpc.PutRequest(key=key, value=value))
+        resp = await self._call("put", self._kv.Put, rpc.PutRequest(key=key, value=value))
         self._wrote(resp.header.revision)
         return resp.header.revision
 
     async def txn(self, compare: Sequence = (), success: Sequence = (), failure: Sequence = ()
                   ) -> TxnResult:
-        resp = await self._call(self._kv.Txn, rpc.TxnRequest(
+        resp = await self._call("txn", self._kv.Txn, rpc.TxnRequest(
             compare=list(compare), success=list(success), failure=list(failure)))
         self._wrote(resp.header.revision)
         return TxnResult(resp.succeeded, resp.header.revision, list(resp.responses))
@@ -282,7 +294,7 @@ class EtcdClient:
             call.cancel()
 
     async def grant_lease(self, ttl: int) -> int:
-        resp = await self._call(self._lease.LeaseGrant, rpc.LeaseGrantRequest(TTL=ttl))
+        resp = await self._call("lease", self._lease.LeaseGrant, rpc.LeaseGrantRequest(TTL=ttl))
         if resp.error:
             raise EtcdUnavailable(f"lease grant refused: {resp.error}")
         return resp.ID
@@ -302,7 +314,7 @@ class EtcdClient:
 
     async def revoke_lease(self, lease: int) -> None:
         """End a lease now, deleting every key under it."""
-        resp = await self._call(self._lease.LeaseRevoke, rpc.LeaseRevokeRequest(ID=lease))
+        resp = await self._call("lease", self._lease.LeaseRevoke, rpc.LeaseRevokeRequest(ID=lease))
         self._wrote(resp.header.revision)
 
     def _wrote(self, revision: int) -> None:
@@ -310,7 +322,7 @@ class EtcdClient:
             self.on_write(revision)
 
     async def status(self):
-        return await self._call(self._maintenance.Status, rpc.StatusRequest())
+        return await self._call("status", self._maintenance.Status, rpc.StatusRequest())
 
     async def snapshot(self, timeout: float = 3600.0) -> AsyncIterator[bytes]:
         """The member's backend as etcd's Maintenance.Snapshot streams it, chunk by chunk.
@@ -332,8 +344,8 @@ class EtcdClient:
 
     async def call_cluster(self, method: str, request):
         """A Cluster service call (MemberAdd, MemberPromote, MemberRemove)."""
-        return await self._call(getattr(self._cluster, method), request)
+        return await self._call("cluster", getattr(self._cluster, method), request)
 
     async def members(self):
-        resp = await self._call(self._cluster.MemberList, rpc.MemberListRequest())
+        resp = await self._call("cluster", self._cluster.MemberList, rpc.MemberListRequest())
         return list(resp.members)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import msgspec
@@ -20,10 +20,12 @@ import msgspec
 from moorage.meta import keys
 from moorage.meta.errors import boundary
 from moorage.meta.etcd import (
-    EtcdClient, cmp_absent, cmp_mod_revision, cmp_prefix_unchanged, cmp_value, op_delete, op_get, op_put,
+    EtcdClient, Event, cmp_absent, cmp_mod_revision, cmp_prefix_unchanged, cmp_value, op_delete, op_get, op_put,
 )
+from moorage.meta.index import Index
 from moorage.meta.records import BlobRecord, ManifestRecord, UploadRecord, decoder, encode
 from moorage.meta.store import TOMBSTONE
+from moorage.meta.webhooks import QueuedEvent, queue_ops
 
 _blob = decoder(BlobRecord)
 _manifest = decoder(ManifestRecord)
@@ -68,6 +70,18 @@ class GcRun(msgspec.Struct, kw_only=True):
 
 
 _run = decoder(GcRun)
+
+
+def watch_runs(index: Index, callback: Callable[[GcRun], None]) -> None:
+    """Call `callback` with every GC run record written, from any replica, as the index's watch
+    delivers it (those already there when it loads included)."""
+    def event(ev: Event) -> None:
+        if not ev.deleted:
+            try:
+                callback(_run.decode(ev.kv.value))
+            except msgspec.DecodeError:
+                pass
+    index.subscribe(keys.GC_RUN, event)
 
 
 def new_run_id() -> str:
@@ -232,8 +246,12 @@ class GcStore:
     # -- run records -----------------------------------------------------------
 
     @boundary
-    async def save(self, run: GcRun) -> None:
-        await self.client.put(keys.gc_run(run.id), encode(run))
+    async def save(self, run: GcRun, events: Sequence[QueuedEvent] = ()) -> None:
+        """Write a run's record (with the webhook events telling of its end, in one transaction)."""
+        if events:
+            await self.client.txn([], [op_put(keys.gc_run(run.id), encode(run)), *queue_ops(events)])
+        else:
+            await self.client.put(keys.gc_run(run.id), encode(run))
 
     @boundary
     async def run(self, run_id: str) -> GcRun | None:

@@ -20,6 +20,10 @@
     /moorage/gc/run/<id>                             a GC run's summary and progress
     /moorage/session-revoked/<id>                    a signed-out console session (leased: gone
                                                      once its token would have expired anyway)
+    /moorage/webhook/endpoint/<name>                 a webhook endpoint (EndpointRecord)
+    /moorage/webhook/q/<name>/<id>                   a batch of events waiting for delivery to it
+    /moorage/webhook/lock/<name>                     the replica delivering to it (leased)
+    /moorage/webhook/state/<name>                    how delivery to it went lately (DeliveryState)
 
 Repository names may contain "/", never "@", so "@" ends the name and a
 prefix scan of "<name>@" never strays into "<name>/other".
@@ -53,6 +57,11 @@ GC_LOCK = GC + b"lock"
 GC_DELETING = GC + b"deleting/"
 GC_RUN = GC + b"run/"
 SESSION_REVOKED = ROOT + b"session-revoked/"
+WEBHOOK = ROOT + b"webhook/"
+WEBHOOK_ENDPOINT = WEBHOOK + b"endpoint/"
+WEBHOOK_QUEUE = WEBHOOK + b"q/"
+WEBHOOK_LOCK = WEBHOOK + b"lock/"
+WEBHOOK_STATE = WEBHOOK + b"state/"
 
 
 def blob(digest: str) -> bytes:
@@ -148,6 +157,23 @@ def gc_run(run_id: str) -> bytes:
 
 def session_revoked(session_id: str) -> bytes:
     return SESSION_REVOKED + session_id.encode()
+
+
+def webhook_endpoint(name: str) -> bytes:
+    return WEBHOOK_ENDPOINT + name.encode()
+
+
+def webhook_queue(name: str) -> bytes:
+    """The prefix of one endpoint's queue (endpoint names never contain "/")."""
+    return WEBHOOK_QUEUE + f"{name}/".encode()
+
+
+def webhook_lock(name: str) -> bytes:
+    return WEBHOOK_LOCK + name.encode()
+
+
+def webhook_state(name: str) -> bytes:
+    return WEBHOOK_STATE + name.encode()
 
 
 def repo_manifests(repo: str) -> bytes:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import enum
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import msgspec
@@ -34,6 +34,7 @@ from moorage.meta.records import (
     BlobRecord, GrantRecord, ManifestRecord, Referrer, TeamRecord, UploadRecord, UserRecord, VisibilityRecord, decoder,
     encode,
 )
+from moorage.meta.webhooks import QueuedEvent, queue_ops
 
 _upload = decoder(UploadRecord)
 
@@ -213,8 +214,9 @@ class MetaStore:
 
     @boundary
     async def put_manifest(self, repo: str, digest: str, record: ManifestRecord,
-                           tag: str | None, referrer: Referrer | None) -> bool:
-        """Store a manifest record (and tag, and referrer entry) atomically.
+                           tag: str | None, referrer: Referrer | None, events: Sequence[QueuedEvent] = ()) -> bool:
+        """Store a manifest record (and tag, and referrer entry, and the webhook events telling of
+        it) atomically.
 
         Fails, changing nothing, when a blob or child manifest it references
         is no longer in the repository by the time etcd orders the write.
@@ -233,11 +235,12 @@ class MetaStore:
             ops.append(op_put(keys.tag(repo, tag), digest.encode()))
         if referrer is not None and record.subject:
             ops.append(op_put(keys.referrer(repo, record.subject, digest), encode(referrer)))
+        ops += queue_ops(events)
         return await self._committed(digest, await self._txn(compare, ops, [op_get(marker)]))
 
     @boundary
     async def delete_manifest(self, repo: str, digest: str, record: ManifestRecord,
-                              tags: Iterable[str]) -> bool:
+                              tags: Iterable[str], events: Sequence[QueuedEvent] = ()) -> bool:
         """Delete a manifest, the tags that name it and its referrer entry.
 
         Each tag goes only if it still names this manifest when etcd orders
@@ -249,12 +252,13 @@ class MetaStore:
                 for t in tags]
         if record.subject:
             ops.append(op_delete(keys.referrer(repo, record.subject, digest)))
+        ops += queue_ops(events)
         return (await self._txn([cmp_exists(key)], ops)).succeeded
 
     @boundary
-    async def delete_tag(self, repo: str, tag: str) -> bool:
+    async def delete_tag(self, repo: str, tag: str, events: Sequence[QueuedEvent] = ()) -> bool:
         key = keys.tag(repo, tag)
-        return (await self._txn([cmp_exists(key)], [op_delete(key)])).succeeded
+        return (await self._txn([cmp_exists(key)], [op_delete(key), *queue_ops(events)])).succeeded
 
     # -- users, teams, grants, visibility and console sessions ----------------------
     #

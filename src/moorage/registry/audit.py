@@ -30,6 +30,7 @@ from typing import NamedTuple, Protocol
 
 import msgspec
 
+from moorage.metrics import Metrics
 from moorage.storage.base import BlobDriver
 from moorage.storage.durable import fsync_dir, write_all
 from moorage.storage.errors import StorageError
@@ -137,7 +138,9 @@ class AuditSink(Protocol):
 
 class AuditLog:
     def __init__(self, storage_dir: Path, replica: str, retention_days: int = RETENTION_DAYS,
-                 queue_events: int = QUEUE_EVENTS, sink: AuditSink | None = None):
+                 queue_events: int = QUEUE_EVENTS, sink: AuditSink | None = None,
+                 metrics: Metrics | None = None):
+        self.metrics = metrics
         self.root = Path(storage_dir) / "audit"
         self.replica = replica
         self.dir = self.root / replica
@@ -168,6 +171,8 @@ class AuditLog:
             self._queue.popleft()
             self.dropped += 1
             self._dropped_unreported += 1
+            if self.metrics is not None:
+                self.metrics.audit_dropped.inc()
         self._queue.append(event)
 
     async def open(self) -> None:
@@ -219,6 +224,8 @@ class AuditLog:
                     if len(self._queue) >= self.queue_events:
                         self.dropped += 1
                         self._dropped_unreported += 1
+                        if self.metrics is not None:
+                            self.metrics.audit_dropped.inc()
                         continue
                     self._queue.appendleft(event)
 

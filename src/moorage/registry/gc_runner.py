@@ -20,10 +20,12 @@ from moorage.cluster.clock import ClusterClock
 from moorage.cluster.operations import ClusterError
 from moorage.cluster.settings import ClusterSettings, duration_seconds
 from moorage.meta.errors import MetadataUnavailable
-from moorage.meta.gc_store import GcRun, GcStore, new_run_id
+from moorage.meta.gc_store import GcRun, GcStore, new_run_id, watch_runs
 from moorage.meta.store import MetaStore
+from moorage.metrics import Metrics
 from moorage.registry.gc import Collector, Policy
 from moorage.registry.sessions import Sessions
+from moorage.registry.webhooks import Notifier
 from moorage.storage.base import BlobDriver
 
 log = logging.getLogger(__name__)
@@ -38,8 +40,11 @@ def summary(run: GcRun) -> dict:
 
 class GcRunner:
     def __init__(self, meta: MetaStore, gcs: GcStore, storage: BlobDriver, settings: ClusterSettings,
-                 replica_id: str, sessions: Sessions | None = None, clock: ClusterClock | None = None):
+                 replica_id: str, sessions: Sessions | None = None, clock: ClusterClock | None = None,
+                 metrics: Metrics | None = None, notifier: Notifier | None = None):
         self.meta = meta
+        self.metrics = metrics
+        self.notifier = notifier  # a finished run's webhook event goes with its record
         self.clock = clock
         self.gcs = gcs
         self.storage = storage
@@ -49,6 +54,17 @@ class GcRunner:
         self._tasks: set[asyncio.Task] = set()
         self._wake = asyncio.Event()   # a new gc.schedule applies now, not after the old wait
         settings.on_change(lambda key, _: self._wake.set() if key == "gc.schedule" else None)
+        self._last_success = 0.0
+        if metrics is not None:
+            # The cluster's last success, whichever replica ran it: every run's record comes
+            # through the index's watch.
+            watch_runs(meta.index, self._run_recorded)
+
+    def _run_recorded(self, run: GcRun) -> None:
+        if run.state == "done" and not run.dry_run and run.finished and run.finished > self._last_success:
+            self._last_success = run.finished
+            if self.metrics is not None:
+                self.metrics.gc_last_success.set(run.finished)
 
     def policy(self, dry_run: bool) -> Policy:
         s = self.settings
@@ -126,10 +142,15 @@ class GcRunner:
             run.state, run.error = "failed", str(e) or type(e).__name__
         run.finished = time.time()
         try:
-            await self.gcs.save(run)
+            await self.gcs.save(run, self.notifier.collected(run) if self.notifier is not None else ())
         except MetadataUnavailable:
             pass
         log.info("garbage collection finished", extra=summary(run))
+        if self.metrics is not None:
+            self.metrics.gc_runs.labels("success" if run.state == "done" else "failed").inc()
+            if not run.dry_run:
+                self.metrics.gc_freed.inc(run.bytes_freed)
+
 
     async def _keep_lease(self, lease: int, work: asyncio.Task) -> None:
         last_ok = time.monotonic()
@@ -153,6 +174,8 @@ class GcRunner:
             if other.state == "running" and other.id != run.id:
                 other.state, other.error = "abandoned", "its replica stopped before it finished"
                 await self.gcs.save(other)
+                if self.metrics is not None:
+                    self.metrics.gc_runs.labels("abandoned").inc()
         await self.gcs.prune(runs)
 
     # -- the schedule -----------------------------------------------------------------

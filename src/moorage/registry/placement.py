@@ -17,12 +17,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import TypeVar
 
 from moorage.meta.records import ManifestRecord, Referrer
 from moorage.meta.store import BlobBeingCollected, MetaStore
+from moorage.meta.webhooks import QueuedEvent
 from moorage.registry.errors import Unavailable
 from moorage.storage.base import BlobDriver
 
@@ -51,11 +52,11 @@ class Placement:
                                       partial(self.meta.commit_blob, repo, digest, size, session))
 
     async def manifest(self, repo: str, digest: str, body: bytes, record: ManifestRecord, tag: str | None,
-                       referrer: Referrer | None) -> bool:
+                       referrer: Referrer | None, events: Sequence[QueuedEvent] = ()) -> bool:
         """Store a manifest's body as a blob and its record (tag, referrer entry); False when a blob or
         manifest it names left the repository before etcd ordered the write."""
         return await place_and_commit(self.meta, self.storage, digest, partial(self.storage.write, digest, body),
-                                      partial(self.meta.put_manifest, repo, digest, record, tag, referrer))
+                                      partial(self.meta.put_manifest, repo, digest, record, tag, referrer, events))
 
 
 async def place_and_commit(meta: MetaStore, storage: BlobDriver, digest: str,

@@ -25,6 +25,7 @@ from moorage.registry.errors import BlobUnknown, DigestInvalid, ManifestBlobUnkn
 from moorage.registry.limits import Limits
 from moorage.registry.names import check_digest, check_tag, is_valid_tag
 from moorage.registry.placement import Placement
+from moorage.registry.webhooks import Notifier, RequestInfo
 from moorage.storage.base import BlobDriver
 
 
@@ -76,10 +77,12 @@ def page(items: list[str], n: int | None, last: str | None, max_page: int) -> tu
 
 
 class Repositories:
-    def __init__(self, meta: MetaStore, storage: BlobDriver, placement: Placement, limits: Limits):
+    def __init__(self, meta: MetaStore, storage: BlobDriver, placement: Placement, limits: Limits,
+                 notifier: Notifier | None = None):
         # The cluster setting storage.redirect (kept current by api/server.py).
         self.redirect = True
         self.meta = meta
+        self.notifier = notifier  # webhook events (registry/webhooks.py); None: none are sent
         self.index = meta.index
         self.storage = storage
         self.placement = placement
@@ -106,6 +109,14 @@ class Repositories:
             raise ManifestUnknown(f"manifest {reference} not found in {repo_name}",
                                   {"name": repo_name, "reference": reference})
         return digest, record
+
+    def pulled(self, repo_name: str, reference: str, digest: str, record: ManifestRecord,
+               request: RequestInfo | None) -> None:
+        """A manifest GET answered: an event for the endpoints that want pulls (none: nothing at all)."""
+        notifier = self.notifier
+        if notifier is not None and notifier.store.pulls:
+            notifier.pulled(repo_name, digest, record.media_type, record.size,
+                            None if digests.is_digest(reference) else reference, request)
 
     async def manifest_body(self, digest: str) -> bytes:
         body = self.bodies.get(digest)
@@ -169,8 +180,10 @@ class Repositories:
     # -- writes --------------------------------------------------------------
 
     async def put_manifest(self, repo_name: str, reference: str, content_type: str | None,
-                           body: bytes, pushed_by: str | None = None) -> tuple[str, str | None]:
-        """Validate and store a manifest pushed by `pushed_by`; returns its digest and subject."""
+                           body: bytes, pushed_by: str | None = None,
+                           request: RequestInfo | None = None) -> tuple[str, str | None]:
+        """Validate and store a manifest pushed by `pushed_by`; returns its digest and subject.
+        The webhook events of the push (`request`: what they say of it) are stored with it."""
         if len(body) > self.limits.max_manifest_bytes:
             raise TooLarge(f"manifest over {self.limits.max_manifest_bytes} bytes",
                            {"size": len(body), "limit": self.limits.max_manifest_bytes})
@@ -191,7 +204,10 @@ class Repositories:
             artifact_type=parsed.artifact_type, annotations=parsed.annotations, pushed_by=pushed_by)
         await self._check_references(repo_name, record)
         self.bodies.put(digest, body)
-        if not await self.placement.manifest(repo_name, digest, body, record, tag, parsed.referrer(digest, len(body))):
+        events = self.notifier.pushed(repo_name, digest, parsed.media_type, len(body), tag, request) \
+            if self.notifier is not None else []
+        if not await self.placement.manifest(repo_name, digest, body, record, tag, parsed.referrer(digest, len(body)),
+                                             events):
             # A reference vanished between our check and etcd's: say which.
             await self._check_references(repo_name, record)
             raise ManifestBlobUnknown("a referenced blob was deleted while the manifest was pushed")
@@ -207,16 +223,19 @@ class Repositories:
             raise ManifestBlobUnknown(f"manifest references {len(missing)} unknown blob(s) or manifest(s)",
                                       {"digests": missing[:20]})
 
-    async def delete_manifest(self, repo_name: str, reference: str) -> None:
+    async def delete_manifest(self, repo_name: str, reference: str, request: RequestInfo | None = None) -> None:
+        notifier = self.notifier
         if not digests.is_digest(reference):
-            if not is_valid_tag(reference) or not await self.meta.delete_tag(repo_name, reference):
+            events = notifier.deleted(repo_name, None, reference, request) if notifier is not None else []
+            if not is_valid_tag(reference) or not await self.meta.delete_tag(repo_name, reference, events):
                 raise ManifestUnknown(f"tag {reference} not found in {repo_name}",
                                       {"name": repo_name, "reference": reference})
             return
         digest, record = await self.manifest(repo_name, reference)
         repo = self.index.repos.get(repo_name)
         tags = [t for t, d in repo.tags.items() if d == digest] if repo else []
-        if not await self.meta.delete_manifest(repo_name, digest, record, tags):
+        events = notifier.deleted(repo_name, digest, None, request) if notifier is not None else []
+        if not await self.meta.delete_manifest(repo_name, digest, record, tags, events):
             raise ManifestUnknown(f"manifest {reference} not found in {repo_name}")
 
     async def delete_blob(self, repo_name: str, digest: str) -> None:

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from moorage import digest as digests
 from moorage.meta.errors import MetadataUnavailable
 from moorage.cluster.workers import WriterLocks
+from moorage.metrics import Metrics
 from moorage.registry.errors import BlobUploadInvalid, DigestInvalid, RangeInvalid, TooLarge
 from moorage.registry.limits import Limits
 from moorage.registry.names import check_digest
@@ -44,10 +45,11 @@ MAX_HASHERS = 4096
 
 class Uploads:
     def __init__(self, storage: BlobDriver, sessions: Sessions, placement: Placement, limits: Limits,
-                 writers: WriterLocks | None = None):
+                 writers: WriterLocks | None = None, metrics: Metrics | None = None):
         """`writers`: with worker processes, the lock that keeps one writer per upload across them."""
         self.storage = storage
         self.writers = writers
+        self.metrics = metrics
         self.sessions = sessions
         self.placement = placement
         self.limits = limits
@@ -60,11 +62,28 @@ class Uploads:
             raise RangeInvalid("another request is writing to this upload; resume from its offset")
         self._writing.add(upload_id)
         try:
-            yield
+            with self._receiving():
+                yield
         finally:
             self._writing.discard(upload_id)
             if self.writers is not None:
                 self.writers.release(upload_id)
+
+    @contextmanager
+    def _receiving(self):
+        """An upload request in progress on this replica (moorage_uploads_in_progress)."""
+        if self.metrics is None:
+            yield
+            return
+        self.metrics.uploads_in_progress.inc()
+        try:
+            yield
+        finally:
+            self.metrics.uploads_in_progress.dec()
+
+    def _received(self, size: int) -> None:
+        if self.metrics is not None and size > 0:
+            self.metrics.pushed_bytes.inc(size)
 
     def start(self, repo: str) -> Session:
         return self.sessions.new(repo, self.storage.new_upload_id())
@@ -99,6 +118,7 @@ class Uploads:
             if (body is not None and session.offset == 0 and start in (None, 0)
                     and size is not None and size <= SMALL_BLOB):
                 data = await _read_all(body)
+                self._received(len(data))
                 if length is not None and len(data) != length:
                     raise BlobUploadInvalid(f"chunk has {len(data)} bytes, its range says {length}")
                 try:
@@ -126,12 +146,17 @@ class Uploads:
 
     async def monolithic(self, repo: str, digest: str, body: Body, size: int | None) -> str:
         """A whole blob in one request (POST ?digest=): no session at all."""
+        with self._receiving():
+            return await self._monolithic(repo, digest, body, size)
+
+    async def _monolithic(self, repo: str, digest: str, body: Body, size: int | None) -> str:
         algorithm, hexdigest = check_digest(digest)
         if size is not None and size > self.limits.max_blob_bytes:
             raise TooLarge(f"blob over {self.limits.max_blob_bytes} bytes")
         upload_id = data = None
         if size is not None and size <= SMALL_BLOB:
             data = await _read_all(body)
+            self._received(len(data))
             _verify(digest, algorithm, hexdigest, data)
             size = len(data)
         else:
@@ -213,6 +238,8 @@ class Uploads:
         except BaseException:
             await appender.abort()
             raise
+        finally:
+            self._received(appender.offset - offset)
 
     def _hasher(self, upload_id: str, offset: int):
         """A sha256 hasher positioned at `offset`, or None if we don't hold one."""
