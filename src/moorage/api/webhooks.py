@@ -79,6 +79,7 @@ class Deliverer:
         self._session: aiohttp.ClientSession | None = None
         self._contexts: dict[str, ssl.SSLContext] = {}
         self._known: set[str] = set()
+        self._held: set[str] = set()      # the locks this process took, under self._lease
 
     # -- the replica's task -------------------------------------------------------------
 
@@ -124,14 +125,24 @@ class Deliverer:
     async def _take(self) -> None:
         for name, task in list(self._tasks.items()):
             if task.done() or name not in self.store.endpoints or self.store.locks.get(name) != self.replica_id:
+                if task.done() and not task.cancelled() and task.exception() is not None:
+                    log.error("webhook delivery stopped by an error; restarting it", exc_info=task.exception(),
+                              extra={"endpoint": name})
                 task.cancel()
                 del self._tasks[name]
         for name in self.store.endpoints:
-            if name in self._tasks or name in self.store.locks:
+            if name in self._tasks:
+                continue
+            holder = self.store.locks.get(name)
+            if holder == self.replica_id and name in self._held:  # taken by us; its delivery ended by an error
+                self._tasks[name] = asyncio.create_task(self._deliver(name), name=f"webhook-{name}")
+                continue
+            if holder is not None:
                 continue
             try:
                 lease = await self._ensure_lease()
                 if await self.store.acquire(name, self.replica_id, lease):
+                    self._held.add(name)
                     log.info("delivering a webhook endpoint's events", extra={"endpoint": name})
                     self._tasks[name] = asyncio.create_task(self._deliver(name), name=f"webhook-{name}")
             except MetadataUnavailable as e:
@@ -157,6 +168,7 @@ class Deliverer:
     def _lease_lost(self) -> None:
         log.warning("webhook lease expired; another replica takes over its endpoints")
         self._lease = None
+        self._held.clear()
         for task in self._tasks.values():
             task.cancel()
         self._tasks.clear()

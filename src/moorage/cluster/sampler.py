@@ -52,7 +52,10 @@ class Sampler:
 
     async def run(self) -> None:
         while True:
-            await self.sample()
+            try:
+                await self.sample()
+            except Exception:  # a gauge left stale would hide what the alerts watch: go on
+                log.exception("metrics not sampled; trying again", extra={"retry_seconds": SAMPLE_SECONDS})
             await asyncio.sleep(SAMPLE_SECONDS)
 
     async def sample(self) -> None:
