@@ -294,7 +294,10 @@ def scrape_a_cluster(trio: Cluster, prom: Prometheus) -> None:
                                                           for r in (first, second)) and p,
                           20, "the pushes in Prometheus")
     assert after.get(third.host, 0) == before.get(third.host, 0), after
-    assert prom.alerts(state="firing") == []
+    # Nothing about the cluster's health fires while all three serve (the machine's own disk
+    # may be nearly full, and then MoorageDiskNearlyFull rightly fires: not this test's concern).
+    health = {"MoorageReplicaDown", "MoorageQuorumAtRisk", "MoorageNoQuorum", "MoorageWritesRefused"}
+    assert [a for a in prom.alerts(state="firing") if a["labels"]["alertname"] in health] == []
 
     # One replica killed: Prometheus finds it down, the survivors find that the cluster
     # tolerates no more failures, and the alerts fire.
