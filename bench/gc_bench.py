@@ -98,6 +98,13 @@ class Content:
             self.garbage_blobs.update(set(pool) - used)
         self.garbage = len(self.garbage_blobs)
 
+    def write_files(self, storage: Path) -> None:
+        write_blob_files(storage, self.files)
+
+    async def write_records(self, client: EtcdClient) -> None:
+        for i in range(0, len(self.kvs), OPS_PER_TXN):
+            await client.txn([], [op_put(k, v) for k, v in self.kvs[i:i + OPS_PER_TXN]])
+
     def _descriptor(self, media_type: str, digest: str) -> dict:
         return {"mediaType": media_type, "digest": digest, "size": len(self.files[digest])}
 
