@@ -131,6 +131,14 @@ def request(server: Server, method: str, target: str, headers: dict[str, str] | 
                        body, timeout)
 
 
+def admin_request(server: Server, method: str, target: str, headers: dict[str, str] | None = None,
+                  body: bytes = b"") -> Response:
+    """A request to Moorage's admin API, which takes the admin's Basic credentials (not a token)."""
+    assert server.credentials is not None
+    return raw_request(server, method, target, {"Authorization": server.credentials.basic(), **(headers or {})},
+                       body)
+
+
 def expect(resp: Response, status: int, what: str) -> Response:
     if resp[0] != status:
         raise BenchError(f"{what}: HTTP {resp[0]} (wanted {status}): {resp[2][:200]!r}")

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gc_bench import Content
-from load import BenchError, Measurement, request
+from load import BenchError, Measurement, admin_request
 from objectstore import ObjectStore
 from servers import Server, distribution_storage
 
@@ -105,7 +105,7 @@ class GcWorkload:
 
     def _run_moorage(self, server: Server) -> Measurement:
         assert self.content is not None
-        status, _, body = request(server, "POST", "/_admin/gc", {"Content-Type": "application/json"},
+        status, _, body = admin_request(server, "POST", "/_admin/gc", {"Content-Type": "application/json"},
                                   json.dumps({"dry_run": False}).encode())
         run = json.loads(body) if status in (200, 202) else None
         if run is None:
@@ -115,7 +115,7 @@ class GcWorkload:
             if time.monotonic() > deadline:
                 raise BenchError(f"Moorage's GC did not finish in {GC_TIMEOUT:.0f} s")
             time.sleep(0.2)
-            status, _, body = request(server, "GET", f"/_admin/gc/{run['id']}")
+            status, _, body = admin_request(server, "GET", f"/_admin/gc/{run['id']}")
             run = json.loads(body)
         self.collected.add(server.name)
         if run["state"] != "done":

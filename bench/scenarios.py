@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from content import ACCEPT, MiB, OCI_MANIFEST, Image, SourceFile, sha256
-from load import (BenchError, raw_request, Job, Measurement, curl_pull, hey, push_chunked, push_image_async,
+from load import (BenchError, admin_request, Job, Measurement, curl_pull, hey, push_chunked, push_image_async,
                   push_manifest, push_monolithic, push_small_blob, put_manifest_async, repo_auth,
                   request, run_clients, wrk)
 from servers import Server
@@ -189,12 +189,9 @@ def redirects(on: bool) -> Callable[[Server, int], Any]:
     def prepare(server: Server, rnd: int) -> None:
         repo_auth(server, PULL_REPO)
         if server.name == "moorage":
-            # The admin API takes the admin's Basic credentials, not a registry token.
-            assert server.credentials is not None
             body = json.dumps({"value": on}).encode()
-            status, _, text = raw_request(server, "PUT", "/_admin/config/storage.redirect",
-                                          {"Content-Type": "application/json",
-                                           "Authorization": server.credentials.basic()}, body)
+            status, _, text = admin_request(server, "PUT", "/_admin/config/storage.redirect",
+                                            {"Content-Type": "application/json"}, body)
             if status != 200:
                 raise BenchError(f"setting storage.redirect: HTTP {status} {text[:200]!r}")
     return prepare
