@@ -148,9 +148,9 @@ class Boto:
 
     async def multipart(self, key: str, chunks: AsyncIterator[memoryview], part_size: int) -> None:
         """The driver's way: chunks are copied once into a part buffer, which goes
-        out through a reader over it (storage/s3.py PartBody: botocore would copy
+        out through a reader over it (storage/s3/client.py PartBody: botocore would copy
         a bytearray body into a BytesIO)."""
-        from moorage.storage.s3 import PartBody
+        from moorage.storage.s3.client import PartBody
 
         up = await self.c.create_multipart_upload(Bucket=self.bucket, Key=key)
         uid, parts = up["UploadId"], []

@@ -88,7 +88,7 @@ class GcWorkload:
     def _seed_moorage(self, server: Server, only: set[str] | None) -> int:
         """Its objects, then its records (all of them again: a run deleted the garbage's)."""
         assert self.content is not None
-        objects = ((f"blobs/sha256/{d[7:9]}/{d[7:]}", data)  # storage/s3.py's key for a digest
+        objects = ((f"blobs/sha256/{d[7:9]}/{d[7:]}", data)  # storage/s3/driver.py's key for a digest
                    for d, data in self.content.files.items() if only is None or d in only)
         n = self.store.put_many(server.name, objects)
         port = server.command[server.command.index("--etcd-client-port") + 1]

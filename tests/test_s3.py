@@ -23,7 +23,8 @@ import pytest
 from conftest import Cluster, ObjectStore, Registry, moorage, wait_for
 from layout import Layout, read_layout
 from moorage.registry.audit import AuditEvent, AuditQuery, BucketAuditLog
-from moorage.storage.s3 import S3Config, S3Driver
+from moorage.storage.s3.config import S3Config
+from moorage.storage.s3.driver import S3Driver
 from oci import (OCI_MANIFEST, assert_oci_error, finish_upload, make_image, new_repo, patch_chunk, push_blob, push_image,
                  pull_manifest, sha256, start_upload, with_digest)
 from seaweed import SeaweedFS, seaweed  # noqa: F401 - the module's store

@@ -1,4 +1,4 @@
-"""The S3 blob driver's core (storage/s3.py) against a real SeaweedFS.
+"""The S3 blob driver's core (storage/s3/: the client, multipart uploads, the driver) against a real SeaweedFS.
 
 Every call goes to a real `weed server -s3` with a signed identity; faults
 are real too: SeaweedFS stopped and started, frozen with SIGSTOP, and a proxy
@@ -24,7 +24,9 @@ import pytest
 
 from conftest import wait_for
 from moorage.storage.errors import ObjectMissing, StorageError, StorageMisconfigured, StorageUnavailable, UploadInvalid
-from moorage.storage.s3 import MAX_PARTS, MIN_PART, READ_CHUNK, Part, S3Config, S3Driver
+from moorage.storage.s3.config import MAX_PARTS, MIN_PART, READ_CHUNK, S3Config
+from moorage.storage.s3.driver import S3Driver
+from moorage.storage.s3.multipart import Part
 from seaweed import FaultProxy, SeaweedFS, fault_proxy, seaweed  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.s3
@@ -67,6 +69,11 @@ def digest_of(data: bytes) -> str:
 
 def upload_id() -> str:
     return uuid.uuid4().hex
+
+
+def mp_key(d: S3Driver, uid: str) -> str:
+    """Where a test's own multipart upload assembles."""
+    return f"{d.config.prefix}mp/{uid}"
 
 
 async def collect(stream) -> bytes:
@@ -114,9 +121,9 @@ def test_empty_blob_and_conditional_put(seaweed):
             assert await d.exists(empty) == 0
             assert await d.read(empty) == b""
             key = d.blob_key(digest_of(b"first"))
-            assert await d.put_key(key, b"first", if_absent=True) is True
-            assert await d.put_key(key, b"other", if_absent=True) is False
-            assert await d.read_key(key) == b"first"
+            assert await d.client.put_key(key, b"first", if_absent=True) is True
+            assert await d.client.put_key(key, b"other", if_absent=True) is False
+            assert await d.client.read_key(key) == b"first"
 
     asyncio.run(scenario())
 
@@ -128,7 +135,7 @@ def test_bad_digests_and_upload_ids_never_become_keys(seaweed):
             d.blob_key(bad)
     for bad in ["../x", "A" * 32, "a" * 31, ""]:
         with pytest.raises(ValueError):
-            d.session_key(bad)
+            d.uploads.tail_key(bad, 0)
     with pytest.raises(StorageMisconfigured, match="not a valid S3 bucket name"):
         S3Config.from_url("s3://No_Such/x")
     with pytest.raises(StorageMisconfigured, match="not an s3://"):
@@ -151,15 +158,15 @@ def test_batch_delete_and_paged_listing(seaweed, fault_proxy):
                     await d.write(digest_of(data), data)
 
             await asyncio.gather(*(put(b) for b in blobs))
-            listed = await d.list_keys("blobs/")
+            listed = await d.client.list_keys("blobs/")
             assert len(listed) == count and all(o.size == 20 for o in listed)
-            assert {o.key for o in listed} == {d.relative(d.blob_key(digest_of(b))) for b in blobs}
+            assert {o.key for o in listed} == {d.client.relative(d.blob_key(digest_of(b))) for b in blobs}
         # The deletes through the proxy, to count the requests.
         async with opened(dataclasses.replace(d.config, endpoint=fault_proxy.endpoint)) as via:
             before = fault_proxy.requests
             await via.delete_many([digest_of(b) for b in blobs] + [digest_of(b"never stored")])
             assert fault_proxy.requests - before == 2
-            assert await via.list_keys("blobs/") == []
+            assert await via.client.list_keys("blobs/") == []
 
     asyncio.run(scenario())
 
@@ -196,26 +203,26 @@ def test_multipart_odd_part_sizes(seaweed):
     async def scenario():
         async with opened(config(seaweed)) as d:
             uid = upload_id()
-            s3id = await d.create_upload(uid)
-            assert any(u.upload_id == uid and u.s3_upload_id == s3id for u in await d.list_uploads())
+            key = mp_key(d, uid)
+            s3id = await d.multipart.create_upload(uid, key)
+            assert any(u.name == uid and u.s3_upload_id == s3id for u in await d.multipart.list_uploads("mp/"))
             # Part 2 first, then sent again with other bytes: the last one counts.
-            await d.upload_part(uid, s3id, 2, os.urandom(sizes[1]))
-            parts = [await d.upload_part(uid, s3id, i + 1, bytearray(p)) for i, p in enumerate(parts_data)]
-            listed = await d.list_parts(uid, s3id)
+            await d.multipart.upload_part(uid, s3id, 2, os.urandom(sizes[1]), key)
+            parts = [await d.multipart.upload_part(uid, s3id, i + 1, bytearray(p), key) for i, p in enumerate(parts_data)]
+            listed = await d.multipart.list_parts(uid, s3id, key)
             assert [(p.number, p.size) for p in parts] == [(1, sizes[0]), (2, sizes[1]), (3, 3)]
             # SeaweedFS lists every version of a part sent twice, in no set order
             # (AWS lists the last): what a session completes with is what it recorded.
             assert set(parts) <= set(listed) and {p.number for p in listed} == {1, 2, 3}
-            assert await d.complete_upload(uid, s3id, parts) == len(whole)
-            assert all(u.upload_id != uid for u in await d.list_uploads())
-            key = d.session_key(uid)
-            assert await d.head_key(key) == len(whole)
-            assert await d.read_key(key) == whole
+            assert await d.multipart.complete_upload(uid, s3id, parts, key) == len(whole)
+            assert all(u.name != uid for u in await d.multipart.list_uploads("mp/"))
+            assert await d.client.head_key(key) == len(whole)
+            assert await d.client.read_key(key) == whole
             # A range across the boundary of parts 1 and 2.
             a, b = sizes[0] - 100, sizes[0] + 100
-            assert await collect(d.stream_key(key, a, b)) == whole[a:b]
+            assert await collect(d.client.stream_key(key, a, b)) == whole[a:b]
             # Completing again (a retry whose answer was lost) finds the object.
-            assert await d.complete_upload(uid, s3id, parts) == len(whole)
+            assert await d.multipart.complete_upload(uid, s3id, parts, key) == len(whole)
 
     asyncio.run(scenario())
 
@@ -224,26 +231,27 @@ def test_multipart_rules_are_checked_with_a_sentence(seaweed):
     async def scenario():
         async with opened(config(seaweed)) as d:
             uid = upload_id()
-            s3id = await d.create_upload(uid)
-            small = await d.upload_part(uid, s3id, 1, b"x" * 1000)
-            last = await d.upload_part(uid, s3id, 2, b"y" * 10)
+            key = mp_key(d, uid)
+            s3id = await d.multipart.create_upload(uid, key)
+            small = await d.multipart.upload_part(uid, s3id, 1, b"x" * 1000, key)
+            last = await d.multipart.upload_part(uid, s3id, 2, b"y" * 10, key)
             with pytest.raises(UploadInvalid, match="part 1 has 1000 bytes; every part but the last"):
-                await d.complete_upload(uid, s3id, [small, last])
+                await d.multipart.complete_upload(uid, s3id, [small, last], key)
             with pytest.raises(UploadInvalid, match="rise"):
-                await d.complete_upload(uid, s3id, [last, small])
+                await d.multipart.complete_upload(uid, s3id, [last, small], key)
             with pytest.raises(UploadInvalid, match="at least one part"):
-                await d.complete_upload(uid, s3id, [])
+                await d.multipart.complete_upload(uid, s3id, [], key)
             for number in (0, MAX_PARTS + 1):
                 with pytest.raises(UploadInvalid, match=f"not {number}"):
-                    await d.upload_part(uid, s3id, number, b"z")
+                    await d.multipart.upload_part(uid, s3id, number, b"z", key)
             with pytest.raises(UploadInvalid, match="1 byte to 5 GiB"):
-                await d.upload_part(uid, s3id, 3, b"")
+                await d.multipart.upload_part(uid, s3id, 3, b"", key)
             # The store agrees with the rule we check first: a small first part is refused.
             with pytest.raises(UploadInvalid):
-                await d._call("complete", "complete_multipart_upload", Bucket=d.config.bucket,
-                              Key=d.session_key(uid), UploadId=s3id, MultipartUpload={"Parts": [
+                await d.client.call("complete", "complete_multipart_upload", Bucket=d.config.bucket,
+                              Key=key, UploadId=s3id, MultipartUpload={"Parts": [
                                   {"PartNumber": 1, "ETag": small.etag}, {"PartNumber": 2, "ETag": last.etag}]})
-            await d.abort_upload(uid, s3id)
+            await d.multipart.abort_upload(uid, s3id, key)
 
     asyncio.run(scenario())
 
@@ -255,17 +263,18 @@ def test_copy_part_and_tail_objects(seaweed):
     async def scenario():
         async with opened(config(seaweed)) as d:
             uid = upload_id()
-            tail_key = d.tail_key(uid, len(head))
-            await d.put_key(tail_key, tail)
-            assert [o.key for o in await d.list_keys("uploads/")] == [d.relative(tail_key)]
-            s3id = await d.create_upload(uid)
-            p1 = await d.upload_part(uid, s3id, 1, head)
-            p2 = await d.copy_part(uid, s3id, 2, tail_key, 0, len(tail))
+            tail_key = d.uploads.tail_key(uid, len(head))
+            await d.client.put_key(tail_key, tail)
+            assert [o.key for o in await d.client.list_keys("uploads/")] == [d.client.relative(tail_key)]
+            key = mp_key(d, uid)
+            s3id = await d.multipart.create_upload(uid, key)
+            p1 = await d.multipart.upload_part(uid, s3id, 1, head, key)
+            p2 = await d.multipart.copy_part(uid, s3id, 2, tail_key, 0, len(tail), key)
             assert p2 == Part(2, p2.etag, len(tail))
-            await d.complete_upload(uid, s3id, [p1, p2])
-            assert await d.read_key(d.session_key(uid)) == head + tail
-            await d.delete_keys([tail_key])
-            assert await d.list_keys("uploads/") == []
+            await d.multipart.complete_upload(uid, s3id, [p1, p2], key)
+            assert await d.client.read_key(key) == head + tail
+            await d.client.delete_keys([tail_key])
+            assert await d.client.list_keys("uploads/") == []
 
     asyncio.run(scenario())
 
@@ -274,16 +283,17 @@ def test_abort(seaweed):
     async def scenario():
         async with opened(config(seaweed)) as d:
             uid = upload_id()
-            s3id = await d.create_upload(uid)
-            await d.upload_part(uid, s3id, 1, os.urandom(1000))
-            await d.abort_upload(uid, s3id)
-            assert all(u.upload_id != uid for u in await d.list_uploads())
+            key = mp_key(d, uid)
+            s3id = await d.multipart.create_upload(uid, key)
+            await d.multipart.upload_part(uid, s3id, 1, os.urandom(1000), key)
+            await d.multipart.abort_upload(uid, s3id, key)
+            assert all(u.name != uid for u in await d.multipart.list_uploads("mp/"))
             with pytest.raises(UploadInvalid, match="NoSuchUpload"):
-                await d.list_parts(uid, s3id)
+                await d.multipart.list_parts(uid, s3id, key)
             with pytest.raises(UploadInvalid, match="NoSuchUpload"):
-                await d.upload_part(uid, s3id, 2, b"late")
-            await d.abort_upload(uid, s3id)  # twice: fine
-            assert await d.head_key(d.session_key(uid)) is None
+                await d.multipart.upload_part(uid, s3id, 2, b"late", key)
+            await d.multipart.abort_upload(uid, s3id, key)  # twice: fine
+            assert await d.client.head_key(key) is None
 
     asyncio.run(scenario())
 
@@ -313,7 +323,7 @@ def test_probe_passes_and_leaves_nothing(seaweed):
     async def scenario():
         async with opened(cfg) as d:
             await d.probe()
-            assert await d.list_keys("") == []
+            assert await d.client.list_keys("") == []
 
     asyncio.run(scenario())
 
@@ -512,7 +522,7 @@ def test_store_stopped_then_started(seaweed):
             seaweed.kill9()
             try:
                 for call in (d.exists(digest_of(data)), d.write(digest_of(b"during"), b"during"),
-                             d.create_upload(upload_id())):
+                             d.multipart.create_upload("x", mp_key(d, upload_id()))):
                     t0 = time.monotonic()
                     with pytest.raises(StorageUnavailable) as info:
                         await call

@@ -151,7 +151,7 @@ SETTINGS: dict[str, Setting] = {
     "proxy_protocol.from": Setting(str, None, "addresses or CIDRs (comma-separated) of load balancers that "
                                    "send the PROXY protocol v2; their connections must; unset: off",
                                    check=_check_networks),
-    # Blob GETs on an object store (storage/s3.py): a 307 to a presigned URL, or the bytes through
+    # Blob GETs on an object store (storage/s3/driver.py): a 307 to a presigned URL, or the bytes through
     # the replica (with Range). Written false at the first start by --s3-redirect=false.
     "storage.redirect": Setting(bool, True, "on an object store, answer blob GETs with a redirect to a "
                                 "short-lived presigned URL; false: stream them through the replica"),

@@ -3,7 +3,7 @@
 A replica, `moorage join` (proving it sees the cluster's storage) and
 `moorage restore` open the cluster's storage here, never a driver class of
 their own: a directory is the filesystem driver's, `s3://BUCKET[/PREFIX]`
-the S3 driver's (storage/s3.py), with the store's options beside it
+the S3 driver's (storage/s3/), with the store's options beside it
 (`S3_OPTIONS`: endpoint, region, CA file, path-style). Neither holds a
 secret: credentials come from the AWS chain inside the driver, so a
 location and its options may be saved in replica.json and handed to a
@@ -21,7 +21,8 @@ from moorage.metrics import Metrics
 from moorage.storage.base import BlobDriver
 from moorage.storage.filesystem import FilesystemDriver
 from moorage.storage.instrumented import InstrumentedDriver
-from moorage.storage.s3 import S3Config, S3Driver
+from moorage.storage.s3.config import S3Config
+from moorage.storage.s3.driver import S3Driver
 
 S3_OPTIONS = ("endpoint", "region", "ca_cert", "path_style")
 
