@@ -6,6 +6,9 @@ BIN := $(VENV)/bin
 DATA_DIR ?= ./moorage-data
 LISTEN ?= 127.0.0.1:5000
 PYTEST_ARGS ?=
+# Test modules run this many at a time (pytest-xdist, one module per process, so
+# a module's fixtures start once); TEST_PROCESSES=0 runs them one after another.
+TEST_PROCESSES ?= 2
 BENCH_ARGS ?=
 
 RUN_DEPS := etcd-server:etcd etcd-client:etcdctl
@@ -36,7 +39,7 @@ run: install
 ## test: the layers' import contracts (pyproject.toml), then the whole suite against a real etcd and real clients
 test: install
 	$(BIN)/lint-imports --no-logo --no-cache
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(TEST_PROCESSES) --dist loadfile $(PYTEST_ARGS)
 
 ## bench: Moorage against the reference registry (Debian docker-registry), same workload, alternating; then the console
 ## (BENCH_ARGS=--s3: both on S3 buckets of a SeaweedFS the bench starts, with the S3 rows; no console run)

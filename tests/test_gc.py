@@ -336,7 +336,7 @@ def test_pushes_racing_gc_with_zero_grace_lose_nothing(racing_registry):
     threads = [threading.Thread(target=pusher, args=(n,)) for n in range(4)] + [threading.Thread(target=collector)]
     for t in threads:
         t.start()
-    time.sleep(float(os.environ.get("MOORAGE_GC_RACE_SECONDS", "30")))
+    time.sleep(float(os.environ.get("MOORAGE_GC_RACE_SECONDS", "10")))
     stop.set()
     for t in threads:
         t.join(60)
