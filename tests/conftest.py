@@ -275,6 +275,43 @@ def fresh_s3_registry(tmp_path, object_store) -> Iterator[Registry]:
         reg.kill9()
 
 
+# The blob drivers a test about blobs runs on; the S3 variant is in the `s3` area too.
+DRIVERS = ["filesystem", pytest.param("s3", marks=pytest.mark.s3)]
+
+
+@pytest.fixture(params=DRIVERS)
+def fresh_registry_each_driver(request) -> Registry:
+    """`fresh_registry`, then `fresh_s3_registry`: for what a test says of blobs on either driver."""
+    return request.getfixturevalue("fresh_registry" if request.param == "filesystem" else "fresh_s3_registry")
+
+
+def stored_blobs(reg: Registry) -> dict[str, bytes]:
+    """Every blob the replica's storage holds at a content address (hex digest -> its bytes):
+    files under the blob directory, or objects under blobs/ in its bucket."""
+    import re
+
+    if reg.object_store is not None:
+        store, prefix = reg.object_store
+        s3 = store.client(timeout=30.0)
+        try:
+            return {key.rsplit("/", 1)[1]: s3.get_object(Bucket=store.bucket, Key=f"{prefix}/{key}")["Body"].read()
+                    for key in store.objects(prefix) if key.startswith("blobs/sha256/")}
+        finally:
+            s3.close()
+    # Anywhere under the directory, so that a torn write under some other name is seen too.
+    hex64, found = re.compile(r"[0-9a-f]{64}"), {}
+    for path in reg.blob_dir.rglob("*"):
+        if path.is_file() and hex64.fullmatch(path.name):
+            name = path.name
+        elif path.is_file() and path.name == "data" and hex64.fullmatch(path.parent.name):
+            name = path.parent.name
+        else:
+            continue
+        assert name not in found, f"two files are named by the digest {name}"
+        found[name] = path.read_bytes()
+    return found
+
+
 def on_both_drivers(request, registry: Registry) -> Registry:
     """For a module's `registry` fixture parametrized over ["filesystem", "s3"]: the run's shared
     replica of that driver."""

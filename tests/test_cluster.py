@@ -13,20 +13,38 @@ import os
 import signal
 import threading
 import time
+from typing import Iterator
 
 import httpx
 import pytest
 
-from conftest import Registry, moorage, wait_for
+from conftest import DRIVERS, Cluster, ObjectStore, Registry, moorage, wait_for
 from oci import OCI_MANIFEST, new_repo, push_blob, push_image, sha256, with_digest
+from seaweed import SeaweedFS
 
 pytestmark = pytest.mark.cluster
 
 
-@pytest.fixture
-def cluster(hosts_cluster: Cluster) -> Cluster:
-    """Each replica on a host of its own (conftest's `three` builds on this)."""
-    return hosts_cluster
+@pytest.fixture(params=["filesystem"])
+def cluster(request, hosts_cluster: Cluster, tmp_path) -> Iterator[Cluster]:
+    """Each replica on a host of its own (conftest's `three` builds on this), sharing one
+    directory; or, for a test parametrized with `BOTH_DRIVERS`, a bucket of a SeaweedFS on a
+    host of its own too, with no shared directory at all."""
+    if request.param == "filesystem":
+        yield hosts_cluster
+        return
+    host = hosts_cluster.network.host("objects", "10.0.0.30")
+    store = SeaweedFS(tmp_path / "seaweed", ip=host.ip, on=host).start()
+    hosts_cluster.object_store = ObjectStore.on(store, "cluster")
+    try:
+        yield hosts_cluster
+    finally:
+        hosts_cluster.stop()   # the replicas before their store
+        store.cleanup()
+
+
+# What a test says of blobs on the storage all replicas share holds on either driver.
+BOTH_DRIVERS = pytest.mark.parametrize("cluster", DRIVERS, indirect=True)
 
 
 def test_three_replicas_by_join_are_healthy_and_tolerate_one(three):
@@ -42,6 +60,7 @@ def test_three_replicas_by_join_are_healthy_and_tolerate_one(three):
     wait_for(lambda: "tolerates 1 failure" in three.replicas[2].log(), 10, "the join summary")
 
 
+@BOTH_DRIVERS
 def test_any_replica_serves_any_request(three):
     a, b, c = three.replicas
     repo = new_repo("any")
@@ -57,7 +76,7 @@ def test_any_replica_serves_any_request(three):
         assert r.status_code == 202, r.text
         r = cc.put(with_digest(r.headers["Location"], sha256(data)), content=data[100_000:])
         assert r.status_code == 201, r.text
-        assert ca.get(f"/v2/{repo}/blobs/{sha256(data)}").content == data
+        assert ca.get(f"/v2/{repo}/blobs/{sha256(data)}", follow_redirects=True).content == data  # S3: the store
 
 
 def test_setting_reaches_every_replica_within_a_second(three):
@@ -81,6 +100,7 @@ def test_setting_reaches_every_replica_within_a_second(three):
     assert bad.returncode == 1 and "readonly takes true or false" in bad.stderr
 
 
+@BOTH_DRIVERS
 def test_kill_one_then_remove_it_and_join_a_fresh_one(three):
     a, b, c = three.replicas
     repo = new_repo("kill")
@@ -121,7 +141,7 @@ def test_kill_one_then_remove_it_and_join_a_fresh_one(three):
             r = cf.get(f"/v2/{repo}/manifests/v{i}", headers={"Accept": OCI_MANIFEST})
             assert r.content == image.manifest
             for layer in image.layers:
-                assert cf.get(f"/v2/{repo}/blobs/{sha256(layer)}").content == layer
+                assert cf.get(f"/v2/{repo}/blobs/{sha256(layer)}", follow_redirects=True).content == layer
         assert cf.get(f"/v2/{repo}/manifests/after-kill",
                       headers={"Accept": OCI_MANIFEST}).content == after.manifest
         for tag, image in pushed:  # every push acknowledged during the join, read through the newcomer
@@ -205,6 +225,7 @@ def test_cluster_commands_need_admin_credentials(cluster):
     assert out.returncode == 1 and "refused the admin credentials" in out.stderr, out.stderr
 
 
+@BOTH_DRIVERS
 def test_sigstop_a_replica_then_sigcont_it_catches_up(three):
     a, b, c = three.replicas
     repo = new_repo("stop")

@@ -248,14 +248,9 @@ def test_bad_schedule_refused_and_schedule_runs(fresh_registry):
 # --------------------------------------------------------------------------- the race
 
 
-@pytest.fixture(params=["filesystem", "s3"])
-def racing_registry(request) -> Registry:
-    return request.getfixturevalue("fresh_registry" if request.param == "filesystem" else "fresh_s3_registry")
-
-
-def test_pushes_racing_gc_with_zero_grace_lose_nothing(racing_registry):
+def test_pushes_racing_gc_with_zero_grace_lose_nothing(fresh_registry_each_driver):
     """Clients push images sharing layers (and delete some) while GC runs back to back, on either driver."""
-    reg = racing_registry
+    reg = fresh_registry_each_driver
     config(reg, "gc.grace_seconds", "0")
     rng = random.Random(11)
     pool = [os.urandom(rng.randrange(200, 40_000)) for _ in range(10)]

@@ -18,7 +18,6 @@ import csv
 import io
 import json
 import random
-import signal
 import socket
 import subprocess
 import threading
@@ -31,7 +30,8 @@ import httpx
 import pytest
 
 from auth import BearerAuth
-from conftest import ADMIN_PASSWORD, MOORAGE, Cluster, Registry, cli_env, free_port, moorage, terminate, wait_for
+from conftest import (ADMIN_PASSWORD, DRIVERS, MOORAGE, Cluster, Registry, cli_env, free_port, moorage, terminate,
+                      wait_for)
 from layout import Layout, LayoutImage
 from moorage.cluster import haproxy, pki
 from oci import OCI_MANIFEST, Image, make_image, new_repo, pull_blob, pull_manifest, push_image, sha256
@@ -360,7 +360,7 @@ def test_printed_config_is_valid_and_lists_every_replica(three, tmp_path):
     assert bad.returncode == 1 and "--watch needs --output" in bad.stderr
 
 
-@pytest.fixture(params=["filesystem", "s3"])
+@pytest.fixture(params=DRIVERS)
 def trio(request) -> Cluster:
     """Three replicas on either blob driver: a shared directory, or a bucket and nothing shared."""
     return request.getfixturevalue("three" if request.param == "filesystem" else "three_s3")

@@ -16,7 +16,7 @@ import uuid
 
 import pytest
 
-from conftest import ADMIN_PASSWORD, Registry, on_both_drivers
+from conftest import ADMIN_PASSWORD, DRIVERS, Registry, on_both_drivers
 from layout import Layout, LayoutImage, read_layout
 from oci import (
     DOCKER_CONFIG,
@@ -30,7 +30,7 @@ from oci import (
 pytestmark = pytest.mark.clients
 
 
-@pytest.fixture(scope="module", params=["filesystem", "s3"])
+@pytest.fixture(scope="module", params=DRIVERS)
 def registry(request, registry):
     """Every round trip here runs on both blob drivers (the s3 one on a real SeaweedFS)."""
     return on_both_drivers(request, registry)

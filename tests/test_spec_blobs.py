@@ -15,14 +15,14 @@ import os
 import httpx
 import pytest
 
-from conftest import on_both_drivers
+from conftest import DRIVERS, on_both_drivers
 
 from oci import raw_request, DUMMY_DIGEST, assert_oci_error, new_repo, push_blob, sha256, sha512
 
 pytestmark = pytest.mark.spec
 
 
-@pytest.fixture(scope="module", params=["filesystem", "s3"])
+@pytest.fixture(scope="module", params=DRIVERS)
 def registry(request, registry):
     """Every test here runs on both blob drivers (the s3 one on a real SeaweedFS)."""
     return on_both_drivers(request, registry)

@@ -17,7 +17,7 @@ from uuid import uuid4
 import httpx
 import pytest
 
-from conftest import on_both_drivers
+from conftest import DRIVERS, on_both_drivers
 
 from oci import (
     assert_oci_error,
@@ -36,7 +36,7 @@ from oci import (
 pytestmark = pytest.mark.spec
 
 
-@pytest.fixture(scope="module", params=["filesystem", "s3"])
+@pytest.fixture(scope="module", params=DRIVERS)
 def registry(request, registry):
     """Every test here runs on both blob drivers (the s3 one on a real SeaweedFS)."""
     return on_both_drivers(request, registry)
