@@ -198,10 +198,41 @@ def test_store_down_push_is_503_naming_it_then_works_again(s3reg, c, seaweed):
 
 # -- garbage collection on S3: what etcd says is garbage, and the uploads prefix only -------------------
 
+def etcd(reg: Registry, *puts: tuple[bytes, bytes]) -> list[bytes]:
+    """Put keys in the replica's etcd (what a writer that died would have left), then the keys of
+    the writers' notes (MetaStore.intend) that are there."""
+    from moorage.cluster.etcd_member import node_tls
+    from moorage.meta import keys
+    from moorage.meta.etcd import EtcdClient
+
+    async def run() -> list[bytes]:
+        client = EtcdClient(f"127.0.0.1:{reg.etcd_client_port}", node_tls(reg.data_dir))
+        try:
+            for key, value in puts:
+                await client.put(key, value)
+            return [kv.key for kv in (await client.range_prefix(keys.GC_WRITING))[1]]
+        finally:
+            await client.close()
+    return asyncio.run(run())
+
+
 def test_gc_deletes_garbage_and_what_crashed_uploads_left(s3reg, c, seaweed):
+    from moorage.meta import keys
     repo = new_repo("s3gc")
     keep, gone = push_image(c, repo, "keep"), push_image(c, repo, "gone")
     assert c.delete(f"/v2/{repo}/manifests/{sha256(gone.manifest)}").status_code == 202
+    # Each write noted itself in etcd before it reached the bucket; each commit deleted its note.
+    assert etcd(s3reg) == []
+    # A replica that died between writing an object and committing it: its note, and the object
+    # at the content address with no record (which GC on S3 never finds by listing). And a note
+    # whose writer died after another writer committed the same blob: only the note is garbage.
+    orphan = os.urandom(3000)
+    bucket = seaweed.client()
+    bucket.put_object(Bucket=seaweed.bucket, Key=f"{s3reg.prefix}/{blob_key(sha256(orphan))}", Body=orphan)
+    bucket.close()
+    notes = etcd(s3reg, (keys.gc_writing(sha256(orphan), "died"), b"%.3f" % time.time()),
+                 (keys.gc_writing(sha256(keep.layers[0]), "died"), b"%.3f" % time.time()))
+    assert len(notes) == 2
     # An upload abandoned with pieces in the bucket, and a commit that crashed mid-assembly
     # (a multipart upload in progress at a blob's address).
     patch_chunk(c, start_upload(c, repo), os.urandom(MiB), 0)
@@ -216,8 +247,10 @@ def test_gc_deletes_garbage_and_what_crashed_uploads_left(s3reg, c, seaweed):
     finally:
         gc_config(s3reg, "gc.grace_seconds", None)
         gc_config(s3reg, "gc.upload_max_age_seconds", None)
-    assert run["uploads_swept"] >= 1 and run["tmp_swept"] >= 1, run
+    assert run["uploads_swept"] >= 1 and run["tmp_swept"] >= 1 and run["orphans_swept"] >= 1, run
+    assert etcd(s3reg) == []
     stored = objects(seaweed, s3reg.prefix)
+    assert blob_key(sha256(orphan)) not in stored
     for blob in (gone.config, *gone.layers, gone.manifest):
         assert blob_key(sha256(blob)) not in stored
     for blob in (keep.config, *keep.layers, keep.manifest):

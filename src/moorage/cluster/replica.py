@@ -475,7 +475,7 @@ class Replica:
         index.subscribe(keys.REPLICA, clock.observe)
         self.settings.on_change(self._apply_setting)
         self.meta = MetaStore(client, index)
-        self.gc_store = GcStore(client)
+        self.gc_store = GcStore(client, index)
         self.operations = ClusterOperations(client, index, self.settings, storage, identity.replica_id,
                                          identity.cluster_token, pki_paths=self.pki, clock=clock,
                                          storage_spec=self.storage_spec())

@@ -100,6 +100,8 @@ class Snapshot:
         default_factory=lambda: defaultdict(dict))                                    # repo: digest: (record, mod)
     tagged: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))     # repo: digests tagged
     uploads: dict[str, tuple[UploadRecord | None, int]] = field(default_factory=dict)  # id: (None: closed, mod)
+    # Writers' notes of objects about to be written (MetaStore.intend): digest: [(key, mod, time)]
+    intents: dict[str, list[tuple[bytes, int, float]]] = field(default_factory=lambda: defaultdict(list))
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,8 +113,12 @@ class Unit:
 
 
 class GcStore:
-    def __init__(self, client: EtcdClient):
+    def __init__(self, client: EtcdClient, index: Index):
         self.client = client
+        # A sweep is acknowledged once this replica's index has applied it, as MetaStore's
+        # writes are: alone in its cluster a replica reads blobs from the index without asking
+        # etcd (Index.sync), so a blob HEAD just after a sweep must already say 404.
+        self.index = index
 
     # -- the snapshot --------------------------------------------------------
 
@@ -140,6 +146,14 @@ class GcStore:
             for kv in page:
                 record = None if kv.value == TOMBSTONE else _upload.decode(kv.value)
                 snap.uploads[kv.key[len(keys.UPLOAD):].decode()] = (record, kv.mod_revision)
+        async for page in self.client.range_pages(keys.GC_WRITING, snap.revision):
+            for kv in page:
+                digest, _, _ = kv.key[len(keys.GC_WRITING):].decode().partition("/")
+                try:
+                    stamp = float(kv.value)
+                except ValueError:
+                    stamp = 0.0   # unreadable: as old as can be
+                snap.intents[digest].append((kv.key, kv.mod_revision, stamp))
         return snap
 
     # -- sweep units -----------------------------------------------------------
@@ -175,36 +189,54 @@ class GcStore:
                     (op_delete(keys.repo_blob(repo, digest)),))
 
     @staticmethod
-    def orphan_unit(run_id: str, lease: int, digest: str) -> Unit:
-        """Claim a file that has no record, unless a record has appeared."""
-        return Unit((cmp_value(keys.GC_LOCK, run_id.encode()), cmp_absent(keys.blob(digest))),
-                    (op_put(keys.gc_deleting(digest), b"", lease),))
+    def orphan_unit(run_id: str, lease: int, digest: str, intents: Sequence[bytes] = (),
+                    revision: int = 0) -> Unit:
+        """Claim a file that has no record, unless a record has appeared; with `intents` (the
+        writers' notes that named it at the mark, `revision`), also unless a writer noted a new
+        write since, and delete those notes."""
+        compare = [cmp_value(keys.GC_LOCK, run_id.encode()), cmp_absent(keys.blob(digest))]
+        ops = [op_put(keys.gc_deleting(digest), b"", lease)]
+        if intents:
+            compare.append(cmp_prefix_unchanged(keys.gc_writing_prefix(digest), revision))
+            ops += [op_delete(k) for k in intents]
+        return Unit(tuple(compare), tuple(ops))
+
+    @staticmethod
+    def intent_unit(run_id: str, key: bytes, mod: int) -> Unit:
+        """Delete a writer's stale note of a digest that has a record (whose sweep takes the object)."""
+        return Unit((cmp_value(keys.GC_LOCK, run_id.encode()), cmp_mod_revision(key, mod)), (op_delete(key),))
 
     @boundary
     async def apply(self, units: Sequence[Unit]) -> list[bool]:
         """Each unit's outcome. Many go in one transaction; if that one loses a race,
         each is tried on its own, so one conflict costs only its own item."""
         out: list[bool] = []
+        newest = 0   # the newest revision a sweep committed at
         batch: list[Unit] = []
         size = 0
         for unit in units:
             n = len(unit.ops) + len(unit.compare)
             if batch and size + n > BATCH_OPS:
-                out += await self._apply_batch(batch)
+                done, revision = await self._apply_batch(batch)
+                out, newest = out + done, max(newest, revision)
                 batch, size = [], 0
             batch.append(unit)
             size += n
         if batch:
-            out += await self._apply_batch(batch)
+            done, revision = await self._apply_batch(batch)
+            out, newest = out + done, max(newest, revision)
+        await self.index.wait_applied(newest)
         return out
 
-    async def _apply_batch(self, batch: list[Unit]) -> list[bool]:
+    async def _apply_batch(self, batch: list[Unit]) -> tuple[list[bool], int]:
+        """Each unit's outcome, and the newest revision one committed at (0: none did)."""
         result = await self.client.txn([c for u in batch for c in u.compare], [o for u in batch for o in u.ops])
         if result.succeeded:
-            return [True] * len(batch)
+            return [True] * len(batch), result.revision
         if len(batch) == 1:
-            return [False]
-        return [(await self.client.txn(u.compare, u.ops)).succeeded for u in batch]
+            return [False], 0
+        results = [await self.client.txn(u.compare, u.ops) for u in batch]
+        return [r.succeeded for r in results], max((r.revision for r in results if r.succeeded), default=0)
 
     @boundary
     async def clear_markers(self, digests: Sequence[str]) -> None:

@@ -17,6 +17,10 @@
     /moorage/config/<key>                            a cluster setting (JSON value)
     /moorage/gc/lock                                 the collector's lease: one GC run at a time
     /moorage/gc/deleting/<digest>                    a blob file GC is deleting (leased marker)
+    /moorage/gc/writing/<digest>/<id>                an object about to be written at the digest's
+                                                     content address (the writer's intent; its commit
+                                                     deletes it): how GC finds what a writer left on
+                                                     a store it never lists (registry/placement.py)
     /moorage/gc/run/<id>                             a GC run's summary and progress
     /moorage/session-revoked/<id>                    a signed-out console session (leased: gone
                                                      once its token would have expired anyway)
@@ -56,6 +60,7 @@ GC = ROOT + b"gc/"
 GC_LOCK = GC + b"lock"
 GC_DELETING = GC + b"deleting/"
 GC_RUN = GC + b"run/"
+GC_WRITING = GC + b"writing/"
 SESSION_REVOKED = ROOT + b"session-revoked/"
 WEBHOOK = ROOT + b"webhook/"
 WEBHOOK_ENDPOINT = WEBHOOK + b"endpoint/"
@@ -149,6 +154,15 @@ def config(key: str) -> bytes:
 
 def gc_deleting(digest: str) -> bytes:
     return GC_DELETING + digest.encode()
+
+
+def gc_writing(digest: str, intent_id: str) -> bytes:
+    return GC_WRITING + f"{digest}/{intent_id}".encode()
+
+
+def gc_writing_prefix(digest: str) -> bytes:
+    """Every writer's intent for one digest (digests never contain "/")."""
+    return GC_WRITING + f"{digest}/".encode()
 
 
 def gc_run(run_id: str) -> bytes:

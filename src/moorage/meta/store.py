@@ -173,9 +173,21 @@ class MetaStore:
     # -- blobs -------------------------------------------------------------
 
     @boundary
+    async def intend(self, digest: str, key: bytes | None = None) -> bytes:
+        """Note that an object is about to be written at `digest`'s content address (at `key`,
+        the same writer's earlier note, or a new one), before it is: the commit that records the
+        blob deletes the note in its own transaction, so a note that outlives the grace period
+        names an object a refused commit or a crash left behind (registry/gc.py collects it).
+        Not read from the index: no wait for it."""
+        key = key or keys.gc_writing(digest, secrets.token_hex(6))
+        await self.client.put(key, b"%.3f" % time.time())
+        return key
+
+    @boundary
     async def commit_blob(self, repo: str, digest: str, size: int,
-                          upload: tuple[str, int] | None = None) -> bool:
-        """Record a verified blob and link it into `repo`, closing its upload.
+                          upload: tuple[str, int] | None = None, intent: bytes | None = None) -> bool:
+        """Record a verified blob and link it into `repo`, closing its upload (and deleting
+        the writer's `intent`, MetaStore.intend).
 
         With `upload` (id, revision seen), nothing happens unless the upload
         is still exactly as we last saw it: a blob is committed once.
@@ -184,6 +196,8 @@ class MetaStore:
             op_put(keys.blob(digest), encode(BlobRecord(size=size, created=time.time()))),
             op_put(keys.repo_blob(repo, digest), b""),
         ]
+        if intent is not None:
+            ops.append(op_delete(intent))
         marker = keys.gc_deleting(digest)
         if upload is None:
             return await self._committed(digest, await self._txn([cmp_absent(marker)], ops, [op_get(marker)]))
@@ -214,9 +228,10 @@ class MetaStore:
 
     @boundary
     async def put_manifest(self, repo: str, digest: str, record: ManifestRecord,
-                           tag: str | None, referrer: Referrer | None, events: Sequence[QueuedEvent] = ()) -> bool:
+                           tag: str | None, referrer: Referrer | None, events: Sequence[QueuedEvent] = (),
+                           intent: bytes | None = None) -> bool:
         """Store a manifest record (and tag, and referrer entry, and the webhook events telling of
-        it) atomically.
+        it) atomically, deleting the writer's `intent` (MetaStore.intend).
 
         Fails, changing nothing, when a blob or child manifest it references
         is no longer in the repository by the time etcd orders the write.
@@ -236,6 +251,8 @@ class MetaStore:
         if referrer is not None and record.subject:
             ops.append(op_put(keys.referrer(repo, record.subject, digest), encode(referrer)))
         ops += queue_ops(events)
+        if intent is not None:
+            ops.append(op_delete(intent))
         return await self._committed(digest, await self._txn(compare, ops, [op_get(marker)]))
 
     @boundary

@@ -13,7 +13,10 @@ What is garbage
     - upload sessions idle longer than `gc.upload_max_age_seconds`, their data,
       and files in uploads/ and tmp/ left by crashes, as old;
     - blob files without a record (a crash between placing and committing),
-      older than the grace period.
+      older than the grace period: found by listing them where the store
+      allows (the filesystem), else by their writers' notes in etcd
+      (registry/placement.py): a note older than the grace period whose digest
+      has no record names an object a refused commit or a crash left behind.
 
 Why a push racing a sweep is safe
     Mark reads the registry at one revision M. Each sweep is one etcd
@@ -227,6 +230,7 @@ class Collector:
                                   file_now - policy.upload_max_age_seconds)
         await self._phase("orphans")
         await self._sweep_orphans(snap, swept, file_now - policy.grace_seconds)
+        await self._sweep_intents(snap, swept, cutoff)
         run.phase = "done"
         return run
 
@@ -330,6 +334,35 @@ class Collector:
                     await self.storage.delete_tmp(name)
                 self.run.tmp_swept += 1
                 self.run.bytes_freed += size
+
+    async def _sweep_intents(self, snap: Snapshot, swept: set[str], cutoff: float) -> None:
+        """Writers' notes older than `cutoff`. A digest with a record keeps its object (its sweep
+        takes it): only the note goes. One without (or whose record this run swept), and no
+        younger note (a writer still at work), is an orphan: claimed like a listed one, with
+        the notes deleted in the claim unless a writer noted a new write since the mark."""
+        stale: list[Unit] = []
+        orphans: list[tuple[str, list[bytes]]] = []
+        for d, notes in snap.intents.items():
+            old = [(key, mod) for key, mod, stamp in notes if stamp <= cutoff]
+            if not old:
+                continue
+            if d in snap.blobs and d not in swept:
+                stale += [self.gcs.intent_unit(self.run.id, key, mod) for key, mod in old]
+            elif len(old) == len(notes):
+                orphans.append((d, [key for key, _ in old]))
+        for i in range(0, len(stale), STEP):
+            await self._apply(stale[i:i + STEP])
+            await self._step()
+        for i in range(0, len(orphans), STEP):
+            chunk = orphans[i:i + STEP]
+            units = [self.gcs.orphan_unit(self.run.id, self.lease, d, notes, snap.revision) for d, notes in chunk]
+            claimed = [d for (d, _), ok in zip(chunk, await self._apply(units)) if ok]
+            # The object may never have been written (a crash before it was): only what is there counts.
+            sizes = [await self.storage.exists(d) for d in claimed]
+            await self._delete_files(claimed)
+            self.run.orphans_swept += sum(size is not None for size in sizes)
+            self.run.bytes_freed += sum(size or 0 for size in sizes)
+            await self._step()
 
     async def _sweep_orphans(self, snap: Snapshot, swept: set[str], cutoff: float) -> None:
         files = [(d, size) for d, size, stamp in await self.storage.blob_files()

@@ -8,6 +8,16 @@ present waits for the marker to go and places the file again; a commit that
 succeeded after a marker came and went since the file was placed checks the
 file and puts it back if the sweep took it.
 
+On a store GC never lists (an object store: listing blobs/ would make GC
+as slow as the registry is big), a file a writer placed and never recorded
+(its commit refused, or the replica died in between) would stay forever. So
+there the writer first notes its intent in etcd (MetaStore.intend: one put),
+places, and commits in a transaction that also deletes the note; GC takes a
+note older than the grace period whose digest has no record for an orphan,
+and deletes its object the way it deletes any orphan file (gc.py). A store
+GC lists (`lists_blobs`, the filesystem) finds such files itself and pays no
+put.
+
 It calls only downwards: the blob driver to place a file, MetaStore to
 commit; what to place and what to commit are its arguments.
 """
@@ -60,13 +70,18 @@ class Placement:
 
 
 async def place_and_commit(meta: MetaStore, storage: BlobDriver, digest: str,
-                           place: Callable[[], Awaitable[None]], commit: Callable[[], Awaitable[T]]) -> T:
-    """Run `place` (write the file) then `commit` (the etcd transaction that records it)."""
+                           place: Callable[[], Awaitable[None]], commit: Callable[..., Awaitable[T]]) -> T:
+    """Run `place` (write the file) then `commit` (the etcd transaction that records it), which
+    takes `intent=` the key of the writer's note when the store needs one (else None)."""
+    intent: bytes | None = None
     for _ in range(ATTEMPTS):
         placed_after = meta.applied()
+        if not storage.lists_blobs:
+            # Again on each attempt: a sweep that claimed the digest deleted the note with the object.
+            intent = await meta.intend(digest, intent)
         await place()
         try:
-            result = await commit()
+            result = await commit(intent=intent)
         except BlobBeingCollected:
             log.info("blob commit waited for a GC sweep", extra={"digest": digest})
             await _wait_marker_gone(meta, digest)

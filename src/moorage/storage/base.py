@@ -49,6 +49,10 @@ class Appender(Protocol):
 
 class BlobDriver(Protocol):
     name: str   # "filesystem", "s3": what logs and metrics call the driver
+    # Whether GC may list every blob (`blob_files`) to find those without a record. A store
+    # where that would be too slow (an object store) says False, and its writers note each
+    # write in etcd first instead (registry/placement.py).
+    lists_blobs: bool
 
     # -- life: between open() and close() (an object store's connection pool) -------
 

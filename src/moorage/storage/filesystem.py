@@ -159,6 +159,7 @@ class FileAppender:
 
 class FilesystemDriver:
     name = "filesystem"
+    lists_blobs = True
 
     def __init__(self, root: Path):
         self.root = Path(root)
