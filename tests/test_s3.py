@@ -178,9 +178,17 @@ def test_start_refuses_a_store_it_cannot_use_in_one_sentence(seaweed, tmp_path):
         assert "Traceback" not in str(e.value) and "not-the-secret" not in str(e.value)
 
 
+def store_state(c: httpx.Client) -> dict:
+    """The object store's state in /health (whichever process answers: the parent probes, its
+    workers are told)."""
+    return c.get("/health").json()["object_store"]
+
+
 def test_store_down_push_is_503_naming_it_then_works_again(s3reg, c, seaweed):
     repo = new_repo("s3")
     image = push_image(c, repo, "v1")
+    assert store_state(c)["reachable"]
+    assert "object store: answering" in moorage("status", "--existing", s3reg.url).stdout
     seaweed.stop()
     try:
         r = c.post(f"/v2/{repo}/blobs/uploads/", params={"digest": sha256(b"during")}, content=b"during",
@@ -191,8 +199,18 @@ def test_store_down_push_is_503_naming_it_then_works_again(s3reg, c, seaweed):
         # What the index knows still answers: HEAD and the cached manifest never reach S3.
         assert c.head(f"/v2/{repo}/blobs/{sha256(image.layers[0])}").status_code == 200
         assert pull_manifest(c, repo, "v1") == image.manifest
+        # The background probe says so on /health and in status, naming the store and since when;
+        # /_ping stays 200 (every replica shares the store: draining them all would help no one).
+        down = wait_for(lambda: (st := store_state(c)) and not st["reachable"] and st, 40, "the probe to notice")
+        assert seaweed.endpoint in down["where"] and "object store" in down["error"], down
+        assert all(not store_state(c)["reachable"] for _ in range(4))   # each worker was told
+        shown = moorage("status", "--existing", s3reg.url).stdout
+        assert f"object store: unreachable since {time.strftime('%Y-%m-%d', time.gmtime(down['since']))}" in shown
+        assert c.get("/_ping").status_code == 200
     finally:
         seaweed.restart()
+    back = wait_for(lambda: (st := store_state(c))["reachable"] and st, 30, "the probe to see the store back")
+    assert back["since"] > down["since"] and back["error"] is None
     push_blob(c, repo, b"after")
 
 

@@ -28,6 +28,7 @@ from moorage.api.webhookadmin import webhook_routes
 from moorage.api.webhooks import Deliverer
 from moorage.cluster.addresses import in_use
 from moorage.cluster.replica import DRAIN_SECONDS, Replica, StartError
+from moorage.cluster.store_probe import StoreState
 from moorage.cluster.workers import Channel, WriterLocks
 from moorage.meta.webhooks import WebhookStore
 from moorage.registry.access import Access
@@ -171,7 +172,10 @@ class RegistryService:
         return None
 
     async def from_parent(self, message: dict) -> Any:
-        """In a worker: the replica's process asks; a barrier needs no more than the answer."""
+        """In a worker: the replica's process tells (the object store's state, from its probe) or
+        asks; a barrier needs no more than the answer."""
+        if message.get("t") == "object-store":
+            self.replica.store_state = msgspec.convert(message["state"], StoreState)
         return None
 
     async def stop(self) -> None:

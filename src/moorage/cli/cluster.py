@@ -349,7 +349,17 @@ def run_status(args: argparse.Namespace) -> int:
         where = f"{used['where']}, " if used.get("where") else ""
         print(f"storage: {where}{used['blobs']} blob{'s' * (used['blobs'] != 1)}, {human_bytes(used['bytes'])} "
               "(deleted images are freed by `moorage gc`)")
+        if used.get("object_store"):
+            print(_object_store_line(used["object_store"], status.get("time") or time.time()))
     return 0
+
+
+def _object_store_line(state: dict, now: float) -> str:
+    """Whether the store answers, as the answering replica's probe last saw it."""
+    if state["reachable"]:
+        return f"object store: answering (asked {max(now - state['checked'], 0):.0f}s ago)"
+    since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(state["since"]))
+    return f"object store: unreachable since {since} ({max(now - state['since'], 0):.0f}s): {state['error']}"
 
 
 # -- config ----------------------------------------------------------------------

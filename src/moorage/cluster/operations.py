@@ -10,6 +10,7 @@ import asyncio
 import secrets
 import ssl
 import time
+from collections.abc import Callable
 from functools import cached_property
 from typing import Any
 
@@ -47,7 +48,7 @@ class ClusterOperations:
     def __init__(self, client: EtcdClient, index: Index, cluster_settings: ClusterSettings,
                  storage: BlobDriver, replica_id: str, cluster_token: str,
                  pki_paths: pki.Paths | None = None, clock: ClusterClock | None = None,
-                 storage_spec: dict | None = None):
+                 storage_spec: dict | None = None, store_state: Callable[[], Any] = lambda: None):
         self.client = client
         self.index = index
         self.settings = cluster_settings
@@ -57,6 +58,8 @@ class ClusterOperations:
         self.pki_paths = pki_paths
         self.clock = clock or ClusterClock(replica_id)
         self.storage_spec = storage_spec
+        # Whether the object store answers, as this replica's probe last saw it (a StoreState, or None).
+        self.store_state = store_state
 
     async def _etcd(self, operation):
         try:
@@ -191,7 +194,8 @@ class ClusterOperations:
                             "bytes": sum(b.size for b in self.index.blobs.values()),
                             # The object store every replica uses (a directory is each replica's own path).
                             "where": describe(self.storage_spec["location"], self.storage_spec["options"])
-                            if self.storage_spec else None},
+                            if self.storage_spec else None,
+                            "object_store": msgspec.to_builtins(state) if (state := self.store_state()) else None},
                 "time": time.time()}
 
     # The CA is installed before the replica starts and never changes while it

@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import msgspec
+
 from moorage import __version__
 from moorage.cluster import addresses, endpoint, https, membership, pki, replicas
 from moorage.cluster.clock import ClusterClock
@@ -47,6 +49,7 @@ from moorage.cluster.etcd_member import EtcdMember, node_tls
 from moorage.cluster.identity import Identity, load_or_create
 from moorage.cluster.operations import ClusterOperations
 from moorage.cluster.sampler import Certificates, Sampler
+from moorage.cluster.store_probe import StoreState, probe_store
 from moorage.cluster.settings import ClusterSettings, Network, parse_networks, set_value
 from moorage.cluster.workers import Channel, Shared, Supervisor, WorkerStart, forkserver
 from moorage.meta import keys
@@ -181,6 +184,9 @@ class Replica:
         self.meta: MetaStore | None = None
         self.gc_store: GcStore | None = None
         self.operations: ClusterOperations | None = None
+        # Whether the object store answers (None: blobs in a directory): the parent probes it
+        # (store_probe.py) and tells its workers.
+        self.store_state: StoreState | None = None
         self.service: Service | None = None
         # This process's metrics (the metrics module says why they are an object, handed down).
         # A replica of one process keeps them in memory. With worker processes one scrape, on
@@ -234,7 +240,10 @@ class Replica:
             Task("webhook-pulls", service.flush_pull_events),
             # The gauges nothing else keeps current: the cluster as we see it, etcd, disks, certificates.
             Task("metrics-sample", self._sampler().run),
-        ]
+        ] + ([
+            # Whether the object store answers, for /health and status (not /_ping: every replica shares it).
+            Task("store-probe", lambda: probe_store(self.storage, self.store_state, self._store_probed)),
+        ] if self.store_state is not None and self.storage is not None else [])
 
     # -- health -----------------------------------------------------------------------
 
@@ -266,6 +275,8 @@ class Replica:
             "repositories": len(self.index.repos),
             "blobs": len(self.index.blobs),
             "uptime_seconds": round(time.time() - self.started, 1),
+            # Reported, never a reason to be unhealthy (store_probe.py says why).
+            "object_store": msgspec.to_builtins(self.store_state) if self.store_state is not None else None,
             # The process that answered (tests tell a replica's workers apart by it).
             "worker": os.getpid(),
             "workers": self.config.workers,
@@ -414,6 +425,15 @@ class Replica:
             raise StartError(f"cannot use the blob storage {describe(self.identity.storage_dir, self.identity.s3)}: "
                              f"{e}") from None
 
+    def _store_opened(self) -> StoreState | None:
+        """The object store's state once it was opened: it answered the start-up probe (a worker's
+        parent's), and the probe task goes on from there."""
+        assert self.identity is not None
+        if not is_object_store(self.identity.storage_dir):
+            return None
+        now = time.time()
+        return StoreState(describe(self.identity.storage_dir, self.identity.s3), True, now, now)
+
     async def start(self) -> None:
         identity, storage, member, clock = self.identity, self.storage, self.member, self.clock
         assert identity is not None and storage is not None and member is not None and clock is not None, \
@@ -426,6 +446,7 @@ class Replica:
             self._forkserver = forkserver(["moorage.cli.serve"])
             self.shared = Shared.create(self.config.workers)
         await self._open_storage(storage)
+        self.store_state = self._store_opened()
         await member.start()
         self._client = client = EtcdClient(member.endpoint, member.tls,
                                            on_write=self.shared.wrote if self.shared is not None else None,
@@ -478,7 +499,7 @@ class Replica:
         self.gc_store = GcStore(client, index)
         self.operations = ClusterOperations(client, index, self.settings, storage, identity.replica_id,
                                          identity.cluster_token, pki_paths=self.pki, clock=clock,
-                                         storage_spec=self.storage_spec())
+                                         storage_spec=self.storage_spec(), store_state=lambda: self.store_state)
         return index
 
     async def _start_workers(self) -> None:
@@ -504,6 +525,7 @@ class Replica:
         self.shared = Shared(start.shared, start.workers, start.slot)
         self.channel = await Channel.open(start.ctl)
         await storage.open()
+        self.store_state = self._store_opened()
         self._client = client = EtcdClient(member.endpoint, member.tls, on_write=self.shared.wrote)
         index = self._open_view(client)
         self.service = await self._service_factory(self)
@@ -585,6 +607,17 @@ class Replica:
                 pass
             m.quorum.set(1 if self.writable()[0] else 0)
             await asyncio.sleep(QUORUM_PROBE_SECONDS)
+
+    def _store_probed(self, state: StoreState) -> None:
+        self.store_state = state
+        if self.supervisor is not None:   # the workers answer /health and status too
+            message = {"t": "object-store", "state": msgspec.to_builtins(state)}
+            for w in self.supervisor.workers:
+                if w.channel is not None and w.ready.is_set():
+                    try:
+                        w.channel.send(message)
+                    except (ConnectionError, RuntimeError):
+                        pass   # a worker that is going; its successor hears the next probe
 
     def _sampler(self) -> Sampler:
         assert self.operations is not None and self.identity is not None
