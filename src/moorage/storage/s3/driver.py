@@ -30,6 +30,7 @@ class S3Driver:
     """
 
     name = "s3"
+    lists_blobs = False   # GC never lists blobs/: writers note each write in etcd first (registry/placement.py)
 
     def __init__(self, config: S3Config):
         self.config = config
