@@ -240,7 +240,9 @@ def test_gc_deletes_garbage_and_what_crashed_uploads_left(s3reg, c, seaweed):
     keep, gone = push_image(c, repo, "keep"), push_image(c, repo, "gone")
     assert c.delete(f"/v2/{repo}/manifests/{sha256(gone.manifest)}").status_code == 202
     # Each write noted itself in etcd before it reached the bucket; each commit deleted its note.
-    assert etcd(s3reg) == []
+    # (A write the store refused keeps its note, for GC: the store-down test leaves one.)
+    pushed = {sha256(b) for image in (keep, gone) for b in (image.config, *image.layers, image.manifest)}
+    assert not [k for k in etcd(s3reg) if k.split(b"/")[4].decode() in pushed]
     # A replica that died between writing an object and committing it: its note, and the object
     # at the content address with no record (which GC on S3 never finds by listing). And a note
     # whose writer died after another writer committed the same blob: only the note is garbage.
@@ -250,7 +252,7 @@ def test_gc_deletes_garbage_and_what_crashed_uploads_left(s3reg, c, seaweed):
     bucket.close()
     notes = etcd(s3reg, (keys.gc_writing(sha256(orphan), "died"), b"%.3f" % time.time()),
                  (keys.gc_writing(sha256(keep.layers[0]), "died"), b"%.3f" % time.time()))
-    assert len(notes) == 2
+    assert {keys.gc_writing(sha256(orphan), "died"), keys.gc_writing(sha256(keep.layers[0]), "died")} <= set(notes)
     # An upload abandoned with pieces in the bucket, and a commit that crashed mid-assembly
     # (a multipart upload in progress at a blob's address).
     patch_chunk(c, start_upload(c, repo), os.urandom(MiB), 0)
