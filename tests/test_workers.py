@@ -21,7 +21,7 @@ import pytest
 from conftest import ADMIN_PASSWORD, Registry, wait_for
 from moorage.cluster.workers import Shared
 from oci import (OCI_MANIFEST, finish_upload, make_image, new_repo, patch_chunk, pull_blob, push_blob,
-                 push_image, sha256, start_upload)
+                 push_image, range_end, sha256, start_upload)
 
 pytestmark = pytest.mark.cluster
 
@@ -134,9 +134,11 @@ def test_upload_chunks_on_different_workers(two):
     with two_workers(two) as (a, b):
         location = start_upload(a, repo)
         offset = 0
-        for client in [a, b, a, b, a]:
+        for client, other in [(a, b), (b, a), (a, b), (b, a), (a, b)]:
             location = patch_chunk(client, location, data[offset:offset + chunk], offset)
             offset += chunk
+            # Each worker caches the sessions it touched: the other's chunk must show at once.
+            assert range_end(other.get(location)) == offset
         digest = finish_upload(b, location, sha256(data), data[offset:])
         assert pull_blob(a, repo, digest) == data
         assert pull_blob(b, repo, digest) == data
@@ -326,5 +328,34 @@ def test_shared_connection_counts_sum_the_workers_rows():
         w0.wrote(41)
         w1.wrote(40)
         assert parent.newest_write() == 41
+    finally:
+        os.close(parent.fd)
+
+
+def test_shared_session_stamps_see_every_processs_change():
+    """A session cached under a stamp is stale once another process changed its bucket, and
+    nothing is cached while the member is not alone or after a worker died."""
+    parent = Shared.create(2)
+    try:
+        w0, w1 = Shared(parent.fd, 2, 0), Shared(parent.fd, 2, 1)
+        upload = "0123456789abcdef0123456789abcdef"
+        assert w0.session_stamp(upload) is None  # not known to be alone: no cache
+        parent.set_solo(True)
+        before = w0.session_stamp(upload)
+        mine = w0.session_changed(upload, before)
+        assert w0.session_stamp(upload) == mine  # its own change: what it cached stays valid
+        w1.session_changed(upload, w1.session_stamp(upload))
+        assert w0.session_stamp(upload) != mine
+        # A change in between the stamp and the writer's count: the writer's entry is not valid.
+        before = w0.session_stamp(upload)
+        w1.session_changed(upload, None)
+        assert w0.session_changed(upload, before) != w0.session_stamp(upload)
+        valid = w1.session_stamp(upload)
+        parent.reset_worker(0)  # it may have died between a write and its count
+        assert w1.session_stamp(upload) != valid
+        valid = w1.session_stamp(upload)
+        parent.leave_solo(0.0)
+        parent.set_solo(True)  # alone again: another member may have written meanwhile
+        assert w1.session_stamp(upload) not in (None, valid)
     finally:
         os.close(parent.fd)

@@ -82,7 +82,9 @@ class RegistryService:
         settings.on_change(lambda key, value: _apply_redirect(repositories, key, value))
         # With workers, one writer per upload across them (a lock file of the replica's own).
         writers = WriterLocks(replica.data_dir / "run" / "uploads.lock") if replica.config.workers > 1 else None
-        uploads = Uploads(storage, Sessions(meta, await meta.secret("upload-state")), placement, limits,
+        # With workers, the session cache is kept valid across them by counts in shared memory.
+        sessions = Sessions(meta, await meta.secret("upload-state"), peers=replica.shared)
+        uploads = Uploads(storage, sessions, placement, limits,
                           writers=writers, metrics=metrics)
         # Every replica signs with the same secret, so each verifies any replica's tokens locally.
         tokens = Tokens(await meta.secret("token-signing"), lambda: settings["token.lifetime_seconds"],

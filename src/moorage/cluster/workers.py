@@ -13,8 +13,10 @@ Shared between the processes, in one memfd mapping made by the parent
 (`Shared`): the quorum probe's last success, whether this replica's etcd
 member is alone, the revision of the last write each process had
 acknowledged (read-your-writes across workers, see meta/index.py), each
-worker's open-connection counters, and each worker's row of the per-client
-connection table. Every field has one writer, so no locks.
+worker's open-connection counters, each worker's row of the per-client
+connection table, and each process's row of upload-session changes (what
+keeps the session cache of registry/sessions.py valid across workers). Every
+field has one writer, so no locks.
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ DEFAULT_CAP = 8
 # Buckets of the per-client connection table: an address's count is its
 # bucket summed over the workers' rows; two addresses in one bucket share a cap.
 CLIENT_BUCKETS = 1 << 16
+# Buckets of the session-change table: a change to one upload's session
+# invalidates what every process cached of the uploads in its bucket.
+SESSION_BUCKETS = 1 << 12
 
 _PR_SET_PDEATHSIG = 1
 
@@ -72,8 +77,9 @@ def check_parent(expected: int) -> None:
 
 # -- shared memory ---------------------------------------------------------------
 
-# Header: magic, quorum_ok_at (CLOCK_MONOTONIC seconds), solo (0/1), not_solo_until.
-_HEADER = struct.Struct("<Qdqd")
+# Header: magic, quorum_ok_at (CLOCK_MONOTONIC seconds), solo (0/1), not_solo_until,
+# solo_epoch (counts the times solo began).
+_HEADER = struct.Struct("<Qdqdq")
 _MAGIC = 0x6D6F6F7261676531  # "moorage1"
 _SLOT = struct.Struct("<q")
 
@@ -95,8 +101,12 @@ class Layout:
         return self.counters + 16 * self.workers
 
     @property
+    def sessions(self) -> int:    # per process (the workers, then the parent): changes per bucket
+        return self.clients + 4 * CLIENT_BUCKETS * self.workers
+
+    @property
     def size(self) -> int:
-        raw = self.clients + 4 * CLIENT_BUCKETS * self.workers
+        raw = self.sessions + 8 * SESSION_BUCKETS * (self.workers + 1)
         return -(-raw // mmap.PAGESIZE) * mmap.PAGESIZE
 
 
@@ -110,10 +120,11 @@ class Shared:
             os.ftruncate(fd, self.layout.size)
         self.map = mmap.mmap(fd, self.layout.size)
         if create:
-            _HEADER.pack_into(self.map, 0, _MAGIC, 0.0, 0, 0.0)
+            _HEADER.pack_into(self.map, 0, _MAGIC, 0.0, 0, 0.0, 0)
         elif _HEADER.unpack_from(self.map, 0)[0] != _MAGIC:
             raise RuntimeError("shared state of another version")
-        self._clients = memoryview(self.map)[self.layout.clients:].cast("i")
+        self._clients = memoryview(self.map)[self.layout.clients:self.layout.sessions].cast("i")
+        self._sessions = memoryview(self.map)[self.layout.sessions:].cast("q")
         self._counters = memoryview(self.map)[self.layout.counters:self.layout.clients].cast("q")
 
     @classmethod
@@ -136,6 +147,10 @@ class Shared:
     def set_solo(self, value: bool) -> None:
         if value and time.monotonic() < struct.unpack_from("<d", self.map, 24)[0]:
             return
+        if value and not self.solo():
+            # A new epoch each time solo begins: what a process cached in an earlier solo
+            # period may have been changed by another member in between.
+            struct.pack_into("<q", self.map, 32, struct.unpack_from("<q", self.map, 32)[0] + 1)
         struct.pack_into("<q", self.map, 16, 1 if value else 0)
 
     def leave_solo(self, hold_seconds: float = 30.0) -> None:
@@ -151,6 +166,21 @@ class Shared:
     def newest_write(self) -> int:
         return max(_SLOT.unpack_from(self.map, self.layout.revisions + 8 * i)[0]
                    for i in range(self.workers + 1))
+
+    # upload sessions: a process counts its own changes to each bucket, and a cached session
+    # stays valid while the member is alone, in the same solo epoch, and its bucket's sum unchanged
+    def session_stamp(self, upload_id: str) -> tuple[int, int] | None:
+        """What a session cached now is valid under, or None when nothing may be cached."""
+        if not self.solo():
+            return None
+        b = _session_bucket(upload_id)
+        changes = sum(self._sessions[r * SESSION_BUCKETS + b] for r in range(self.workers + 1))
+        return struct.unpack_from("<q", self.map, 32)[0], changes
+
+    def session_changed(self, upload_id: str, before: tuple[int, int] | None) -> tuple[int, int] | None:
+        """Count this process's change; the stamp of the new state: `before` plus this change."""
+        self._sessions[self.slot * SESSION_BUCKETS + _session_bucket(upload_id)] += 1
+        return None if before is None else (before[0], before[1] + 1)
 
     # connections handed to worker k (the parent counts) and closed by it (the worker counts)
     def handed(self, k: int) -> int:
@@ -185,6 +215,9 @@ class Shared:
         self._clients[start:start + CLIENT_BUCKETS] = memoryview(bytes(4 * CLIENT_BUCKETS)).cast("i")
         self._counters[2 * k] = 0
         self._counters[2 * k + 1] = 0
+        # It may have died between a session's write to etcd and counting it: every process's
+        # cached sessions go (a new epoch) rather than one of them trusting a stale offset.
+        struct.pack_into("<q", self.map, 32, struct.unpack_from("<q", self.map, 32)[0] + 1)
 
 
 def _bucket(address: str) -> int:
@@ -193,6 +226,11 @@ def _bucket(address: str) -> int:
     for b in address.encode():
         h = ((h ^ b) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
     return h & (CLIENT_BUCKETS - 1)
+
+
+def _session_bucket(upload_id: str) -> int:
+    # Upload ids are random hex (storage/base.py): their last digits are an even spread.
+    return int(upload_id[-3:], 16) & (SESSION_BUCKETS - 1)
 
 
 class WriterLocks:

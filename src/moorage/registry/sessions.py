@@ -9,7 +9,11 @@ small push therefore costs one etcd transaction, not three.
 
 While this replica's etcd member is alone, no one else can change a session,
 so the sessions it touched are answered from memory (the same reasoning as
-the index's `solo`), saving the etcd read before each chunk.
+the index's `solo`), saving the etcd read before each chunk. With worker
+processes, each process counts its session changes in shared memory
+(`SessionPeers`, cluster/workers.py), and a cached session is used only while
+the counts of its bucket are what they were when it was cached: a chunk
+acknowledged by one worker is never answered from another's stale memory.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ from __future__ import annotations
 import hmac
 import time
 from collections import OrderedDict
+from collections.abc import Hashable
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 from moorage.meta.errors import MetadataUnavailable
 from moorage.meta.records import UploadRecord
@@ -45,12 +51,26 @@ class Session:
         return f"/v2/{self.repo}/blobs/uploads/{self.id}?_state={self.state}"
 
 
+class SessionPeers(Protocol):
+    """The replica's other processes that change sessions (cluster/workers.py's Shared)."""
+
+    def session_stamp(self, upload_id: str) -> Hashable | None:
+        """What a session cached now stays valid under; None when nothing may be cached
+        (the member is not alone)."""
+
+    def session_changed(self, upload_id: str, before: Hashable | None) -> Hashable | None:
+        """Count a change this process made to the session; returns the stamp its new state
+        is valid under: `before` (taken before the change) with this change counted, so that
+        a change by another process in between leaves the new state uncached."""
+
+
 def _unknown(repo: str, upload_id: str) -> BlobUploadUnknown:
     return BlobUploadUnknown(f"upload {upload_id[:40]} not known in {repo}", {"upload": upload_id[:40]})
 
 
 class Sessions:
-    def __init__(self, meta: MetaStore, secret: bytes, state_seconds: float = STATE_SECONDS):
+    def __init__(self, meta: MetaStore, secret: bytes, state_seconds: float = STATE_SECONDS,
+                 peers: SessionPeers | None = None):
         # A tombstone's lease is renewed at half-life, so it lives at least half of it: that
         # must outlast every token that could name the closed session.
         if meta.tombstone_seconds / 2 < state_seconds:
@@ -60,7 +80,8 @@ class Sessions:
         self.index = meta.index
         self._secret = secret
         self._state_seconds = state_seconds
-        self._cache: OrderedDict[str, tuple[int, UploadState]] = OrderedDict()
+        self.peers = peers
+        self._cache: OrderedDict[str, tuple[Hashable, UploadState]] = OrderedDict()
 
     # -- tokens ------------------------------------------------------------
 
@@ -86,29 +107,46 @@ class Sessions:
 
     # -- the local cache -----------------------------------------------------
 
+    def _stamp(self, upload_id: str) -> Hashable | None:
+        if self.peers is not None:
+            return self.peers.session_stamp(upload_id)
+        return self.index.solo_epoch if self.index.solo else None
+
     def _cached(self, upload_id: str) -> UploadState | None:
         entry = self._cache.get(upload_id)
-        if entry is None or not self.index.solo or entry[0] != self.index.solo_epoch:
+        if entry is None:
+            return None
+        stamp = self._stamp(upload_id)
+        if stamp is None or entry[0] != stamp:
             return None
         return entry[1]
 
-    def _remember(self, upload_id: str, state: UploadState) -> None:
-        if not self.index.solo:
+    def _remember(self, upload_id: str, state: UploadState, stamp: Hashable | None) -> None:
+        if stamp is None:
             self._cache.pop(upload_id, None)
             return
-        self._cache[upload_id] = (self.index.solo_epoch, state)
+        self._cache[upload_id] = (stamp, state)
         self._cache.move_to_end(upload_id)
         while len(self._cache) > MAX_CACHED:
             self._cache.popitem(last=False)
 
+    def _changed(self, upload_id: str, before: Hashable | None) -> Hashable | None:
+        """After this process wrote (or may have written) the session in etcd."""
+        if self.peers is not None:
+            return self.peers.session_changed(upload_id, before)
+        return before
+
     def forget(self, upload_id: str) -> None:
+        """The session was changed here in a way not remembered (or may have been)."""
         self._cache.pop(upload_id, None)
+        self._changed(upload_id, None)
 
     # -- sessions ------------------------------------------------------------
 
     def new(self, repo: str, upload_id: str) -> Session:
         created = int(time.time())
-        self._remember(upload_id, UploadState(None, 0, False))
+        # A fresh id: no other process can have cached it, nor changed it.
+        self._remember(upload_id, UploadState(None, 0, False), self._stamp(upload_id))
         return Session(upload_id, repo, 0, created, 0, self._token(repo, upload_id, created))
 
     async def get(self, repo: str, upload_id: str, state: str | None) -> Session:
@@ -116,8 +154,10 @@ class Sessions:
             raise _unknown(repo, upload_id)
         found = self._cached(upload_id)
         if found is None:
+            # Stamped before the read: a change made while it is in flight leaves it uncached.
+            stamp = self._stamp(upload_id)
             found = await self.meta.get_upload(upload_id)
-            self._remember(upload_id, found)
+            self._remember(upload_id, found, stamp)
         if found.closed:
             raise _unknown(repo, upload_id)
         if found.record is not None:
@@ -135,6 +175,7 @@ class Sessions:
         """Record that the upload now holds `offset` bytes."""
         record = UploadRecord(repo=session.repo, offset=offset, created=session.created,
                               updated=time.time())
+        before = self._stamp(session.id)
         try:
             revision = await self.meta.advance_upload(session.id, session.revision, record)
         except MetadataUnavailable:
@@ -144,7 +185,7 @@ class Sessions:
             self.forget(session.id)
             raise RangeInvalid("the upload was changed concurrently; resume from its current offset",
                                {"offset": session.offset})
-        self._remember(session.id, UploadState(record, revision, False))
+        self._remember(session.id, UploadState(record, revision, False), self._changed(session.id, before))
         return replace(session, offset=offset, revision=revision)
 
     def committed(self, session: Session, done: bool | None) -> None:
@@ -168,4 +209,6 @@ class Sessions:
             if done is False:
                 raise BlobUploadUnknown(f"upload {session.id} {conflict}")
             return
-        self._remember(session.id, UploadState(None, 0, True))
+        # A closed session never opens again: whoever else changes the bucket, it stays closed.
+        self._changed(session.id, None)
+        self._remember(session.id, UploadState(None, 0, True), self._stamp(session.id))
