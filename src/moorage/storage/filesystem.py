@@ -10,7 +10,9 @@ Layout (all on one filesystem, so renames are atomic):
 A blob appears under blobs/ only by rename, after its data is fsynced and its
 digest verified, so a crash leaves either the whole blob or nothing there.
 Blocking file work runs in the default thread pool; hashlib and os.write drop
-the GIL, so hashing and writing overlap the event loop's network reads. A
+the GIL, so hashing and writing overlap the event loop's network reads.
+Uploads are written with O_DIRECT where the file system allows it (FileAppender
+says why). A
 failing file system (no space, an I/O error) raises StorageError, saying so.
 """
 
@@ -18,7 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import errno
 import hashlib
+import mmap
 import os
 import time
 import uuid
@@ -36,6 +40,13 @@ T = TypeVar("T")
 # How much of an upload is buffered before it goes to the writer thread: big
 # enough that thread hand-offs are rare, small enough to bound memory per upload.
 FLUSH_BYTES = 4 << 20
+# Buffers kept for the next upload once one ends: a fresh mapping costs a page
+# fault per 4 KiB on first use, which measured a third of the CPU of a push of
+# 8 MiB chunks (two new buffers per chunk). Four serve two uploads at once.
+SPARE_BUFFERS = 4
+# O_DIRECT's unit: offsets and lengths of direct writes are multiples of it (the
+# largest logical block size in use; FLUSH_BYTES is a multiple of it).
+BLOCK = 4096
 READ_BYTES = 1 << 20
 # Syncing as we go keeps the kernel from throttling a writer that has piled up
 # hundreds of megabytes of dirty pages, and leaves little for the final fsync:
@@ -55,6 +66,17 @@ def _start_writeback(fd: int, offset: int, length: int) -> None:
         os.fdatasync(fd)
 
 
+def _open_direct(path: Path) -> int:
+    """A second descriptor of the file for O_DIRECT writes, or -1 where the file system has
+    none (tmpfs refuses the flag)."""
+    try:
+        return os.open(path, os.O_WRONLY | getattr(os, "O_DIRECT", 0)) if hasattr(os, "O_DIRECT") else -1
+    except OSError as e:
+        if e.errno == errno.EINVAL:
+            return -1
+        raise
+
+
 def _failed(e: OSError) -> StorageError:
     return StorageError(f"storage error: {e.strerror or e}")
 
@@ -67,46 +89,89 @@ async def _io(work: Callable[..., T], *args) -> T:
         raise _failed(e) from e
 
 
-class FileAppender:
-    """Buffered append to an upload file, hashing and writing in parallel.
+class Buffers:
+    """The driver's spare upload buffers (page-aligned anonymous mappings of FLUSH_BYTES)."""
 
-    Chunks are gathered (not copied) until FLUSH_BYTES, then handed to two
-    thread-pool lanes at once: one writes them, one feeds the hasher. Each
-    lane has at most one batch in flight while the next one fills, so memory
-    per upload stays under about 2 x FLUSH_BYTES whatever the client sends.
+    def __init__(self, spares: int = SPARE_BUFFERS):
+        self._free: list[mmap.mmap] = []
+        self._spares = spares
+
+    def take(self) -> mmap.mmap:
+        # list.pop and append are atomic: appenders are made in the thread pool.
+        try:
+            return self._free.pop()
+        except IndexError:
+            return mmap.mmap(-1, FLUSH_BYTES)
+
+    def give(self, buf: mmap.mmap) -> None:
+        if len(self._free) < self._spares:
+            self._free.append(buf)
+
+
+class FileAppender:
+    """Append to an upload file through two page-aligned buffers: one fills while the other is
+    hashed and written, each in a thread-pool lane of its own.
+
+    Measured here per MiB of a push (CPU): the page cache's copy of a buffered
+    write and its writeback cost 500-875 µs, an O_DIRECT write of the same bytes
+    80 µs, sha256 about 600, TLS decryption about 450 and copying a chunk into
+    the buffer 40. So the bytes aiohttp hands over are copied once, into the
+    buffer; the hash reads that buffer (hashlib drops the GIL, so it runs while
+    the event loop decrypts the next chunk) and the disk takes it by DMA
+    (O_DIRECT) where the file system allows it, else by a buffered write.
+
+    O_DIRECT moves whole blocks at block-aligned offsets: a buffer starts at
+    the block holding the upload's offset, the part of that block already in
+    the file read back into its head; only an upload's last partial block is
+    written through the page cache. Memory per upload: two buffers, whatever
+    the client sends.
     """
 
-    def __init__(self, fd: int, offset: int, hasher=None):
-        self._fd = fd
+    def __init__(self, fd: int, offset: int, hasher=None, direct: int = -1, head: bytes = b"",
+                 buffers: Buffers | None = None):
+        self._fd, self._direct = fd, direct
         self.offset = offset
         self.hasher = hasher
-        self._batch: list[bytes] = []
-        self._batch_bytes = 0
+        self._buffers = buffers or Buffers(0)
+        self._spare: mmap.mmap | None = None
+        self._buf = self._buffers.take()
+        self._buf[:len(head)] = head
+        self._base = offset - len(head)   # the file offset of the buffer's first byte
+        self._fill = self._new = len(head)  # bytes in the buffer; where this upload's new ones start
         self._writing: asyncio.Future | None = None
         self._hashing: asyncio.Future | None = None
-        self._written = offset
         # From 0, not `offset`: the previous chunk's pages start going to disk
         # while this one arrives, rather than just before its offset is
         # committed, where they would delay etcd's own fsync on the same disk.
         self._synced = 0
 
-    def _write(self, batch: list[bytes]) -> None:
-        # One writev a batch: each system call gives the GIL away and must win
-        # it back from a busy event loop, so fewer calls mean less waiting.
-        size = sum(map(len, batch))
-        done = os.writev(self._fd, batch)
-        if done < size:  # rare: a short write; finish it piece by piece
-            rest = memoryview(b"".join(batch))[done:]
-            while rest:
-                rest = rest[os.write(self._fd, rest):]
-        self._written += size
-        if self._written - self._synced >= SYNC_EVERY:
-            _start_writeback(self._fd, self._synced, self._written - self._synced)
-            self._synced = self._written
+    def _write(self, buf: mmap.mmap, base: int, new: int, fill: int, final: bool) -> None:
+        with memoryview(buf) as view:
+            if self._direct >= 0:
+                whole = fill if not final else fill - fill % BLOCK
+                try:
+                    _pwrite_all(self._direct, view[:whole], base)
+                except OSError as e:
+                    if e.errno != errno.EINVAL:
+                        raise
+                    self._buffered_only()  # accepted at open, refused at the first write
+                else:
+                    if whole < fill:  # the last partial block: through the page cache
+                        _pwrite_all(self._fd, view[whole:fill], base + whole)
+                    return
+            _pwrite_all(self._fd, view[new:fill], base + new)
+        end = base + fill
+        if end - self._synced >= SYNC_EVERY:
+            _start_writeback(self._fd, self._synced, end - self._synced)
+            self._synced = end
 
-    def _hash(self, batch: list[bytes]) -> None:
-        # Likewise one update a batch; joining 4 MiB costs less than the waits.
-        self.hasher.update(batch[0] if len(batch) == 1 else b"".join(batch))
+    def _buffered_only(self) -> None:
+        os.close(self._direct)
+        self._direct = -1
+
+    def _hash(self, buf: mmap.mmap, new: int, fill: int) -> None:
+        with memoryview(buf) as view:
+            self.hasher.update(view[new:fill])
 
     async def _wait(self) -> None:
         for lane in ("_writing", "_hashing"):
@@ -118,21 +183,29 @@ class FileAppender:
                 except OSError as e:
                     raise _failed(e) from e
 
-    async def _flush(self) -> None:
-        await self._wait()
-        if self._batch:
-            batch, self._batch, self._batch_bytes = self._batch, [], 0
+    async def _flush(self, final: bool = False) -> None:
+        """Hand the filled buffer to the lanes and start filling the other one."""
+        await self._wait()  # the other buffer's lanes: done before it is filled again
+        buf, base, new, fill = self._buf, self._base, self._new, self._fill
+        if fill > new:
             loop = asyncio.get_running_loop()
-            self._writing = loop.run_in_executor(None, self._write, batch)
+            self._writing = loop.run_in_executor(None, self._write, buf, base, new, fill, final)
             if self.hasher is not None:
-                self._hashing = loop.run_in_executor(None, self._hash, batch)
+                self._hashing = loop.run_in_executor(None, self._hash, buf, new, fill)
+        # Only a full buffer (whole blocks) is flushed before the end: the next starts at its end.
+        self._buf, self._spare = self._spare or self._buffers.take(), buf
+        self._base, self._fill, self._new = base + fill, 0, 0
 
     async def write(self, chunk: bytes) -> None:
-        self._batch.append(chunk)
-        self._batch_bytes += len(chunk)
-        self.offset += len(chunk)
-        if self._batch_bytes >= FLUSH_BYTES:
-            await self._flush()
+        view = memoryview(chunk)
+        while view:
+            n = min(len(view), FLUSH_BYTES - self._fill)
+            self._buf[self._fill:self._fill + n] = view[:n]
+            self._fill += n
+            self.offset += n
+            view = view[n:]
+            if self._fill == FLUSH_BYTES:
+                await self._flush()
 
     async def finish(self) -> int:
         """Write and hash what is buffered and close; returns the new size.
@@ -141,10 +214,15 @@ class FileAppender:
         by the digest check when the upload closes. The blob itself is
         synced before it is committed (`commit_upload`).
         """
-        await self._flush()
+        await self._flush(final=True)
         await self._wait()
-        os.close(self._fd)
-        self._fd = -1
+        self._close()
+        # Only here is no lane known to be still reading them (an abort may follow a
+        # cancellation that left a thread running): the buffers serve the next upload.
+        for buf in (self._buf, self._spare):
+            if buf is not None:
+                self._buffers.give(buf)
+        self._spare = None
         return self.offset
 
     async def abort(self) -> None:
@@ -152,9 +230,19 @@ class FileAppender:
             await self._wait()
         except StorageError:
             pass
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        self._close()
+
+    def _close(self) -> None:
+        for fd in (self._fd, self._direct):
+            if fd >= 0:
+                os.close(fd)
+        self._fd = self._direct = -1
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    while view:
+        done = os.pwrite(fd, view, offset)
+        view, offset = view[done:], offset + done
 
 
 class FilesystemDriver:
@@ -167,6 +255,7 @@ class FilesystemDriver:
         self.uploads = self.root / "uploads"
         self.tmp = self.root / "tmp"
         self.proofs = self.root / "cluster"
+        self._buffers = Buffers()
         for d in (self.blobs, self.uploads, self.tmp):
             d.mkdir(parents=True, exist_ok=True)
 
@@ -267,9 +356,10 @@ class FilesystemDriver:
     def _unlink(path: Path) -> None:
         path.unlink(missing_ok=True)
 
-    def _open_at(self, upload_id: str, offset: int) -> int:
+    def _open_at(self, upload_id: str, offset: int, hasher=None) -> FileAppender:
         path = self.upload_path(upload_id)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        direct = -1
         try:
             # Bytes past the acknowledged offset are from a request that failed
             # or a crash mid-chunk: they were never acknowledged, so drop them.
@@ -278,11 +368,15 @@ class FilesystemDriver:
                 raise UploadDataLost(f"upload {upload_id} has {size} bytes, {offset} were acknowledged")
             if size > offset:
                 os.ftruncate(fd, offset)
-            os.lseek(fd, offset, os.SEEK_SET)
+            direct = _open_direct(path)
+            # The start of the block the offset falls in: the direct writes rewrite it whole.
+            head = os.pread(fd, offset % BLOCK, offset - offset % BLOCK) if direct >= 0 else b""
+            return FileAppender(fd, offset, hasher, direct, head, self._buffers)
         except BaseException:
             os.close(fd)
+            if direct >= 0:
+                os.close(direct)
             raise
-        return fd
 
     async def open_upload(self, upload_id: str, offset: int, hasher=None) -> FileAppender:
         """Append at `offset`; the file is created on first write.
@@ -290,8 +384,7 @@ class FilesystemDriver:
         Like every file operation here it runs off the event loop: creating a
         file can wait behind a journal commit, and the loop must not.
         """
-        fd = await _io(self._open_at, upload_id, offset)
-        return FileAppender(fd, offset, hasher)
+        return await _io(self._open_at, upload_id, offset, hasher)
 
     def _hash_file(self, path: Path, algorithm: str, length: int) -> str:
         h = hashlib.new(algorithm)
