@@ -99,6 +99,7 @@ def run_bench(cfg: Config, servers: list[Server], src: SourceFile, workdir: Path
             s.seed_error = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
             print(f"  seeding {s.name} failed: {s.seed_error}", flush=True)
         s.observe_memory()
+        s.seeded_kib = sum(s.peak_kib.values())
     head_lua = workdir / "head.lua"
     head_lua.write_text('wrk.method = "HEAD"\n')
     rows = []
@@ -127,6 +128,28 @@ def run_bench(cfg: Config, servers: list[Server], src: SourceFile, workdir: Path
 
 # --------------------------------------------------------------------------
 # Entry point
+
+def one_process_memory(cfg: Config, src: SourceFile, workdir: Path, tls: bool, moorage: Server) -> dict[str, Any]:
+    """Moorage's memory with its worker processes beside the same replica as one process
+    (`--workers 1`), each holding the same seeded content: workers cost memory (each holds its
+    own index), and this says how much. Peaks once seeded, and the workers' over every run."""
+    (workdir / "moorage-1").mkdir()
+    one = moorage_server(workdir / "moorage-1", tls=tls, workers=1)
+    try:
+        one.start()
+        seed_server(one, make_seed(cfg, src), src, cfg)
+        one.observe_memory()
+        one.seeded_kib = sum(one.peak_kib.values())
+    except Exception as exc:  # noqa: BLE001 - a side figure: say it failed, keep the table
+        print(f"\nmemory of one process: {type(exc).__name__}: {exc}".splitlines()[0][:200])
+        return {}
+    finally:
+        one.stop()
+    print(f"  once seeded (the same content): moorage {moorage.seeded_kib / 1024:.0f} MiB with its workers, "
+          f"{one.seeded_kib / 1024:.0f} MiB as one process (--workers 1); with its workers over every run: "
+          f"{sum(moorage.peak_kib.values()) / 1024:.0f} MiB")
+    return {"seeded_kib": one.seeded_kib, "workers_seeded_kib": moorage.seeded_kib}
+
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -233,6 +256,9 @@ def main(argv: list[str]) -> int:
         print(f"\n{env['transport']}; {env['credentials']}")
         print_table(rows, names)
         memory = print_memory(servers)
+        if "moorage" in names and args.workers != 1 and store is None:
+            memory["moorage one process"] = one_process_memory(cfg, src, workdir, tls,
+                                                               next(s for s in servers if s.name == "moorage"))
         took = time.monotonic() - started
         print(f"\n{cfg.rounds} round(s), medians; bench took {took:.0f} s")
         if args.json:

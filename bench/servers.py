@@ -114,6 +114,26 @@ def comm(pid: int) -> str:
         return "?"
 
 
+def role(pid: int) -> str:
+    """What a server's child is, for the memory table: Moorage's workers are forked by
+    multiprocessing's fork server and carry its command line, so its parent tells them apart."""
+    args = comm_args(pid)
+    if "resource_tracker" in args:
+        return "resource tracker"
+    if "forkserver" in args:
+        fields = proc_stat(pid)
+        parent = int(fields[1]) if fields else 0
+        return "worker" if "forkserver" in comm_args(parent) else "fork server"
+    return comm(pid)
+
+
+def comm_args(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
+
+
 
 # --------------------------------------------------------------------------
 # Servers
@@ -130,6 +150,7 @@ class Server:
     peak_kib: dict[int, int] = field(default_factory=dict)
     names: dict[int, str] = field(default_factory=dict)
     seed_error: str | None = None
+    seeded_kib: int = 0                     # the peak RSS of all its processes once seeded
     tls: bool = False                       # serves HTTPS, with a certificate `ca` signed
     ca: Path | None = None                  # the CA the clients trust (Moorage's exists once it started)
     credentials: Credentials | None = None  # None: the registry runs without authentication
@@ -209,7 +230,7 @@ class Server:
         """Keep the largest VmHWM seen per process: a child may not live to the end."""
         for pid in self.tree():
             self.peak_kib[pid] = max(self.peak_kib.get(pid, 0), vm_hwm_kib(pid))
-            self.names.setdefault(pid, comm(pid))
+            self.names.setdefault(pid, role(pid))
 
     def memory_report(self) -> dict[str, Any]:
         root = self.proc.pid if self.proc else -1
