@@ -39,6 +39,7 @@ from oci import (
     start_upload,
     with_digest,
 )
+from test_gc import config as gc_config, gc
 
 pytestmark = pytest.mark.cluster
 
@@ -253,7 +254,13 @@ def verify_after_crash(reg, ledger: Ledger) -> None:
             assert acked <= set(tags), (repo, sorted(acked - set(tags)))
             for tag in tags:
                 assert_manifest_complete(c, repo, pull_manifest(c, repo, tag), seen)
-    found = assert_storage_content_addressed(reg)
+    if reg.object_store is None:
+        found = assert_storage_content_addressed(reg)
+    else:
+        # SeaweedFS keeps an object for a PUT cut by kill -9 (seen: 0 bytes at a content
+        # address); no record names it and its writer's note in etcd makes it GC's, which
+        # the test's end checks. What was acknowledged must be whole in the bucket now.
+        found = {h for h, data in stored_blobs(reg).items() if sha256(data) == "sha256:" + h}
     for _, digest in ledger.blobs_acked:
         assert digest.removeprefix("sha256:") in found, f"acknowledged {digest} has no file"
 
@@ -290,6 +297,12 @@ def test_kill9_mid_stream_loses_nothing_acknowledged(fresh_registry_each_driver)
     with reg.client() as c:
         image = push_image(c, "crash/after", "ok", make_image(2, 50_000))
         assert pull_manifest(c, "crash/after", "ok") == image.manifest
+    if reg.object_store is not None:
+        # GC collects the cut writes by their notes (no listing of blobs/); then every object
+        # at a content address holds its digest's bytes.
+        gc_config(reg, "gc.grace_seconds", "0")
+        assert gc(reg)["state"] == "done"
+        assert_storage_content_addressed(reg)
 
 
 def test_kill9_mid_patch_keeps_a_consistent_upload(fresh_registry_each_driver):
