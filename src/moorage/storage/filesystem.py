@@ -12,8 +12,8 @@ digest verified, so a crash leaves either the whole blob or nothing there.
 Blocking file work runs in the default thread pool; hashlib and os.write drop
 the GIL, so hashing and writing overlap the event loop's network reads.
 Uploads are written with O_DIRECT where the file system allows it (FileAppender
-says why). A
-failing file system (no space, an I/O error) raises StorageError, saying so.
+says why). A failing file system (no space, an I/O error) raises StorageError,
+saying so.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def _open_direct(path: Path) -> int:
     """A second descriptor of the file for O_DIRECT writes, or -1 where the file system has
     none (tmpfs refuses the flag)."""
     try:
-        return os.open(path, os.O_WRONLY | getattr(os, "O_DIRECT", 0)) if hasattr(os, "O_DIRECT") else -1
+        return os.open(path, os.O_WRONLY | os.O_DIRECT) if hasattr(os, "O_DIRECT") else -1
     except OSError as e:
         if e.errno == errno.EINVAL:
             return -1
