@@ -6,6 +6,7 @@ files on disk one by one and pulls back what must have stayed.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -17,6 +18,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from moorage.registry.gc import Deletions
+from moorage.storage.errors import StorageUnavailable
 
 from conftest import ADMIN_PASSWORD, Registry, moorage, wait_for
 from layout import Layout, LayoutImage, read_layout, tar_gz_layer
@@ -526,3 +530,40 @@ def test_the_cluster_clock_is_the_slowest_running_replicas():
     assert clock.now() == 770.0
     clock.observe(Event(True, KV(keys.replica("behind"), b"", 2, 1)))
     assert clock.now() == 1010.0
+
+
+def test_deletions_beside_the_sweep_are_bounded_and_a_failure_waits_for_the_rest():
+    """Object deletions run beside the sweep, at most `limit` at once; when one fails the run
+    still waits for every deletion it started (a cancelled request may yet be carried out by
+    the store, after the markers went with the lease), then fails."""
+    async def main() -> None:
+        deletions = Deletions(2)
+        gate = asyncio.Event()
+        started: list[int] = []
+        finished: list[int] = []
+
+        def work(n: int, fail: bool = False):
+            async def run() -> None:
+                started.append(n)
+                await gate.wait()
+                if fail:
+                    raise StorageUnavailable("the object store is down")
+                await asyncio.sleep(0.05)
+                finished.append(n)
+            return run
+
+        await deletions.start(work(1, fail=True))
+        await deletions.start(work(2))
+        third = asyncio.create_task(deletions.start(work(3)))
+        await asyncio.sleep(0.05)
+        assert started == [1, 2] and not third.done(), "a third deletion started beyond the limit"
+        gate.set()
+        await third                    # a slot came free; the failure had not been seen yet
+        with pytest.raises(StorageUnavailable):
+            await deletions.start(work(4))   # the failure is raised before more start
+        await deletions.wait()
+        assert sorted(finished) == [2, 3], "the run stopped waiting for deletions in flight"
+        with pytest.raises(StorageUnavailable):
+            deletions.check()
+
+    asyncio.run(main())

@@ -14,6 +14,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 
@@ -213,24 +214,29 @@ class GcStore:
         out: list[bool] = []
         newest = 0   # the newest revision a sweep committed at
         batch: list[Unit] = []
-        size = 0
+        # A comparison several units share (the lock, a repository's tags) is made once per
+        # transaction: keyed by its encoding, as protobuf messages do not hash.
+        compare: dict[bytes, Any] = {}
+        ops = 0
         for unit in units:
-            n = len(unit.ops) + len(unit.compare)
-            if batch and size + n > BATCH_OPS:
-                done, revision = await self._apply_batch(batch)
+            mine = {c.SerializeToString(): c for c in unit.compare}
+            new = sum(k not in compare for k in mine)
+            if batch and ops + len(unit.ops) + len(compare) + new > BATCH_OPS:
+                done, revision = await self._apply_batch(batch, list(compare.values()))
                 out, newest = out + done, max(newest, revision)
-                batch, size = [], 0
+                batch, compare, ops = [], {}, 0
             batch.append(unit)
-            size += n
+            compare.update(mine)
+            ops += len(unit.ops)
         if batch:
-            done, revision = await self._apply_batch(batch)
+            done, revision = await self._apply_batch(batch, list(compare.values()))
             out, newest = out + done, max(newest, revision)
         await self.index.wait_applied(newest)
         return out
 
-    async def _apply_batch(self, batch: list[Unit]) -> tuple[list[bool], int]:
+    async def _apply_batch(self, batch: list[Unit], compare: list) -> tuple[list[bool], int]:
         """Each unit's outcome, and the newest revision one committed at (0: none did)."""
-        result = await self.client.txn([c for u in batch for c in u.compare], [o for u in batch for o in u.ops])
+        result = await self.client.txn(compare, [o for u in batch for o in u.ops])
         if result.succeeded:
             return [True] * len(batch), result.revision
         if len(batch) == 1:

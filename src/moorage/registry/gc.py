@@ -50,6 +50,15 @@ Why the file is safe too
     (a watch reload, an unapplied write) count as such an event. A collector
     that dies leaves markers that vanish with its lease.
 
+Deleting objects beside the sweep
+    An object store deletes slowly (SeaweedFS spends about 0.4 ms of CPU per
+    object) and on its own cores, so a step's objects are deleted while the
+    sweep goes on to the next step's transaction, up to DELETE_CONCURRENCY
+    steps at once. Each step's markers go only once its own objects are gone,
+    as above. The run waits for every deletion in flight, even after one
+    failed (a request cancelled half way may still be carried out by the
+    store), before it ends and its lease, with the markers, goes.
+
 One collector at a time
     A run holds /moorage/gc/lock under a lease it keeps alive; every sweep
     transaction compares the lock still names the run, so a collector that
@@ -77,6 +86,8 @@ log = logging.getLogger(__name__)
 # `gc.debug_delay_ms`.
 STEP = 200
 REPORT_SECONDS = 0.5
+# Steps whose objects are being deleted while the sweep goes on (memory: their digests only).
+DELETE_CONCURRENCY = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +162,42 @@ def _levels(records: dict[str, ManifestRecord]) -> list[list[str]]:
     return levels + [[d] for d in rest]
 
 
+class Deletions:
+    """Object deletions that run beside the sweep, at most `limit` at once.
+
+    A failure is raised by the next `start` or by `check`; `wait` never
+    raises, so a run that fails still waits for every deletion it started."""
+
+    def __init__(self, limit: int):
+        self._slots = asyncio.Semaphore(limit)
+        self._tasks: set[asyncio.Task] = set()
+        self._failure: BaseException | None = None
+
+    async def start(self, work: Callable[[], Awaitable[None]]) -> None:
+        self.check()
+        await self._slots.acquire()
+        task = asyncio.create_task(self._run(work))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, work: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await work()
+        except BaseException as e:
+            if self._failure is None:
+                self._failure = e
+        finally:
+            self._slots.release()
+
+    async def wait(self) -> None:
+        while self._tasks:
+            await asyncio.wait(list(self._tasks))
+
+    def check(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+
+
 class Collector:
     """One run: mark, then sweep manifests, blobs, links, uploads and orphan files."""
 
@@ -170,6 +217,7 @@ class Collector:
         # the cluster (cluster/clock.py), so a replica whose clock runs ahead collects nothing early.
         self._now = now
         self._reported = 0.0
+        self._deletions = Deletions(DELETE_CONCURRENCY)
 
     async def progress(self, force: bool = False) -> None:
         if force or time.monotonic() - self._reported >= REPORT_SECONDS:
@@ -221,16 +269,20 @@ class Collector:
             run.blobs_young, run.bytes_young = len(young), sum(rec.size for rec in young)
             run.young_collectable_from = min(rec.created for rec in young) + late
             run.young_collectable_until = max(rec.created for rec in young) + late
-        await self._phase("blobs")
-        swept = await self._sweep_blobs(snap, live, cutoff)
-        await self._phase("links")
-        await self._sweep_links(snap, live, used, cutoff)
-        await self._phase("uploads")
-        await self._sweep_uploads(snap, now - policy.upload_max_age_seconds,
-                                  file_now - policy.upload_max_age_seconds)
-        await self._phase("orphans")
-        await self._sweep_orphans(snap, swept, file_now - policy.grace_seconds)
-        await self._sweep_intents(snap, swept, cutoff)
+        try:
+            await self._phase("blobs")
+            swept = await self._sweep_blobs(snap, live, cutoff)
+            await self._phase("links")
+            await self._sweep_links(snap, live, used, cutoff)
+            await self._phase("uploads")
+            await self._sweep_uploads(snap, now - policy.upload_max_age_seconds,
+                                      file_now - policy.upload_max_age_seconds)
+            await self._phase("orphans")
+            await self._sweep_orphans(snap, swept, file_now - policy.grace_seconds)
+            await self._sweep_intents(snap, swept, cutoff)
+        finally:
+            await self._deletions.wait()
+        self._deletions.check()
         run.phase = "done"
         return run
 
@@ -288,10 +340,13 @@ class Collector:
 
     async def _delete_files(self, digests: list[str]) -> None:
         """Files whose records (or absence of one) a sweep transaction just settled,
-        under markers; the markers go only once the files are gone."""
+        under markers; the markers go only once the files are gone. Started here,
+        carried out beside the sweep (Deletions)."""
         if digests and not self.policy.dry_run:
-            await self.storage.delete_many(digests)
-            await self.gcs.clear_markers(digests)
+            async def delete() -> None:
+                await self.storage.delete_many(digests)
+                await self.gcs.clear_markers(digests)
+            await self._deletions.start(delete)
 
     async def _sweep_links(self, snap: Snapshot, live: set[str], used: dict[str, set[str]],
                            cutoff: float) -> None:
