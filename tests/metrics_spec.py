@@ -22,6 +22,8 @@ class Metric:
     labels: tuple[str, ...] = ()
     # The bounded values a label takes, where the spec lists them.
     values: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # Served only by replicas whose blobs are on S3 (a filesystem replica has no such series).
+    s3_only: bool = False
 
     def series_names(self) -> set[str]:
         """Every series name Prometheus stores for this metric."""
@@ -71,6 +73,8 @@ METRICS: tuple[Metric, ...] = (
            ("certificate",), {"certificate": ("api", "etcd_node", "ca")}),
     Metric("moorage_storage_errors_total", "counter", "storage actions that failed",
            ("driver", "action"), {"driver": DRIVERS, "action": STORAGE_ACTIONS}),
+    Metric("moorage_object_store_up", "gauge", "1 while this replica's probe of the object store succeeds, else 0",
+           ("driver",), {"driver": ("s3",)}, s3_only=True),
     Metric("moorage_storage_free_bytes", "gauge", "free bytes of a volume",
            ("volume",), {"volume": ("blobs", "data")}),
     Metric("moorage_storage_size_bytes", "gauge", "total bytes of a volume",

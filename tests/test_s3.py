@@ -14,13 +14,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import time
 import uuid
 
 import httpx
 import pytest
 
-from conftest import Cluster, ObjectStore, Registry, moorage, wait_for
+from conftest import ADMIN_PASSWORD, Cluster, ObjectStore, Registry, moorage, wait_for
 from layout import Layout, read_layout
 from moorage.registry.audit import AuditEvent, AuditQuery, BucketAuditLog
 from moorage.storage.s3.config import S3Config
@@ -184,10 +185,18 @@ def store_state(c: httpx.Client) -> dict:
     return c.get("/health").json()["object_store"]
 
 
+def store_up(reg: Registry) -> float | None:
+    """The replica's moorage_object_store_up on /metrics (admin's credentials open it too)."""
+    r = httpx.get(reg.url + "/metrics", auth=("admin", ADMIN_PASSWORD), verify=reg.ssl_context(), timeout=10)
+    found = re.search(r'^moorage_object_store_up\{driver="s3"\} (\S+)$', r.text, re.M)
+    return float(found.group(1)) if found else None
+
+
 def test_store_down_push_is_503_naming_it_then_works_again(s3reg, c, seaweed):
     repo = new_repo("s3")
     image = push_image(c, repo, "v1")
     assert store_state(c)["reachable"]
+    assert store_up(s3reg) == 1
     assert "object store: answering" in moorage("status", "--existing", s3reg.url).stdout
     seaweed.stop()
     try:
@@ -207,9 +216,11 @@ def test_store_down_push_is_503_naming_it_then_works_again(s3reg, c, seaweed):
         shown = moorage("status", "--existing", s3reg.url).stdout
         assert f"object store: unreachable since {time.strftime('%Y-%m-%d', time.gmtime(down['since']))}" in shown
         assert c.get("/_ping").status_code == 200
+        assert store_up(s3reg) == 0     # what MoorageObjectStoreDown (docs/monitoring/alerts.yml) watches
     finally:
         seaweed.restart()
     back = wait_for(lambda: (st := store_state(c))["reachable"] and st, 30, "the probe to see the store back")
+    assert wait_for(lambda: store_up(s3reg) == 1, 10, "the metric to say the store is back")
     assert back["since"] > down["since"] and back["error"] is None
     push_blob(c, repo, b"after")
 

@@ -83,6 +83,11 @@ class Metrics:
                                      "when the cluster's last successful garbage collection ended")
         self.certificate_expiry = gauge("moorage_certificate_expiry_timestamp_seconds",
                                         "when this replica's certificates expire", ("certificate",))
+        # Labelled by driver so that a replica on the filesystem serves no such series (an
+        # unlabelled gauge would read 0, "down", there).
+        self.object_store_up = gauge("moorage_object_store_up",
+                                     "1 while this replica's probe of the object store succeeds, else 0",
+                                     ("driver",))
         self.storage_free = gauge("moorage_storage_free_bytes", "free bytes of a volume", ("volume",))
         self.storage_size = gauge("moorage_storage_size_bytes", "total bytes of a volume", ("volume",))
         self.etcd_db_size = gauge("moorage_etcd_db_size_bytes", "the etcd member's database size")

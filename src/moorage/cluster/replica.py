@@ -447,6 +447,8 @@ class Replica:
             self.shared = Shared.create(self.config.workers)
         await self._open_storage(storage)
         self.store_state = self._store_opened()
+        if self.store_state is not None:
+            self.metrics.object_store_up.labels("s3").set(1)
         await member.start()
         self._client = client = EtcdClient(member.endpoint, member.tls,
                                            on_write=self.shared.wrote if self.shared is not None else None,
@@ -610,6 +612,7 @@ class Replica:
 
     def _store_probed(self, state: StoreState) -> None:
         self.store_state = state
+        self.metrics.object_store_up.labels("s3").set(1 if state.reachable else 0)
         if self.supervisor is not None:   # the workers answer /health and status too
             message = {"t": "object-store", "state": msgspec.to_builtins(state)}
             for w in self.supervisor.workers:
