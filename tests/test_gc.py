@@ -443,7 +443,7 @@ def test_writer_and_sweeper_file_protocol(fresh_registry):
 
             async def sweeper() -> None:
                 await asyncio.sleep(0.3)
-                await storage.delete_many([digest])
+                await storage.delete_many([(digest, "")])
                 await gcs.clear_markers([digest])
             sweep = asyncio.create_task(sweeper())
             assert await place_and_commit(meta, storage, digest, lambda: storage.write(digest, data),
@@ -459,7 +459,7 @@ def test_writer_and_sweeper_file_protocol(fresh_registry):
             async def place_then_sweep() -> None:
                 await storage.write(digest2, data2)
                 assert (await gcs.apply([gcs.orphan_unit("test-run", lease, digest2)])) == [True]
-                await storage.delete_many([digest2])
+                await storage.delete_many([(digest2, "")])
                 await gcs.clear_markers([digest2])
             placed = []
 
@@ -486,7 +486,7 @@ def test_writer_and_sweeper_file_protocol(fresh_registry):
             assert (await gcs.apply([gcs.blob_unit("test-run", lease, digest3, record.mod_revision,
                                                    [("gc/protocol", link.mod_revision)])])) == [True]
             assert digest3 not in index.blobs and digest3 not in index.repos["gc/protocol"].blobs
-            await storage.delete_many([digest3])
+            await storage.delete_many([(digest3, "")])
             await gcs.clear_markers([digest3])
         finally:
             await client.txn([], [op_delete(keys.GC_LOCK)])

@@ -19,10 +19,12 @@ import time
 import uuid
 
 import httpx
+import msgspec
 import pytest
 
 from conftest import ADMIN_PASSWORD, Cluster, ObjectStore, Registry, moorage, wait_for
 from layout import Layout, read_layout
+from moorage.meta.records import BlobRecord
 from moorage.registry.audit import AuditEvent, AuditQuery, BucketAuditLog
 from moorage.storage.s3.config import S3Config
 from moorage.storage.s3.driver import S3Driver
@@ -49,6 +51,30 @@ def objects(store: SeaweedFS, prefix: str) -> dict[str, int]:
 def blob_key(digest: str) -> str:
     algorithm, hexdigest = digest.split(":")
     return f"blobs/{algorithm}/{hexdigest[:2]}/{hexdigest}"
+
+
+def records(reg: Registry, *digests: str) -> dict[str, BlobRecord | None]:
+    """The blob records in the replica's etcd."""
+    from moorage.cluster.etcd_member import node_tls
+    from moorage.meta import keys
+    from moorage.meta.etcd import EtcdClient
+
+    async def run() -> dict[str, BlobRecord | None]:
+        client = EtcdClient(f"127.0.0.1:{reg.etcd_client_port}", node_tls(reg.data_dir))
+        try:
+            kvs = {d: await client.get(keys.blob(d)) for d in digests}
+            return {d: None if kv is None else msgspec.json.decode(kv.value, type=BlobRecord) for d, kv in kvs.items()}
+        finally:
+            await client.close()
+    return asyncio.run(run())
+
+
+def stored_at(reg: Registry, digest: str) -> str:
+    """The key of a recorded blob's object: its record's location (a large upload completed in
+    place), else its content address."""
+    record = records(reg, digest)[digest]
+    assert record is not None, f"{digest} has no record"
+    return record.location or blob_key(digest)
 
 
 @pytest.fixture(scope="module")
@@ -81,16 +107,20 @@ def fetch(c: httpx.Client, repo: str, digest: str, store: SeaweedFS) -> bytes:
 
 # -- uploads of every kind, and what the bucket holds ------------------------------------------------
 
-def test_every_upload_kind_lands_whole_at_its_address(s3reg, c, seaweed):
+def test_every_upload_kind_lands_whole_where_its_record_says(s3reg, c, seaweed):
+    """Blobs of a part (5 MiB) or more are the multipart upload their session sent, completed in
+    place at the session's own key, which the record names: never copied to the content address
+    (so the store never ran a copy). Smaller ones are written whole at the content address."""
     repo = new_repo("s3")
     blobs = {}
-    # Monolithic, small (verified in memory) and large (pieces, then assembled by the store).
-    for data in (b"", os.urandom(1000), os.urandom(12 * MiB + 5)):
+    # Monolithic, small (verified in memory), under a part, and large (parts as they arrive).
+    for data in (b"", os.urandom(1000), os.urandom(3 * MiB + 1), os.urandom(12 * MiB + 5)):
         blobs[push_blob(c, repo, data)] = data
-    # Chunked with odd sizes: pieces too small to be parts are read back and joined, big ones copied.
+    # Chunked with odd sizes, small chunks among them: tails under a part wait in the session's
+    # state for the next request, which sends them in front of its own bytes.
     data = os.urandom(19 * MiB + 3)
     location, offset = start_upload(c, repo), 0
-    for size in (3 * MiB, 1, 9 * MiB, 5 * MiB):
+    for size in (MiB, MiB, 3 * MiB, 1, 777, 9 * MiB, MiB, 2 * MiB + 11):
         location = patch_chunk(c, location, data[offset:offset + size], offset)
         offset += size
     blobs[finish_upload(c, location, sha256(data), data[offset:])] = data
@@ -103,17 +133,25 @@ def test_every_upload_kind_lands_whole_at_its_address(s3reg, c, seaweed):
 
     stored = objects(seaweed, s3reg.prefix)
     for digest, data in blobs.items():
-        assert stored.get(blob_key(digest)) == len(data), digest
+        key = stored_at(s3reg, digest)
+        assert stored.get(key) == len(data), (digest, key)
+        if len(data) >= 5 * MiB:
+            assert key.startswith("blobs/u/") and blob_key(digest) not in stored, key
+        else:
+            assert key == blob_key(digest)
         head = c.head(f"/v2/{repo}/blobs/{digest}")
         assert head.status_code == 200 and head.headers["Content-Length"] == str(len(data))
         assert fetch(c, repo, digest, seaweed) == data
-    assert not [k for k in stored if k.startswith("uploads/")], "an upload's pieces outlived its commit"
+    assert not [k for k in stored if k.startswith("uploads/")], "an upload's state outlived its commit"
+    in_progress = seaweed.client().list_multipart_uploads(Bucket=seaweed.bucket, Prefix=f"{s3reg.prefix}/blobs/")
+    assert not in_progress.get("Uploads"), in_progress.get("Uploads")
 
 
 def test_a_wrong_digest_leaves_nothing_visible(s3reg, c, seaweed):
     repo = new_repo("s3")
     data = os.urandom(6 * MiB)
     wrong = sha256(b"something else")
+    before = set(objects(seaweed, s3reg.prefix))
     location = patch_chunk(c, start_upload(c, repo), data, 0)
     r = c.put(with_digest(location, wrong), headers=OCTET)
     assert_oci_error(r, 400, "DIGEST_INVALID")
@@ -122,7 +160,10 @@ def test_a_wrong_digest_leaves_nothing_visible(s3reg, c, seaweed):
     stored = objects(seaweed, s3reg.prefix)
     assert blob_key(wrong) not in stored and blob_key(sha256(data)) not in stored
     assert c.head(f"/v2/{repo}/blobs/{sha256(data)}").status_code == 404
-    assert not [k for k in stored if k.startswith("uploads/")]
+    assert not [k for k in set(stored) - before if k.startswith(("uploads/", "blobs/u/"))], stored
+    # The sessions' multipart uploads were aborted, not left for GC.
+    in_progress = seaweed.client().list_multipart_uploads(Bucket=seaweed.bucket, Prefix=f"{s3reg.prefix}/blobs/u/")
+    assert not in_progress.get("Uploads"), in_progress.get("Uploads")
 
 
 def test_streamed_pulls_with_range_when_redirects_are_off(s3reg, c, seaweed):
@@ -367,11 +408,13 @@ def test_backup_with_blobs_restores_into_another_prefix(s3reg, c, seaweed, tmp_p
                   "--etcd-client-port", str(target.etcd_client_port),
                   "--etcd-peer-port", str(target.etcd_peer_port), timeout=120, env=store.env)
     assert f"written to s3://{seaweed.bucket}/{prefix}" in out.stdout, out.stdout
-    for blob in (image.config, *image.layers):
-        assert objects(seaweed, prefix)[blob_key(sha256(blob))] == len(blob)
     target.env = store.env
     target.start()
     try:
+        for blob in (image.config, *image.layers):
+            # Restored where the restored records say (a layer's own key in the new prefix).
+            assert objects(seaweed, prefix)[stored_at(target, sha256(blob))] == len(blob)
+        assert stored_at(target, sha256(image.layers[1])).startswith("blobs/u/")
         with target.client() as restored:
             assert pull_manifest(restored, repo, "v1") == image.manifest
             assert fetch(restored, repo, sha256(image.layers[1]), seaweed) == image.layers[1]

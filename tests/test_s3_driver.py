@@ -17,6 +17,7 @@ import socket
 import ssl
 import time
 import uuid
+from collections import Counter
 from contextlib import asynccontextmanager
 
 import httpx
@@ -135,7 +136,7 @@ def test_bad_digests_and_upload_ids_never_become_keys(seaweed):
             d.blob_key(bad)
     for bad in ["../x", "A" * 32, "a" * 31, ""]:
         with pytest.raises(ValueError):
-            d.uploads.tail_key(bad, 0)
+            d.uploads.state_key(bad, 0)
     with pytest.raises(StorageMisconfigured, match="not a valid S3 bucket name"):
         S3Config.from_url("s3://No_Such/x")
     with pytest.raises(StorageMisconfigured, match="not an s3://"):
@@ -164,7 +165,7 @@ def test_batch_delete_and_paged_listing(seaweed, fault_proxy):
         # The deletes through the proxy, to count the requests.
         async with opened(dataclasses.replace(d.config, endpoint=fault_proxy.endpoint)) as via:
             before = fault_proxy.requests
-            await via.delete_many([digest_of(b) for b in blobs] + [digest_of(b"never stored")])
+            await via.delete_many([(digest_of(b), "") for b in blobs] + [(digest_of(b"never stored"), "")])
             assert fault_proxy.requests - before == 2
             assert await via.client.list_keys("blobs/") == []
 
@@ -256,25 +257,81 @@ def test_multipart_rules_are_checked_with_a_sentence(seaweed):
     asyncio.run(scenario())
 
 
-def test_copy_part_and_tail_objects(seaweed):
-    """A session's small tail, kept as an object, becomes its last part without passing through us."""
-    head, tail = os.urandom(MIN_PART), os.urandom(777)
+def test_upload_session_hops_and_completes_in_place_without_a_copy(seaweed):
+    """A session appended by a new driver each request (as a hop to another replica or worker
+    is), in 1 MiB and odd chunks, with a request that broke off after sending a part of other
+    bytes: committed, the blob is the completed multipart upload at the session's own key, the
+    store copied nothing, and what the session kept is gone once it is deleted."""
+    data = os.urandom(23 * MiB + 12_345)
+    sizes = [MiB] * 6 + [1, 3 * MiB - 1, 777, 9 * MiB] + [MiB] * 3
+    sizes.append(len(data) - sum(sizes))
+
+    async def scenario():
+        uid, offset, calls, cfg = upload_id(), 0, Counter(), config(seaweed)
+        for i, size in enumerate(sizes):
+            async with opened(cfg) as d:
+                if i == 8:
+                    # Broken off: bytes unacknowledged (a part of them sent) never reach the blob.
+                    a = await d.open_upload(uid, offset, None)
+                    await a.write(os.urandom(9 * MiB))
+                    await a.abort()
+                a = await d.open_upload(uid, offset, None)
+                await a.write(data[offset:offset + size])
+                offset = await a.finish()
+                calls += d.client.calls
+        assert offset == len(data)
+        async with opened(cfg) as d:
+            assert await d.hash_upload(uid, "sha256", offset) == hashlib.sha256(data).hexdigest()
+            location = d.upload_location(uid, offset)
+            assert location == f"blobs/u/{uid}"
+            assert await d.commit_upload(uid, digest_of(data), keep=True, size=offset) == location
+            assert await d.read(digest_of(data), location) == data
+            assert await d.exists(digest_of(data)) is None, "the blob was also put at its content address"
+            await d.delete_upload(uid)
+            assert await d.client.list_keys("uploads/") == []
+            assert await d.exists(digest_of(data), location) == len(data), "deleting the session took the blob"
+            calls += d.client.calls
+            await d.delete_many([(digest_of(data), location)])
+            assert await d.exists(digest_of(data), location) is None
+        assert calls["upload_part"] >= 3 and calls["complete_multipart_upload"] >= 1, calls
+        assert not calls["upload_part_copy"] and not calls["copy_object"], calls
+
+    asyncio.run(scenario())
+
+
+def test_small_sessions_land_at_the_content_address_and_unrecorded_ones_leave_nothing(seaweed):
+    small, big = os.urandom(MIN_PART - 1), os.urandom(MIN_PART + 3)
 
     async def scenario():
         async with opened(config(seaweed)) as d:
             uid = upload_id()
-            tail_key = d.uploads.tail_key(uid, len(head))
-            await d.client.put_key(tail_key, tail)
-            assert [o.key for o in await d.client.list_keys("uploads/")] == [d.client.relative(tail_key)]
-            key = mp_key(d, uid)
-            s3id = await d.multipart.create_upload(uid, key)
-            p1 = await d.multipart.upload_part(uid, s3id, 1, head, key)
-            p2 = await d.multipart.copy_part(uid, s3id, 2, tail_key, 0, len(tail), key)
-            assert p2 == Part(2, p2.etag, len(tail))
-            await d.multipart.complete_upload(uid, s3id, [p1, p2], key)
-            assert await d.client.read_key(key) == head + tail
-            await d.client.delete_keys([tail_key])
+            a = await d.open_upload(uid, 0, None)
+            for i in range(0, len(small), MiB):
+                await a.write(small[i:i + MiB])
+            assert await a.finish() == len(small)
+            assert d.upload_location(uid, len(small)) == ""
+            assert await d.commit_upload(uid, digest_of(small), size=len(small)) == ""
+            assert await d.read(digest_of(small)) == small
+            await d.delete_upload(uid)
+            # A session whose digest did not match, once hashing completed it in place.
+            uid = upload_id()
+            a = await d.open_upload(uid, 0, None)
+            await a.write(big)
+            await a.finish()
+            await d.hash_upload(uid, "sha256", len(big))
+            assert await d.exists("", d.upload_location(uid, len(big))) == len(big)
+            await d.delete_upload(uid, unrecorded=True)
+            assert await d.exists("", d.upload_location(uid, len(big))) is None
+            # And one cancelled with its multipart upload in progress.
+            uid = upload_id()
+            a = await d.open_upload(uid, 0, None)
+            await a.write(big)
+            await a.finish()
+            assert [u.key for u in await d.multipart.list_uploads(f"blobs/u/{uid}")] == [d.uploads.location_key(uid)]
+            await d.delete_upload(uid, unrecorded=True)
+            assert await d.multipart.list_uploads(f"blobs/u/{uid}") == []
             assert await d.client.list_keys("uploads/") == []
+            await d.delete_many([(digest_of(small), "")])
 
     asyncio.run(scenario())
 

@@ -24,7 +24,7 @@ from moorage.meta.etcd import (
     EtcdClient, Event, cmp_absent, cmp_mod_revision, cmp_prefix_unchanged, cmp_value, op_delete, op_get, op_put,
 )
 from moorage.meta.index import Index
-from moorage.meta.records import BlobRecord, ManifestRecord, UploadRecord, decoder, encode
+from moorage.meta.records import BlobRecord, ManifestRecord, UploadRecord, decode_note, decoder, encode
 from moorage.meta.store import TOMBSTONE
 from moorage.meta.webhooks import QueuedEvent, queue_ops
 
@@ -101,8 +101,9 @@ class Snapshot:
         default_factory=lambda: defaultdict(dict))                                    # repo: digest: (record, mod)
     tagged: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))     # repo: digests tagged
     uploads: dict[str, tuple[UploadRecord | None, int]] = field(default_factory=dict)  # id: (None: closed, mod)
-    # Writers' notes of objects about to be written (MetaStore.intend): digest: [(key, mod, time)]
-    intents: dict[str, list[tuple[bytes, int, float]]] = field(default_factory=lambda: defaultdict(list))
+    # Writers' notes of objects about to be written (MetaStore.intend):
+    # digest: [(key, mod, time, location: "" for the content address)]
+    intents: dict[str, list[tuple[bytes, int, float, str]]] = field(default_factory=lambda: defaultdict(list))
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,11 +151,7 @@ class GcStore:
         async for page in self.client.range_pages(keys.GC_WRITING, snap.revision):
             for kv in page:
                 digest, _, _ = kv.key[len(keys.GC_WRITING):].decode().partition("/")
-                try:
-                    stamp = float(kv.value)
-                except ValueError:
-                    stamp = 0.0   # unreadable: as old as can be
-                snap.intents[digest].append((kv.key, kv.mod_revision, stamp))
+                snap.intents[digest].append((kv.key, kv.mod_revision, *decode_note(kv.value)))
         return snap
 
     # -- sweep units -----------------------------------------------------------
@@ -204,7 +201,9 @@ class GcStore:
 
     @staticmethod
     def intent_unit(run_id: str, key: bytes, mod: int) -> Unit:
-        """Delete a writer's stale note of a digest that has a record (whose sweep takes the object)."""
+        """Delete a writer's stale note: of a digest that has a record (whose sweep takes the
+        object), or naming a location of its own, whose object no record names while the note
+        is there (MetaStore.commit_blob_at), and which GC then deletes."""
         return Unit((cmp_value(keys.GC_LOCK, run_id.encode()), cmp_mod_revision(key, mod)), (op_delete(key),))
 
     @boundary

@@ -11,11 +11,18 @@ from __future__ import annotations
 import msgspec
 
 
-class BlobRecord(msgspec.Struct, frozen=True):
-    """Content that exists in blob storage, fully written and verified."""
+class BlobRecord(msgspec.Struct, frozen=True, omit_defaults=True):
+    """Content that exists in blob storage, fully written and verified.
+
+    `location` is where the driver keeps its bytes when that is not the blob's
+    content address: on S3 a large upload's own key, completed in place so its
+    bytes are never copied (storage/s3/uploads.py). "" (left out of the
+    encoding, as in records written before it existed) is the content address.
+    """
 
     size: int
     created: float
+    location: str = ""
 
 
 class ManifestRecord(msgspec.Struct, frozen=True):
@@ -69,6 +76,21 @@ class GrantRecord(msgspec.Struct, frozen=True):
 
 class VisibilityRecord(msgspec.Struct, frozen=True):
     public: bool
+
+
+# -- a writer's note (MetaStore.intend): when it was written, and where, when not at the content address --
+
+def encode_note(stamp: float, location: str = "") -> bytes:
+    return b"%.3f %s" % (stamp, location.encode()) if location else b"%.3f" % stamp
+
+
+def decode_note(value: bytes) -> tuple[float, str]:
+    """(time, location); an unreadable time is 0 (as old as can be)."""
+    stamp, _, location = value.decode(errors="replace").partition(" ")
+    try:
+        return float(stamp), location
+    except ValueError:
+        return 0.0, location
 
 
 _encoder = msgspec.json.Encoder()

@@ -25,7 +25,7 @@ import msgspec
 
 from moorage.meta import keys
 from moorage.meta.access import TEAM, USER, decode_user
-from moorage.meta.errors import boundary
+from moorage.meta.errors import MetadataUnavailable, boundary
 from moorage.meta.etcd import (
     KV, EtcdClient, EtcdUnavailable, Event, TxnResult, cmp_absent, cmp_exists, cmp_mod_revision,
     cmp_prefix_unchanged, cmp_value, op_delete, op_get, op_put, op_txn,
@@ -33,11 +33,12 @@ from moorage.meta.etcd import (
 from moorage.meta.index import Index
 from moorage.meta.records import (
     BlobRecord, GrantRecord, ManifestRecord, Referrer, TeamRecord, UploadRecord, UserRecord, VisibilityRecord, decoder,
-    encode,
+    encode, encode_note,
 )
 from moorage.meta.webhooks import QueuedEvent, queue_ops
 
 _upload = decoder(UploadRecord)
+_blob = decoder(BlobRecord)
 
 
 TOMBSTONE = b"closed"
@@ -57,6 +58,11 @@ class Change(enum.Enum):
 class BlobBeingCollected(Exception):
     """Garbage collection is deleting this digest's file right now: wait for its
     marker to go, put the file back, and commit again (registry/gc.py says why)."""
+
+
+class WriteCollected(Exception):
+    """Garbage collection took a writer's note for an abandoned write (its grace period
+    ran out before the commit) and deletes the object it names: the blob must be sent again."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,15 +216,20 @@ class MetaStore:
     # -- blobs -------------------------------------------------------------
 
     @boundary
-    async def intend(self, digest: str, key: bytes | None = None) -> bytes:
-        """Note that an object is about to be written at `digest`'s content address (at `key`,
-        the same writer's earlier note, or a new one), before it is: the commit that records the
-        blob deletes the note in its own transaction, so a note that outlives the grace period
-        names an object a refused commit or a crash left behind (registry/gc.py collects it).
-        Not read from the index: no wait for it."""
+    async def intend(self, digest: str, key: bytes | None = None, location: str = "") -> bytes:
+        """Note that an object is about to be written at `digest`'s content address, or at
+        `location` (at `key`, the same writer's earlier note, or a new one), before it is: the
+        commit that records the blob deletes the note in its own transaction, so a note that
+        outlives the grace period names an object a refused commit or a crash left behind
+        (registry/gc.py collects it). Not read from the index: no wait for it."""
         key = key or keys.gc_writing(digest, secrets.token_hex(6))
-        await self._notes.put(key, b"%.3f" % time.time())
+        await self._notes.put(key, encode_note(time.time(), location))
         return key
+
+    @boundary
+    async def drop_intent(self, key: bytes) -> None:
+        """A writer's note whose object the writer deleted itself."""
+        await self.client.txn([], [op_delete(key)])
 
     @boundary
     async def commit_blob(self, repo: str, digest: str, size: int,
@@ -244,17 +255,69 @@ class MetaStore:
             [op_get(marker)])))
 
     @boundary
+    async def commit_blob_at(self, repo: str, digest: str, size: int, location: str, intent: bytes,
+                             upload: tuple[str, int] | None = None) -> str | None:
+        """Record a verified blob whose bytes are at `location`, a key of this writer's own
+        noted by `intent`, as `commit_blob` does. The first such record keeps its location:
+        when a record is there already it is rewritten (dated now, linked into `repo`) with
+        its own location, and the writer's note stays until the writer has deleted its object.
+        Returns the location the record holds; None when the upload had changed meanwhile.
+        WriteCollected when GC took the note (and so the object) first."""
+        blob, marker = keys.blob(digest), keys.gc_deleting(digest)
+        held, seen = location, None   # the location to record; the record's mod_revision (None: absent)
+        for _ in range(RETRIES):
+            compare = [cmp_absent(marker), cmp_exists(intent),
+                       cmp_absent(blob) if seen is None else cmp_mod_revision(blob, seen)]
+            ops = [op_put(blob, encode(BlobRecord(size=size, created=time.time(), location=held))),
+                   op_put(keys.repo_blob(repo, digest), b"")]
+            if held == location:
+                ops.append(op_delete(intent))
+            failure = [op_get(marker), op_get(intent), op_get(blob)]
+            if upload is None:
+                result = await self._txn(compare, ops, failure)
+            else:
+                key = keys.upload(upload[0])
+                result = await self._with_tombstone(lambda lease: self._txn(
+                    [cmp_mod_revision(key, upload[1]), *compare], ops + [op_put(key, TOMBSTONE, lease)], failure))
+            if result.succeeded:
+                return held
+            found_marker, found_intent, found_blob = (r.response_range.kvs for r in result.responses)
+            if found_marker:
+                raise BlobBeingCollected(digest)
+            if not found_intent:
+                raise WriteCollected(digest)
+            if found_blob and found_blob[0].mod_revision != seen:
+                seen, held = found_blob[0].mod_revision, _blob.decode(found_blob[0].value).location
+            elif not found_blob and seen is not None:
+                seen, held = None, location   # a sweep took the record between two tries
+            else:
+                return None   # the record is as compared: the upload changed
+        raise MetadataUnavailable(f"the record of blob {digest} kept changing under its commit")
+
+    @boundary
     async def mount_blob(self, repo: str, source: str, digest: str) -> bool:
         # The blob record is written again (and dated now) so that a GC sweep that
-        # marked it before this mount sees it changed and keeps it.
-        record = self.index.blobs.get(digest)
-        if record is None:
+        # marked it before this mount sees it changed and keeps it. It keeps its location:
+        # compared unchanged since read, so a record a sweep replaced meanwhile (whose
+        # object may be another) is never copied.
+        found = self.index.blobs.get(digest)
+        if found is None:
             return False
-        result = await self._txn(
-            [cmp_exists(keys.repo_blob(source, digest)), cmp_exists(keys.blob(digest))],
-            [op_put(keys.repo_blob(repo, digest), b""),
-             op_put(keys.blob(digest), encode(BlobRecord(size=record.size, created=time.time())))])
-        return result.succeeded
+        blob = keys.blob(digest)
+        same: object = cmp_value(blob, encode(found))
+        for _ in range(RETRIES):
+            result = await self._txn(
+                [cmp_exists(keys.repo_blob(source, digest)), same],
+                [op_put(keys.repo_blob(repo, digest), b""),
+                 op_put(blob, encode(BlobRecord(size=found.size, created=time.time(), location=found.location)))],
+                [op_get(blob)])
+            if result.succeeded:
+                return True
+            kvs = result.responses[0].response_range.kvs
+            if not kvs:
+                return False
+            found, same = _blob.decode(kvs[0].value), cmp_mod_revision(blob, kvs[0].mod_revision)
+        return False
 
     @boundary
     async def unlink_blob(self, repo: str, digest: str) -> bool:

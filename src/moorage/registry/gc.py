@@ -16,7 +16,9 @@ What is garbage
       older than the grace period: found by listing them where the store
       allows (the filesystem), else by their writers' notes in etcd
       (registry/placement.py): a note older than the grace period whose digest
-      has no record names an object a refused commit or a crash left behind.
+      has no record names an object a refused commit or a crash left behind;
+      one naming a location of its own (an S3 upload completed in place) names
+      an object no record points at, whatever the digest's record says.
 
 Why a push racing a sweep is safe
     Mark reads the registry at one revision M. Each sweep is one etcd
@@ -331,20 +333,23 @@ class Collector:
             units = [self.gcs.blob_unit(self.run.id, self.lease, d, snap.blobs[d][1], snap.links.get(d, ()))
                      for d in chunk]
             gone = [d for d, ok in zip(chunk, await self._apply(units)) if ok]
-            await self._delete_files(gone)
+            await self._delete_files(gone, [snap.blobs[d][0].location for d in gone])
             swept.update(gone)
             self.run.blobs_swept += len(gone)
             self.run.bytes_freed += sum(snap.blobs[d][0].size for d in gone)
             await self._step()
         return swept
 
-    async def _delete_files(self, digests: list[str]) -> None:
-        """Files whose records (or absence of one) a sweep transaction just settled,
-        under markers; the markers go only once the files are gone. Started here,
-        carried out beside the sweep (Deletions)."""
+    async def _delete_files(self, digests: list[str], locations: list[str] | None = None) -> None:
+        """Files whose records (or absence of one) a sweep transaction just settled, under
+        markers, each where its record said (`locations`; else the content address); the
+        markers go only once the files are gone. Started here, carried out beside the sweep
+        (Deletions)."""
         if digests and not self.policy.dry_run:
+            blobs = list(zip(digests, locations or [""] * len(digests)))
+
             async def delete() -> None:
-                await self.storage.delete_many(digests)
+                await self.storage.delete_many(blobs)
                 await self.gcs.clear_markers(digests)
             await self._deletions.start(delete)
 
@@ -384,7 +389,8 @@ class Collector:
                 self.run.uploads_swept += 1
                 self.run.bytes_freed += size
         for name, size, stamp in await self.storage.tmp_files():
-            if stamp <= file_cutoff:
+            # An active session's multipart upload (S3: blobs/u/<upload id>?<its id>) stays.
+            if stamp <= file_cutoff and name.partition("?")[0].rsplit("/", 1)[-1] not in active:
                 if not self.policy.dry_run:
                     await self.storage.delete_tmp(name)
                 self.run.tmp_swept += 1
@@ -397,8 +403,12 @@ class Collector:
         the notes deleted in the claim unless a writer noted a new write since the mark."""
         stale: list[Unit] = []
         orphans: list[tuple[str, list[bytes]]] = []
-        for d, notes in snap.intents.items():
-            old = [(key, mod) for key, mod, stamp in notes if stamp <= cutoff]
+        own: list[tuple[Unit, str, str]] = []   # notes of objects at a location of their own
+        for d, all_notes in snap.intents.items():
+            own += [(self.gcs.intent_unit(self.run.id, key, mod), d, location)
+                    for key, mod, stamp, location in all_notes if location and stamp <= cutoff]
+            notes = [note for note in all_notes if not note[3]]
+            old = [(key, mod) for key, mod, stamp, _ in notes if stamp <= cutoff]
             if not old:
                 continue
             if d in snap.blobs and d not in swept:
@@ -415,6 +425,18 @@ class Collector:
             # The object may never have been written (a crash before it was): only what is there counts.
             sizes = [await self.storage.exists(d) for d in claimed]
             await self._delete_files(claimed)
+            self.run.orphans_swept += sum(size is not None for size in sizes)
+            self.run.bytes_freed += sum(size or 0 for size in sizes)
+            await self._step()
+        for i in range(0, len(own), STEP):
+            # A note claimed (deleted unchanged) stops its writer's commit (it compares the note
+            # is there), so its object will never be a record's: deleted with no marker.
+            chunk = own[i:i + STEP]
+            claimed_own = [(d, location) for (_, d, location), ok
+                           in zip(chunk, await self._apply([unit for unit, _, _ in chunk])) if ok]
+            sizes = [await self.storage.exists(d, location) for d, location in claimed_own]
+            if claimed_own and not self.policy.dry_run:
+                await self.storage.delete_many(claimed_own)
             self.run.orphans_swept += sum(size is not None for size in sizes)
             self.run.bytes_freed += sum(size or 0 for size in sizes)
             await self._step()

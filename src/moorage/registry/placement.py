@@ -18,6 +18,14 @@ and deletes its object the way it deletes any orphan file (gc.py). A store
 GC lists (`lists_blobs`, the filesystem) finds such files itself and pays no
 put.
 
+An upload the driver completes at a location of its own (S3: a multipart
+upload completed in place, `BlobDriver.upload_location`) needs none of the
+placing again: no sweep can touch a key no record named before this commit.
+Its writer notes the location first, completes the upload there, and commits
+comparing that its note is still there (else GC took the write for an
+abandoned one, and the push fails); the first record of a digest keeps its
+location, and a later writer of the same digest deletes its own object.
+
 It calls only downwards: the blob driver to place a file, MetaStore to
 commit; what to place and what to commit are its arguments.
 """
@@ -32,7 +40,7 @@ from functools import partial
 from typing import TypeVar
 
 from moorage.meta.records import ManifestRecord, Referrer
-from moorage.meta.store import BlobBeingCollected, MetaStore
+from moorage.meta.store import BlobBeingCollected, MetaStore, WriteCollected
 from moorage.meta.webhooks import QueuedEvent
 from moorage.registry.errors import Unavailable
 from moorage.storage.base import BlobDriver
@@ -56,10 +64,38 @@ class Placement:
         """Place a verified blob, from `data` or from the data of `upload` (which stays, to be
         placed again from), and record it in `repo`; with `session` (id, revision seen) its upload
         session closes in the same transaction. False when the session had changed meanwhile."""
+        if upload is not None:
+            location = self.storage.upload_location(upload, size)
+            if location:
+                return await self._at_own_location(repo, digest, size, upload, location, session)
         place = partial(self.storage.write, digest, data) if data is not None \
             else partial(self.storage.commit_upload, upload, digest, keep=True, size=size)
         return await place_and_commit(self.meta, self.storage, digest, place,
                                       partial(self.meta.commit_blob, repo, digest, size, session))
+
+    async def _at_own_location(self, repo: str, digest: str, size: int, upload: str, location: str,
+                               session: tuple[str, int] | None) -> bool:
+        meta, storage = self.meta, self.storage
+        intent = await meta.intend(digest, location=location)
+        await storage.commit_upload(upload, digest, keep=True, size=size)
+        for _ in range(ATTEMPTS):
+            try:
+                held = await meta.commit_blob_at(repo, digest, size, location, intent, session)
+            except BlobBeingCollected:
+                # A sweep of an older record of the digest, whose object is another: only wait.
+                log.info("blob commit waited for a GC sweep", extra={"digest": digest})
+                await _wait_marker_gone(meta, digest)
+                continue
+            except WriteCollected:
+                await storage.delete(digest, location)   # in case GC deleted it before it was complete
+                raise Unavailable(f"blob {digest} took longer to commit than garbage collection's grace "
+                                  "period; push it again") from None
+            if held != location:
+                # Another upload's object is the blob (or the session moved on): ours goes, then its note.
+                await storage.delete(digest, location)
+                await meta.drop_intent(intent)
+            return held is not None
+        raise Unavailable(f"blob {digest} is being garbage-collected again and again; push it again")
 
     async def manifest(self, repo: str, digest: str, body: bytes, record: ManifestRecord, tag: str | None,
                        referrer: Referrer | None, events: Sequence[QueuedEvent] = ()) -> bool:

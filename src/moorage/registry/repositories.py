@@ -118,10 +118,15 @@ class Repositories:
             notifier.pulled(repo_name, digest, record.media_type, record.size,
                             None if digests.is_digest(reference) else reference, request)
 
+    def _location(self, digest: str) -> str:
+        """Where the storage keeps the blob, as its record says ("": its content address)."""
+        record = self.index.blobs.get(digest)
+        return record.location if record is not None else ""
+
     async def manifest_body(self, digest: str) -> bytes:
         body = self.bodies.get(digest)
         if body is None:
-            body = await self.storage.read(digest)
+            body = await self.storage.read(digest, self._location(digest))
             self.bodies.put(digest, body)
         return body
 
@@ -130,7 +135,7 @@ class Repositories:
         record = self.index.blobs.get(digest)
         if record is None or record.size > max_bytes:
             return None
-        return await self.storage.read(digest)
+        return await self.storage.read(digest, record.location)
 
     async def blob(self, repo_name: str, digest: str) -> BlobRecord:
         check_digest(digest)
@@ -144,14 +149,16 @@ class Repositories:
         """The stored bytes of a recorded blob (of `size`, as recorded); BlobUnknown when its data
         is missing. On an object store with redirects on, a presigned URL instead: signed here,
         without a request to the store (a missing object is then the store's 404)."""
+        location = self._location(digest)
+        chunks = partial(self.storage.stream, digest, location=location)
         if self.redirect and size is not None:
-            url = await self.storage.redirect_url(digest)
+            url = await self.storage.redirect_url(digest, location)
             if url is not None:
-                return BlobBody(digest, size, None, partial(self.storage.stream, digest), url)
-        size = await self.storage.exists(digest)
+                return BlobBody(digest, size, None, chunks, url)
+        size = await self.storage.exists(digest, location)
         if size is None:
             raise BlobUnknown(f"blob {digest} is recorded but its data is missing", {"digest": digest})
-        return BlobBody(digest, size, self.storage.local_path(digest), partial(self.storage.stream, digest))
+        return BlobBody(digest, size, self.storage.local_path(digest, location), chunks)
 
     async def tags(self, repo_name: str, n: int | None, last: str | None) -> tuple[list[str], bool]:
         repo = await self._repo(repo_name)

@@ -167,7 +167,7 @@ class Uploads:
                 if hasher.hexdigest() != hexdigest:
                     raise _mismatch(digest, algorithm, hasher.hexdigest())
             except BaseException:
-                await self.storage.delete_upload(upload_id)
+                await self.storage.delete_upload(upload_id, unrecorded=True)
                 raise
         try:
             await self.placement.blob(repo, digest, size, data=data, upload=upload_id)
@@ -195,7 +195,7 @@ class Uploads:
     async def _close(self, session: Session) -> None:
         self._hashers.pop(session.id, None)
         await self.sessions.close(session)
-        await self.storage.delete_upload(session.id)
+        await self.storage.delete_upload(session.id, unrecorded=True)
 
     # -- receiving bytes -------------------------------------------------
 

@@ -15,7 +15,7 @@ the storage layer's own (storage/errors.py).
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -65,29 +65,33 @@ class BlobDriver(Protocol):
         serves; StorageMisconfigured or StorageUnavailable with the sentence an operator needs."""
 
     # -- blobs by digest ---------------------------------------------------------
+    # `location` is the blob record's (meta/records.py BlobRecord): "" for the content
+    # address, else where the driver's upload commit put the bytes (`upload_location`).
 
-    def local_path(self, digest: str) -> Path | None:
+    def local_path(self, digest: str, location: str = "") -> Path | None:
         """A file to `sendfile` the blob from, or None for drivers without local files."""
 
-    async def exists(self, digest: str) -> int | None:
+    async def exists(self, digest: str, location: str = "") -> int | None:
         """The blob's size, or None."""
 
-    async def read(self, digest: str) -> bytes:
+    async def read(self, digest: str, location: str = "") -> bytes:
         """A small blob whole (a manifest, an image configuration)."""
 
-    def stream(self, digest: str, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+    def stream(self, digest: str, start: int = 0, end: int | None = None,
+               location: str = "") -> AsyncIterator[bytes]:
         """The blob's bytes [start, end) (to its end when `end` is None), chunk by chunk."""
 
     async def write(self, digest: str, data: bytes) -> None:
-        """Store a small blob whose digest the caller has verified."""
+        """Store a small blob whose digest the caller has verified (at its content address)."""
 
-    async def redirect_url(self, digest: str) -> str | None:
+    async def redirect_url(self, digest: str, location: str = "") -> str | None:
         """A short-lived URL clients may fetch the blob from themselves (an object store's
         presigned GET, signed locally), or None when the bytes must go through the replica."""
 
-    async def delete(self, digest: str) -> None: ...
+    async def delete(self, digest: str, location: str = "") -> None: ...
 
-    async def delete_many(self, digests: list[str]) -> None: ...
+    async def delete_many(self, blobs: Sequence[tuple[str, str]]) -> None:
+        """Delete blobs given as (digest, location)."""
 
     # -- uploads -------------------------------------------------------------------
 
@@ -101,11 +105,21 @@ class BlobDriver(Protocol):
     async def hash_upload(self, upload_id: str, algorithm: str, length: int) -> str:
         """Hex digest of the first `length` bytes of an upload."""
 
-    async def commit_upload(self, upload_id: str, digest: str, keep: bool = False, size: int = 0) -> None:
-        """Make the verified upload data, its first `size` bytes, the blob `digest`, atomically;
-        with `keep` the upload's data stays too, to place the blob again from (registry/placement.py)."""
+    def upload_location(self, upload_id: str, size: int) -> str:
+        """Where `commit_upload` will put the upload's `size` bytes: "" for the blob's content
+        address, or a location of the upload's own (never shared with another upload or blob),
+        which a writer's note names before the commit (registry/placement.py)."""
 
-    async def delete_upload(self, upload_id: str) -> None: ...
+    async def commit_upload(self, upload_id: str, digest: str, keep: bool = False, size: int = 0) -> str:
+        """Make the verified upload data, its first `size` bytes, the blob `digest`, atomically;
+        returns its location (`upload_location`). At the content address, `keep` leaves the
+        upload's data too, to place the blob again from (registry/placement.py); at a location
+        of its own the data becomes the blob, and nothing needs placing again."""
+
+    async def delete_upload(self, upload_id: str, unrecorded: bool = False) -> None:
+        """Drop the upload's data; with `unrecorded` (no record will ever name its blob: the
+        upload was cancelled, or its digest did not match) also what `hash_upload` or
+        `commit_upload` made of it at its own location."""
 
     # -- the proof that a joining replica sees this very storage (join) -------------
 

@@ -26,7 +26,7 @@ import mmap
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -268,10 +268,13 @@ class FilesystemDriver:
     async def probe(self) -> None:
         """Nothing to prove before serving: a directory that cannot be written fails the first write."""
 
-    async def redirect_url(self, digest: str) -> str | None:
+    # Blobs live at their content address only (`location` is always ""): a rename places
+    # an upload there without copying a byte.
+
+    async def redirect_url(self, digest: str, location: str = "") -> str | None:
         return None
 
-    def local_path(self, digest: str) -> Path:
+    def local_path(self, digest: str, location: str = "") -> Path:
         return self._path(digest)
 
     def _path(self, digest: str) -> Path:
@@ -285,13 +288,14 @@ class FilesystemDriver:
             raise ValueError(f"bad upload id {upload_id!r}")
         return self.uploads / upload_id
 
-    async def exists(self, digest: str) -> int | None:
+    async def exists(self, digest: str, location: str = "") -> int | None:
         return await _io(_size, self._path(digest))
 
-    async def read(self, digest: str) -> bytes:
+    async def read(self, digest: str, location: str = "") -> bytes:
         return await _io(self._path(digest).read_bytes)
 
-    async def stream(self, digest: str, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+    async def stream(self, digest: str, start: int = 0, end: int | None = None,
+                     location: str = "") -> AsyncIterator[bytes]:
         """Reads of READ_BYTES in the thread pool: for readers that cannot send the file itself."""
         f = await _io(open, self._path(digest), "rb")
         try:
@@ -349,7 +353,7 @@ class FilesystemDriver:
     async def write(self, digest: str, data: bytes) -> None:
         await _io(self._write_small, digest, data)
 
-    async def delete(self, digest: str) -> None:
+    async def delete(self, digest: str, location: str = "") -> None:
         await _io(self._unlink, self._path(digest))
 
     @staticmethod
@@ -403,11 +407,15 @@ class FilesystemDriver:
     async def hash_upload(self, upload_id: str, algorithm: str, length: int) -> str:
         return await _io(self._hash_file, self.upload_path(upload_id), algorithm, length)
 
-    async def commit_upload(self, upload_id: str, digest: str, keep: bool = False, size: int = 0) -> None:
+    def upload_location(self, upload_id: str, size: int) -> str:
+        return ""
+
+    async def commit_upload(self, upload_id: str, digest: str, keep: bool = False, size: int = 0) -> str:
         # The file holds exactly the acknowledged bytes: open_upload cut off the rest.
         await _io(self._sync_and_place, self.upload_path(upload_id), digest, keep)
+        return ""
 
-    async def delete_upload(self, upload_id: str) -> None:
+    async def delete_upload(self, upload_id: str, unrecorded: bool = False) -> None:
         try:
             path = self.upload_path(upload_id)
         except ValueError:
@@ -545,9 +553,9 @@ class FilesystemDriver:
         if "/" not in name and name not in ("", ".", ".."):
             await _io(self._unlink, self.tmp / name)
 
-    async def delete_many(self, digests: list[str]) -> None:
+    async def delete_many(self, blobs: Sequence[tuple[str, str]]) -> None:
         """Remove blob files, in one trip to the thread pool."""
-        paths = [self._path(d) for d in digests]
+        paths = [self._path(d) for d, _ in blobs]
         await _io(lambda: [p.unlink(missing_ok=True) for p in paths])
 
 

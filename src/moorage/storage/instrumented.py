@@ -15,7 +15,7 @@ follow are the client's pace, not the store's.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,17 +75,18 @@ class InstrumentedDriver:
 
     # -- blobs -------------------------------------------------------------------------
 
-    def local_path(self, digest: str) -> Path | None:
-        return self.driver.local_path(digest)
+    def local_path(self, digest: str, location: str = "") -> Path | None:
+        return self.driver.local_path(digest, location)
 
-    async def exists(self, digest: str) -> int | None:
-        return await self._timed("Stat", self.driver.exists(digest))
+    async def exists(self, digest: str, location: str = "") -> int | None:
+        return await self._timed("Stat", self.driver.exists(digest, location))
 
-    async def read(self, digest: str) -> bytes:
-        return await self._timed("GetContent", self.driver.read(digest))
+    async def read(self, digest: str, location: str = "") -> bytes:
+        return await self._timed("GetContent", self.driver.read(digest, location))
 
-    async def stream(self, digest: str, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
-        chunks = self.driver.stream(digest, start, end)
+    async def stream(self, digest: str, start: int = 0, end: int | None = None,
+                     location: str = "") -> AsyncIterator[bytes]:
+        chunks = self.driver.stream(digest, start, end, location)
         started = time.perf_counter()
         try:
             first = await chunks.__anext__()
@@ -105,14 +106,14 @@ class InstrumentedDriver:
     async def write(self, digest: str, data: bytes) -> None:
         await self._timed("PutContent", self.driver.write(digest, data))
 
-    async def redirect_url(self, digest: str) -> str | None:
-        return await self._timed("URLFor", self.driver.redirect_url(digest))
+    async def redirect_url(self, digest: str, location: str = "") -> str | None:
+        return await self._timed("URLFor", self.driver.redirect_url(digest, location))
 
-    async def delete(self, digest: str) -> None:
-        await self._timed("Delete", self.driver.delete(digest))
+    async def delete(self, digest: str, location: str = "") -> None:
+        await self._timed("Delete", self.driver.delete(digest, location))
 
-    async def delete_many(self, digests: list[str]) -> None:
-        await self._timed("Delete", self.driver.delete_many(digests))
+    async def delete_many(self, blobs: Sequence[tuple[str, str]]) -> None:
+        await self._timed("Delete", self.driver.delete_many(blobs))
 
     # -- uploads -------------------------------------------------------------------------
 
@@ -125,11 +126,14 @@ class InstrumentedDriver:
     async def hash_upload(self, upload_id: str, algorithm: str, length: int) -> str:
         return await self._timed("Reader", self.driver.hash_upload(upload_id, algorithm, length))
 
-    async def commit_upload(self, upload_id: str, digest: str, keep: bool = False, size: int = 0) -> None:
-        await self._timed("Move", self.driver.commit_upload(upload_id, digest, keep, size))
+    def upload_location(self, upload_id: str, size: int) -> str:
+        return self.driver.upload_location(upload_id, size)
 
-    async def delete_upload(self, upload_id: str) -> None:
-        await self._timed("Delete", self.driver.delete_upload(upload_id))
+    async def commit_upload(self, upload_id: str, digest: str, keep: bool = False, size: int = 0) -> str:
+        return await self._timed("Move", self.driver.commit_upload(upload_id, digest, keep, size))
+
+    async def delete_upload(self, upload_id: str, unrecorded: bool = False) -> None:
+        await self._timed("Delete", self.driver.delete_upload(upload_id, unrecorded))
 
     # -- join's proof ------------------------------------------------------------------------
 

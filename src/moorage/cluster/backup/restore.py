@@ -22,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
+
 from moorage.cluster import pki, repair
 from moorage.cluster.addresses import url_host
 from moorage.cluster.backup.archive import (
@@ -30,10 +32,14 @@ from moorage.cluster.backup.archive import (
 from moorage.cluster.backup.blobs import restore_blobs
 from moorage.cluster.identity import Identity
 from moorage.meta import keys
-from moorage.meta.etcd import EtcdClient, EtcdUnavailable, op_delete
+from moorage.meta.etcd import EtcdClient, EtcdUnavailable, op_delete, op_put
+from moorage.meta.records import BlobRecord, decoder, encode
 from moorage.storage.drivers import storage_at
 
 LEADER_SECONDS = 20.0
+RELOCATE_BATCH = 128   # records per transaction, far below etcd's --max-txn-ops
+
+_blob = decoder(BlobRecord)
 
 
 @dataclass(frozen=True)
@@ -62,34 +68,55 @@ def restore(checked: Checked, data_dir: Path, identity: Identity,
             copy_checked(f, out, name, checked)
     restore_snapshot(snapshot, identity, repair.etcd_data_dir(data_dir))
     snapshot.unlink()
-    revision, dropped = asyncio.run(_forget_old_cluster(data_dir, identity))
-    written = present = 0
-    if checked.blobs:
-        progress = blob_progress(sum(checked.files[n]["size"] for n in checked.blobs)) if blob_progress else None
-        written, present = asyncio.run(_restore_blobs(checked, identity, progress))
+    progress = None
+    if checked.blobs and blob_progress:
+        progress = blob_progress(sum(checked.files[n]["size"] for n in checked.blobs))
+    restored = asyncio.run(_rebuild(checked, data_dir, identity, progress))
     identity.save(data_dir)
-    return Restored(revision, dropped, written, present)
+    return restored
 
 
-async def _forget_old_cluster(data_dir: Path, identity: Identity) -> tuple[int, list[str]]:
+async def _rebuild(checked: Checked, data_dir: Path, identity: Identity, progress: Progress | None) -> Restored:
+    """With the restored etcd member running: forget the old cluster, put the blobs back, and
+    point the records of those the driver put elsewhere than before at where they are now
+    (an upload completed in place has a location of its own, BlobRecord.location)."""
     etcd = repair.member(data_dir, identity)
     await etcd.start()
     client = EtcdClient(etcd.endpoint, etcd.tls)
     try:
-        return await forget_old_cluster(client)
+        revision, dropped = await forget_old_cluster(client)
+        written = present = 0
+        if checked.blobs:
+            storage = storage_at(identity.storage_dir, identity.s3)
+            try:
+                await storage.open()
+                await storage.probe()
+                records = await blob_records(client)
+                written, present, moved = await restore_blobs(
+                    checked, storage, progress, {d: r.location for d, r in records.items()})
+            finally:
+                await storage.close()
+            revision = max(revision, await relocate(client, records, moved))
+        return Restored(revision, dropped, written, present)
     finally:
         await client.close()
         await etcd.stop()
 
 
-async def _restore_blobs(checked: Checked, identity: Identity, progress: Progress | None) -> tuple[int, int]:
-    storage = storage_at(identity.storage_dir, identity.s3)
-    try:
-        await storage.open()
-        await storage.probe()
-        return await restore_blobs(checked, storage, progress)
-    finally:
-        await storage.close()
+async def blob_records(client: EtcdClient) -> dict[str, BlobRecord]:
+    _, kvs = await client.range_prefix(keys.BLOB)
+    return {kv.key[len(keys.BLOB):].decode(): _blob.decode(kv.value) for kv in kvs}
+
+
+async def relocate(client: EtcdClient, records: dict[str, BlobRecord], moved: dict[str, str]) -> int:
+    """Rewrite the records of blobs now at another location; the newest revision (0: none)."""
+    revision = 0
+    items = [(d, loc) for d, loc in moved.items() if d in records]
+    for i in range(0, len(items), RELOCATE_BATCH):
+        result = await client.txn([], [op_put(keys.blob(d), encode(msgspec.structs.replace(records[d], location=loc)))
+                                       for d, loc in items[i:i + RELOCATE_BATCH]])
+        revision = result.revision
+    return revision
 
 
 def etcd_version() -> str:

@@ -18,6 +18,7 @@ import io
 import logging
 import random
 import time
+from collections import Counter
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
@@ -93,6 +94,9 @@ class S3Client:
         self.config = config
         self._stack: AsyncExitStack | None = None
         self._client: Any = None
+        # Operations asked of the store, by name (each retry counts once more): what a test
+        # reads to say, for one, that a commit copied nothing.
+        self.calls: Counter[str] = Counter()
 
     # -- life ------------------------------------------------------------------
 
@@ -150,6 +154,7 @@ class S3Client:
             attempt += 1
             if isinstance(body, PartBody):
                 body.seek(0)  # a retried call must send the whole body again
+            self.calls[op] += 1
             try:
                 async with asyncio.timeout(max(deadline - loop.time(), 0.001)):
                     return await getattr(self._client, op)(**params)
@@ -234,11 +239,6 @@ class S3Client:
     async def read_key(self, key: str) -> bytes:
         """A whole object in memory: for manifests and other small things."""
         return b"".join([c async for c in self.stream_key(key)])
-
-    async def copy_key(self, source: str, target: str) -> None:
-        """The store copies an object (CopyObject): no byte through this process."""
-        await self.call(f"copy {self.relative(source)}", "copy_object", Bucket=self.config.bucket, Key=target,
-                        CopySource={"Bucket": self.config.bucket, "Key": source})
 
     async def delete_keys(self, keys: list[str]) -> None:
         """Delete objects, 1,000 a DeleteObjects request; keys already gone are fine."""

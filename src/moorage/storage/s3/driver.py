@@ -1,17 +1,19 @@
 """S3Driver: the BlobDriver (storage/base.py) on a bucket, over the client and upload sessions.
 
-What the layers above see of S3. Blobs live at their content address
-(`blobs/<algorithm>/<2 hex>/<hex>`), found through etcd, never by listing;
-upload sessions are uploads.py's; files beside the blobs (the audit log, the
-join proof) are objects under their own names; GC lists only `uploads/` and
-the multipart uploads a crashed commit left under `blobs/`.
+What the layers above see of S3. A blob lives where its record says: at its
+content address (`blobs/<algorithm>/<2 hex>/<hex>`: manifests, small blobs)
+or at the key its upload session completed in place (`blobs/u/<upload id>`,
+the record's `location`); either way it is found through etcd, never by
+listing. Upload sessions are uploads.py's; files beside the blobs (the audit
+log, the join proof) are objects under their own names; GC lists only
+`uploads/` and the multipart uploads in progress under `blobs/`.
 """
 
 from __future__ import annotations
 
 import os
 import uuid
-from typing import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 from moorage import digest as digests
 from moorage.storage.base import checked_name
@@ -19,7 +21,7 @@ from moorage.storage.errors import ObjectMissing, StorageMisconfigured
 from moorage.storage.s3.client import S3Client
 from moorage.storage.s3.config import S3Config
 from moorage.storage.s3.multipart import Multipart
-from moorage.storage.s3.uploads import PieceAppender, UploadSessions
+from moorage.storage.s3.uploads import PartAppender, UploadSessions, upload_of
 
 
 class S3Driver:
@@ -76,53 +78,64 @@ class S3Driver:
         algorithm, hexdigest = digests.parse(digest)  # a ValueError (DigestError) for anything else
         return f"{self.config.prefix}blobs/{algorithm}/{hexdigest[:2]}/{hexdigest}"
 
-    def local_path(self, digest: str) -> None:
+    def key(self, digest: str, location: str = "") -> str:
+        """The blob's object: its record's location, else its content address."""
+        if location:
+            return self.uploads.location_key(upload_of(location))
+        return self.blob_key(digest)
+
+    def local_path(self, digest: str, location: str = "") -> None:
         return None
 
-    async def exists(self, digest: str) -> int | None:
-        return await self.client.head_key(self.blob_key(digest))
+    async def exists(self, digest: str, location: str = "") -> int | None:
+        return await self.client.head_key(self.key(digest, location))
 
     async def write(self, digest: str, data: bytes | bytearray | memoryview) -> None:
         """Store a blob whose digest the caller has verified. Same digest, same
         bytes: a concurrent twin overwriting it is harmless."""
         await self.client.put_key(self.blob_key(digest), data)
 
-    async def read(self, digest: str) -> bytes:
-        return await self.client.read_key(self.blob_key(digest))
+    async def read(self, digest: str, location: str = "") -> bytes:
+        return await self.client.read_key(self.key(digest, location))
 
-    def stream(self, digest: str, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
-        return self.client.stream_key(self.blob_key(digest), start, end)
+    def stream(self, digest: str, start: int = 0, end: int | None = None,
+               location: str = "") -> AsyncIterator[bytes]:
+        return self.client.stream_key(self.key(digest, location), start, end)
 
-    async def delete(self, digest: str) -> None:
-        await self.client.delete_keys([self.blob_key(digest)])
+    async def delete(self, digest: str, location: str = "") -> None:
+        await self.client.delete_keys([self.key(digest, location)])
 
-    async def delete_many(self, digests: list[str]) -> None:
-        await self.client.delete_keys([self.blob_key(d) for d in digests])
+    async def delete_many(self, blobs: Sequence[tuple[str, str]]) -> None:
+        await self.client.delete_keys([self.key(d, location) for d, location in blobs])
 
-    async def presign(self, digest: str, seconds: int | None = None) -> str:
-        return await self.client.presign_key(self.blob_key(digest), seconds)
+    async def presign(self, digest: str, seconds: int | None = None, location: str = "") -> str:
+        return await self.client.presign_key(self.key(digest, location), seconds)
 
-    async def redirect_url(self, digest: str) -> str | None:
-        return await self.presign(digest)
+    async def redirect_url(self, digest: str, location: str = "") -> str | None:
+        return await self.presign(digest, location=location)
 
     # -- uploads (uploads.py) ------------------------------------------------------------
 
     def new_upload_id(self) -> str:
         return uuid.uuid4().hex
 
-    async def open_upload(self, upload_id: str, offset: int, hasher=None) -> PieceAppender:
+    async def open_upload(self, upload_id: str, offset: int, hasher=None) -> PartAppender:
         return await self.uploads.open(upload_id, offset, hasher)
 
     async def hash_upload(self, upload_id: str, algorithm: str, length: int) -> str:
         return await self.uploads.hash(upload_id, algorithm, length)
 
-    async def commit_upload(self, upload_id: str, digest: str, keep: bool = False, size: int = 0) -> None:
-        """Make bytes [0, size) of the upload the blob `digest` (verified by the caller).
-        The pieces stay (`keep` or not) until `delete_upload`."""
-        await self.uploads.commit(upload_id, self.blob_key(digest), size)
+    def upload_location(self, upload_id: str, size: int) -> str:
+        return self.uploads.location_for(upload_id, size)
 
-    async def delete_upload(self, upload_id: str) -> None:
-        await self.uploads.delete(upload_id)
+    async def commit_upload(self, upload_id: str, digest: str, keep: bool = False, size: int = 0) -> str:
+        """Make bytes [0, size) of the upload the blob `digest` (verified by the caller): its
+        multipart upload completed in place, or (under 5 MiB) its tail at the content address.
+        The session's states stay (`keep` or not) until `delete_upload`."""
+        return await self.uploads.commit(upload_id, size, lambda: self.blob_key(digest))
+
+    async def delete_upload(self, upload_id: str, unrecorded: bool = False) -> None:
+        await self.uploads.delete(upload_id, unrecorded)
 
     # -- the join proof: an object under cluster/ ----------------------------------------
 
@@ -172,8 +185,9 @@ class S3Driver:
         return await self.uploads.listing()
 
     async def tmp_files(self) -> list[tuple[str, int, float]]:
-        """Multipart uploads left in progress by a commit that crashed (ListMultipartUploads
-        lists uploads in progress, not objects)."""
+        """Multipart uploads in progress (ListMultipartUploads lists those, not objects): upload
+        sessions' under blobs/u/<upload id> (GC keeps an active session's), and any a retried
+        start or a crash left behind."""
         return [(f"{self.client.relative(u.key)}?{u.s3_upload_id}", 0, u.initiated)
                 for u in await self.multipart.list_uploads("blobs/")]
 

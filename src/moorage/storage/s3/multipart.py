@@ -1,6 +1,6 @@
-"""S3 multipart uploads at a key: start, send or copy parts, complete, abort, list.
+"""S3 multipart uploads at a key: start, send parts, complete, abort, list.
 
-The primitives upload sessions (uploads.py) assemble blobs with. S3's rules
+The primitives upload sessions (uploads.py) build blobs with, in place. S3's rules
 (parts 1 to 10,000, every part but the last at least 5 MiB) are checked here
 first, so that the error says which part. `upload_id` only names the
 session in messages; `s3_upload_id` is the store's id for the upload.
@@ -80,21 +80,6 @@ class Multipart:
                                    body_size=len(body), Bucket=self.bucket, Key=key, UploadId=s3_upload_id,
                                    PartNumber=number, Body=body, ContentLength=len(body))
         return Part(number, r["ETag"], len(body))
-
-    async def copy_part(self, upload_id: str, s3_upload_id: str, number: int, source_key: str,
-                        start: int, end: int, key: str) -> Part:
-        """A part made by the store from bytes [start, end) of another object (UploadPartCopy):
-        nothing passes through this process."""
-        if not 1 <= number <= MAX_PARTS:
-            raise UploadInvalid(f"a multipart upload has parts 1 to {MAX_PARTS}, not {number}")
-        if not 0 <= start < end or end - start > MAX_PART:
-            raise UploadInvalid(f"a copied part holds 1 byte to 5 GiB, not bytes {start} to {end}")
-        r = await self.client.call(f"copy part {number} of upload {upload_id}", "upload_part_copy",
-                                   body_size=end - start, Bucket=self.bucket, Key=key,
-                                   UploadId=s3_upload_id, PartNumber=number,
-                                   CopySource={"Bucket": self.bucket, "Key": source_key},
-                                   CopySourceRange=f"bytes={start}-{end - 1}")
-        return Part(number, r["CopyPartResult"]["ETag"], end - start)
 
     async def list_parts(self, upload_id: str, s3_upload_id: str, key: str) -> list[Part]:
         """The parts the store holds, as it lists them. AWS lists the last version
