@@ -286,16 +286,25 @@ def fresh_registry_each_driver(request) -> Registry:
 
 
 def stored_blobs(reg: Registry) -> dict[str, bytes]:
-    """Every blob the replica's storage holds at a content address (hex digest -> its bytes):
-    files under the blob directory, or objects under blobs/ in its bucket."""
+    """Every blob the replica's storage holds (hex digest -> its bytes): files under the blob
+    directory, or objects under blobs/ in its bucket: at a content address, or at an upload's
+    own key (blobs/u/<upload id>, named by the hex digest of what it holds). A digest held
+    twice (a writer's object left beside the record's) fails."""
+    import hashlib
     import re
 
     if reg.object_store is not None:
         store, prefix = reg.object_store
         s3 = store.client(timeout=30.0)
+        found = {}
         try:
-            return {key.rsplit("/", 1)[1]: s3.get_object(Bucket=store.bucket, Key=f"{prefix}/{key}")["Body"].read()
-                    for key in store.objects(prefix) if key.startswith("blobs/sha256/")}
+            for key in store.objects(prefix):
+                if key.startswith(("blobs/sha256/", "blobs/u/")):
+                    data = s3.get_object(Bucket=store.bucket, Key=f"{prefix}/{key}")["Body"].read()
+                    name = key.rsplit("/", 1)[1] if key.startswith("blobs/sha256/") else hashlib.sha256(data).hexdigest()
+                    assert name not in found, f"two objects hold the digest {name}"
+                    found[name] = data
+            return found
         finally:
             s3.close()
     # Anywhere under the directory, so that a torn write under some other name is seen too.

@@ -22,7 +22,7 @@ import pytest
 from moorage.registry.gc import Deletions
 from moorage.storage.errors import StorageUnavailable
 
-from conftest import ADMIN_PASSWORD, Registry, moorage, wait_for
+from conftest import ADMIN_PASSWORD, Registry, moorage, stored_blobs, wait_for
 from layout import Layout, LayoutImage, read_layout, tar_gz_layer
 from oci import (
     OCI_CONFIG, OCI_INDEX, OCI_LAYER, OCI_MANIFEST, canonical, descriptor, make_image, new_repo, patch_chunk,
@@ -49,9 +49,7 @@ def config(reg: Registry, key: str, value: str | None) -> None:
 
 def blob_files(reg: Registry) -> set[str]:
     if reg.object_store is not None:
-        store, prefix = reg.object_store
-        return {f"{alg}:{hexdigest}" for alg, _, hexdigest in
-                (k.split("/")[1:] for k in store.objects(prefix) if k.startswith("blobs/sha"))}
+        return {f"sha256:{hexdigest}" for hexdigest in stored_blobs(reg)}
     root = reg.blob_dir / "blobs"
     return {f"{alg.name}:{f.name}" for alg in root.iterdir() for sub in alg.iterdir() for f in sub.iterdir()}
 

@@ -16,7 +16,10 @@ import json
 import os
 import re
 import time
+import random
+import threading
 import uuid
+from urllib.parse import urlsplit
 
 import httpx
 import msgspec
@@ -24,14 +27,15 @@ import pytest
 
 from conftest import ADMIN_PASSWORD, Cluster, ObjectStore, Registry, moorage, wait_for
 from layout import Layout, read_layout
-from moorage.meta.records import BlobRecord
+from moorage.meta.records import BlobRecord, encode_note
 from moorage.registry.audit import AuditEvent, AuditQuery, BucketAuditLog
 from moorage.storage.s3.config import S3Config
 from moorage.storage.s3.driver import S3Driver
-from oci import (OCI_MANIFEST, assert_oci_error, finish_upload, make_image, new_repo, patch_chunk, push_blob, push_image,
-                 pull_manifest, sha256, start_upload, with_digest)
+from oci import (OCI_CONFIG, OCI_LAYER, OCI_MANIFEST, assert_oci_error, canonical, descriptor, finish_upload,
+                 make_image, new_repo, patch_chunk, push_blob, push_blob_chunked, push_image, pull_manifest, sha256,
+                 start_upload, with_digest)
 from seaweed import SeaweedFS, seaweed  # noqa: F401 - the module's store
-from test_gc import config as gc_config, gc
+from test_gc import admin, blob_files, config as gc_config, gc
 from test_skopeo import assert_image_pulled, inspect, pull, push
 
 pytestmark = pytest.mark.s3
@@ -81,7 +85,8 @@ def stored_at(reg: Registry, digest: str) -> str:
 def s3reg(seaweed, tmp_path_factory):  # noqa: F811 - the fixture
     prefix = f"r-{uuid.uuid4().hex[:8]}"
     store = store_of(seaweed, prefix)
-    reg = Registry(tmp_path_factory.mktemp("s3reg") / "data", extra_args=store.args, env=store.env).start()
+    reg = Registry(tmp_path_factory.mktemp("s3reg") / "data", extra_args=store.args, env=store.env,
+                   object_store=(seaweed, prefix)).start()
     reg.prefix = prefix
     yield reg
     reg.stop()
@@ -141,6 +146,8 @@ def test_every_upload_kind_lands_whole_where_its_record_says(s3reg, c, seaweed):
             assert key == blob_key(digest)
         head = c.head(f"/v2/{repo}/blobs/{digest}")
         assert head.status_code == 200 and head.headers["Content-Length"] == str(len(data))
+        redirect = c.get(f"/v2/{repo}/blobs/{digest}").headers["Location"]
+        assert urlsplit(redirect).path == f"/{seaweed.bucket}/{s3reg.prefix}/{key}", redirect   # presigned there
         assert fetch(c, repo, digest, seaweed) == data
     assert not [k for k in stored if k.startswith("uploads/")], "an upload's state outlived its commit"
     in_progress = seaweed.client().list_multipart_uploads(Bucket=seaweed.bucket, Prefix=f"{s3reg.prefix}/blobs/")
@@ -163,6 +170,121 @@ def test_a_wrong_digest_leaves_nothing_visible(s3reg, c, seaweed):
     assert not [k for k in set(stored) - before if k.startswith(("uploads/", "blobs/u/"))], stored
     # The sessions' multipart uploads were aborted, not left for GC.
     in_progress = seaweed.client().list_multipart_uploads(Bucket=seaweed.bucket, Prefix=f"{s3reg.prefix}/blobs/u/")
+    assert not in_progress.get("Uploads"), in_progress.get("Uploads")
+
+
+def test_a_mount_shares_the_record_and_its_location(s3reg, c, seaweed):
+    source, target = new_repo("s3m"), new_repo("s3m")
+    data = os.urandom(5 * MiB + 99)
+    digest = push_blob(c, source, data)
+    before = records(s3reg, digest)[digest]
+    assert before is not None and before.location.startswith("blobs/u/")
+    r = c.post(f"/v2/{target}/blobs/uploads/", params={"mount": digest, "from": source})
+    assert r.status_code == 201, r.text
+    after = records(s3reg, digest)[digest]
+    assert after.location == before.location and after.created > before.created   # rewritten, same object
+    assert fetch(c, target, digest, seaweed) == data
+
+
+def test_large_pushes_of_the_same_blobs_racing_gc_lose_nothing_and_leave_nothing(s3reg, seaweed):
+    """Images whose layers are three blobs of over 5 MiB (each upload completed at its own key),
+    pushed by three clients at once, chunked and monolithic, some deleted again, while GC with
+    zero grace runs back to back: sweeps of a layer's record race new uploads of it, and twin
+    uploads race each other's commits. Every acknowledged image pulls whole; a push may fail
+    only with 503 (GC took its write for an abandoned one, its grace being zero); and after a
+    last run nothing is left in the bucket that no image uses, no second object of a blob, no
+    session state, no multipart upload in progress."""
+    gc_config(s3reg, "gc.grace_seconds", "0")
+    pool = [os.urandom(5 * MiB + 1000 * i) for i in range(3)]
+    acked: dict[tuple[str, str], bytes] = {}
+    lock, stop = threading.Lock(), threading.Event()
+    stats = {"pushes": 0, "refused": 0, "runs": 0, "blobs_swept": 0}
+    errors: list[str] = []
+    pushed: set[str] = set()
+
+    def pusher(n: int) -> None:
+        r, repo, i = random.Random(n), f"s3race/{uuid.uuid4().hex[:8]}", 0
+        mine: list[tuple[str, str]] = []
+        with s3reg.client() as client:
+            while not stop.is_set():
+                layer = r.choice(pool)
+                config = canonical({"n": n, "i": i, "diff_ids": [sha256(layer)]})
+                manifest = canonical({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                                      "config": descriptor(OCI_CONFIG, config), "layers": [descriptor(OCI_LAYER, layer)]})
+                i += 1
+                with lock:
+                    pushed.update((sha256(layer), sha256(config)))
+                try:
+                    (push_blob_chunked(client, repo, layer, chunk=2 * MiB + 17) if r.random() < 0.5
+                     else push_blob(client, repo, layer))
+                    push_blob(client, repo, config)
+                except AssertionError as e:
+                    if "503" not in str(e):
+                        errors.append(str(e)[:300])
+                    with lock:
+                        stats["refused"] += 1
+                    continue
+                rr = client.put(f"/v2/{repo}/manifests/t{i}", content=manifest, headers={"Content-Type": OCI_MANIFEST})
+                if rr.status_code != 201:   # a sweep took a blob between its push and the manifest
+                    assert rr.status_code == 400 and "BLOB_UNKNOWN" in rr.text, rr.text
+                    continue
+                with lock:
+                    acked[(repo, f"t{i}")] = manifest
+                    stats["pushes"] += 1
+                mine.append((repo, f"t{i}"))
+                if len(mine) > 2 and r.random() < 0.5:
+                    drepo, dtag = mine.pop(0)
+                    with lock:
+                        gone = acked.pop((drepo, dtag))
+                    assert client.delete(f"/v2/{drepo}/manifests/{sha256(gone)}").status_code == 202
+
+    def collector() -> None:
+        with admin(s3reg) as client:
+            while not stop.is_set():
+                r = client.post("/_admin/gc", json={})
+                if r.status_code == 409:
+                    time.sleep(0.05)
+                    continue
+                run = r.json()
+                while run["state"] == "running":
+                    time.sleep(0.05)
+                    run = client.get(f"/_admin/gc/{run['id']}").json()
+                assert run["state"] == "done", run
+                with lock:
+                    stats["runs"] += 1
+                    stats["blobs_swept"] += run["blobs_swept"]
+
+    threads = [threading.Thread(target=pusher, args=(n,)) for n in range(3)] + [threading.Thread(target=collector)]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(12)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(120)
+    print(f"race: {stats}")
+    assert not errors, errors[:3]
+    assert stats["runs"] >= 5 and stats["pushes"] >= 5 and stats["blobs_swept"] > 0, stats
+    gc_config(s3reg, "gc.upload_max_age_seconds", "0")
+    try:
+        assert gc(s3reg)["state"] == "done"
+    finally:
+        gc_config(s3reg, "gc.grace_seconds", None)
+        gc_config(s3reg, "gc.upload_max_age_seconds", None)
+    wanted: set[str] = set()
+    with s3reg.client() as client:
+        for (repo, tag), manifest in acked.items():
+            assert pull_manifest(client, repo, tag) == manifest
+            for desc in (json.loads(manifest)["config"], *json.loads(manifest)["layers"]):
+                wanted.add(desc["digest"])
+                got = client.get(f"/v2/{repo}/blobs/{desc['digest']}", follow_redirects=True)
+                assert got.status_code == 200 and sha256(got.content) == desc["digest"], (repo, tag, desc)
+    left = (blob_files(s3reg) - wanted) & pushed
+    assert not left, left   # and blob_files (stored_blobs) failed already on a blob held twice
+    stored = objects(seaweed, s3reg.prefix)
+    assert not [k for k in stored if k.startswith("uploads/")], "session state left"
+    in_progress = seaweed.client().list_multipart_uploads(Bucket=seaweed.bucket, Prefix=f"{s3reg.prefix}/blobs/")
     assert not in_progress.get("Uploads"), in_progress.get("Uploads")
 
 
@@ -305,6 +427,15 @@ def test_gc_deletes_garbage_and_what_crashed_uploads_left(s3reg, c, seaweed):
     notes = etcd(s3reg, (keys.gc_writing(sha256(orphan), "died"), b"%.3f" % time.time()),
                  (keys.gc_writing(sha256(keep.layers[0]), "died"), b"%.3f" % time.time()))
     assert {keys.gc_writing(sha256(orphan), "died"), keys.gc_writing(sha256(keep.layers[0]), "died")} <= set(notes)
+    # Uploads completed at their own keys whose writers died before committing: one of a digest
+    # with no record, one of a digest whose record names another object (a twin upload's, or
+    # the content address). Their notes name the keys; no record points at them.
+    own = {f"blobs/u/{uuid.uuid4().hex}": sha256(b"never recorded"), f"blobs/u/{uuid.uuid4().hex}": sha256(keep.layers[1])}
+    bucket = seaweed.client()
+    for key in own:
+        bucket.put_object(Bucket=seaweed.bucket, Key=f"{s3reg.prefix}/{key}", Body=b"completed in place")
+    bucket.close()
+    etcd(s3reg, *[(keys.gc_writing(digest, "died-own"), encode_note(time.time(), key)) for key, digest in own.items()])
     # An upload abandoned with pieces in the bucket, and a commit that crashed mid-assembly
     # (a multipart upload in progress at a blob's address).
     patch_chunk(c, start_upload(c, repo), os.urandom(MiB), 0)
@@ -319,19 +450,36 @@ def test_gc_deletes_garbage_and_what_crashed_uploads_left(s3reg, c, seaweed):
     finally:
         gc_config(s3reg, "gc.grace_seconds", None)
         gc_config(s3reg, "gc.upload_max_age_seconds", None)
-    assert run["uploads_swept"] >= 1 and run["tmp_swept"] >= 1 and run["orphans_swept"] >= 1, run
+    assert run["uploads_swept"] >= 1 and run["tmp_swept"] >= 1 and run["orphans_swept"] >= 3, run
     assert etcd(s3reg) == []
     stored = objects(seaweed, s3reg.prefix)
-    assert blob_key(sha256(orphan)) not in stored
+    assert blob_key(sha256(orphan)) not in stored and not set(own) & set(stored), own
     for blob in (gone.config, *gone.layers, gone.manifest):
         assert blob_key(sha256(blob)) not in stored
     for blob in (keep.config, *keep.layers, keep.manifest):
-        assert blob_key(sha256(blob)) in stored
+        assert stored_at(s3reg, sha256(blob)) in stored
     assert not [k for k in stored if k.startswith("uploads/")]
     in_progress = client.list_multipart_uploads(Bucket=seaweed.bucket, Prefix=f"{s3reg.prefix}/blobs/")
     assert not in_progress.get("Uploads"), in_progress.get("Uploads")
     client.close()
     assert pull_manifest(c, repo, "keep") == keep.manifest
+
+
+def test_gc_keeps_an_active_sessions_multipart_upload_however_old(s3reg, c, seaweed):
+    """A session's multipart upload starts with its first part; GC aborts multipart uploads older
+    than gc.upload_max_age_seconds, but never that of a session still receiving."""
+    repo, data = new_repo("s3gc"), os.urandom(11 * MiB)
+    location = patch_chunk(c, start_upload(c, repo), data[:6 * MiB], 0)
+    gc_config(s3reg, "gc.upload_max_age_seconds", "2")
+    try:
+        time.sleep(2.5)   # the multipart upload is now older than that...
+        location = patch_chunk(c, location, data[6 * MiB:9 * MiB], 6 * MiB)   # ...but its session is active
+        run = gc(s3reg)
+    finally:
+        gc_config(s3reg, "gc.upload_max_age_seconds", None)
+    assert run["tmp_swept"] == 0 and run["uploads_swept"] == 0, run
+    digest = finish_upload(c, location, sha256(data), data[9 * MiB:])
+    assert fetch(c, repo, digest, seaweed) == data
 
 
 # -- replicas on separate hosts, sharing nothing but the object store ------------------------------------

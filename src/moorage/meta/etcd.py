@@ -112,6 +112,12 @@ def cmp_mod_revision(key: bytes, revision: int) -> rpc.Compare:
                        mod_revision=revision)
 
 
+def cmp_create_revision(key: bytes, revision: int) -> rpc.Compare:
+    """The key is the one created at `revision`, however often rewritten since."""
+    return rpc.Compare(key=key, result=rpc.Compare.EQUAL, target=rpc.Compare.CREATE,
+                       create_revision=revision)
+
+
 def cmp_prefix_unchanged(prefix: bytes, revision: int) -> rpc.Compare:
     """No key under `prefix` was created or modified after `revision` (deletions go unseen)."""
     return rpc.Compare(key=prefix, range_end=prefix_end(prefix), result=rpc.Compare.LESS,

@@ -27,7 +27,7 @@ from moorage.meta import keys
 from moorage.meta.access import TEAM, USER, decode_user
 from moorage.meta.errors import MetadataUnavailable, boundary
 from moorage.meta.etcd import (
-    KV, EtcdClient, EtcdUnavailable, Event, TxnResult, cmp_absent, cmp_exists, cmp_mod_revision,
+    KV, EtcdClient, EtcdUnavailable, Event, TxnResult, cmp_absent, cmp_create_revision, cmp_exists, cmp_mod_revision,
     cmp_prefix_unchanged, cmp_value, op_delete, op_get, op_put, op_txn,
 )
 from moorage.meta.index import Index
@@ -264,10 +264,12 @@ class MetaStore:
         Returns the location the record holds; None when the upload had changed meanwhile.
         WriteCollected when GC took the note (and so the object) first."""
         blob, marker = keys.blob(digest), keys.gc_deleting(digest)
-        held, seen = location, None   # the location to record; the record's mod_revision (None: absent)
+        # The location to record, and the record's create_revision (None: absent): rewrites keep
+        # a record's location, so a record the same since its creation still has the one read.
+        held, seen = location, None
         for _ in range(RETRIES):
             compare = [cmp_absent(marker), cmp_exists(intent),
-                       cmp_absent(blob) if seen is None else cmp_mod_revision(blob, seen)]
+                       cmp_absent(blob) if seen is None else cmp_create_revision(blob, seen)]
             ops = [op_put(blob, encode(BlobRecord(size=size, created=time.time(), location=held))),
                    op_put(keys.repo_blob(repo, digest), b"")]
             if held == location:
@@ -286,8 +288,8 @@ class MetaStore:
                 raise BlobBeingCollected(digest)
             if not found_intent:
                 raise WriteCollected(digest)
-            if found_blob and found_blob[0].mod_revision != seen:
-                seen, held = found_blob[0].mod_revision, _blob.decode(found_blob[0].value).location
+            if found_blob and found_blob[0].create_revision != seen:
+                seen, held = found_blob[0].create_revision, _blob.decode(found_blob[0].value).location
             elif not found_blob and seen is not None:
                 seen, held = None, location   # a sweep took the record between two tries
             else:
@@ -298,8 +300,8 @@ class MetaStore:
     async def mount_blob(self, repo: str, source: str, digest: str) -> bool:
         # The blob record is written again (and dated now) so that a GC sweep that
         # marked it before this mount sees it changed and keeps it. It keeps its location:
-        # compared unchanged since read, so a record a sweep replaced meanwhile (whose
-        # object may be another) is never copied.
+        # compared to be the record read (its value, else the same since its creation), so a
+        # record a sweep replaced meanwhile (whose object may be another) is never copied.
         found = self.index.blobs.get(digest)
         if found is None:
             return False
@@ -316,7 +318,7 @@ class MetaStore:
             kvs = result.responses[0].response_range.kvs
             if not kvs:
                 return False
-            found, same = _blob.decode(kvs[0].value), cmp_mod_revision(blob, kvs[0].mod_revision)
+            found, same = _blob.decode(kvs[0].value), cmp_create_revision(blob, kvs[0].create_revision)
         return False
 
     @boundary

@@ -6,16 +6,16 @@ One job a module, bottom up (each imports only those before it):
     failures.py   what a failed call means: retry it, or which storage error to raise
     client.py     S3Client: object calls (put, get, head, list, delete, presign) under
                   one deadline-and-retry policy
-    multipart.py  S3 multipart uploads at a key (create, parts, copied parts, complete, abort)
-    uploads.py    upload sessions: pieces under uploads/<id>/, appended from any replica,
-                  assembled at the blob's content address once the digest is verified
+    multipart.py  S3 multipart uploads at a key (create, parts, complete, abort, list)
+    uploads.py    upload sessions: one multipart upload each, appended from any replica,
+                  completed in place once the digest is verified (never copied)
     driver.py     S3Driver, the BlobDriver (storage/base.py) the layers above see
 
 The client is aiobotocore. bench/s3_clients.py measured it against obstore
 (the Rust object_store): obstore is several times cheaper per request, but it
-cannot resume a multipart upload by its id, list parts or uploads, copy a
-part server-side, or read the shared credentials file, and an upload session
-whose requests land on different replicas needs all of those. The hot paths
+cannot resume a multipart upload by its id, list multipart uploads, or read
+the shared credentials file, and an upload session whose requests land on
+different replicas needs all of those. The hot paths
 do not reach S3 (HEAD and manifest GET come from the index; blob GET is a
 redirect to a presigned URL), so per-request cost matters less than reach.
 
@@ -23,8 +23,10 @@ Layout under the configured prefix (distribution's
 `docker/registry/v2/blobs/sha256/ab/<hex>/data` nests one level more for no
 gain on S3, which partitions by key prefix itself):
 
-    blobs/<algorithm>/<2 hex>/<hex>   a blob, at its content address
-    uploads/<upload id>/<offset hex>  an upload session's bytes, in pieces of up to a part
+    blobs/<algorithm>/<2 hex>/<hex>   a blob under 5 MiB, at its content address
+    blobs/u/<upload id>               a blob of 5 MiB or more: its upload session's multipart
+                                      upload, completed in place (the blob record's location)
+    uploads/<upload id>/at-<offset>   an upload session's state at an offset (parts, tail)
     cluster/join-<id>                 a joining replica's proof
     audit/<replica>/<day>/...         the audit log (registry/audit.py)
     probe/<nonce>                     the start-up probe, deleted at once
