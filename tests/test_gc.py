@@ -58,6 +58,26 @@ def admin(reg: Registry) -> httpx.Client:
     return reg.client(auth=("admin", ADMIN_PASSWORD))
 
 
+def collect_back_to_back(reg: Registry, stop: threading.Event, lock: threading.Lock, stats: dict) -> None:
+    """GC runs one after another until `stop`, each to its end; counts runs, blobs swept and
+    conflicts in `stats`."""
+    with admin(reg) as client:
+        while not stop.is_set():
+            r = client.post("/_admin/gc", json={})
+            if r.status_code == 409:
+                time.sleep(0.05)
+                continue
+            assert r.status_code == 200, r.text
+            run = r.json()
+            while run["state"] == "running":
+                time.sleep(0.05)
+                run = client.get(f"/_admin/gc/{run['id']}").json()
+            assert run["state"] == "done", run
+            with lock:
+                for key in ("runs", "blobs_swept", "conflicts"):
+                    stats[key] = stats.get(key, 0) + (1 if key == "runs" else run[key])
+
+
 def counts(run: dict) -> dict:
     return {k: v for k, v in run.items() if k.endswith(("_swept", "_kept")) or k == "bytes_freed"}
 
@@ -312,25 +332,8 @@ def test_pushes_racing_gc_with_zero_grace_lose_nothing(fresh_registry_each_drive
                     assert client.delete(f"/v2/{drepo}/manifests/{ddigest}").status_code == 202
                 i += 1
 
-    def collector() -> None:
-        with admin(reg) as client:
-            while not stop.is_set():
-                r = client.post("/_admin/gc", json={})
-                if r.status_code == 409:
-                    time.sleep(0.05)
-                    continue
-                assert r.status_code == 200, r.text
-                run = r.json()
-                while run["state"] == "running":
-                    time.sleep(0.05)
-                    run = client.get(f"/_admin/gc/{run['id']}").json()
-                assert run["state"] == "done", run
-                with lock:
-                    stats["runs"] += 1
-                    stats["blobs_swept"] += run["blobs_swept"]
-                    stats["conflicts"] += run["conflicts"]
-
-    threads = [threading.Thread(target=pusher, args=(n,)) for n in range(4)] + [threading.Thread(target=collector)]
+    threads = [threading.Thread(target=pusher, args=(n,)) for n in range(4)]
+    threads.append(threading.Thread(target=collect_back_to_back, args=(reg, stop, lock, stats)))
     for t in threads:
         t.start()
     time.sleep(float(os.environ.get("MOORAGE_GC_RACE_SECONDS", "10")))

@@ -35,7 +35,7 @@ from oci import (OCI_CONFIG, OCI_LAYER, OCI_MANIFEST, assert_oci_error, canonica
                  make_image, new_repo, patch_chunk, push_blob, push_blob_chunked, push_image, pull_manifest, sha256,
                  start_upload, with_digest)
 from seaweed import SeaweedFS, seaweed  # noqa: F401 - the module's store
-from test_gc import admin, blob_files, config as gc_config, gc
+from test_gc import blob_files, collect_back_to_back, config as gc_config, gc
 from test_skopeo import assert_image_pulled, inspect, pull, push
 
 pytestmark = pytest.mark.s3
@@ -238,23 +238,8 @@ def test_large_pushes_of_the_same_blobs_racing_gc_lose_nothing_and_leave_nothing
                         gone = acked.pop((drepo, dtag))
                     assert client.delete(f"/v2/{drepo}/manifests/{sha256(gone)}").status_code == 202
 
-    def collector() -> None:
-        with admin(s3reg) as client:
-            while not stop.is_set():
-                r = client.post("/_admin/gc", json={})
-                if r.status_code == 409:
-                    time.sleep(0.05)
-                    continue
-                run = r.json()
-                while run["state"] == "running":
-                    time.sleep(0.05)
-                    run = client.get(f"/_admin/gc/{run['id']}").json()
-                assert run["state"] == "done", run
-                with lock:
-                    stats["runs"] += 1
-                    stats["blobs_swept"] += run["blobs_swept"]
-
-    threads = [threading.Thread(target=pusher, args=(n,)) for n in range(3)] + [threading.Thread(target=collector)]
+    threads = [threading.Thread(target=pusher, args=(n,)) for n in range(3)]
+    threads.append(threading.Thread(target=collect_back_to_back, args=(s3reg, stop, lock, stats)))
     try:
         for t in threads:
             t.start()
