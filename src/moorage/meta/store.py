@@ -305,18 +305,18 @@ class MetaStore:
         found = self.index.blobs.get(digest)
         if found is None:
             return False
-        blob = keys.blob(digest)
+        blob, link = keys.blob(digest), keys.repo_blob(source, digest)
         same: object = cmp_value(blob, encode(found))
         for _ in range(RETRIES):
             result = await self._txn(
-                [cmp_exists(keys.repo_blob(source, digest)), same],
+                [cmp_exists(link), same],
                 [op_put(keys.repo_blob(repo, digest), b""),
                  op_put(blob, encode(BlobRecord(size=found.size, created=time.time(), location=found.location)))],
-                [op_get(blob)])
+                [op_get(blob), op_get(link)])
             if result.succeeded:
                 return True
-            kvs = result.responses[0].response_range.kvs
-            if not kvs:
+            kvs, linked = (r.response_range.kvs for r in result.responses)
+            if not kvs or not linked:
                 return False
             found, same = _blob.decode(kvs[0].value), cmp_create_revision(blob, kvs[0].create_revision)
         return False
