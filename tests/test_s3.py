@@ -424,6 +424,7 @@ def test_gc_deletes_garbage_and_what_crashed_uploads_left(s3reg, c, seaweed):
     # An upload abandoned with pieces in the bucket, and a commit that crashed mid-assembly
     # (a multipart upload in progress at a blob's address).
     patch_chunk(c, start_upload(c, repo), os.urandom(MiB), 0)
+    patch_chunk(c, start_upload(c, repo), os.urandom(6 * MiB), 0)   # its multipart upload in progress
     client = seaweed.client()
     crashed = f"{s3reg.prefix}/{blob_key(sha256(b'crashed'))}"
     client.create_multipart_upload(Bucket=seaweed.bucket, Key=crashed)

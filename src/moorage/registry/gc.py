@@ -377,7 +377,8 @@ class Collector:
                 self.run.bytes_freed += snap.uploads[uid][0].offset
                 if not self.policy.dry_run:
                     self._closed(uid)
-                    await self.storage.delete_upload(uid)
+                    # Closed by us, so never committed: what hashing made at its own key goes too.
+                    await self.storage.delete_upload(uid, unrecorded=True)
             else:
                 self.run.conflicts += 1
             await self.progress()
