@@ -35,7 +35,7 @@ from oci import (OCI_CONFIG, OCI_LAYER, OCI_MANIFEST, assert_oci_error, canonica
                  make_image, new_repo, patch_chunk, push_blob, push_blob_chunked, push_image, pull_manifest, sha256,
                  start_upload, with_digest)
 from seaweed import SeaweedFS, seaweed  # noqa: F401 - the module's store
-from test_gc import blob_files, collect_back_to_back, config as gc_config, gc
+from test_gc import blob_files, collect_back_to_back, config as gc_config, gc, race_for
 from test_skopeo import assert_image_pulled, inspect, pull, push
 
 pytestmark = pytest.mark.s3
@@ -243,7 +243,7 @@ def test_large_pushes_of_the_same_blobs_racing_gc_lose_nothing_and_leave_nothing
     try:
         for t in threads:
             t.start()
-        time.sleep(12)
+        race_for(12, lock, stats, {"runs": 5, "pushes": 5, "blobs_swept": 1})
     finally:
         stop.set()
         for t in threads:
@@ -449,6 +449,43 @@ def test_gc_deletes_garbage_and_what_crashed_uploads_left(s3reg, c, seaweed):
     assert not in_progress.get("Uploads"), in_progress.get("Uploads")
     client.close()
     assert pull_manifest(c, repo, "keep") == keep.manifest
+
+
+def test_gc_cut_short_by_the_store_leaves_nothing_for_good(s3reg, c, seaweed):
+    """A run whose object deletions fail (the store went down after its sweep transaction) has
+    already deleted the records, and GC never lists the bucket: the sweep's own notes of the
+    objects let the next run collect them, at the content address and at a key of their own."""
+    from test_gc import admin
+    repo = new_repo("s3gcdown")
+    image = push_image(c, repo, "v1")
+    big = push_blob(c, repo, os.urandom(6 * MiB))     # completed in place, at a key of its own
+    assert c.delete(f"/v2/{repo}/manifests/{sha256(image.manifest)}").status_code == 202
+    garbage = [sha256(b) for b in (image.config, *image.layers, image.manifest)] + [big]
+    where = {d: stored_at(s3reg, d) for d in garbage}
+    assert where[big].startswith("blobs/u/") and where[garbage[0]] == blob_key(garbage[0])
+    gc_config(s3reg, "gc.grace_seconds", "0")
+    gc_config(s3reg, "gc.debug_delay_ms", "4000")   # a pause at the start of each phase
+    try:
+        with admin(s3reg) as a:
+            run = a.post("/_admin/gc", json={}).json()
+            wait_for(lambda: a.get(f"/_admin/gc/{run['id']}").json()["phase"] == "blobs", 30, "the blob phase")
+            seaweed.kill9()   # before the blob sweep's first transaction, which etcd still takes
+            try:
+                failed = wait_for(lambda: (x := a.get(f"/_admin/gc/{run['id']}").json())["state"] != "running"
+                                  and x, 60, "the run to fail")
+            finally:
+                seaweed.restart()
+        assert failed["state"] == "failed" and failed["blobs_swept"] >= len(garbage), failed
+        assert set(records(s3reg, *garbage).values()) == {None}
+        assert set(where.values()) <= set(objects(seaweed, s3reg.prefix)), "the objects went after all"
+        gc_config(s3reg, "gc.debug_delay_ms", None)
+        second = gc(s3reg)
+    finally:
+        gc_config(s3reg, "gc.debug_delay_ms", None)
+        gc_config(s3reg, "gc.grace_seconds", None)
+    assert second["state"] == "done" and second["orphans_swept"] >= len(garbage), second
+    assert not set(where.values()) & set(objects(seaweed, s3reg.prefix)), "objects left for good"
+    assert not [k for k in etcd(s3reg) if b"/gc-" in k], "the runs' notes stayed"
 
 
 def test_gc_keeps_an_active_sessions_multipart_upload_however_old(s3reg, c, seaweed):

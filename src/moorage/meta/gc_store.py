@@ -24,7 +24,7 @@ from moorage.meta.etcd import (
     EtcdClient, Event, cmp_absent, cmp_mod_revision, cmp_prefix_unchanged, cmp_value, op_delete, op_get, op_put,
 )
 from moorage.meta.index import Index
-from moorage.meta.records import BlobRecord, ManifestRecord, UploadRecord, decode_note, decoder, encode
+from moorage.meta.records import BlobRecord, ManifestRecord, UploadRecord, decode_note, decoder, encode, encode_note
 from moorage.meta.store import TOMBSTONE
 from moorage.meta.webhooks import QueuedEvent, queue_ops
 
@@ -83,6 +83,11 @@ def watch_runs(index: Index, callback: Callable[[GcRun], None]) -> None:
             except msgspec.DecodeError:
                 pass
     index.subscribe(keys.GC_RUN, event)
+
+
+def gc_note(run_id: str, digest: str) -> bytes:
+    """A run's note of an object it is deleting: a writer's note (keys.GC_WRITING) by the run."""
+    return keys.gc_writing(digest, f"gc-{run_id}")
 
 
 def new_run_id() -> str:
@@ -170,13 +175,19 @@ class GcStore:
                     tuple(ops))
 
     @staticmethod
-    def blob_unit(run_id: str, lease: int, digest: str, mod: int, links: Sequence[tuple[str, int]]) -> Unit:
+    def blob_unit(run_id: str, lease: int, digest: str, mod: int, links: Sequence[tuple[str, int]],
+                  note: str | None = None) -> Unit:
         """Delete a blob record and its links unless any changed since the mark (an upload,
-        a mount, a manifest that uses it all rewrite one), leaving a deletion marker."""
+        a mount, a manifest that uses it all rewrite one), leaving a deletion marker. With
+        `note` (the record's location), also a note of the object to delete, dated long ago and
+        under no lease: on a store GC never lists, an object whose deletion a dead or failed run
+        never finished is then collected by the next run, as a crashed writer's is."""
         compare = [cmp_value(keys.GC_LOCK, run_id.encode()), cmp_mod_revision(keys.blob(digest), mod)]
         compare += [cmp_mod_revision(keys.repo_blob(repo, digest), m) for repo, m in links]
         ops = [op_delete(keys.blob(digest))] + [op_delete(keys.repo_blob(repo, digest)) for repo, _ in links]
         ops.append(op_put(keys.gc_deleting(digest), b"", lease))
+        if note is not None:
+            ops.append(op_put(gc_note(run_id, digest), encode_note(0.0, note)))
         return Unit(tuple(compare), tuple(ops))
 
     @staticmethod
@@ -244,9 +255,14 @@ class GcStore:
         return [r.succeeded for r in results], max((r.revision for r in results if r.succeeded), default=0)
 
     @boundary
-    async def clear_markers(self, digests: Sequence[str]) -> None:
-        for i in range(0, len(digests), BATCH_OPS):
-            await self.client.txn([], [op_delete(keys.gc_deleting(d)) for d in digests[i:i + BATCH_OPS]])
+    async def clear_markers(self, digests: Sequence[str], noted_by: str | None = None) -> None:
+        """Delete the markers of objects now deleted, and with `noted_by` (a run id) that run's
+        notes of them (blob_unit)."""
+        ops = [op_delete(keys.gc_deleting(d)) for d in digests]
+        if noted_by is not None:
+            ops += [op_delete(gc_note(noted_by, d)) for d in digests]
+        for i in range(0, len(ops), BATCH_OPS):
+            await self.client.txn([], ops[i:i + BATCH_OPS])
 
     # -- the lock --------------------------------------------------------------
 

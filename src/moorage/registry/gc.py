@@ -59,7 +59,11 @@ Deleting objects beside the sweep
     steps at once. Each step's markers go only once its own objects are gone,
     as above. The run waits for every deletion in flight, even after one
     failed (a request cancelled half way may still be carried out by the
-    store), before it ends and its lease, with the markers, goes.
+    store), before it ends and its lease, with the markers, goes. On a store GC
+    never lists (S3) the sweep's transaction also notes each object it is to
+    delete, as a writer notes one it is to write, under no lease: if the run
+    dies or the store fails before the object is gone, no record names it any
+    more, and the next run collects it by that note.
 
 One collector at a time
     A run holds /moorage/gc/lock under a lease it keeps alive; every sweep
@@ -330,27 +334,30 @@ class Collector:
         swept: set[str] = set()
         for i in range(0, len(candidates), STEP):
             chunk = candidates[i:i + STEP]
-            units = [self.gcs.blob_unit(self.run.id, self.lease, d, snap.blobs[d][1], snap.links.get(d, ()))
+            units = [self.gcs.blob_unit(self.run.id, self.lease, d, snap.blobs[d][1], snap.links.get(d, ()),
+                                        None if self.storage.lists_blobs else snap.blobs[d][0].location)
                      for d in chunk]
             gone = [d for d, ok in zip(chunk, await self._apply(units)) if ok]
-            await self._delete_files(gone, [snap.blobs[d][0].location for d in gone])
+            await self._delete_files(gone, [snap.blobs[d][0].location for d in gone],
+                                     noted=not self.storage.lists_blobs)
             swept.update(gone)
             self.run.blobs_swept += len(gone)
             self.run.bytes_freed += sum(snap.blobs[d][0].size for d in gone)
             await self._step()
         return swept
 
-    async def _delete_files(self, digests: list[str], locations: list[str] | None = None) -> None:
+    async def _delete_files(self, digests: list[str], locations: list[str] | None = None,
+                            noted: bool = False) -> None:
         """Files whose records (or absence of one) a sweep transaction just settled, under
         markers, each where its record said (`locations`; else the content address); the
         markers go only once the files are gone. Started here, carried out beside the sweep
-        (Deletions)."""
+        (Deletions). `noted`: the sweep noted them (GcStore.blob_unit); the notes go too."""
         if digests and not self.policy.dry_run:
             blobs = list(zip(digests, locations or [""] * len(digests)))
 
             async def delete() -> None:
                 await self.storage.delete_many(blobs)
-                await self.gcs.clear_markers(digests)
+                await self.gcs.clear_markers(digests, self.run.id if noted else None)
             await self._deletions.start(delete)
 
     async def _sweep_links(self, snap: Snapshot, live: set[str], used: dict[str, set[str]],
