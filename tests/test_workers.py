@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from conftest import ADMIN_PASSWORD, Registry, wait_for
-from moorage.cluster.workers import Shared
+from moorage.cluster.shared import Shared
 from oci import (OCI_MANIFEST, finish_upload, make_image, new_repo, patch_chunk, pull_blob, push_blob,
                  push_image, range_end, sha256, start_upload)
 

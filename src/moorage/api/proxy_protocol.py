@@ -46,7 +46,7 @@ from aiohttp import web
 
 from moorage.cluster.addresses import listen_socket
 from moorage.cluster.settings import Network
-from moorage.cluster.workers import receive_connections
+from moorage.cluster.handout import receive_connections
 
 log = logging.getLogger(__name__)
 

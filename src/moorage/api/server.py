@@ -27,9 +27,10 @@ from moorage.api.throttle import RemoteThrottle
 from moorage.api.webhookadmin import webhook_routes
 from moorage.api.webhooks import Deliverer
 from moorage.cluster.addresses import in_use
+from moorage.cluster.channel import Channel
 from moorage.cluster.replica import DRAIN_SECONDS, Replica, StartError
 from moorage.cluster.store_probe import StoreState
-from moorage.cluster.workers import Channel, WriterLocks
+from moorage.cluster.upload_locks import WriterLocks
 from moorage.meta.webhooks import WebhookStore
 from moorage.registry.access import Access
 from moorage.registry.audit import AuditEvent, AuditLog, BucketAuditLog

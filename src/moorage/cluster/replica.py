@@ -51,7 +51,9 @@ from moorage.cluster.operations import ClusterOperations
 from moorage.cluster.sampler import Certificates, Sampler
 from moorage.cluster.store_probe import StoreState, probe_store
 from moorage.cluster.settings import ClusterSettings, Network, parse_networks, set_value
-from moorage.cluster.workers import Channel, Shared, Supervisor, WorkerStart, forkserver
+from moorage.cluster.channel import Channel
+from moorage.cluster.shared import Shared
+from moorage.cluster.workers import Supervisor, WorkerStart, forkserver
 from moorage.meta import keys
 from moorage.meta.etcd import EtcdClient, EtcdUnavailable, Event
 from moorage.meta.gc_store import GcStore
@@ -614,13 +616,7 @@ class Replica:
         self.store_state = state
         self.metrics.object_store_up.labels("s3").set(1 if state.reachable else 0)
         if self.supervisor is not None:   # the workers answer /health and status too
-            message = {"t": "object-store", "state": msgspec.to_builtins(state)}
-            for w in self.supervisor.workers:
-                if w.channel is not None and w.ready.is_set():
-                    try:
-                        w.channel.send(message)
-                    except (ConnectionError, RuntimeError):
-                        pass   # a worker that is going; its successor hears the next probe
+            self.supervisor.tell({"t": "object-store", "state": msgspec.to_builtins(state)})
 
     def _sampler(self) -> Sampler:
         assert self.operations is not None and self.identity is not None

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 
 from moorage import digest as digests
 from moorage.meta.errors import MetadataUnavailable
-from moorage.cluster.workers import WriterLocks
+from moorage.cluster.upload_locks import WriterLocks
 from moorage.metrics import Metrics
 from moorage.registry.errors import BlobUploadInvalid, DigestInvalid, RangeInvalid, TooLarge
 from moorage.registry.limits import Limits
