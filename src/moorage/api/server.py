@@ -27,8 +27,10 @@ from moorage.api.throttle import RemoteThrottle
 from moorage.api.webhookadmin import webhook_routes
 from moorage.api.webhooks import Deliverer
 from moorage.cluster.addresses import in_use
+from moorage.cluster.blob_storage import shared_directory
 from moorage.cluster.channel import Channel
-from moorage.cluster.replica import DRAIN_SECONDS, Replica, StartError
+from moorage.cluster.replica import DRAIN_SECONDS, Replica
+from moorage.cluster.replica_config import StartError
 from moorage.cluster.store_probe import StoreState
 from moorage.cluster.upload_locks import WriterLocks
 from moorage.meta.webhooks import WebhookStore
@@ -99,7 +101,7 @@ class RegistryService:
         # On the shared storage, so any replica can answer for the whole cluster: files in the
         # shared directory, or objects in the bucket when the replicas share none. A worker's
         # events go to the replica's process, the one writer of the replica's files.
-        shared = replica.shared_directory
+        shared = shared_directory(identity)
         sink = ChannelAuditSink(channel) if channel is not None else None
         audit = (AuditLog(storage_dir=shared, replica=identity.replica_id, sink=sink, metrics=metrics)
                  if shared is not None
@@ -110,7 +112,7 @@ class RegistryService:
                                logging.getLogger("aiohttp.access") if debug else None,
                                admin=AdminApi(replica.operations, auth, audit=request_audit, access=access, gc=gc,
                                               repositories=repositories, webhooks=webhook_routes(webhooks, deliverer)),
-                               writable=replica.writable, readonly=lambda: settings["readonly"],
+                               writable=replica.quorum.writable, readonly=lambda: settings["readonly"],
                                audit=request_audit, ca_pem=replica.pki.ca_cert.read_bytes(), auth=auth,
                                client_counts=replica.shared if replica.worker is not None else None,
                                metrics=metrics, metrics_token=lambda: settings["metrics.token"])

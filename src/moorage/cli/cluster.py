@@ -20,10 +20,10 @@ from moorage.cli.serve import add_replica_options, https_options, replica_config
 from moorage.cli.tables import print_table
 from moorage.cluster import https, pki
 from moorage.cluster.addresses import advertised, check_ports_free, parse_listen, url_host
+from moorage.cluster.blob_storage import S3_CA_FILE
 from moorage.cluster.identity import Identity
 from moorage.cluster.membership import tolerates
 from moorage.cluster.operations import proof_name
-from moorage.cluster.replica import S3_CA_FILE
 from moorage.storage.drivers import describe, is_object_store, storage_at
 from moorage.storage.errors import StorageError
 from moorage.units import human_bytes

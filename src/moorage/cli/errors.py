@@ -10,7 +10,7 @@ from __future__ import annotations
 from moorage.cluster.addresses import AddressError
 from moorage.cluster.etcd_member import EtcdError
 from moorage.cluster.pki import PkiError
-from moorage.cluster.replica import StartError
+from moorage.cluster.replica_config import StartError
 
 
 class CliError(Exception):

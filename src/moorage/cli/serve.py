@@ -20,7 +20,8 @@ from moorage.api.server import RegistryService
 from moorage.cli.errors import CliError
 from moorage.cluster.https import HttpsOptions
 from moorage.cluster.identity import Identity
-from moorage.cluster.replica import Replica, ReplicaConfig
+from moorage.cluster.replica import Replica
+from moorage.cluster.replica_config import ReplicaConfig
 from moorage.cluster.workers import WorkerStart, default_workers
 
 

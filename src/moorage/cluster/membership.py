@@ -2,23 +2,30 @@
 
 N voting members tolerate floor((N-1)/2) failures. New members join as
 learners (non-voting) and are promoted once caught up, so a slow join never
-costs quorum.
+costs quorum. A replica's start brings its own member's entry up to date
+here too: a moved address, or a learner's wait to be promoted.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from aetcd import rpc
 
+from moorage.cluster.replica_config import StartError
 from moorage.meta.etcd import EtcdClient, EtcdUnavailable
 from moorage.meta.index import Index
 
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 2.0
+PROMOTE_SECONDS = 120.0
+# A member that just started may be refused a membership change for a few seconds.
+MOVE_SECONDS = 30.0
 
 
 def quorum(voters: int) -> int:
@@ -122,3 +129,43 @@ async def track_solo(client: EtcdClient, index: Index, member_name: str) -> None
             log.debug("membership changed", extra={"solo": solo})
         index.solo = solo
         await asyncio.sleep(POLL_SECONDS)
+
+
+async def move_member(client: EtcdClient, name: str, peer_url: str) -> str | None:
+    """Bring this replica's etcd member entry to this start's advertised address (a new
+    --advertise, or a cluster an old version created advertising loopback); the old one
+    when it moved."""
+    deadline = time.monotonic() + MOVE_SECONDS
+    while True:
+        try:
+            return await move_peer_url(client, name, peer_url)
+        except EtcdUnavailable as e:
+            if time.monotonic() > deadline:
+                raise StartError(f"this replica's etcd member could not change its peer URL to "
+                                 f"{peer_url} ({e}); start it again with the --advertise it had, "
+                                 "or see DATA_DIR/etcd.log") from None
+            await asyncio.sleep(0.5)
+
+
+async def await_promotion(client: EtcdClient, promote: Callable[[int], Awaitable[bool]], member_id: int) -> None:
+    """As a new learner: ask the cluster to promote us until it has caught us up,
+    then wait until our own member knows it votes (it learns a moment later,
+    and until then refuses the reads the index needs)."""
+    deadline = time.monotonic() + PROMOTE_SECONDS
+    delay = 0.2
+    while not await promote(member_id):
+        if time.monotonic() > deadline:
+            raise StartError(f"this replica's etcd member did not catch up within {PROMOTE_SECONDS:.0f}s; "
+                             "see DATA_DIR/etcd.log")
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 2.0)
+    while True:
+        try:
+            if not (await client.status()).isLearner:
+                return
+        except EtcdUnavailable:
+            pass
+        if time.monotonic() > deadline:
+            raise StartError("this replica's etcd member was promoted but still acts as a learner; "
+                             "see DATA_DIR/etcd.log")
+        await asyncio.sleep(0.1)

@@ -1,8 +1,10 @@
 """A replica's process: its etcd member, the metadata view, its health, and the service on top.
 
 `moorage serve` and `moorage join` (cli/) parse flags into a ReplicaConfig
-and run a Replica; everything else about a replica's life is here, in three
-steps:
+(cluster/replica_config.py) and run a Replica; its life is here, in three
+steps, with the parts it is made of in modules of their own (the blob
+storage's choice and proof in blob_storage.py, the quorum probe in
+quorum.py, the member's own entry in membership.py):
 
     build()   works out the address it advertises, its identity, the cluster
               CA and its certificates, and makes (without starting) its etcd
@@ -19,9 +21,10 @@ cluster layer imports nothing of them.
 
 With `workers` above 1 (cluster/workers.py) this process is the replica's
 parent: it runs the member and the background tasks, and accepts the API's
-connections, which N worker processes serve; each worker is a Replica too,
-built with `worker` set: no member, no background task but its own
-metadata view, connections from the parent.
+connections (cluster/handout.py), which N worker processes serve; each
+worker is a Replica too, built with `worker` set: no member, no background
+task but its own metadata view, connections from the parent, the shared
+block (cluster/shared.py) and a control channel to it (cluster/channel.py).
 
 A replica's background tasks are listed in one place, `Replica.tasks`, as
 Patroni lists its HA loop; each runs until the replica stops.
@@ -36,99 +39,40 @@ import signal
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import msgspec
 
 from moorage import __version__
-from moorage.cluster import addresses, endpoint, https, membership, pki, replicas
+from moorage.cluster import addresses, blob_storage, endpoint, https, membership, pki, replicas
+from moorage.cluster.channel import Channel
 from moorage.cluster.clock import ClusterClock
 from moorage.cluster.etcd_member import EtcdMember, node_tls
 from moorage.cluster.identity import Identity, load_or_create
 from moorage.cluster.operations import ClusterOperations
+from moorage.cluster.quorum import Quorum
+from moorage.cluster.replica_config import ReplicaConfig, Service, StartError
 from moorage.cluster.sampler import Certificates, Sampler
-from moorage.cluster.store_probe import StoreState, probe_store
 from moorage.cluster.settings import ClusterSettings, Network, parse_networks, set_value
-from moorage.cluster.channel import Channel
 from moorage.cluster.shared import Shared
+from moorage.cluster.store_probe import StoreState, probe_store
 from moorage.cluster.workers import Supervisor, WorkerStart, forkserver
 from moorage.meta import keys
-from moorage.meta.etcd import EtcdClient, EtcdUnavailable, Event
+from moorage.meta.etcd import EtcdClient, Event
 from moorage.meta.gc_store import GcStore
 from moorage.meta.index import Index
 from moorage.meta.store import MetaStore
 from moorage.metrics import Metrics, clear_metrics_dir
 from moorage.storage.base import BlobDriver
-from moorage.storage.drivers import describe, is_object_store, s3_config, storage_at
+from moorage.storage.drivers import storage_at
 from moorage.storage.errors import StorageError
 
 log = logging.getLogger("moorage.serve")
 
-QUORUM_PROBE_SECONDS = 1.0
-# Without a successful linearizable read for this long, the replica reports
-# itself unhealthy and refuses writes at once instead of letting them time out.
-QUORUM_GRACE_SECONDS = 3.0
-PROMOTE_SECONDS = 120.0
 # How long stopping waits for requests in flight (the workers', as the service's own).
 DRAIN_SECONDS = 30.0
-# A member that just started may be refused a membership change for a few seconds.
-MOVE_SECONDS = 30.0
-# The object store's CA (--s3-ca-cert, or the one a joining replica received), kept in DATA_DIR.
-S3_CA_FILE = "s3-ca.crt"
-
-
-class StartError(Exception):
-    """A replica that cannot start as configured; the message is one sentence."""
-
-
-@dataclass(frozen=True)
-class ReplicaConfig:
-    data_dir: Path
-    listen: str = "127.0.0.1:5000"          # HOST:PORT of the API
-    advertise: str | None = None            # None: the listen host (cluster/addresses.py)
-    etcd_client_port: int | None = None     # None: as saved, else 2379
-    etcd_peer_port: int | None = None       # None: as saved, else 2380
-    storage_dir: Path | None = None         # None: as saved, else DATA_DIR/blobs
-    # An object store instead (the first start chooses for the cluster): s3://BUCKET[/PREFIX], its
-    # options (storage/drivers.py: endpoint, region, ca_cert, path_style) and whether blob GETs
-    # redirect to it (the cluster setting storage.redirect, written at the first start).
-    object_store: str | None = None
-    s3: dict | None = None
-    s3_redirect: bool = True
-    https: https.HttpsOptions = field(default_factory=https.HttpsOptions)
-    admin_password: str | None = None       # the admin's on the first start; None: a generated one
-    workers: int = 1                        # processes serving HTTP (1: this one, as it always was)
-    metrics_listen: str | None = None       # HOST:PORT serving /metrics without authentication
-
-
-class Service(Protocol):
-    """What serves on top of a replica: the registry and its HTTP API (api/server.py)."""
-
-    async def start(self) -> None:
-        """Serve: listen on the replica's API address."""
-
-    async def stop(self) -> None:
-        """Stop listening, let requests in flight finish (within a bound), and close."""
-
-    async def collect_garbage(self) -> None:
-        """Garbage collection when `gc.schedule` says one is due: runs until the replica stops."""
-
-    async def write_audit(self) -> None:
-        """The audit log's writer: runs until stop()."""
-
-    async def from_worker(self, message: dict) -> Any:
-        """In a parent: a worker's message (an audit event, a login's slowdown); a call's answer."""
-
-    async def from_parent(self, message: dict) -> Any:
-        """In a worker: the parent's message; a call's answer."""
-
-    async def deliver_events(self) -> None:
-        """Webhook delivery: takes and delivers the endpoints' queues no live replica holds."""
-
-    async def flush_pull_events(self) -> None:
-        """The pull events this process buffered, written to etcd once a second."""
 
 
 @dataclass(frozen=True)
@@ -166,7 +110,6 @@ class Replica:
         self.settings = ClusterSettings()
         self.proxy_from: tuple[Network, ...] = ()   # the setting proxy_protocol.from, parsed
         self.started = time.time()
-        self._quorum_ok_at = 0.0
         self.stopping = asyncio.Event()
         self.removed = False
         self._tasks: list[asyncio.Task] = []
@@ -203,6 +146,7 @@ class Replica:
             if worker is None:
                 clear_metrics_dir(metrics_dir)
         self.metrics = Metrics(metrics_dir)
+        self.quorum = Quorum(self.metrics, in_worker=worker is not None)
 
     # -- the tasks ------------------------------------------------------------------
 
@@ -230,7 +174,7 @@ class Replica:
             # Whether our member is the cluster's only one (reads then skip the revision check).
             Task("solo", lambda: membership.track_solo(self.client, self.index, self.identity.replica_id)),
             # A linearizable read every second: health, and writes refused at once without quorum.
-            Task("quorum-probe", self._probe_quorum),
+            Task("quorum-probe", lambda: self.quorum.probe(self.client, self.index)),
             # Our replica record, refreshed; it ends when `moorage remove` deleted it, and so do we.
             Task("heartbeat", self._heartbeat),
             # The service's own: garbage collection on schedule, the audit log's writer (a
@@ -249,18 +193,10 @@ class Replica:
 
     # -- health -----------------------------------------------------------------------
 
-    def writable(self) -> tuple[bool, str]:
-        # A worker reads its parent's probe from the shared block: the same clock in every process.
-        ok_at = self.shared.quorum_ok_at if self.worker is not None and self.shared is not None \
-            else self.quorum_ok_at
-        if time.monotonic() - ok_at > QUORUM_GRACE_SECONDS:
-            return False, "no etcd quorum: this replica cannot reach a majority of the cluster"
-        return True, ""
-
     def ping(self) -> tuple[bool, str]:
         if self.index is None or not self.index.watch_healthy:
             return False, "metadata watch is down: etcd unreachable"
-        ok, reason = self.writable()
+        ok, reason = self.quorum.writable()
         return (ok, reason) if not ok else (True, "serving")
 
     def health(self) -> dict:
@@ -283,16 +219,6 @@ class Replica:
             "worker": os.getpid(),
             "workers": self.config.workers,
         }
-
-    @property
-    def quorum_ok_at(self) -> float:
-        return self._quorum_ok_at
-
-    @quorum_ok_at.setter
-    def quorum_ok_at(self, value: float) -> None:
-        self._quorum_ok_at = value
-        if self.shared is not None and self.worker is None:
-            self.shared.quorum_ok_at = value  # what the workers' writable() reads
 
     @property
     def client(self) -> EtcdClient:
@@ -327,7 +253,7 @@ class Replica:
                 raise StartError(f"no replica identity in {self.data_dir}: a worker starts after its replica")
             identity, self.created = found, False
         else:
-            object_store = self._object_store()
+            object_store = blob_storage.object_store(config, self.data_dir)
             identity, self.created = load_or_create(self.data_dir, config.storage_dir, config.etcd_client_port,
                                                     config.etcd_peer_port, advertised.host, object_store)
             ports = [(self.host, self.port, "the listen address"),
@@ -362,80 +288,6 @@ class Replica:
             initial_cluster=identity.initial_cluster, member_id=identity.member_id, on_removed=self._removed)
         self.clock = ClusterClock(identity.replica_id)
 
-    def _object_store(self) -> tuple[str, dict] | None:
-        """(s3://..., options) this start keeps blobs in, checked against what the data directory
-        says: a cluster chooses its storage at its first start (a joining replica learns it)."""
-        config, saved = self.config, Identity.load(self.data_dir)
-        saved_location = None if saved is None else saved.storage_dir
-        if config.object_store is None:
-            if saved is not None and is_object_store(saved.storage_dir) and config.storage_dir is not None:
-                raise StartError(f"this replica keeps its blobs in {describe(saved.storage_dir, saved.s3)}, "
-                                 "not in a directory: drop --storage-dir")
-            return None
-        options = dict(config.s3 or {})
-        endpoint = options.get("endpoint")
-        if saved is not None and (saved_location != config.object_store
-                                  or (saved.s3 or {}).get("endpoint") != endpoint):
-            raise StartError(f"this replica's cluster keeps its blobs in {describe(saved_location, saved.s3)}, "
-                             f"not {describe(config.object_store, options)}: the storage is chosen at the "
-                             "cluster's first start")
-        if options.get("ca_cert"):
-            # Kept in the data directory: the option names a file that may not outlive this start.
-            copy = self.data_dir / S3_CA_FILE
-            try:
-                pem = Path(options["ca_cert"]).read_bytes()
-            except OSError as e:
-                raise StartError(f"cannot read --s3-ca-cert {options['ca_cert']}: {e.strerror}") from None
-            copy.parent.mkdir(parents=True, exist_ok=True)
-            copy.write_bytes(pem)
-            options["ca_cert"] = str(copy)
-        elif saved is not None and saved.s3 and saved.s3.get("ca_cert"):
-            options["ca_cert"] = saved.s3["ca_cert"]
-        try:
-            s3_config(config.object_store, options)
-        except StorageError as e:
-            raise StartError(str(e)) from None
-        return config.object_store, options
-
-    @property
-    def shared_directory(self) -> Path | None:
-        """The directory every replica mounts (where the audit log lives beside the blobs), or
-        None when the blobs are in an object store."""
-        assert self.identity is not None
-        return None if is_object_store(self.identity.storage_dir) else Path(self.identity.storage_dir)
-
-    def storage_spec(self) -> dict | None:
-        """What a joining replica learns of the cluster's object store (None: a directory, which
-        each replica names itself): the location and its options, the CA as text; no secret."""
-        identity = self.identity
-        assert identity is not None
-        if not is_object_store(identity.storage_dir):
-            return None
-        options = dict(identity.s3 or {})
-        ca = options.pop("ca_cert", None)
-        return {"location": identity.storage_dir, "options": options,
-                "ca_pem": Path(ca).read_text() if ca else None}
-
-    async def _open_storage(self, storage: BlobDriver) -> None:
-        """Open the blob storage and prove it works (an object store: write, read back, delete)
-        before anything else: a replica that cannot keep blobs must not serve."""
-        assert self.identity is not None
-        try:
-            await storage.open()
-            await storage.probe()
-        except StorageError as e:
-            raise StartError(f"cannot use the blob storage {describe(self.identity.storage_dir, self.identity.s3)}: "
-                             f"{e}") from None
-
-    def _store_opened(self) -> StoreState | None:
-        """The object store's state once it was opened: it answered the start-up probe (a worker's
-        parent's), and the probe task goes on from there."""
-        assert self.identity is not None
-        if not is_object_store(self.identity.storage_dir):
-            return None
-        now = time.time()
-        return StoreState(describe(self.identity.storage_dir, self.identity.s3), True, now, now)
-
     async def start(self) -> None:
         identity, storage, member, clock = self.identity, self.storage, self.member, self.clock
         assert identity is not None and storage is not None and member is not None and clock is not None, \
@@ -446,9 +298,9 @@ class Replica:
         if self.config.workers > 1:
             # First: the fork server imports the registry while etcd starts.
             self._forkserver = forkserver(["moorage.cli.serve"])
-            self.shared = Shared.create(self.config.workers)
-        await self._open_storage(storage)
-        self.store_state = self._store_opened()
+            self.quorum.shared = self.shared = Shared.create(self.config.workers)
+        await blob_storage.open_storage(storage, identity)
+        self.store_state = blob_storage.store_opened(identity)
         if self.store_state is not None:
             self.metrics.object_store_up.labels("s3").set(1)
         await member.start()
@@ -456,15 +308,16 @@ class Replica:
                                            on_write=self.shared.wrote if self.shared is not None else None,
                                            metrics=self.metrics)
         if self.promote is not None and identity.member_id is not None:
-            await self._await_promotion(identity.member_id)
-        else:
-            await self._move_member()
+            await membership.await_promotion(client, self.promote, identity.member_id)
+        elif (old := await membership.move_member(client, member.name, member.peer_url)) is not None:
+            log.info("this replica's address changed", extra={"field": "etcd peer_url", "old": old,
+                                                               "new": member.peer_url})
         index = self._open_view(client)
         self.service = await self._service_factory(self)
         await index.load()
         if self.created and self.promote is None and not self.config.s3_redirect:
             await set_value(client, "storage.redirect", False)
-        self.quorum_ok_at = time.monotonic()  # the index just read from etcd
+        self.quorum.ok_at = time.monotonic()  # the index just read from etcd
         self.metrics.started()
         self.metrics.quorum.set(1)
         self._record = replicas.new_record(identity.replica_id, self.url, member.peer_url, member.client_url)
@@ -474,7 +327,15 @@ class Replica:
         self._tasks = [asyncio.create_task(t.run(), name=t.name) for t in self.tasks()]
         await self.service.start()
         if self.shared is not None:
-            await self._start_workers()
+            # The workers, then the listener: the API serves once every worker is ready.
+            assert self.worker_main is not None
+            service = self.service
+            self.supervisor = Supervisor(self.config.workers, self.shared, self.worker_main,
+                                         lambda slot, message: service.from_worker(message),
+                                         self._forkserver, options=self.config,
+                                         on_exit=lambda slot, pid: self.metrics.process_died(pid))
+            await self.supervisor.start()
+            self.supervisor.serve(self.host, self.port)
         # For commands run on this node (`moorage status` with no --existing).
         endpoint.save(self.data_dir, endpoint.LocalApi(
             self.url, str(self.pki.ca_cert) if self.api_ssl is not None and self.config.https.cert is None else None))
@@ -503,33 +364,19 @@ class Replica:
         self.gc_store = GcStore(client, index)
         self.operations = ClusterOperations(client, index, self.settings, storage, identity.replica_id,
                                          identity.cluster_token, pki_paths=self.pki, clock=clock,
-                                         storage_spec=self.storage_spec(), store_state=lambda: self.store_state)
+                                         storage_spec=blob_storage.storage_spec(identity),
+                                         store_state=lambda: self.store_state)
         return index
-
-    async def _start_workers(self) -> None:
-        """As a parent: the workers, then the listener; the API serves once every worker is ready."""
-        assert self.shared is not None and self.worker_main is not None and self.service is not None
-        service = self.service
-        self.supervisor = Supervisor(self.config.workers, self.shared, self.worker_main,
-                                     lambda slot, message: service.from_worker(message),
-                                     self._forkserver, options=self.config,
-                                     on_exit=lambda slot, pid: self.metrics.process_died(pid))
-        await self.supervisor.start()
-        try:
-            listener = addresses.listen_socket(self.host, self.port)
-        except OSError as e:
-            raise StartError(f"the listen address {self.host}:{self.port} {addresses.in_use(e)}") from None
-        self.supervisor.serve(listener)
 
     async def _start_worker(self) -> None:
         """As a worker: our own client of the replica's member and our own metadata view;
         no member to run, no background task but the view's watch."""
-        start, storage, member = self.worker, self.storage, self.member
-        assert start is not None and storage is not None and member is not None
-        self.shared = Shared(start.shared, start.workers, start.slot)
+        start, identity, storage, member = self.worker, self.identity, self.storage, self.member
+        assert start is not None and identity is not None and storage is not None and member is not None
+        self.quorum.shared = self.shared = Shared(start.shared, start.workers, start.slot)
         self.channel = await Channel.open(start.ctl)
         await storage.open()
-        self.store_state = self._store_opened()
+        self.store_state = blob_storage.store_opened(identity)
         self._client = client = EtcdClient(member.endpoint, member.tls, on_write=self.shared.wrote)
         index = self._open_view(client)
         self.service = await self._service_factory(self)
@@ -599,19 +446,6 @@ class Replica:
 
     # -- the tasks' work --------------------------------------------------------------------
 
-    async def _probe_quorum(self) -> None:
-        assert self.index is not None
-        m = self.metrics
-        while True:
-            try:
-                revision = await asyncio.wait_for(self.client.revision(), QUORUM_PROBE_SECONDS)
-                self.quorum_ok_at = time.monotonic()
-                m.index_lag.set(max(revision - self.index.applied, 0))
-            except (EtcdUnavailable, asyncio.TimeoutError):
-                pass
-            m.quorum.set(1 if self.writable()[0] else 0)
-            await asyncio.sleep(QUORUM_PROBE_SECONDS)
-
     def _store_probed(self, state: StoreState) -> None:
         self.store_state = state
         self.metrics.object_store_up.labels("s3").set(1 if state.reachable else 0)
@@ -631,49 +465,3 @@ class Replica:
     async def _heartbeat(self) -> None:
         await replicas.heartbeat(self.client, self._record)
         self._removed()  # the heartbeat ends only when our record was deleted
-
-    # -- membership at start ------------------------------------------------------------------
-
-    async def _move_member(self) -> None:
-        """Bring this replica's etcd member entry to this start's advertised address (a new
-        --advertise, or a cluster an old version created advertising loopback)."""
-        member = self.member
-        assert member is not None
-        deadline = time.monotonic() + MOVE_SECONDS
-        while True:
-            try:
-                old = await membership.move_peer_url(self.client, member.name, member.peer_url)
-                break
-            except EtcdUnavailable as e:
-                if time.monotonic() > deadline:
-                    raise StartError(f"this replica's etcd member could not change its peer URL to "
-                                     f"{member.peer_url} ({e}); start it again with the --advertise it had, "
-                                     "or see DATA_DIR/etcd.log") from None
-                await asyncio.sleep(0.5)
-        if old is not None:
-            log.info("this replica's address changed", extra={"field": "etcd peer_url", "old": old,
-                                                               "new": member.peer_url})
-
-    async def _await_promotion(self, member_id: int) -> None:
-        """As a new learner: ask the cluster to promote us until it has caught us up,
-        then wait until our own member knows it votes (it learns a moment later,
-        and until then refuses the reads the index needs)."""
-        assert self.promote is not None
-        deadline = time.monotonic() + PROMOTE_SECONDS
-        delay = 0.2
-        while not await self.promote(member_id):
-            if time.monotonic() > deadline:
-                raise StartError(f"this replica's etcd member did not catch up within {PROMOTE_SECONDS:.0f}s; "
-                                 "see DATA_DIR/etcd.log")
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
-        while True:
-            try:
-                if not (await self.client.status()).isLearner:
-                    return
-            except EtcdUnavailable:
-                pass
-            if time.monotonic() > deadline:
-                raise StartError("this replica's etcd member was promoted but still acts as a learner; "
-                                 "see DATA_DIR/etcd.log")
-            await asyncio.sleep(0.1)

@@ -22,8 +22,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from moorage.cluster import addresses
 from moorage.cluster.channel import Channel
 from moorage.cluster.handout import Handout, WorkerLink
+from moorage.cluster.replica_config import StartError
 from moorage.cluster.shared import Shared
 
 log = logging.getLogger(__name__)
@@ -147,8 +149,12 @@ class Supervisor:
             except asyncio.TimeoutError:
                 raise RuntimeError(f"worker {w.link.slot} was not ready within {READY_SECONDS:.0f} s") from None
 
-    def serve(self, listener: socket.socket) -> None:
-        """Hand the listener's connections to the workers, from now until stop()."""
+    def serve(self, host: str, port: int) -> None:
+        """Listen on the API's address and hand its connections to the workers, from now until stop()."""
+        try:
+            listener = addresses.listen_socket(host, port)
+        except OSError as e:
+            raise StartError(f"the listen address {host}:{port} {addresses.in_use(e)}") from None
         self.handout = Handout(listener, [w.link for w in self.workers], self.shared, self.lock)
         self.handout.start()
 
