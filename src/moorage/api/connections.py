@@ -50,7 +50,7 @@ class ClientCounts(Protocol):
 
 
 class LocalClientCounts:
-    """A replica that is one process counts in memory (with workers: cluster/workers.py's Shared)."""
+    """A replica that is one process counts in memory (with workers: cluster/shared.py's Shared)."""
 
     def __init__(self) -> None:
         self._counts: Counter[str] = Counter()

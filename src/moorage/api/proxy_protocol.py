@@ -137,7 +137,7 @@ class ApiSite(web.BaseSite):
     def __init__(self, runner: web.BaseRunner, host: str, port: int, *, trusted: Callable[[], Sequence[Network]],
                  ssl_context: ssl.SSLContext | None = None, backlog: int = 1024,
                  handed: socket.socket | None = None, on_closed: Callable[[], None] | None = None):
-        """`handed`: in a worker (cluster/workers.py), the channel its parent sends accepted
+        """`handed`: in a worker (cluster/handout.py), the channel its parent sends accepted
         connections on, instead of a socket of our own; `on_closed` is called once per such
         connection when it ends (the parent hands the next one to the least busy worker)."""
         super().__init__(runner, ssl_context=ssl_context, backlog=backlog)

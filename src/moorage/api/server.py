@@ -128,7 +128,7 @@ class RegistryService:
         if replica.worker is None:
             await self._serve_metrics()
         if replica.worker is None and replica.config.workers > 1:
-            return  # the workers serve; the replica's process accepts for them (cluster/workers.py)
+            return  # the workers serve; the replica's process accepts for them (cluster/handout.py)
         self.runner = web.ServerRunner(self.server, handle_signals=False, shutdown_timeout=5.0)
         await self.runner.setup()
         # Also reads the PROXY protocol header from the load balancers that proxy_protocol.from names.

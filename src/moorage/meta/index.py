@@ -70,7 +70,7 @@ class Repo:
 
 
 class Peers(Protocol):
-    """The other processes writing through this replica's etcd member (cluster/workers.py)."""
+    """The other processes writing through this replica's etcd member (cluster/shared.py)."""
 
     def solo(self) -> bool:
         """Whether the member is the cluster's only one (the replica's process polls it)."""

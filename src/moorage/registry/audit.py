@@ -147,7 +147,7 @@ class AuditLog:
         self.retention_days = retention_days
         self.queue_events = queue_events
         self._queue: deque[AuditEvent] = deque()
-        self.sink = sink  # a worker's: events go to the replica's process (cluster/workers.py)
+        self.sink = sink  # a worker's: events go to the replica's process (cluster/channel.py)
         self.dropped = 0  # since this process started
         self._dropped_unreported = 0
         self._warned_at = 0.0

@@ -11,7 +11,7 @@ While this replica's etcd member is alone, no one else can change a session,
 so the sessions it touched are answered from memory (the same reasoning as
 the index's `solo`), saving the etcd read before each chunk. With worker
 processes, each process counts its session changes in shared memory
-(`SessionPeers`, cluster/workers.py), and a cached session is used only while
+(`SessionPeers`, cluster/shared.py), and a cached session is used only while
 the counts of its bucket are what they were when it was cached: a chunk
 acknowledged by one worker is never answered from another's stale memory.
 """
@@ -52,7 +52,7 @@ class Session:
 
 
 class SessionPeers(Protocol):
-    """The replica's other processes that change sessions (cluster/workers.py's Shared)."""
+    """The replica's other processes that change sessions (cluster/shared.py)."""
 
     def session_stamp(self, upload_id: str) -> Hashable | None:
         """What a session cached now stays valid under; None when nothing may be cached
