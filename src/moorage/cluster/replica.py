@@ -300,9 +300,8 @@ class Replica:
             self._forkserver = forkserver(["moorage.cli.serve"])
             self.quorum.shared = self.shared = Shared.create(self.config.workers)
         await blob_storage.open_storage(storage, identity)
-        self.store_state = blob_storage.store_opened(identity)
-        if self.store_state is not None:
-            self.metrics.object_store_up.labels("s3").set(1)
+        if (opened := blob_storage.store_opened(identity)) is not None:
+            self._store_probed(opened)   # the gauge starts at the start-up probe's answer
         await member.start()
         self._client = client = EtcdClient(member.endpoint, member.tls,
                                            on_write=self.shared.wrote if self.shared is not None else None,
@@ -447,6 +446,8 @@ class Replica:
     # -- the tasks' work --------------------------------------------------------------------
 
     def _store_probed(self, state: StoreState) -> None:
+        """The object store's state, from the start-up probe or the probe task: kept for /health,
+        the metric, and (once they run) the workers."""
         self.store_state = state
         self.metrics.object_store_up.labels("s3").set(1 if state.reachable else 0)
         if self.supervisor is not None:   # the workers answer /health and status too
