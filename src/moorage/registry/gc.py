@@ -332,14 +332,14 @@ class Collector:
     async def _sweep_blobs(self, snap: Snapshot, live: set[str], cutoff: float) -> set[str]:
         candidates = [d for d, (rec, _) in snap.blobs.items() if d not in live and rec.created <= cutoff]
         swept: set[str] = set()
+        noted = not self.storage.lists_blobs   # a leftover would never be listed: note each object
         for i in range(0, len(candidates), STEP):
             chunk = candidates[i:i + STEP]
             units = [self.gcs.blob_unit(self.run.id, self.lease, d, snap.blobs[d][1], snap.links.get(d, ()),
-                                        None if self.storage.lists_blobs else snap.blobs[d][0].location)
+                                        snap.blobs[d][0].location if noted else None)
                      for d in chunk]
             gone = [d for d, ok in zip(chunk, await self._apply(units)) if ok]
-            await self._delete_files(gone, [snap.blobs[d][0].location for d in gone],
-                                     noted=not self.storage.lists_blobs)
+            await self._delete_files(gone, [snap.blobs[d][0].location for d in gone], noted=noted)
             swept.update(gone)
             self.run.blobs_swept += len(gone)
             self.run.bytes_freed += sum(snap.blobs[d][0].size for d in gone)
