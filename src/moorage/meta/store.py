@@ -14,7 +14,6 @@ the watch keeps in memory are the Index's (meta/index.py) and AccessRecords'
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import secrets
 import time
@@ -35,6 +34,7 @@ from moorage.meta.records import (
     BlobRecord, GrantRecord, ManifestRecord, Referrer, TeamRecord, UploadRecord, UserRecord, VisibilityRecord, decoder,
     encode, encode_note,
 )
+from moorage.meta.txn_group import TxnGroup
 from moorage.meta.webhooks import QueuedEvent, queue_ops
 
 _upload = decoder(UploadRecord)
@@ -72,45 +72,11 @@ class UploadState:
     closed: bool
 
 
-class _Notes:
-    """Writers' notes (MetaStore.intend), put together: those that arrive while a transaction is in
-    flight go in the next one, so concurrent pushes share a round trip and etcd's cost per
-    request (group commit; one alone waits for no other)."""
-
-    BATCH = 128
-
-    def __init__(self, client: EtcdClient):
-        self.client = client
-        self._waiting: list[tuple[bytes, bytes, asyncio.Future]] = []
-        self._flushing: asyncio.Task | None = None
-
-    async def put(self, key: bytes, value: bytes) -> None:
-        done = asyncio.get_running_loop().create_future()
-        self._waiting.append((key, value, done))
-        if self._flushing is None:
-            self._flushing = asyncio.create_task(self._flush())
-        await done
-
-    async def _flush(self) -> None:
-        try:
-            while self._waiting:
-                batch, self._waiting = self._waiting[:self.BATCH], self._waiting[self.BATCH:]
-                try:
-                    await self.client.txn([], [op_put(key, value) for key, value, _ in batch])
-                    error = None
-                except Exception as e:  # noqa: BLE001 - each writer raises it, as if it had put alone
-                    error = e
-                for _, _, done in batch:
-                    if not done.done():
-                        done.set_result(None) if error is None else done.set_exception(error)
-        finally:
-            self._flushing = None
-
-
 class MetaStore:
     def __init__(self, client: EtcdClient, index: Index, tombstone_seconds: float = 7200):
         self.client = client
-        self._notes = _Notes(client)
+        # Writes go through the group (meta/txn_group.py): concurrent pushes share etcd round trips.
+        self._group = TxnGroup(client)
         self.index = index
         self.tombstone_seconds = tombstone_seconds
         self._lease: tuple[int, float] | None = None
@@ -121,7 +87,7 @@ class MetaStore:
         index.subscribe(keys.GC_DELETING, self._marker_event, self._markers_reloaded)
 
     async def _txn(self, compare=(), success=(), failure=()) -> TxnResult:
-        result = await self.client.txn(compare, success, failure)
+        result = await self._group.txn(compare, success, failure)
         if not await self.index.wait_applied(result.revision):
             self._unapplied = max(self._unapplied, result.revision)
         return result
@@ -179,7 +145,7 @@ class MetaStore:
         returns the record's new revision, or None when it had changed."""
         key = keys.upload(upload_id)
         # Upload records are not read from the index, so no need to wait for it.
-        result = await self.client.txn([cmp_mod_revision(key, seen_revision)],
+        result = await self._group.txn([cmp_mod_revision(key, seen_revision)],
                                        [op_put(key, encode(record))])
         return result.revision if result.succeeded else None
 
@@ -187,7 +153,7 @@ class MetaStore:
     async def close_upload(self, upload_id: str, seen_revision: int) -> bool:
         key = keys.upload(upload_id)
         return (await self._with_tombstone(
-            lambda lease: self.client.txn([cmp_mod_revision(key, seen_revision)],
+            lambda lease: self._group.txn([cmp_mod_revision(key, seen_revision)],
                                           [op_put(key, TOMBSTONE, lease)]))).succeeded
 
     async def _tombstone_lease(self) -> int:
@@ -223,7 +189,7 @@ class MetaStore:
         outlives the grace period names an object a refused commit or a crash left behind
         (registry/gc.py collects it). Not read from the index: no wait for it."""
         key = key or keys.gc_writing(digest, secrets.token_hex(6))
-        await self._notes.put(key, encode_note(time.time(), location))
+        await self._group.txn([], [op_put(key, encode_note(time.time(), location))])
         return key
 
     @boundary
