@@ -396,9 +396,8 @@ class Collector:
                     await self.storage.delete_upload(uid)
                 self.run.uploads_swept += 1
                 self.run.bytes_freed += size
-        for name, size, stamp in await self.storage.tmp_files():
-            # An active session's multipart upload (S3: blobs/u/<upload id>?<its id>) stays.
-            if stamp <= file_cutoff and name.partition("?")[0].rsplit("/", 1)[-1] not in active:
+        for name, size, stamp, session in await self.storage.tmp_files():
+            if stamp <= file_cutoff and session not in active:   # an active session's stays
                 if not self.policy.dry_run:
                     await self.storage.delete_tmp(name)
                 self.run.tmp_swept += 1

@@ -531,8 +531,9 @@ class FilesystemDriver:
         found = await _io(self._scan, self.uploads, 0)
         return [f for f in found if is_upload_id(f[0])]
 
-    async def tmp_files(self) -> list[tuple[str, int, float]]:
-        return await _io(self._scan, self.tmp, 0)
+    async def tmp_files(self) -> list[tuple[str, int, float, str]]:
+        # Files being written (a blob placed, a probe): none outlives the request that made it.
+        return [(name, size, stamp, "") for name, size, stamp in await _io(self._scan, self.tmp, 0)]
 
     def _probe_clock(self) -> float:
         # A shared filesystem stamps files with its server's clock (the kernel's, locally), which

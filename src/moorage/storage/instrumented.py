@@ -151,7 +151,7 @@ class InstrumentedDriver:
     async def upload_files(self) -> list[tuple[str, int, float]]:
         return await self._timed("List", self.driver.upload_files())
 
-    async def tmp_files(self) -> list[tuple[str, int, float]]:
+    async def tmp_files(self) -> list[tuple[str, int, float, str]]:
         return await self._timed("List", self.driver.tmp_files())
 
     async def delete_tmp(self, name: str) -> None:

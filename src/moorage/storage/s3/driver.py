@@ -21,7 +21,7 @@ from moorage.storage.errors import ObjectMissing, StorageMisconfigured
 from moorage.storage.s3.client import S3Client
 from moorage.storage.s3.config import S3Config
 from moorage.storage.s3.multipart import Multipart
-from moorage.storage.s3.uploads import PartAppender, UploadSessions, upload_of
+from moorage.storage.s3.uploads import PartAppender, UploadSessions, session_of, upload_of
 
 
 class S3Driver:
@@ -184,12 +184,14 @@ class S3Driver:
     async def upload_files(self) -> list[tuple[str, int, float]]:
         return await self.uploads.listing()
 
-    async def tmp_files(self) -> list[tuple[str, int, float]]:
+    async def tmp_files(self) -> list[tuple[str, int, float, str]]:
         """Multipart uploads in progress (ListMultipartUploads lists those, not objects): upload
-        sessions' under blobs/u/<upload id> (GC keeps an active session's), and any a retried
-        start or a crash left behind."""
-        return [(f"{self.client.relative(u.key)}?{u.s3_upload_id}", 0, u.initiated)
-                for u in await self.multipart.list_uploads("blobs/")]
+        sessions' under blobs/u/<upload id>, and any a retried start or a crash left behind."""
+        out = []
+        for u in await self.multipart.list_uploads("blobs/"):
+            key = self.client.relative(u.key)
+            out.append((f"{key}?{u.s3_upload_id}", 0, u.initiated, session_of(key)))
+        return out
 
     async def delete_tmp(self, name: str) -> None:
         key, _, s3id = name.partition("?")

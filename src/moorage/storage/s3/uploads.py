@@ -45,13 +45,19 @@ def checked(upload_id: str) -> str:
     return upload_id
 
 
+def session_of(key: str) -> str:
+    """The upload id whose session a key is the location of, "" for any other key."""
+    m = _LOCATION.match(key)
+    return m.group(1) if m else ""
+
+
 def upload_of(location: str) -> str:
     """The upload id a session's own location names; ValueError for anything else
     (a location comes from etcd: it never names a key outside blobs/u/)."""
-    m = _LOCATION.match(location)
-    if m is None:
+    upload = session_of(location)
+    if not upload:
         raise ValueError(f"bad blob location {location[:60]!r}")
-    return m.group(1)
+    return upload
 
 
 class SessionState(msgspec.Struct, array_like=True):
