@@ -15,6 +15,7 @@ import asyncio
 import hashlib
 import os
 import socket
+import subprocess
 from pathlib import Path
 from typing import Iterator
 
@@ -195,3 +196,37 @@ def test_a_digest_mismatch_is_refused_and_nothing_committed(server):
             assert not blob_file(digest).exists()
         r = c.post(f"/v2/{repo}/blobs/uploads/", params={"digest": sha256(data)}, content=data)
         assert r.status_code == 201 and blob_file(sha256(data)).exists()  # where a blob would be
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Iterator[Path]:
+    """A file system of 6 MiB (tmpfs), to run out of space for real."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(disk)], check=True)
+    yield disk
+    subprocess.run(["umount", "--lazy", str(disk)], check=False)
+
+
+def test_a_chunk_the_disk_refused_is_sent_again(tmp_path, small_disk):
+    """A PATCH's offset is recorded in etcd while its last bytes are still being written; when
+    the disk then refuses them, the record goes back: the chunk is not acknowledged, the upload
+    still stands where it stood, and once there is room the same chunk is taken and the blob
+    is whole."""
+    reg = Registry(tmp_path / "data", storage_dir=small_disk).start()
+    repo = new_repo("receive")
+    first, second = os.urandom(2 * MiB), os.urandom(5 * MiB)  # 7 MiB: past what the disk holds
+    try:
+        with reg.client() as c:
+            location = patch_chunk(c, start_upload(c, repo), first, 0)
+            r = c.patch(location, content=second, headers={
+                "Content-Type": "application/octet-stream",
+                "Content-Range": f"{len(first)}-{len(first) + len(second) - 1}"})
+            assert r.status_code >= 500, (r.status_code, r.text)
+            assert range_end(c.get(location)) == len(first), "the refused chunk's offset stayed recorded"
+            subprocess.run(["mount", "-o", "remount,size=32m", str(small_disk)], check=True)
+            location = patch_chunk(c, location, second, len(first))
+            finish_upload(c, location, sha256(first + second))
+            assert pull_blob(c, repo, sha256(first + second)) == first + second
+    finally:
+        reg.stop()
