@@ -3,8 +3,11 @@
 An upload's data is a file in shared storage; where it stands is its session
 (`sessions.py`). The acknowledged offset is the truth: bytes past it in the
 file were never acknowledged and are cut off before the next append, so a
-crash mid-chunk leaves a session that resumes cleanly. A blob becomes
-visible only after its digest is verified against the bytes received.
+crash mid-chunk leaves a session that resumes cleanly. (A chunk's offset is
+recorded while its last bytes are written, `append`: a crash in those few
+milliseconds leaves the record ahead of the file, and the next append says
+to start the upload again.) A blob becomes visible only after its digest is
+verified against the bytes received.
 
 Only one request at a time may write to an upload on a replica: a second
 one is refused with 416 before it touches the file, so a rejected chunk can
