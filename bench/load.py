@@ -223,9 +223,9 @@ async def push_image_async(session: aiohttp.ClientSession, base: str, repo: str,
     post_url = f"{base}/v2/{repo}/blobs/uploads/"
     for blob in image.blobs:
         async with session.post(post_url, headers=auth) as r:
-            await r.read()
+            text = await r.read()
             if r.status != 202:
-                raise BenchError(f"POST upload: HTTP {r.status}")
+                raise BenchError(f"POST upload: HTTP {r.status} {text[:200]!r}")
             loc = r.headers.get("Location", "")
         put_url = yarl.URL(with_digest(urljoin(post_url, loc), sha256(blob)), encoded=True)
         async with session.put(put_url, data=blob,
