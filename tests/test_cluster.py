@@ -185,6 +185,7 @@ def test_two_replicas_after_one_loss_refuse_writes_with_a_clear_503(cluster):
         r = wait_for(refused, 20, "writes to be refused")
         err = r.json()["errors"][0]
         assert err["code"] == "UNAVAILABLE" and "quorum" in err["message"], err
+        assert "writes refused: etcd has not answered" in first.log(), "the log says when refusals began"
         # Pulls of what it knows keep working.
         assert c1.get(f"/v2/{repo}/manifests/v1", headers={"Accept": OCI_MANIFEST}).content == image.manifest
         ping = httpx.get(first.url + "/_ping", verify=first.ssl_context())

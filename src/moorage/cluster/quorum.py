@@ -10,12 +10,15 @@ same clock in every process, and one probe per replica.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 from moorage.cluster.shared import Shared
 from moorage.meta.etcd import EtcdClient, EtcdUnavailable
 from moorage.meta.index import Index
 from moorage.metrics import Metrics
+
+log = logging.getLogger(__name__)
 
 QUORUM_PROBE_SECONDS = 1.0
 # Without a successful linearizable read for this long, the replica reports
@@ -53,12 +56,24 @@ class Quorum:
     async def probe(self, client: EtcdClient, index: Index) -> None:
         """The probe's loop, until cancelled: the parent's (or a lone replica's) task."""
         m = self.metrics
+        writable, failure, refused_at = True, "", 0.0
         while True:
             try:
                 revision = await asyncio.wait_for(client.revision(), QUORUM_PROBE_SECONDS)
                 self.ok_at = time.monotonic()
                 m.index_lag.set(max(revision - index.applied, 0))
-            except (EtcdUnavailable, asyncio.TimeoutError):
-                pass
-            m.quorum.set(1 if self.writable()[0] else 0)
+            except EtcdUnavailable as e:
+                failure = str(e)
+            except asyncio.TimeoutError:
+                failure = f"no answer in {QUORUM_PROBE_SECONDS:g}s"
+            now_writable = self.writable()[0]
+            m.quorum.set(1 if now_writable else 0)
+            # Said once each way: an operator who sees 503s finds when they began and why.
+            if writable and not now_writable:
+                refused_at = time.monotonic()
+                log.warning("writes refused: etcd has not answered a linearizable read for "
+                            f"{QUORUM_GRACE_SECONDS:g}s", extra={"error": failure})
+            elif now_writable and not writable:
+                log.info("writes accepted again", extra={"refused_seconds": round(time.monotonic() - refused_at, 1)})
+            writable = now_writable
             await asyncio.sleep(QUORUM_PROBE_SECONDS)
