@@ -90,3 +90,16 @@ def test_ranges_and_large_writes_go_alone(registry):
         assert isinstance(results[2], EtcdUnavailable)
         assert all(r.succeeded for i, r in enumerate(results) if i != 2)
     run(registry, scenario)
+
+
+def test_many_comparisons_are_split_below_etcds_limit(registry):
+    """A manifest's write compares every blob it names: 30 such writes waiting together hold more
+    comparisons than etcd takes in one transaction (--max-txn-ops), so they go in several."""
+    async def scenario(client: EtcdClient, group: TxnGroup, root: bytes) -> None:
+        results = await asyncio.gather(*(
+            group.txn([cmp_absent(root + b"m%d/blob%d" % (i, j)) for j in range(400)],
+                      [op_put(root + b"m%d" % i, b"v")])
+            for i in range(30)))
+        assert all(r.succeeded for r in results)
+        assert 1 < len({r.revision for r in results}) < 30, "neither one joint transaction nor none"
+    run(registry, scenario)

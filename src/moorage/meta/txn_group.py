@@ -26,9 +26,11 @@ from dataclasses import dataclass
 
 from moorage.meta.etcd import EtcdClient, TxnResult
 
-# etcd's own limits are far above these (cluster/etcd_member.py: --max-txn-ops,
-# --max-request-bytes); these keep one joint request, and its wait, small.
+# etcd's own limits are far above these (cluster/etcd_member.py: --max-txn-ops, which
+# bounds the comparisons and the operations of a transaction each, and --max-request-bytes);
+# these keep one joint request, and its wait, small. A member over them goes alone.
 MAX_MEMBERS = 64
+MAX_OPS = 2000
 MAX_BYTES = 1 << 20
 
 
@@ -88,15 +90,17 @@ class TxnGroup:
         """The longest run of waiting members, oldest first, that may go together."""
         compared: set[bytes] = set()
         written: set[bytes] = set()
-        size = 0
-        taken = 0
+        size = compares = ops = taken = 0
         for m in self._waiting:
-            if taken and (taken >= MAX_MEMBERS or size + m.size > MAX_BYTES or m.written & written
-                          or m.written & compared or m.compared & written):
+            if taken and (taken >= MAX_MEMBERS or size + m.size > MAX_BYTES
+                          or compares + len(m.compare) > MAX_OPS or ops + len(m.success) > MAX_OPS
+                          or m.written & written or m.written & compared or m.compared & written):
                 break
             compared |= m.compared
             written |= m.written
             size += m.size
+            compares += len(m.compare)
+            ops += len(m.success)
             taken += 1
         batch, self._waiting = self._waiting[:taken], self._waiting[taken:]
         return batch
