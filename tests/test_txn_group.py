@@ -103,3 +103,17 @@ def test_many_comparisons_are_split_below_etcds_limit(registry):
         assert all(r.succeeded for r in results)
         assert 1 < len({r.revision for r in results}) < 30, "neither one joint transaction nor none"
     run(registry, scenario)
+
+
+def test_a_stopping_process_answers_every_waiting_writer(registry):
+    """The sending task cancelled (the process stops) with writes in flight and waiting: each
+    writer hears that its write was cut off, none waits forever."""
+    async def scenario(client: EtcdClient, group: TxnGroup, root: bytes) -> None:
+        writes = [asyncio.ensure_future(group.txn([], [op_put(root + b"k%d" % i, b"v")])) for i in range(10)]
+        await asyncio.sleep(0)  # every write is waiting
+        await asyncio.sleep(0)  # and the first batch is on its way to etcd
+        assert group._sending is not None
+        group._sending.cancel()
+        results = await asyncio.wait_for(asyncio.gather(*writes, return_exceptions=True), 5)
+        assert all(isinstance(r, EtcdUnavailable) and "cut off" in str(r) for r in results), results
+    run(registry, scenario)

@@ -24,7 +24,7 @@ import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from moorage.meta.etcd import EtcdClient, TxnResult
+from moorage.meta.etcd import EtcdClient, EtcdUnavailable, TxnResult
 
 # etcd's own limits are far above these (cluster/etcd_member.py: --max-txn-ops, which
 # bounds the comparisons and the operations of a transaction each, and --max-request-bytes);
@@ -106,6 +106,7 @@ class TxnGroup:
         return batch
 
     async def _send(self) -> None:
+        batch: list[_Member] = []
         try:
             while self._waiting:
                 batch = self._take()
@@ -115,6 +116,10 @@ class TxnGroup:
                     await self._together(batch)
         finally:
             self._sending = None
+            # Cancelled (the process is stopping): no writer waits forever for an answer.
+            cut_off, self._waiting = batch + self._waiting, []
+            for m in cut_off:
+                _fail(m, EtcdUnavailable("the write was cut off: the process is stopping"))
 
     async def _alone(self, m: _Member) -> None:
         try:
