@@ -117,3 +117,19 @@ def test_a_stopping_process_answers_every_waiting_writer(registry):
         results = await asyncio.wait_for(asyncio.gather(*writes, return_exceptions=True), 5)
         assert all(isinstance(r, EtcdUnavailable) and "cut off" in str(r) for r in results), results
     run(registry, scenario)
+
+
+def test_a_write_etcd_refuses_fails_alone(registry):
+    """A put under a lease etcd does not know makes etcd refuse the whole joint transaction:
+    each member is then sent alone, and only that one fails."""
+    async def scenario(client: EtcdClient, group: TxnGroup, root: bytes) -> None:
+        others = [root + b"k%d" % i for i in range(6)]
+        results = await asyncio.gather(
+            *(group.txn([], [op_put(k, b"v")]) for k in others[:3]),
+            group.txn([], [op_put(root + b"leased", b"v", lease=0x7EADBEEF)]),
+            *(group.txn([], [op_put(k, b"v")]) for k in others[3:]),
+            return_exceptions=True)
+        assert isinstance(results[3], EtcdUnavailable) and "lease" in str(results[3]), results[3]
+        assert all(r.succeeded for i, r in enumerate(results) if i != 3), results
+        assert [(await client.get(k)).value for k in others] == [b"v"] * len(others)
+    run(registry, scenario)

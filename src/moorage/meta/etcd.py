@@ -38,6 +38,17 @@ class EtcdUnavailable(Exception):
     """etcd did not answer in time, or has no quorum."""
 
 
+class EtcdRefused(EtcdUnavailable):
+    """etcd refused the request itself (a lease it does not know, too many operations, too
+    large): another request may succeed at once. Raised as EtcdUnavailable to callers."""
+
+
+# The gRPC codes etcd answers a request it refuses for what it holds, not for its own state.
+_REFUSALS = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
+                       grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.OUT_OF_RANGE,
+                       grpc.StatusCode.RESOURCE_EXHAUSTED})
+
+
 class EtcdCompacted(Exception):
     """A watch asked for history etcd has already compacted away."""
 
@@ -199,7 +210,8 @@ class EtcdClient:
         try:
             return await method(request, timeout=timeout or self.timeout)
         except grpc.aio.AioRpcError as e:
-            raise EtcdUnavailable(f"etcd at {self.endpoint}: {e.code().name}: {e.details()}") from e
+            kind = EtcdRefused if e.code() in _REFUSALS else EtcdUnavailable
+            raise kind(f"etcd at {self.endpoint}: {e.code().name}: {e.details()}") from e
         except asyncio.TimeoutError as e:  # pragma: no cover - grpc reports DEADLINE_EXCEEDED
             raise EtcdUnavailable(f"etcd at {self.endpoint}: timed out") from e
         finally:

@@ -13,7 +13,8 @@ sending them one after another in any order: each compares and writes single
 keys (no ranges, reads or nested transactions), and none writes a key that
 another compares or writes. The joint transaction holds every comparison; if
 one fails, nothing is written, and each member is sent again alone, to succeed
-or fail on its own, with its own failure reads. A member that overlaps an
+or fail on its own, with its own failure reads; so is each member of a joint
+transaction etcd refuses for what one of them holds. A member that overlaps an
 earlier waiting one waits for the next round, so writes to one key keep their
 order.
 """
@@ -24,7 +25,7 @@ import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from moorage.meta.etcd import EtcdClient, EtcdUnavailable, TxnResult
+from moorage.meta.etcd import EtcdClient, EtcdRefused, EtcdUnavailable, TxnResult
 
 # etcd's own limits are far above these (cluster/etcd_member.py: --max-txn-ops, which
 # bounds the comparisons and the operations of a transaction each, and --max-request-bytes);
@@ -131,6 +132,10 @@ class TxnGroup:
         try:
             joint = await self.client.txn([c for m in batch for c in m.compare],
                                           [op for m in batch for op in m.success])
+        except EtcdRefused:
+            # Refused for what one member holds (a lease etcd no longer knows): each on its own.
+            await asyncio.gather(*(self._alone(m) for m in batch))
+            return
         except Exception as e:  # noqa: BLE001 - each writer raises it, as if it had sent alone
             for m in batch:
                 _fail(m, e)
