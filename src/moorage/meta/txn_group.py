@@ -129,19 +129,18 @@ class TxnGroup:
             _fail(m, e)
 
     async def _together(self, batch: list[_Member]) -> None:
+        joint: TxnResult | None = None
         try:
             joint = await self.client.txn([c for m in batch for c in m.compare],
                                           [op for m in batch for op in m.success])
         except EtcdRefused:
-            # Refused for what one member holds (a lease etcd no longer knows): each on its own.
-            await asyncio.gather(*(self._alone(m) for m in batch))
-            return
+            pass   # refused for what one member holds (a lease etcd no longer knows)
         except Exception as e:  # noqa: BLE001 - each writer raises it, as if it had sent alone
             for m in batch:
                 _fail(m, e)
             return
-        if not joint.succeeded:
-            # Some comparison failed, and which one etcd does not say: each on its own.
+        if joint is None or not joint.succeeded:
+            # Refused, or some comparison failed and etcd does not say whose: each on its own.
             await asyncio.gather(*(self._alone(m) for m in batch))
             return
         at = 0
