@@ -174,7 +174,7 @@ class MetaStore:
     async def secret(self, name: str) -> bytes:
         """A cluster-wide random secret, created by whichever replica asks first."""
         key = keys.secret(name)
-        await self.client.txn([cmp_absent(key)], [op_put(key, secrets.token_bytes(32))])
+        await self._group.txn([cmp_absent(key)], [op_put(key, secrets.token_bytes(32))])
         kv = await self.client.get(key)
         assert kv is not None
         return kv.value
@@ -195,7 +195,7 @@ class MetaStore:
     @boundary
     async def drop_intent(self, key: bytes) -> None:
         """A writer's note whose object the writer deleted itself."""
-        await self.client.txn([], [op_delete(key)])
+        await self._group.txn([], [op_delete(key)])
 
     @boundary
     async def commit_blob(self, repo: str, digest: str, size: int,
@@ -352,7 +352,7 @@ class MetaStore:
     # replica's index has applied it (read-your-writes).
 
     async def _changed(self, compare: Iterable = (), success: Iterable = ()) -> bool:
-        result = await self.client.txn(list(compare), list(success))
+        result = await self._group.txn(list(compare), list(success))
         if result.succeeded:
             await self.index.wait_applied(result.revision)
         return result.succeeded
