@@ -9,6 +9,7 @@ addresses and default ports) for anything that depends on addresses.
 from __future__ import annotations
 
 import http.client
+import itertools
 import json
 import os
 import signal
@@ -34,10 +35,43 @@ ENV = {**os.environ, "MOORAGE_ADMIN_PASSWORD": ADMIN_PASSWORD,
        "MOORAGE_USERNAME": "admin", "MOORAGE_PASSWORD": ADMIN_PASSWORD}
 
 
+def _port_block() -> tuple[int, int]:
+    """This test process's own ports: [start, end), below the kernel's ephemeral range.
+
+    A port the kernel hands out for port 0 and that we release is free only until
+    the next outgoing connection takes it as its source port (etcd, gRPC and HTTP
+    clients make many): a replica then fails to start with its port in use. Ports
+    below the ephemeral range are never given to outgoing connections, and each
+    xdist worker takes its own block, so no other test process picks them either.
+    """
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        ephemeral = int(f.read().split()[0])
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    index = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    size = (ephemeral - PORTS_FROM) // max(workers, 1)
+    return PORTS_FROM + index * size, PORTS_FROM + (index + 1) * size
+
+
+PORTS_FROM = 10000
+_START, _END = _port_block()
+_ports = itertools.cycle(range(_START, _END))
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port no server holds, from this process's block (going round it again once spent)."""
+    if _END - _START < 100:  # an ephemeral range that starts too low: ask the kernel
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    for _ in range(_END - _START):
+        port = next(_ports)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue   # held by a server, or still in TIME_WAIT
+            return port
+    raise RuntimeError(f"no free port in {_START}-{_END}")
 
 
 @dataclass
