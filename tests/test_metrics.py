@@ -159,18 +159,23 @@ def test_every_metric_of_the_spec_is_served_with_its_labels(replica, token, tmp_
     assert check.returncode == 0, check.stdout + check.stderr
 
 
-def test_requests_tallied_then_folded_read_as_if_each_was_observed():
+def test_requests_tallied_then_folded_read_as_if_each_was_observed(monkeypatch):
     """The hot path tallies requests in plain Python and folds them into the metrics later
     (moorage/metrics.py says why): what a scrape shows is what observing each would show."""
     import asyncio
     import random
-    import time
+    from types import SimpleNamespace
 
     from prometheus_client import CollectorRegistry, Counter, Histogram
+    from moorage import metrics
     from moorage.metrics import Metrics
 
-    # Well inside the default buckets (.005, .01, ..., 2.5, 5, 10, +Inf), so the microseconds
-    # between the two clocks read below never move one across a bound.
+    # The registry's clock stands still, so each request lasts exactly the seconds given to
+    # the reference: a stall between two reads of a running clock (a busy CI machine took
+    # 2 ms once) would move a request across a bucket's bound in one and not the other.
+    monkeypatch.setattr(metrics, "time", SimpleNamespace(perf_counter=lambda: 1000.0))
+    # Away from the default buckets' bounds (.005, .01, ..., 2.5, 5, 10, +Inf), so the float
+    # rounding of (now - (now - seconds)) never moves one across a bound either.
     durations = [random.choice([0.0001, 0.003, 0.007, 0.2, 3.0, 42.0]) * random.uniform(0.9, 1.1)
                  for _ in range(500)]
     reference = CollectorRegistry()
@@ -184,7 +189,7 @@ def test_requests_tallied_then_folded_read_as_if_each_was_observed():
             started = m.request_started("manifest")
             m.request_done(method, 200, "manifest", started - seconds)
             counted.labels(method, "200", "manifest").inc()
-            observed.labels(method, "manifest").observe(time.perf_counter() - (started - seconds))
+            observed.labels(method, "manifest").observe(seconds)
             if i == 250:
                 await asyncio.sleep(1.1)  # a fold by the timer, half way
         in_flight = m.request_started("blob")  # one still being answered
