@@ -21,7 +21,9 @@ import msgspec
 log = logging.getLogger(__name__)
 
 _LEN = struct.Struct("<I")
-MAX_FRAME = 4 << 20
+# Above etcd's request size (--max-request-bytes, cluster/etcd_member.py): a relayed index
+# batch (cluster/index_relay.py) carries at least one whole event.
+MAX_FRAME = 16 << 20
 _enc = msgspec.msgpack.Encoder()
 _dec = msgspec.msgpack.Decoder()
 

@@ -23,8 +23,9 @@ With `workers` above 1 (cluster/workers.py) this process is the replica's
 parent: it runs the member and the background tasks, and accepts the API's
 connections (cluster/handout.py), which N worker processes serve; each
 worker is a Replica too, built with `worker` set: no member, no background
-task but its own metadata view, connections from the parent, the shared
-block (cluster/shared.py) and a control channel to it (cluster/channel.py).
+task, its own metadata view fed by the parent's watch (cluster/index_relay.py),
+connections from the parent, the shared block (cluster/shared.py) and a
+control channel to it (cluster/channel.py).
 
 A replica's background tasks are listed in one place, `Replica.tasks`, as
 Patroni lists its HA loop; each runs until the replica stops.
@@ -51,6 +52,7 @@ from moorage.cluster.channel import Channel
 from moorage.cluster.clock import ClusterClock
 from moorage.cluster.etcd_member import EtcdMember, node_tls
 from moorage.cluster.identity import Identity, load_or_create
+from moorage.cluster.index_relay import FOLLOW, RELAYED, Follower, WatchRelay
 from moorage.cluster.operations import ClusterOperations
 from moorage.cluster.quorum import Quorum
 from moorage.cluster.replica_config import ReplicaConfig, Service, StartError
@@ -100,6 +102,7 @@ class Replica:
         self.worker_main = worker_main
         self.shared: Shared | None = None
         self.channel: Channel | None = None       # a worker's link to the parent
+        self.follower: Follower | None = None     # a worker's index, fed through that link
         self.supervisor: Supervisor | None = None
         self._forkserver: Any = None
         self._service_factory = service
@@ -157,10 +160,9 @@ class Replica:
         service = self.service
         if self.worker is not None:
             return [
-                # A worker's own view of the metadata (and through it, the settings).
-                Task("index-watch", self.index.watch),
-                # The parent's link: a call's replies come back on it; when it closes, the
-                # parent is gone, and so are we.
+                # The parent's link: its index batches come on it (our view of the metadata, and
+                # through it the settings: cluster/index_relay.py), and a call's replies; when it
+                # closes, the parent is gone, and so are we.
                 Task("parent-link", self._parent_link),
                 # The pull events this worker's requests buffered, written once a second.
                 Task("webhook-pulls", service.flush_pull_events),
@@ -169,7 +171,7 @@ class Replica:
             # etcd runs as our child: restarted when it dies; when it was removed, we stop.
             Task("etcd-supervisor", self.member.supervise),
             # The in-memory view of the metadata, and through it the settings, the access
-            # records, GC's markers and the other replicas' clocks.
+            # records, GC's markers and the other replicas' clocks; relayed to the workers.
             Task("index-watch", self.index.watch),
             # Whether our member is the cluster's only one (reads then skip the revision check).
             Task("solo", lambda: membership.track_solo(self.client, self.index, self.identity.replica_id)),
@@ -333,6 +335,8 @@ class Replica:
                                          lambda slot, message: service.from_worker(message),
                                          self._forkserver, options=self.config,
                                          on_exit=lambda slot, pid: self.metrics.process_died(pid))
+            # Before the workers start: each follows the parent's watch instead of its own.
+            self.index.relay = WatchRelay(self.supervisor.relay)
             await self.supervisor.start()
             self.supervisor.serve(self.host, self.port)
         # For commands run on this node (`moorage status` with no --existing).
@@ -368,8 +372,8 @@ class Replica:
         return index
 
     async def _start_worker(self) -> None:
-        """As a worker: our own client of the replica's member and our own metadata view;
-        no member to run, no background task but the view's watch."""
+        """As a worker: our own client of the replica's member and our own metadata view, fed
+        by the parent's watch; no member to run, no background task but the parent's link."""
         start, identity, storage, member = self.worker, self.identity, self.storage, self.member
         assert start is not None and identity is not None and storage is not None and member is not None
         self.quorum.shared = self.shared = Shared(start.shared, start.workers, start.slot)
@@ -379,15 +383,23 @@ class Replica:
         self._client = client = EtcdClient(member.endpoint, member.tls, on_write=self.shared.wrote)
         index = self._open_view(client)
         self.service = await self._service_factory(self)
-        await index.load()
+        self.follower = follower = Follower(index)
+        # The link first: the answer to the follow call comes on it (and the batches after it).
         self._tasks = [asyncio.create_task(t.run(), name=t.name) for t in self.tasks()]
+        channel = self.channel
+        await follower.start(lambda: channel.call(FOLLOW))
         await self.service.start()
         self.channel.send({"t": "ready"})
 
     async def _parent_link(self) -> None:
-        channel, service = self.channel, self.service
-        assert channel is not None and service is not None
-        await channel.serve(service.from_parent)
+        channel, service, follower = self.channel, self.service, self.follower
+        assert channel is not None and service is not None and follower is not None
+
+        async def handle(message: dict) -> Any:
+            if message.get("t") in RELAYED:
+                return await follower.handle(message)
+            return await service.from_parent(message)
+        await channel.serve(handle)
         log.debug("the replica's process closed our link; stopping")
         self.stopping.set()
 

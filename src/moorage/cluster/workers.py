@@ -11,6 +11,7 @@ share a block of memory (cluster/shared.py) and talk over a control channel
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import logging
 import os
@@ -25,6 +26,7 @@ from typing import Any
 from moorage.cluster import addresses
 from moorage.cluster.channel import Channel
 from moorage.cluster.handout import Handout, WorkerLink
+from moorage.cluster.index_relay import FOLLOW
 from moorage.cluster.replica_config import StartError
 from moorage.cluster.shared import Shared
 
@@ -32,12 +34,15 @@ log = logging.getLogger(__name__)
 
 MAX_WORKERS = 64
 DEFAULT_CAP = 8
+# Relayed index batches a worker has not read yet, at most: one stuck that long is killed (and
+# restarted, loading its view afresh) before the parent's memory pays for it.
+MAX_RELAY_BACKLOG = 64 << 20
 
 _PR_SET_PDEATHSIG = 1
 
 
 def default_workers() -> int:
-    """The machine's cores, at most DEFAULT_CAP: each worker holds its own index and etcd watch."""
+    """The machine's cores, at most DEFAULT_CAP: each worker holds its own index of the metadata."""
     return max(1, min(os.cpu_count() or 1, DEFAULT_CAP))
 
 
@@ -72,6 +77,7 @@ class Worker:
     started_at: float = 0.0
     quick_deaths: int = 0
     task: asyncio.Task | None = None
+    following: bool = False             # gets the parent's index batches (cluster/index_relay.py)
 
 
 class PassedFd:
@@ -173,6 +179,23 @@ class Supervisor:
                 except (ConnectionError, RuntimeError):
                     pass
 
+    def relay(self, message: dict) -> None:
+        """An index batch to every worker that follows the parent's watch (cluster/index_relay.py)."""
+        for w in self.workers:
+            if not w.following or w.channel is None:
+                continue
+            try:
+                w.channel.send(message)
+            except (ConnectionError, RuntimeError):
+                continue
+            transport = w.channel.writer.transport
+            if transport.get_write_buffer_size() > MAX_RELAY_BACKLOG and w.proc is not None:
+                log.warning("worker is not reading its index batches; killing it", extra={
+                    "worker": w.link.slot, "pid": w.proc.pid, "backlog_bytes": transport.get_write_buffer_size()})
+                w.following = False
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(w.proc.pid, signal.SIGKILL)
+
     def pids(self) -> list[int]:
         return [w.proc.pid for w in self.workers if w.proc is not None and w.proc.exitcode is None]
 
@@ -190,6 +213,7 @@ class Supervisor:
             child_conn.close()
             child_ctl.close()
         w.proc = proc
+        w.following = False
         w.started_at = time.monotonic()
         w.ready = asyncio.Event()
         w.channel = await Channel.open(parent_ctl)
@@ -204,8 +228,13 @@ class Supervisor:
                     w.link.alive = True
                 w.ready.set()
                 return None
+            if msg.get("t") == "call" and msg.get("op") == FOLLOW:
+                # On the list before the answer: the worker loads its view only once it has it.
+                w.following = True
+                return None
             return await self.handle(w.link.slot, msg)
         await channel.serve(handle)  # until the worker's end closes: it exited
+        w.following = False
         await asyncio.get_running_loop().run_in_executor(None, proc.join)
         with self.lock:
             w.link.alive = False

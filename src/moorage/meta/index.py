@@ -22,6 +22,10 @@ revision read, as across replicas.
 
 When etcd cannot be reached (no quorum), `sync()` gives up after a short
 deadline and readers serve what this replica knows: pulls keep working.
+
+Only the replica's process watches; its `relay` passes every batch it applies
+on to the workers, whose indexes apply the same batches (cluster/index_relay.py
+says why and how).
 """
 
 from __future__ import annotations
@@ -83,6 +87,19 @@ class Peers(Protocol):
         """The newest revision etcd acknowledged to any of the replica's processes."""
 
 
+class Relay(Protocol):
+    """Where the replica's process passes on what its watch brings (cluster/index_relay.py)."""
+
+    def batch(self, revision: int, events: list[Event]) -> None:
+        """A batch just applied, as `Index.apply` took it."""
+
+    def reloaded(self) -> None:
+        """The view was loaded again from etcd (the watch fell behind compaction)."""
+
+    def health(self, healthy: bool) -> None:
+        """The watch went down, or came back."""
+
+
 class Index:
     def __init__(self, client: EtcdClient, peers: Peers | None = None):
         self._client = client
@@ -98,6 +115,7 @@ class Index:
         self.last_sync_ok = time.monotonic()
         self._sync_failed_at = -SYNC_BACKOFF
         self.watch_healthy = False
+        self.relay: Relay | None = None
         self._solo = False
         self._not_solo_until = 0.0
         self.solo_epoch = 0
@@ -167,6 +185,8 @@ class Index:
             self._apply_one(Event(False, kv))
         self._advance(revision)
         log.debug("index loaded", extra={"revision": revision, "keys": len(kvs)})
+        if self.relay is not None:
+            self.relay.reloaded()
 
     async def watch(self) -> None:
         """Apply every change from the loaded revision on, forever; reload after a compaction."""
@@ -174,23 +194,18 @@ class Index:
         while True:
             try:
                 async for revision, events in self._client.watch_prefix(keys.ROOT, self.applied + 1):
-                    self.watch_healthy = True
+                    self._healthy(True)
                     backoff = 0.1
-                    if events:
-                        for ev in events:
-                            self._apply_one(ev)
-                        self._advance(events[-1].kv.mod_revision)
-                    else:
-                        self._advance(revision)
+                    self.apply(revision, events)
             except asyncio.CancelledError:
                 raise
             except EtcdCompacted as e:
                 log.warning("index watch fell behind compaction, reloading", extra={"error": str(e)})
                 await self._reload_quietly()
             except Exception as e:  # watch streams die with their connection
-                self.watch_healthy = False
+                self._healthy(False)
                 log.warning("index watch interrupted", extra={"error": str(e)})
-            self.watch_healthy = False
+            self._healthy(False)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 5.0)
 
@@ -200,7 +215,27 @@ class Index:
         except EtcdUnavailable as e:
             log.warning("index reload failed", extra={"error": str(e)})
 
+    def _healthy(self, healthy: bool) -> None:
+        if healthy != self.watch_healthy:
+            self.watch_healthy = healthy
+            if self.relay is not None:
+                self.relay.health(healthy)
+
     # -- applying changes ------------------------------------------------
+
+    def apply(self, revision: int, events: list[Event]) -> None:
+        """One batch of the watch: its events, in order; with none, a progress note that every
+        change up to `revision` was delivered (0: the watch is only in place). A batch's own
+        `revision` is etcd's at sending time, which later batches may still be below: with
+        events, the view is current to the last one's revision only."""
+        if events:
+            for ev in events:
+                self._apply_one(ev)
+            self._advance(events[-1].kv.mod_revision)
+        else:
+            self._advance(revision)
+        if self.relay is not None and (revision or events):
+            self.relay.batch(revision, events)
 
     def _advance(self, revision: int) -> None:
         if revision > self.applied:
