@@ -16,18 +16,36 @@ import ssl
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Awaitable, Callable
+from typing import Awaitable, Callable, Protocol
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 import yarl
 
 from content import MiB, OCI_MANIFEST, Image, SourceFile, sha256
-from credentials import repository_of
+from credentials import Credentials, repository_of
 
-if TYPE_CHECKING:  # annotations only: both modules import this one
-    from scenarios import Config
-    from servers import Server
+
+class Target(Protocol):
+    """A registry under load, as this module needs it (servers.Server is one): named here, so
+    that the modules that run the registries can import this one and not the other way round."""
+
+    port: int
+    ca: Path | None
+    credentials: Credentials | None
+
+    @property
+    def url(self) -> str: ...
+
+    def ssl_context(self) -> ssl.SSLContext | None: ...
+
+
+class ToolSettings(Protocol):
+    """How wrk and hey are run (scenarios.Config is one)."""
+
+    wrk_conns: int
+    wrk_seconds: int
+    wrk_threads: int
 
 
 NET_TIMEOUT = 60.0          # one HTTP request, including a 256 MiB body
@@ -46,14 +64,14 @@ Response = tuple[int, http.client.HTTPMessage, bytes]
 TLS_WRITE = 1 * MiB  # a big body over TLS goes out in slices of this size (see send_file)
 
 
-def connect(server: Server, timeout: float = NET_TIMEOUT) -> http.client.HTTPConnection:
+def connect(server: Target, timeout: float = NET_TIMEOUT) -> http.client.HTTPConnection:
     ctx = server.ssl_context() if getattr(server, "tls", False) else None
     if ctx is not None:
         return http.client.HTTPSConnection("127.0.0.1", server.port, timeout=timeout, context=ctx)
     return http.client.HTTPConnection("127.0.0.1", server.port, timeout=timeout)
 
 
-def auth_headers(server: Server, target: str) -> dict[str, str]:
+def auth_headers(server: Target, target: str) -> dict[str, str]:
     """What a client logged in to this server sends with a request for `target` (nothing if no auth)."""
     creds = getattr(server, "credentials", None)
     if creds is None or not target.startswith("/v2/"):
@@ -65,12 +83,12 @@ def auth_headers(server: Server, target: str) -> dict[str, str]:
     return creds.headers(repository_of(target), fetch)
 
 
-def repo_auth(server: Server, repo: str) -> dict[str, str]:
+def repo_auth(server: Target, repo: str) -> dict[str, str]:
     """The Authorization header for requests about `repo`; fetching it (if due) is the untimed part."""
     return auth_headers(server, f"/v2/{repo}/blobs/")
 
 
-def call(server: Server, conn: http.client.HTTPConnection, method: str, target: str,
+def call(server: Target, conn: http.client.HTTPConnection, method: str, target: str,
          headers: dict[str, str] | None = None, body: bytes = b"") -> Response:
     conn.request(method, target, body=body, headers={**auth_headers(server, target), **(headers or {})})
     resp = conn.getresponse()
@@ -98,7 +116,7 @@ def send_file(sock: object, path: Path, offset: int, length: int) -> int:
         return length
 
 
-def call_file(server: Server, conn: http.client.HTTPConnection, method: str, target: str, path: Path,
+def call_file(server: Target, conn: http.client.HTTPConnection, method: str, target: str, path: Path,
               offset: int, length: int, headers: dict[str, str]) -> Response:
     """A request whose body is a slice of a file, sent with sendfile(2) (or mmap slices over TLS)."""
     conn.putrequest(method, target, skip_accept_encoding=True)
@@ -112,7 +130,7 @@ def call_file(server: Server, conn: http.client.HTTPConnection, method: str, tar
     return resp.status, resp.headers, resp.read()
 
 
-def raw_request(server: Server, method: str, target: str, headers: dict[str, str] | None = None,
+def raw_request(server: Target, method: str, target: str, headers: dict[str, str] | None = None,
                 body: bytes = b"", timeout: float = NET_TIMEOUT) -> Response:
     """One request on a new connection, exactly as given: no credentials added."""
     conn = connect(server, timeout)
@@ -124,14 +142,14 @@ def raw_request(server: Server, method: str, target: str, headers: dict[str, str
         conn.close()
 
 
-def request(server: Server, method: str, target: str, headers: dict[str, str] | None = None,
+def request(server: Target, method: str, target: str, headers: dict[str, str] | None = None,
             body: bytes = b"", timeout: float = NET_TIMEOUT) -> Response:
     """One request on a new connection, with the credentials a logged-in client sends."""
     return raw_request(server, method, target, {**auth_headers(server, target), **(headers or {})},
                        body, timeout)
 
 
-def admin_request(server: Server, method: str, target: str, headers: dict[str, str] | None = None,
+def admin_request(server: Target, method: str, target: str, headers: dict[str, str] | None = None,
                   body: bytes = b"") -> Response:
     """A request to Moorage's admin API, which takes the admin's Basic credentials (not a token)."""
     assert server.credentials is not None
@@ -145,7 +163,7 @@ def expect(resp: Response, status: int, what: str) -> Response:
     return resp
 
 
-def location(server: Server, base: str, resp: Response) -> str:
+def location(server: Target, base: str, resp: Response) -> str:
     """The Location of an upload as a request target (path and query)."""
     loc = resp[1].get("Location")
     if not loc:
@@ -158,12 +176,12 @@ def with_digest(target: str, digest: str) -> str:
     return target + ("&" if "?" in target else "?") + "digest=" + digest
 
 
-def start_upload(server: Server, conn: http.client.HTTPConnection, repo: str) -> str:
+def start_upload(server: Target, conn: http.client.HTTPConnection, repo: str) -> str:
     base = f"/v2/{repo}/blobs/uploads/"
     return location(server, base, expect(call(server, conn, "POST", base), 202, "POST upload"))
 
 
-def push_monolithic(server: Server, repo: str, src: SourceFile) -> None:
+def push_monolithic(server: Target, repo: str, src: SourceFile) -> None:
     """POST, then one PUT ?digest= carrying the whole blob (the spec's monolithic upload)."""
     conn = connect(server)
     try:
@@ -175,7 +193,7 @@ def push_monolithic(server: Server, repo: str, src: SourceFile) -> None:
         conn.close()
 
 
-def push_chunked(server: Server, repo: str, src: SourceFile, chunk: int) -> None:
+def push_chunked(server: Target, repo: str, src: SourceFile, chunk: int) -> None:
     """POST, PATCH chunk by chunk (following each new Location), then PUT ?digest=."""
     conn = connect(server)
     try:
@@ -193,7 +211,7 @@ def push_chunked(server: Server, repo: str, src: SourceFile, chunk: int) -> None
         conn.close()
 
 
-def push_small_blob(server: Server, repo: str, data: bytes) -> str:
+def push_small_blob(server: Target, repo: str, data: bytes) -> str:
     conn = connect(server)
     try:
         target = start_upload(server, conn, repo)
@@ -205,7 +223,7 @@ def push_small_blob(server: Server, repo: str, data: bytes) -> str:
         conn.close()
 
 
-def push_manifest(server: Server, repo: str, ref: str, body: bytes) -> None:
+def push_manifest(server: Target, repo: str, ref: str, body: bytes) -> None:
     expect(request(server, "PUT", f"/v2/{repo}/manifests/{ref}", {"Content-Type": OCI_MANIFEST},
                    body), 201, "PUT manifest")
 
@@ -270,7 +288,7 @@ async def run_clients(jobs: list[Job], clients: int, timeout: float,
 # --------------------------------------------------------------------------
 # External load generators
 
-def curl_args(server: Server, target: str) -> list[str]:
+def curl_args(server: Target, target: str) -> list[str]:
     """curl's options for this server: its CA, HTTP/1.1, its credentials.
 
     HTTP/1.1 for both registries: Moorage (aiohttp) speaks nothing else, and
@@ -286,7 +304,7 @@ def curl_args(server: Server, target: str) -> list[str]:
     return args
 
 
-def curl_pull(server: Server, target: str, streams: int, size: int) -> float:
+def curl_pull(server: Target, target: str, streams: int, size: int) -> float:
     """MiB/s over all streams: total bytes over the slowest stream's time, as curl measures it.
 
     curl's own clock leaves out its process start (~5 ms, 4% of a 256 MiB pull)
@@ -349,7 +367,7 @@ def parse_wrk(output: str) -> Measurement:
                        ops=int(total.group(1)))
 
 
-def wrk(server: Server, target: str, cfg: Config, headers: dict[str, str] | None = None,
+def wrk(server: Target, target: str, cfg: ToolSettings, headers: dict[str, str] | None = None,
         script: Path | None = None) -> Measurement:
     cmd = ["wrk", f"-t{cfg.wrk_threads}", f"-c{cfg.wrk_conns}", f"-d{cfg.wrk_seconds}s",
            "--timeout", "5s", "--latency"]
@@ -359,7 +377,7 @@ def wrk(server: Server, target: str, cfg: Config, headers: dict[str, str] | None
     return load_tool(cmd, server, target, cfg, headers, parse_wrk)
 
 
-def load_tool(cmd: list[str], server: Server, target: str, cfg: Config, headers: dict[str, str] | None,
+def load_tool(cmd: list[str], server: Target, target: str, cfg: ToolSettings, headers: dict[str, str] | None,
               parse: Callable[[str], Measurement]) -> Measurement:
     """Run a load generator (wrk, hey) for cfg.wrk_seconds against target, with the client's headers."""
     for name, value in {**auth_headers(server, target), **(headers or {})}.items():
@@ -395,7 +413,7 @@ def parse_hey(output: str) -> Measurement:
     return Measurement(float(rps.group(1)), p99, f"{bad} errors" if bad else "", ops=total + errors)
 
 
-def hey(server: Server, target: str, cfg: Config, method: str) -> Measurement:
+def hey(server: Target, target: str, cfg: ToolSettings, method: str) -> Measurement:
     """Like wrk, with hey: wrk 4.1 cannot time a HEAD whose answer has a body or no Content-Length
     (its parser waits for the body); hey asks with Go's client, redirects not followed, keep-alive.
     It speaks TLS for https URLs and checks no certificate, as wrk."""
