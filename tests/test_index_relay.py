@@ -70,6 +70,12 @@ class Pair:
         self._tasks.append(asyncio.create_task(self._read()))
         await self.follower.start(self._ask)
 
+    async def until(self, done, what: str, timeout: float = 10.0) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not done():
+            assert asyncio.get_running_loop().time() < deadline, f"not within {timeout:.0f} s: {what}"
+            await asyncio.sleep(0.01)
+
     async def settled(self, revision: int, timeout: float = 10.0) -> None:
         deadline = asyncio.get_running_loop().time() + timeout
         while self.parent.applied < revision or self.worker.applied < revision or not self._queue.empty():
@@ -204,8 +210,7 @@ def test_the_parents_watch_going_down_and_up_is_the_workers(alone):
         await pair.start_parent()
         await pair.start_worker()
         assert pair.worker.watch_healthy
-        while not pair.parent.watch_healthy:   # the watch in place: what breaks is a working stream
-            await asyncio.sleep(0.01)
+        await pair.until(lambda: pair.parent.watch_healthy, "the parent's watch in place")  # what breaks works
         breaks.set()
         revision = await pair.client.put(link(f"{name}/r", "sha256:" + "ab" * 32), b"")
         await pair.settled(revision)
