@@ -225,9 +225,9 @@ class Index:
 
     def apply(self, revision: int, events: list[Event]) -> None:
         """One batch of the watch: its events, in order; with none, a progress note that every
-        change up to `revision` was delivered (0: the watch is only in place). A batch's own
-        `revision` is etcd's at sending time, which later batches may still be below: with
-        events, the view is current to the last one's revision only."""
+        change up to `revision` was delivered (0: the watch is only in place). With events, the
+        view is current to the last event's revision only: `revision` is etcd's when it sent
+        the batch, and changes up to it may still be on their way."""
         if events:
             for ev in events:
                 self._apply_one(ev)
