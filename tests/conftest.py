@@ -227,6 +227,13 @@ class Registry:
         assert r.status_code == 200, (r.status_code, r.text)
         return f"Bearer {r.json()['token']}"
 
+    def etcd_client(self):
+        """A client of this replica's etcd member (on this machine's loopback), with its node
+        certificate; the caller closes it."""
+        from moorage.cluster.etcd_member import node_tls
+        from moorage.meta.etcd import EtcdClient
+        return EtcdClient(f"127.0.0.1:{self.etcd_client_port}", node_tls(self.data_dir))
+
     def client(self, user: str | None = "admin", password: str | None = None, **kw) -> httpx.Client:
         """An HTTP client for this registry, trusting its CA (pass verify= to override).
 

@@ -33,12 +33,10 @@ def blob_key(digest: str) -> str:
 
 def records(reg: Registry, *digests: str) -> dict[str, BlobRecord | None]:
     """The blob records in the replica's etcd."""
-    from moorage.cluster.etcd_member import node_tls
     from moorage.meta import keys
-    from moorage.meta.etcd import EtcdClient
 
     async def run() -> dict[str, BlobRecord | None]:
-        client = EtcdClient(f"127.0.0.1:{reg.etcd_client_port}", node_tls(reg.data_dir))
+        client = reg.etcd_client()
         try:
             kvs = {d: await client.get(keys.blob(d)) for d in digests}
             return {d: None if kv is None else msgspec.json.decode(kv.value, type=BlobRecord) for d, kv in kvs.items()}

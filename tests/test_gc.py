@@ -433,9 +433,8 @@ def test_writer_and_sweeper_file_protocol(fresh_registry):
     commit waits out a marker, and a commit after a whole sweep puts the file back."""
     import asyncio
 
-    from moorage.cluster.etcd_member import node_tls
     from moorage.meta import keys
-    from moorage.meta.etcd import EtcdClient, op_delete
+    from moorage.meta.etcd import op_delete
     from moorage.meta.gc_store import GcStore
     from moorage.meta.index import Index
     from moorage.meta.store import MetaStore
@@ -445,7 +444,7 @@ def test_writer_and_sweeper_file_protocol(fresh_registry):
     reg = fresh_registry
 
     async def scenario() -> dict[str, bytes]:
-        client = EtcdClient(f"127.0.0.1:{reg.etcd_client_port}", node_tls(reg.data_dir))
+        client = reg.etcd_client()
         index = Index(client)
         await index.start()
         meta, storage, gcs = MetaStore(client, index), FilesystemDriver(reg.blob_dir), GcStore(client, index)

@@ -15,7 +15,6 @@ import secrets
 import msgspec
 import pytest
 
-from moorage.cluster.etcd_member import node_tls
 from moorage.cluster.index_relay import BATCH, FRAME_BYTES, HEALTH, Follower, WatchRelay
 from moorage.meta import keys
 from moorage.meta.etcd import EtcdClient, EtcdUnavailable, op_delete, op_put
@@ -95,7 +94,7 @@ def view(index: Index, names: set[str]) -> dict:
 
 def run(reg: Registry, scenario) -> None:
     async def main() -> None:
-        client = EtcdClient(f"127.0.0.1:{reg.etcd_client_port}", node_tls(reg.data_dir))
+        client = reg.etcd_client()
         pair = Pair(client)
         try:
             await scenario(pair, f"relay-{secrets.token_hex(4)}")

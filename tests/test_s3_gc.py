@@ -122,12 +122,10 @@ def test_large_pushes_of_the_same_blobs_racing_gc_lose_nothing_and_leave_nothing
 def etcd(reg: Registry, *puts: tuple[bytes, bytes]) -> list[bytes]:
     """Put keys in the replica's etcd (what a writer that died would have left), then the keys of
     the writers' notes (MetaStore.intend) that are there."""
-    from moorage.cluster.etcd_member import node_tls
     from moorage.meta import keys
-    from moorage.meta.etcd import EtcdClient
 
     async def run() -> list[bytes]:
-        client = EtcdClient(f"127.0.0.1:{reg.etcd_client_port}", node_tls(reg.data_dir))
+        client = reg.etcd_client()
         try:
             for key, value in puts:
                 await client.put(key, value)

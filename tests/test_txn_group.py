@@ -8,7 +8,6 @@ import secrets
 
 import pytest
 
-from moorage.cluster.etcd_member import node_tls
 from moorage.meta.etcd import EtcdClient, EtcdUnavailable, cmp_absent, cmp_value, op_delete, op_get, op_put
 from moorage.meta.txn_group import TxnGroup
 
@@ -19,7 +18,7 @@ pytestmark = pytest.mark.cluster
 
 def run(reg: Registry, scenario) -> None:
     async def main() -> None:
-        client = EtcdClient(f"127.0.0.1:{reg.etcd_client_port}", node_tls(reg.data_dir))
+        client = reg.etcd_client()
         try:
             await scenario(client, TxnGroup(client), f"/test-group/{secrets.token_hex(4)}/".encode())
         finally:

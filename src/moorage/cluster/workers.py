@@ -188,10 +188,10 @@ class Supervisor:
                 w.channel.send(message)
             except (ConnectionError, RuntimeError):
                 continue
-            transport = w.channel.writer.transport
-            if transport.get_write_buffer_size() > MAX_RELAY_BACKLOG and w.proc is not None:
+            backlog = w.channel.writer.transport.get_write_buffer_size()
+            if backlog > MAX_RELAY_BACKLOG and w.proc is not None:
                 log.warning("worker is not reading its index batches; killing it", extra={
-                    "worker": w.link.slot, "pid": w.proc.pid, "backlog_bytes": transport.get_write_buffer_size()})
+                    "worker": w.link.slot, "pid": w.proc.pid, "backlog_bytes": backlog})
                 w.following = False
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(w.proc.pid, signal.SIGKILL)
