@@ -12,6 +12,7 @@ import http.client
 import itertools
 import json
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -273,31 +274,51 @@ def moorage(*args: str, timeout: float = 60, check: bool = True, env: dict | Non
     return out
 
 
+def scratch(request: pytest.FixtureRequest, name: str) -> Path:
+    """A directory for a module- or session-scoped fixture, removed at its teardown when no test
+    failed meanwhile, as `tmp_path_retention_policy = "failed"` (pyproject.toml) removes a
+    passed test's `tmp_path`.
+
+    A run starts some 150 etcd members, and each preallocates 128 MB of write-ahead log: kept
+    until the end, they filled a CI machine's disk. A failed test's directories stay, logs and all.
+    """
+    path = request.getfixturevalue("tmp_path_factory").mktemp(name)
+    failed = request.session.testsfailed
+
+    def remove() -> None:
+        if request.session.testsfailed == failed:
+            shutil.rmtree(path, ignore_errors=True)
+
+    # Registered before the fixture yields, so it runs after the fixture's own teardown.
+    request.addfinalizer(remove)
+    return path
+
+
 @pytest.fixture(scope="session")
-def registry(tmp_path_factory) -> Iterator[Registry]:
+def registry(request) -> Iterator[Registry]:
     """One shared replica for tests that do not restart or kill it."""
-    reg = Registry(tmp_path_factory.mktemp("shared") / "data").start()
+    reg = Registry(scratch(request, "shared") / "data").start()
     yield reg
     reg.stop()
 
 
 @pytest.fixture(scope="session")
-def object_store(tmp_path_factory):
+def object_store(request):
     """One SeaweedFS for the run (tests/seaweed.py), started when a test first needs it."""
     from seaweed import SeaweedFS  # seaweed.py imports this module
 
-    store = SeaweedFS(tmp_path_factory.mktemp("objects")).start()
+    store = SeaweedFS(scratch(request, "objects")).start()
     yield store
     store.cleanup()
 
 
 @pytest.fixture(scope="session")
-def s3_registry(object_store, tmp_path_factory) -> Iterator[Registry]:
+def s3_registry(object_store, request) -> Iterator[Registry]:
     """A shared replica with its blobs in the run's SeaweedFS. Blob GETs stream through it
     (storage.redirect off), so that the spec modules' Range and body checks hold as written;
     tests/test_s3.py checks the redirects."""
     store = ObjectStore.on(object_store, "shared", "--s3-redirect=false")
-    reg = Registry(tmp_path_factory.mktemp("shared-s3") / "data", env=store.env, extra_args=store.args).start()
+    reg = Registry(scratch(request, "shared-s3") / "data", env=store.env, extra_args=store.args).start()
     yield reg
     reg.stop()
 
@@ -473,9 +494,9 @@ def net() -> Iterator[hosts.Network]:
 
 
 @pytest.fixture(scope="module")
-def trio(net, tmp_path_factory) -> Iterator[Cluster]:
+def trio(net, request) -> Iterator[Cluster]:
     """Three replicas made with `moorage join`, each on a host of its own, for a whole module."""
-    c = Cluster(tmp_path_factory.mktemp("trio"), net)
+    c = Cluster(scratch(request, "trio"), net)
     try:
         yield c.start_three()
     finally:

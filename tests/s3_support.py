@@ -10,7 +10,7 @@ import httpx
 import msgspec
 import pytest
 
-from conftest import ObjectStore, Registry
+from conftest import ObjectStore, Registry, scratch
 from moorage.meta.records import BlobRecord
 from seaweed import SeaweedFS
 
@@ -54,10 +54,10 @@ def stored_at(reg: Registry, digest: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def s3reg(seaweed, tmp_path_factory):  # noqa: F811 - the fixture
+def s3reg(seaweed, request):  # noqa: F811 - the fixture
     prefix = f"r-{uuid.uuid4().hex[:8]}"
     store = store_of(seaweed, prefix)
-    reg = Registry(tmp_path_factory.mktemp("s3reg") / "data", extra_args=store.args, env=store.env,
+    reg = Registry(scratch(request, "s3reg") / "data", extra_args=store.args, env=store.env,
                    object_store=(seaweed, prefix)).start()
     reg.prefix = prefix
     yield reg

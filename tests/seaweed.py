@@ -35,7 +35,7 @@ from typing import Iterator
 import pytest
 
 import hosts
-from conftest import free_port
+from conftest import free_port, scratch
 
 WEED = str(Path(sys.executable).parent / "weed")
 START_TIMEOUT = 60.0    # weed is ready in 2-5 s here; a loaded machine takes longer
@@ -411,9 +411,9 @@ class FaultProxy:
 # pytest fixtures (import them into a test module, or list this module in pytest_plugins)
 
 @pytest.fixture(scope="module")
-def seaweed(tmp_path_factory) -> Iterator[SeaweedFS]:
+def seaweed(request) -> Iterator[SeaweedFS]:
     """A SeaweedFS of the module's own, with its bucket made; stopped even when a test fails."""
-    store = SeaweedFS(tmp_path_factory.mktemp("seaweed"))
+    store = SeaweedFS(scratch(request, "seaweed"))
     try:
         yield store.start()
     finally:

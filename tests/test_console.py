@@ -27,7 +27,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 from moorage.meta.records import ManifestRecord, decoder
 
 from browser import axe_violations, launch, new_context, screenshot, sign_in
-from conftest import ADMIN_PASSWORD, Cluster, Registry, free_port, moorage, wait_for
+from conftest import ADMIN_PASSWORD, Cluster, Registry, free_port, moorage, scratch, wait_for
 from layout import Layout
 from oci import (OCI_EMPTY, OCI_INDEX, OCI_MANIFEST, canonical, descriptor, make_image, push_blob, push_image,
                  push_manifest, sha256)
@@ -86,8 +86,8 @@ def skopeo(*args: str, **kw) -> subprocess.CompletedProcess:
 # -- fixtures: one cluster of three, one browser, for the whole module ------------------------
 
 @pytest.fixture(scope="module")
-def cluster3(tmp_path_factory) -> Iterator[Cluster]:
-    c = Cluster(tmp_path_factory.mktemp("console"))
+def cluster3(request) -> Iterator[Cluster]:
+    c = Cluster(scratch(request, "console"))
     first = c.start_first()
     c.join(first)
     c.join(first)
@@ -101,8 +101,8 @@ def reg(cluster3) -> Registry:
 
 
 @pytest.fixture(scope="module")
-def content(reg, tmp_path_factory) -> Content:
-    return Content(reg, tmp_path_factory.mktemp("content"))
+def content(reg, request) -> Content:
+    return Content(reg, scratch(request, "content"))
 
 
 @pytest.fixture(scope="module")

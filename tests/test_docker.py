@@ -19,7 +19,7 @@ from typing import Iterator
 
 import pytest
 
-from conftest import ADMIN_PASSWORD, Registry, moorage, terminate, wait_for
+from conftest import ADMIN_PASSWORD, Registry, moorage, scratch, terminate, wait_for
 from layout import Layout
 from oci import OCI_MANIFEST, new_repo
 from test_skopeo import skopeo
@@ -60,8 +60,8 @@ class Docker:
 
 
 @pytest.fixture(scope="module")
-def docker(tmp_path_factory) -> Iterator[Docker]:
-    d = Docker(tmp_path_factory.mktemp("docker"))
+def docker(request) -> Iterator[Docker]:
+    d = Docker(scratch(request, "docker"))
     yield d
     d.stop()
 

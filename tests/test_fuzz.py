@@ -31,7 +31,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from conftest import ADMIN_PASSWORD, Registry
+from conftest import ADMIN_PASSWORD, Registry, scratch
 from moorage.api.openapi import document
 
 pytestmark = pytest.mark.spec
@@ -79,8 +79,8 @@ FUZZ_SETTINGS = settings(max_examples=MAX_EXAMPLES, deadline=None, database=None
 
 
 @pytest.fixture(scope="module")
-def target(tmp_path_factory) -> Registry:
-    reg = Registry(tmp_path_factory.mktemp("fuzz") / "data").start()
+def target(request) -> Registry:
+    reg = Registry(scratch(request, "fuzz") / "data").start()
     yield reg
     reg.stop()
 

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from conftest import ADMIN_PASSWORD, Registry
+from conftest import ADMIN_PASSWORD, Registry, scratch
 from moorage.api.connections import HEADER_SECONDS
 from moorage.api.bodies import BODY_IDLE_SECONDS, BODY_RATE_GRACE_SECONDS
 from oci import DUMMY_DIGEST, SPEC_ERROR_CODES, new_repo, push_image, sha256
@@ -34,8 +34,8 @@ MAX_MANIFEST = 4 << 20
 
 
 @pytest.fixture(scope="module")
-def reg(tmp_path_factory):
-    r = Registry(tmp_path_factory.mktemp("hostile") / "data").start()
+def reg(request):
+    r = Registry(scratch(request, "hostile") / "data").start()
     yield r
     r.stop()
 

@@ -20,7 +20,7 @@ from moorage.meta import keys
 from moorage.meta.etcd import EtcdClient, EtcdUnavailable, op_delete, op_put
 from moorage.meta.index import Index
 
-from conftest import Registry
+from conftest import Registry, scratch
 
 pytestmark = pytest.mark.cluster
 
@@ -105,8 +105,8 @@ def run(reg: Registry, scenario) -> None:
 
 
 @pytest.fixture(scope="module")
-def alone(tmp_path_factory):
-    reg = Registry(tmp_path_factory.mktemp("relay") / "data", extra_args=["--workers", "1"]).start()
+def alone(request):
+    reg = Registry(scratch(request, "relay") / "data", extra_args=["--workers", "1"]).start()
     yield reg
     reg.stop()
 

@@ -25,7 +25,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import ADMIN_PASSWORD, MOORAGE, Cluster, Registry, cli_env, free_port, moorage, terminate, wait_for
+from conftest import ADMIN_PASSWORD, MOORAGE, Cluster, Registry, cli_env, free_port, moorage, scratch, terminate, wait_for
 from metrics_spec import METRICS
 from moorage.cli.cluster import prometheus_targets
 from oci import new_repo, pull_blob, pull_manifest, push_image
@@ -55,17 +55,17 @@ def sample(text: str, name: str, **labels: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def replica(tmp_path_factory) -> Iterator[Registry]:
-    root = tmp_path_factory.mktemp("metrics")
+def replica(request) -> Iterator[Registry]:
+    root = scratch(request, "metrics")
     reg = Registry(root / "data", extra_args=["--metrics-listen", f"127.0.0.1:{free_port()}"]).start()
     yield reg
     reg.kill9()
 
 
 @pytest.fixture(scope="module")
-def token(replica, tmp_path_factory) -> str:
+def token(replica, request) -> str:
     value = secrets.token_hex(24)
-    path = tmp_path_factory.mktemp("token") / "metrics.token"
+    path = scratch(request, "token") / "metrics.token"
     path.write_text(value + "\n")
     moorage("config", "set", "metrics.token", "--from-file", str(path), "--existing", replica.url)
     return value

@@ -27,7 +27,7 @@ import promql_parser
 import pytest
 import yaml
 
-from conftest import free_port, terminate
+from conftest import free_port, scratch, terminate
 from metrics_spec import METRICS, SCRAPE_SERIES, series_names
 from prometheus import Prometheus, PrometheusError, ScrapeJob, fast_rules
 
@@ -185,9 +185,9 @@ def test_dashboard_uses_every_spec_metric_and_nothing_else() -> None:
 
 
 @pytest.fixture(scope="module")
-def empty_prometheus(tmp_path_factory) -> Iterator[Prometheus]:
+def empty_prometheus(request) -> Iterator[Prometheus]:
     """A Prometheus with an empty TSDB: it answers every valid query with nothing, and a bad one with an error."""
-    with Prometheus(tmp_path_factory.mktemp("prometheus")) as prom:
+    with Prometheus(scratch(request, "prometheus")) as prom:
         yield prom
 
 

@@ -31,7 +31,7 @@ import httpx
 import pytest
 
 from auth import fetch_token, parse_challenge
-from conftest import ADMIN_PASSWORD, Registry, moorage, wait_for
+from conftest import ADMIN_PASSWORD, Registry, moorage, scratch, wait_for
 from layout import Layout
 from oci import MANIFEST_ACCEPT, OCI_MANIFEST, canonical, descriptor, error_codes, make_image, push_image, sha256
 from test_skopeo import skopeo, tls
@@ -135,8 +135,8 @@ def cli(registry: Registry, *args: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> World:
-    root = tmp_path_factory.mktemp("permissions")
+def world(request) -> World:
+    root = scratch(request, "permissions")
     registry = Registry(root / "data").start()
     world = None
     try:

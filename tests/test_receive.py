@@ -21,7 +21,7 @@ from typing import Iterator
 
 import pytest
 
-from conftest import Registry, wait_for
+from conftest import Registry, scratch, wait_for
 from moorage.storage import filesystem
 from moorage.storage.filesystem import FLUSH_BYTES, Buffers, FilesystemDriver
 from oci import (assert_oci_error, finish_upload, new_repo, patch_chunk, pull_blob, range_end, sha256,
@@ -115,8 +115,8 @@ def test_an_abandoned_append_leaves_the_acknowledged_bytes(driver_root):
 # -- over the wire -------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def plain(tmp_path_factory) -> Iterator[Registry]:
-    reg = Registry(tmp_path_factory.mktemp("plain") / "data", extra_args=["--insecure-http"]).start()
+def plain(request) -> Iterator[Registry]:
+    reg = Registry(scratch(request, "plain") / "data", extra_args=["--insecure-http"]).start()
     yield reg
     reg.stop()
 

@@ -26,7 +26,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import hosts
-from conftest import ADMIN_PASSWORD, Registry, free_port, moorage, terminate, wait_for
+from conftest import ADMIN_PASSWORD, Registry, free_port, moorage, scratch, terminate, wait_for
 from oci import new_repo, pull_manifest, push_image
 
 pytestmark = pytest.mark.webhooks
@@ -81,8 +81,8 @@ class Receiver:
 
 
 @pytest.fixture(scope="module")
-def receiver(trio, tmp_path_factory) -> Iterator[Receiver]:
-    r = Receiver(tmp_path_factory.mktemp("receiver")).start()
+def receiver(trio, request) -> Iterator[Receiver]:
+    r = Receiver(scratch(request, "receiver")).start()
     yield r
     r.stop()
 
@@ -119,8 +119,8 @@ def push_through(reg: Registry, repo: str, tag: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def secret_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("secret") / "webhook.secret"
+def secret_file(request) -> Path:
+    path = scratch(request, "secret") / "webhook.secret"
     path.write_text(SECRET + "\n")
     return path
 

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from conftest import ADMIN_PASSWORD, Registry, wait_for
+from conftest import ADMIN_PASSWORD, Registry, scratch, wait_for
 from moorage.cluster.shared import Shared
 from oci import (OCI_MANIFEST, finish_upload, make_image, new_repo, patch_chunk, pull_blob, push_blob,
                  push_image, range_end, sha256, start_upload)
@@ -102,8 +102,8 @@ def replica_with(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def two(tmp_path_factory):
-    reg = Registry(tmp_path_factory.mktemp("workers") / "data", extra_args=WORKERS).start()
+def two(request):
+    reg = Registry(scratch(request, "workers") / "data", extra_args=WORKERS).start()
     yield reg
     reg.stop()
 
