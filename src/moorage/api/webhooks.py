@@ -23,7 +23,6 @@ import asyncio
 import hashlib
 import hmac
 import logging
-import random
 import ssl
 import time
 import uuid
@@ -32,6 +31,7 @@ import aiohttp
 import msgspec
 from aiohttp import web
 
+from moorage.backoff import Backoff
 from moorage.meta.errors import MetadataUnavailable
 from moorage.meta.webhooks import Batch, DeliveryState, EndpointRecord, WebhookStore, events_in
 from moorage.metrics import Metrics
@@ -176,7 +176,7 @@ class Deliverer:
     # -- one endpoint ---------------------------------------------------------------------
 
     async def _deliver(self, name: str) -> None:
-        backoff = FIRST_BACKOFF
+        backoff: Backoff | None = None   # while deliveries fail
         state = self.store.states.get(name) or DeliveryState()
         while True:
             endpoint = self.store.endpoints.get(name)
@@ -198,10 +198,11 @@ class Deliverer:
                     log.warning("webhook delivery failed; retrying", extra={
                         "endpoint": name, "url": shown_url(endpoint.url), "error": str(e), "pending": count})
                     await self._save_state(name, state)
-                backoff = min(backoff * 2, endpoint.backoff_max)
-                await asyncio.sleep(random.uniform(0, backoff))  # full jitter
+                # Full jitter, as the module doc says.
+                backoff = backoff or Backoff(min(FIRST_BACKOFF, endpoint.backoff_max), endpoint.backoff_max, least=0)
+                await backoff.sleep()
                 continue
-            backoff = FIRST_BACKOFF
+            backoff = None
             self._count(name, "delivered", count)
             try:
                 if not await self.store.delivered(name, self.replica_id, batches):

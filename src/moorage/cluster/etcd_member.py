@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from moorage.backoff import Backoff
 from moorage.cluster import pki
 from moorage.cluster.addresses import url_host
 from moorage.meta.etcd import EtcdClient, EtcdTls, EtcdUnavailable
@@ -32,6 +33,8 @@ from moorage.meta.etcd import EtcdClient, EtcdTls, EtcdUnavailable
 log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
+# etcd that ran this long before it died is restarted after the shortest wait again.
+STEADY_SECONDS = 60.0
 
 
 def _die_with_parent() -> None:
@@ -168,9 +171,10 @@ class EtcdMember:
 
     async def supervise(self) -> None:
         """Restart etcd when it dies; when it was removed from the cluster, call on_removed and end."""
-        backoff = 1.0
+        backoff = Backoff(1.0, 30.0)
         while not self._stopping:
             assert self.proc is not None
+            started = time.monotonic()
             code = await self.proc.wait()
             if self._stopping:
                 return
@@ -179,9 +183,11 @@ class EtcdMember:
                 if self.on_removed is not None:
                     self.on_removed()
                 return
-            log.error("etcd exited unexpectedly; restarting", extra={"code": code, "backoff": backoff})
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 30.0)
+            if time.monotonic() - started > STEADY_SECONDS:
+                backoff.reset()   # it ran a while: this is a new failure, not the same one again
+            wait = backoff.next()
+            log.error("etcd exited unexpectedly; restarting", extra={"code": code, "restart_in_seconds": round(wait, 2)})
+            await asyncio.sleep(wait)
             try:
                 await self._spawn()
             except Exception as e:

@@ -27,11 +27,11 @@ or up is relayed as the worker's watch health (its /health says so).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from moorage.backoff import Backoff
 from moorage.meta.etcd import KV, EtcdUnavailable, Event
 from moorage.meta.index import Index
 
@@ -125,7 +125,7 @@ class Follower:
 
     async def _reload(self) -> None:
         # The channel's later messages wait meanwhile: none may be applied to the view being replaced.
-        backoff = 0.1
+        backoff = Backoff(0.1, RELOAD_BACKOFF_MAX)
         while True:
             try:
                 await self.index.load()
@@ -133,5 +133,4 @@ class Follower:
             except EtcdUnavailable as e:
                 self.index.watch_healthy = False
                 log.warning("index reload failed", extra={"error": str(e)})
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, RELOAD_BACKOFF_MAX)
+            await backoff.sleep()

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from aetcd import rpc
 
+from moorage.backoff import Backoff
 from moorage.cluster.replica_config import StartError
 from moorage.meta.etcd import EtcdClient, EtcdUnavailable
 from moorage.meta.index import Index
@@ -152,13 +153,12 @@ async def await_promotion(client: EtcdClient, promote: Callable[[int], Awaitable
     then wait until our own member knows it votes (it learns a moment later,
     and until then refuses the reads the index needs)."""
     deadline = time.monotonic() + PROMOTE_SECONDS
-    delay = 0.2
+    backoff = Backoff(0.2, 2.0)
     while not await promote(member_id):
         if time.monotonic() > deadline:
             raise StartError(f"this replica's etcd member did not catch up within {PROMOTE_SECONDS:.0f}s; "
                              "see DATA_DIR/etcd.log")
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 2.0)
+        await backoff.sleep()
     while True:
         try:
             if not (await client.status()).isLearner:

@@ -18,6 +18,7 @@ import aiohttp
 import msgspec
 
 from moorage import __version__
+from moorage.backoff import Backoff
 from moorage.cluster import membership, pki, replicas, settings
 from moorage.cluster.backup import snapshot as backups
 from moorage.cluster.clock import ClusterClock
@@ -277,15 +278,14 @@ async def _reconfigure(operation, what: str):
     """etcd refuses to change its membership for a few seconds after a member
     starts ("unhealthy cluster"): wait that out, within a bound."""
     deadline = time.monotonic() + RECONFIGURE_SECONDS
-    delay = 0.5
+    backoff = Backoff(0.5, 3.0)
     while True:
         try:
             return await operation()
         except EtcdUnavailable as e:
             if "unhealthy cluster" not in str(e) or time.monotonic() > deadline:
                 raise ClusterError("unavailable", f"the cluster cannot {what} now: {e}") from None
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 3.0)
+        await backoff.sleep()
 
 
 async def _ping_all(urls: list[str], tls: ssl.SSLContext) -> dict[str, tuple[bool, str]]:

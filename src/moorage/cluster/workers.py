@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from moorage import backoff
 from moorage.cluster import addresses
 from moorage.cluster.channel import Channel
 from moorage.cluster.handout import Handout, WorkerLink
@@ -249,7 +250,7 @@ class Supervisor:
         # A worker that keeps dying young (a bad setting, a broken disk) is restarted ever more
         # slowly, so the parent does not spin; one that ran a while comes back at once.
         w.quick_deaths = w.quick_deaths + 1 if time.monotonic() - w.started_at < QUICK_DEATH_SECONDS else 0
-        delay = min(RESTART_MAX_SECONDS, RESTART_MIN_SECONDS * 2 ** w.quick_deaths)
+        delay = backoff.nth(w.quick_deaths + 1, RESTART_MIN_SECONDS, RESTART_MAX_SECONDS)
         log.warning("worker exited; starting another", extra={
             "worker": w.link.slot, "pid": proc.pid, "status": proc.exitcode, "restart_in_seconds": delay})
         self.shared.reset_worker(w.link.slot)

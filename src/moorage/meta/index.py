@@ -37,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from moorage.backoff import Backoff
 from moorage.meta import keys
 from moorage.meta.etcd import EtcdClient, EtcdCompacted, EtcdUnavailable, Event
 from moorage.meta.records import BlobRecord, ManifestRecord, Referrer, decoder
@@ -190,12 +191,12 @@ class Index:
 
     async def watch(self) -> None:
         """Apply every change from the loaded revision on, forever; reload after a compaction."""
-        backoff = 0.1
+        backoff = Backoff(0.1, 5.0)
         while True:
             try:
                 async for revision, events in self._client.watch_prefix(keys.ROOT, self.applied + 1):
                     self._healthy(True)
-                    backoff = 0.1
+                    backoff.reset()
                     self.apply(revision, events)
             except asyncio.CancelledError:
                 raise
@@ -206,8 +207,7 @@ class Index:
                 self._healthy(False)
                 log.warning("index watch interrupted", extra={"error": str(e)})
             self._healthy(False)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)
+            await backoff.sleep()
 
     async def _reload_quietly(self) -> None:
         try:

@@ -32,13 +32,13 @@ commit; what to place and what to commit are its arguments.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import TypeVar
 
+from moorage.backoff import Backoff
 from moorage.meta.records import ManifestRecord, Referrer
 from moorage.meta.store import BlobBeingCollected, MetaStore, WriteCollected
 from moorage.meta.webhooks import QueuedEvent
@@ -131,10 +131,9 @@ async def place_and_commit(meta: MetaStore, storage: BlobDriver, digest: str,
 
 async def _wait_marker_gone(meta: MetaStore, digest: str) -> None:
     deadline = time.monotonic() + MARKER_WAIT_SECONDS
-    delay = 0.02
+    backoff = Backoff(0.02, 0.5)
     while time.monotonic() < deadline:
         if not await meta.collecting(digest):
             return
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 0.5)
+        await backoff.sleep()
     raise Unavailable(f"blob {digest} is still being garbage-collected; push it again")

@@ -32,6 +32,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
+from moorage.backoff import Backoff
 from moorage.meta.errors import MetadataUnavailable
 from moorage.meta.gc_store import GcRun
 from moorage.meta.webhooks import EndpointRecord, QueuedEvent, WebhookStore
@@ -264,14 +265,15 @@ class Notifier:
 
     async def flush_pulls(self) -> None:
         """Write buffered pull events, one batch per endpoint, every PULL_FLUSH_SECONDS: runs until cancelled."""
-        delay = PULL_FLUSH_SECONDS
+        delay, retry = PULL_FLUSH_SECONDS, Backoff(2 * PULL_FLUSH_SECONDS, 30.0)
         while True:
             await asyncio.sleep(delay)
             try:
                 await self._flush()
                 delay = PULL_FLUSH_SECONDS
+                retry.reset()
             except MetadataUnavailable as e:
-                delay = min(delay * 2, 30.0)
+                delay = retry.next()
                 log.warning("pull events not written yet; retrying", extra={"error": str(e),
                                                                              "retry_seconds": delay})
 

@@ -16,7 +16,6 @@ import asyncio
 import email.utils
 import io
 import logging
-import random
 import time
 from collections import Counter
 from contextlib import AsyncExitStack
@@ -27,6 +26,7 @@ import aiobotocore.session
 import botocore.config
 import botocore.exceptions as bce
 
+from moorage.backoff import nth
 from moorage.storage.errors import ObjectMissing, StorageError, StorageMisconfigured, StorageUnavailable
 from moorage.storage.s3.config import DELETE_BATCH, READ_CHUNK, S3Config
 from moorage.storage.s3.failures import NETWORK_ERRORS, translate
@@ -140,7 +140,7 @@ class S3Client:
 
     def backoff(self, attempt: int) -> float:
         # Full jitter: spreads the retries of many clients hitting one SlowDown.
-        return random.uniform(0, min(self.config.backoff_max, self.config.backoff * 2 ** (attempt - 1)))
+        return nth(attempt, self.config.backoff, self.config.backoff_max, least=0)
 
     async def call(self, what: str, op: str, *, body_size: int = 0, **params: Any) -> dict:
         """One S3 operation under the deadline, retried as the module doc says."""

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from typing import AsyncIterator, Callable
+from typing import Callable
 
 import msgspec
 
