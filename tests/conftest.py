@@ -17,6 +17,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import tempfile
 import sys
 import time
 from dataclasses import dataclass, field
@@ -272,6 +273,24 @@ def moorage(*args: str, timeout: float = 60, check: bool = True, env: dict | Non
     if check:
         assert out.returncode == 0, f"moorage {' '.join(args)} exited {out.returncode}:\n{out.stderr}"
     return out
+
+
+# What a run's temp directories reach at their peak (2.1 GB measured with two test processes),
+# with room to spare: below it, the run would fail in dozens of places at once, each far from
+# the cause (etcd members that cannot write their log, "No space left on device").
+DISK_NEEDED = 4 << 30
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if hasattr(session.config, "workerinput"):
+        return   # an xdist worker: the controller checked
+    where = Path(session.config.option.basetemp or tempfile.gettempdir())
+    while not where.exists():
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if free < DISK_NEEDED:
+        pytest.exit(f"the suite needs {DISK_NEEDED >> 30} GiB free under {where} for its temp "
+                    f"directories; there are {free / (1 << 30):.1f} GiB", returncode=2)
 
 
 def scratch(request: pytest.FixtureRequest, name: str) -> Path:
