@@ -252,7 +252,7 @@ class Supervisor:
         w.quick_deaths = w.quick_deaths + 1 if time.monotonic() - w.started_at < QUICK_DEATH_SECONDS else 0
         delay = backoff.nth(w.quick_deaths + 1, RESTART_MIN_SECONDS, RESTART_MAX_SECONDS)
         log.warning("worker exited; starting another", extra={
-            "worker": w.link.slot, "pid": proc.pid, "status": proc.exitcode, "restart_in_seconds": delay})
+            "worker": w.link.slot, "pid": proc.pid, "status": proc.exitcode, "restart_in_seconds": round(delay, 2)})
         self.shared.reset_worker(w.link.slot)
         self.restarts += 1
         await asyncio.sleep(delay)

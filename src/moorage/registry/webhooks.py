@@ -275,7 +275,7 @@ class Notifier:
             except MetadataUnavailable as e:
                 delay = retry.next()
                 log.warning("pull events not written yet; retrying", extra={"error": str(e),
-                                                                             "retry_seconds": delay})
+                                                                             "retry_seconds": round(delay, 2)})
 
     async def _flush(self) -> None:
         if not self._pulls:
