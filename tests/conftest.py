@@ -29,6 +29,7 @@ import pytest
 
 import hosts
 from auth import BearerAuth, fetch_token, scopes_for
+from moorage.cluster.replica import DRAIN_SECONDS
 
 MOORAGE = [sys.executable, "-m", "moorage"]
 ADMIN_PASSWORD = "test-admin-password"
@@ -188,8 +189,13 @@ class Registry:
             return self.log_path.read_text(errors="replace")[-5000:]
         return ""
 
-    def stop(self, timeout: float = 20.0) -> int | None:
-        """SIGTERM (graceful drain) and wait; returns the exit code."""
+    def stop(self, timeout: float = DRAIN_SECONDS + 15) -> int | None:
+        """SIGTERM (graceful drain) and wait; returns the exit code.
+
+        The replica waits up to DRAIN_SECONDS for requests in flight (a client that sent a
+        body's headers and stalled is one, until its idle timeout), then stops etcd: the wait
+        here covers both, or a test that left a request hanging fails the teardown of another.
+        """
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else None
         self.proc.send_signal(signal.SIGTERM)
@@ -294,23 +300,32 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 
 def scratch(request: pytest.FixtureRequest, name: str) -> Path:
-    """A directory for a module- or session-scoped fixture, removed at its teardown when no test
-    failed meanwhile, as `tmp_path_retention_policy = "failed"` (pyproject.toml) removes a
-    passed test's `tmp_path`.
+    """A directory for a module- or session-scoped fixture, removed after its teardown when that
+    teardown and every test meanwhile passed, as `tmp_path_retention_policy = "failed"`
+    (pyproject.toml) removes a passed test's `tmp_path`.
 
     A run starts some 150 etcd members, and each preallocates 128 MB of write-ahead log: kept
     until the end, they filled a CI machine's disk. A failed test's directories stay, logs and all.
     """
     path = request.getfixturevalue("tmp_path_factory").mktemp(name)
     failed = request.session.testsfailed
-
-    def remove() -> None:
-        if request.session.testsfailed == failed:
-            shutil.rmtree(path, ignore_errors=True)
-
-    # Registered before the fixture yields, so it runs after the fixture's own teardown.
-    request.addfinalizer(remove)
+    # Registered before the fixture yields, so it runs after the fixture's own teardown; the
+    # directory goes once that teardown's report says it passed (pytest_runtest_logreport).
+    request.addfinalizer(lambda: _torn_down.append((path, request.session, failed)))
     return path
+
+
+_torn_down: list[tuple[Path, pytest.Session, int]] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    # In the process that ran the test: its teardown, fixtures' finalizers included, is over.
+    if report.when != "teardown":
+        return
+    while _torn_down:
+        path, session, failed = _torn_down.pop()
+        if report.passed and session.testsfailed == failed:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
