@@ -20,6 +20,7 @@ import subprocess
 import tempfile
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Iterator
@@ -297,6 +298,29 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     if free < DISK_NEEDED:
         pytest.exit(f"the suite needs {DISK_NEEDED >> 30} GiB free under {where} for its temp "
                     f"directories; there are {free / (1 << 30):.1f} GiB", returncode=2)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test has a node id of its own.
+
+    schemathesis (4.32, under pytest 9) gives each API operation of a fuzz test the test's own
+    node id. xdist's `--dist loadfile` (`make test`) schedules by node id, so it ran 2 of
+    test_fuzz's 110 operations and reported nothing about the rest. The item's name does carry
+    the operation: it becomes the node id's last part, as pytest does for a parametrized test.
+    A duplicate left over stops the run, so no test can drop out silently again.
+    """
+    counts = Counter(item.nodeid for item in items)
+    for item in items:
+        if counts[item.nodeid] > 1 and item.parent is not None:
+            unique = f"{item.parent.nodeid}::{item.name}"
+            if hasattr(item, "_id"):   # pytest 9 keeps the id structured (_pytest.nodeid.NodeId)
+                from _pytest.nodeid import NodeId
+                item._id = NodeId.parse(unique)
+            else:
+                item._nodeid = unique
+    again = [nodeid for nodeid, n in Counter(item.nodeid for item in items).items() if n > 1]
+    if again:
+        raise pytest.UsageError(f"tests share a node id, so xdist would run only one of each: {again[:5]}")
 
 
 def scratch(request: pytest.FixtureRequest, name: str) -> Path:
